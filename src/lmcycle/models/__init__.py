@@ -1,0 +1,1 @@
+"""Models: load any HF causal LM or encoder-decoder, build small ones, decode."""

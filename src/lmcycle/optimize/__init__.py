@@ -1,0 +1,1 @@
+"""lmcycle.optimize"""

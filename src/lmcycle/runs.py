@@ -1,0 +1,104 @@
+"""The run directory and the context every stage receives.
+
+A run directory holds: ``config.yaml`` (the resolved recipe), ``metrics.jsonl`` (one JSON object per logged
+event), one sub-directory per stage (checkpoints, saved models, eval outputs), ``report.md`` with PNG plots, and
+``DONE`` once every stage finished. A directory without ``DONE`` is an unfinished or failed run; its
+``FAILED`` file (when present) holds the one-line error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lmcycle.errors import LmcycleError
+
+
+@dataclass
+class RunContext:
+    """What a stage may use: where to write, how to log, and the artifacts of earlier stages.
+
+    ``artifacts`` maps a stage name to what it produced, e.g. ``{"pretrain": {"model": ".../pretrain/model"}}``;
+    stages never hard-code another stage's paths, they ask :meth:`model_path` or :meth:`artifact`.
+    """
+
+    run_dir: Path
+    seed: int = 0
+    device: str = "cpu"
+    recipe_file: str = "<command line>"
+    data: dict[str, Any] = field(default_factory=dict)  # name -> lmcycle.data.loaders.DatasetConfig
+    artifacts: dict[str, dict[str, str]] = field(default_factory=dict)
+    _datasets: dict[str, list] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        self.run_dir = Path(self.run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+
+    # -- where to write ---------------------------------------------------------------------------------
+    def stage_dir(self, stage_name: str) -> Path:
+        d = self.run_dir / stage_name
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+    # -- metrics ----------------------------------------------------------------------------------------
+    def log(self, stage: str, **metrics: Any) -> None:
+        """Append one event to ``metrics.jsonl`` (flushed at once so a killed run keeps what it logged)."""
+        rec = {"stage": stage, "time": round(time.time(), 3), **metrics}
+        with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(rec, ensure_ascii=False, default=_json_default) + "\n")
+            f.flush()
+
+    def read_metrics(self, stage: str | None = None) -> list[dict]:
+        path = self.run_dir / "metrics.jsonl"
+        if not path.exists():
+            return []
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        return [r for r in rows if stage is None or r.get("stage") == stage]
+
+    # -- artifacts of earlier stages -------------------------------------------------------------------
+    def add_artifacts(self, stage_name: str, produced: dict[str, str | os.PathLike]) -> None:
+        self.artifacts[stage_name] = {k: str(v) for k, v in produced.items()}
+
+    def artifact(self, stage_name: str, key: str) -> str:
+        if stage_name not in self.artifacts:
+            raise LmcycleError(f"stage '{stage_name}' has not run before this one (earlier stages: "
+                               f"{', '.join(self.artifacts) or 'none'})", file=self.recipe_file)
+        if key not in self.artifacts[stage_name]:
+            raise LmcycleError(f"stage '{stage_name}' produced no '{key}'", file=self.recipe_file)
+        return self.artifacts[stage_name][key]
+
+    def model_path(self, ref: str | None) -> str:
+        """Resolve a model reference: ``None``/``"latest"`` = the newest model an earlier stage produced,
+        an earlier stage's name = that stage's model, anything else = a local path or hub id as given."""
+        if ref in (None, "latest"):
+            for produced in reversed(list(self.artifacts.values())):
+                if "model" in produced:
+                    return produced["model"]
+            raise LmcycleError("no earlier stage produced a model; set 'model' to a path or hub id",
+                               file=self.recipe_file)
+        if ref in self.artifacts:
+            return self.artifact(ref, "model")
+        return ref
+
+    def dataset(self, name: str) -> list:
+        """The examples of the recipe's dataset ``name`` (loaded once, then cached)."""
+        if name not in self._datasets:
+            if name not in self.data:
+                raise LmcycleError(f"unknown dataset '{name}' (the recipe's data section has: "
+                                   f"{', '.join(self.data) or 'nothing'})", file=self.recipe_file)
+            from lmcycle.data.loaders import load_examples
+
+            self._datasets[name] = load_examples(self.data[name], base_dir=Path(self.recipe_file).parent)
+        return self._datasets[name]
+
+
+def _json_default(o: Any):
+    if hasattr(o, "item"):
+        return o.item()
+    if isinstance(o, Path):
+        return str(o)
+    return str(o)
