@@ -28,7 +28,7 @@ class Config(BaseModel):
 
 
 def _construct(node: yaml.Node, path: tuple, lines: Lines, file: str) -> Any:
-    lines[path] = node.start_mark.line + 1
+    lines.setdefault(path, node.start_mark.line + 1)
     if isinstance(node, yaml.MappingNode):
         out: dict[str, Any] = {}
         for key_node, value_node in node.value:

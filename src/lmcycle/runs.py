@@ -90,10 +90,16 @@ class RunContext:
             if name not in self.data:
                 raise LmcycleError(f"unknown dataset '{name}' (the recipe's data section has: "
                                    f"{', '.join(self.data) or 'nothing'})", file=self.recipe_file)
-            from lmcycle.data.loaders import load_examples
-
-            self._datasets[name] = load_examples(self.data[name], base_dir=Path(self.recipe_file).parent)
+            self._datasets.update(load_datasets({name: self.data[name]}, self.recipe_file))
         return self._datasets[name]
+
+
+def load_datasets(data: dict[str, Any], recipe_file: str | os.PathLike) -> dict[str, list]:
+    """Load (and so validate) each named dataset; relative paths resolve against the recipe's folder."""
+    from lmcycle.data.loaders import load_examples
+
+    base = Path(recipe_file).parent
+    return {name: load_examples(cfg, base_dir=base) for name, cfg in data.items()}
 
 
 def _json_default(o: Any):

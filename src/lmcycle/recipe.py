@@ -1,0 +1,157 @@
+"""Recipes: a YAML list of stages run in order, each reading the artifacts of the ones before it.
+
+```yaml
+name: quickstart
+seed: 0
+data:
+  train: {format: synthetic, n: 600, seed: 1}
+stages:
+  - {type: build, arch: llama, size: 1m, corpus: [train]}
+  - {type: pretrain, corpus: [train], train: {max_steps: 200}}
+  - {type: eval, name: zero_shot, data: test}
+  - {type: report}
+```
+
+The whole recipe (every stage's config and every dataset) is validated before the run directory is created, so
+a malformed recipe or data file leaves nothing behind. A run directory is complete only once it holds ``DONE``;
+running the same recipe into the same ``--out`` again skips the stages that finished and resumes the one that was
+interrupted from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field
+
+from lmcycle.atomic import atomic_write_json, atomic_write_text
+from lmcycle.config import Config, Lines, apply_overrides, dump_config, load_yaml, validate
+from lmcycle.data.loaders import DatasetConfig
+from lmcycle.errors import LmcycleError
+from lmcycle.runs import RunContext, load_datasets
+
+# stage type -> (module, config class, run function). Imported lazily so `lmcycle --help` stays fast.
+STAGES: dict[str, tuple[str, str, str]] = {
+    "build": ("lmcycle.models.build", "BuildStage", "run_build"),
+    "pretrain": ("lmcycle.train.pretrain", "PretrainStage", "run_pretrain"),
+    "sft": ("lmcycle.adapt.sft", "SftStage", "run_sft"),
+    "generate": ("lmcycle.models.generate", "GenerateStage", "run_generate"),
+    "explore": ("lmcycle.models.explore", "ExploreStage", "run_explore"),
+    "eval": ("lmcycle.evals.evaluate", "EvalStage", "run_eval"),
+    "report": ("lmcycle.report", "ReportStage", "run_report"),
+}
+
+
+def stage_class(kind: str) -> type[Config]:
+    module, cls, _ = STAGES[kind]
+    return getattr(importlib.import_module(module), cls)
+
+
+def stage_runner(kind: str):
+    module, _, fn = STAGES[kind]
+    return getattr(importlib.import_module(module), fn)
+
+
+class Recipe(Config):
+    """A recipe file: datasets by name and the stages to run."""
+
+    name: str
+    description: str = ""
+    seed: int = 0
+    device: str = "cpu"
+    data: dict[str, DatasetConfig] = Field(default_factory=dict)
+    stages: list[dict[str, Any]] = Field(min_length=1)
+
+    def stage_configs(self, file: str | os.PathLike = "<recipe>", lines: Lines | None = None) -> list[Config]:
+        """Validate each stage against its own typed config; names default to the type and must be unique."""
+        out: list[Config] = []
+        seen: set[str] = set()
+        for i, raw in enumerate(self.stages):
+            kind = raw.get("type")
+            line = (lines or {}).get(("stages", i))
+            if kind is None:
+                raise LmcycleError("stage has no 'type'", file=file, line=line, field=f"stages.{i}.type")
+            if kind not in STAGES:
+                raise LmcycleError(f"unknown stage type '{kind}' (known: {', '.join(STAGES)})", file=file,
+                                   line=(lines or {}).get(("stages", i, "type"), line), field=f"stages.{i}.type")
+            cfg = validate(stage_class(kind), raw, file=file, lines=lines, prefix=("stages", i))
+            name = cfg.name or kind
+            if name in seen:
+                raise LmcycleError(f"two stages are named '{name}'; give one a distinct 'name'", file=file,
+                                   line=line, field=f"stages.{i}.name")
+            seen.add(name)
+            out.append(cfg)
+        return out
+
+
+def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> tuple[Recipe, list[Config]]:
+    """Read, override and validate a recipe file and all its stages."""
+    data, lines = load_yaml(path)
+    apply_overrides(data, overrides or [])
+    recipe = validate(Recipe, data, file=path, lines=lines)
+    return recipe, recipe.stage_configs(path, lines)
+
+
+def default_run_dir(recipe_name: str) -> Path:
+    return Path("runs") / f"{recipe_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def run_recipe(recipe: Recipe, stages: list[Config], out: str | os.PathLike | None = None,
+               recipe_file: str | os.PathLike = "<recipe>", echo=print) -> Path:
+    """Run every stage in order into the run directory; return the directory.
+
+    Datasets are loaded (and validated) before the directory is created. A stage that already finished in this
+    directory (listed in ``artifacts.json``) is skipped; training stages resume from their checkpoints.
+    """
+    datasets = load_datasets(recipe.data, recipe_file)
+
+    run_dir = Path(out) if out else default_run_dir(recipe.name)
+    if (run_dir / "DONE").exists():
+        raise LmcycleError("this run directory already holds a finished run; choose another --out",
+                           file=run_dir)
+    ctx = RunContext(run_dir=run_dir, seed=recipe.seed, device=recipe.device, recipe_file=str(recipe_file),
+                     data=dict(recipe.data), _datasets=datasets)
+    (run_dir / "FAILED").unlink(missing_ok=True)
+    atomic_write_text(run_dir / "config.yaml", dump_config(recipe_with_stages(recipe, stages)))
+    artifacts_file = run_dir / "artifacts.json"
+    if artifacts_file.exists():
+        ctx.artifacts = json.loads(artifacts_file.read_text())
+
+    has_report = any(getattr(s, "type", None) == "report" for s in stages)
+    try:
+        for i, cfg in enumerate(stages):
+            name = cfg.name or cfg.type
+            if name in ctx.artifacts:
+                echo(f"[{i + 1}/{len(stages)}] {name}: done earlier, skipped")
+                continue
+            echo(f"[{i + 1}/{len(stages)}] {name} ({cfg.type})")
+            start = time.time()
+            ctx.log(name, event="stage_start", type=cfg.type)
+            produced = stage_runner(cfg.type)(cfg, ctx)
+            ctx.add_artifacts(name, produced or {})
+            atomic_write_json(artifacts_file, ctx.artifacts)
+            seconds = time.time() - start
+            ctx.log(name, event="stage_end", type=cfg.type, seconds=round(seconds, 2))
+            echo(f"      {name} finished in {seconds:.1f}s")
+        if not has_report:
+            from lmcycle.report import write_report
+
+            write_report(run_dir)
+    except BaseException as e:
+        msg = str(e) if isinstance(e, LmcycleError) else f"{type(e).__name__}: {e}"
+        atomic_write_text(run_dir / "FAILED", msg + "\n")
+        raise
+    atomic_write_text(run_dir / "DONE", time.strftime("%Y-%m-%d %H:%M:%S") + "\n")
+    return run_dir
+
+
+def recipe_with_stages(recipe: Recipe, stages: list[Config]) -> Recipe:
+    """The recipe with every stage's defaults filled in (what the run directory records)."""
+    resolved = recipe.model_copy()
+    object.__setattr__(resolved, "stages", [s.model_dump(mode="json") for s in stages])
+    return resolved
