@@ -23,6 +23,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -62,6 +63,7 @@ class Recipe(Config):
 
     name: str
     description: str = ""
+    vars: dict[str, str | int | float] = Field(default_factory=dict)
     seed: int = 0
     device: str = "cpu"
     data: dict[str, DatasetConfig] = Field(default_factory=dict)
@@ -92,9 +94,42 @@ class Recipe(Config):
 def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> tuple[Recipe, list[Config]]:
     """Read, override and validate a recipe file and all its stages."""
     data, lines = load_yaml(path)
-    apply_overrides(data, overrides or [])
+    apply_overrides(data, [_absolute_path_override(o) for o in overrides or []])
+    data = substitute_vars(data, data.get("vars") or {}, path, lines)
     recipe = validate(Recipe, data, file=path, lines=lines)
     return recipe, recipe.stage_configs(path, lines)
+
+
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def substitute_vars(node: Any, variables: dict, file, lines: Lines, path: tuple = ()) -> Any:
+    """Replace ``${name}`` in every string with the recipe's ``vars`` (a string that is exactly one variable
+    takes the variable's type)."""
+    if isinstance(node, dict):
+        return {k: (v if path == () and k == "vars" else substitute_vars(v, variables, file, lines, (*path, k)))
+                for k, v in node.items()}
+    if isinstance(node, list):
+        return [substitute_vars(v, variables, file, lines, (*path, i)) for i, v in enumerate(node)]
+    if not isinstance(node, str) or "${" not in node:
+        return node
+    for name in _VAR.findall(node):
+        if name not in variables:
+            raise LmcycleError(f"unknown variable '${{{name}}}' (vars: {', '.join(variables) or 'none'})",
+                               file=file, line=lines.get(path), field=".".join(map(str, path)))
+    whole = _VAR.fullmatch(node)
+    if whole:
+        return variables[whole.group(1)]
+    return _VAR.sub(lambda m: str(variables[m.group(1)]), node)
+
+
+def _absolute_path_override(item: str) -> str:
+    """A path given on the command line is relative to the current directory, not to the recipe's folder."""
+    key, sep, value = item.partition("=")
+    if sep and key.rsplit(".", 1)[-1].endswith(("path", "_dir", "dir")) and value and not os.path.isabs(value):
+        if not value.startswith(("${", "[", "{")):
+            return f"{key}={os.path.abspath(value)}"
+    return item
 
 
 def default_run_dir(recipe_name: str) -> Path:

@@ -1,0 +1,89 @@
+"""SftStage: full (all-parameter) supervised fine-tuning on prompt/completion pairs, one task or a mixture.
+
+Each ``data`` entry is a dataset rendered with a prompt template; the loss covers the completion only
+(:func:`lmcycle.data.sft.encode_sft`). Several entries make a multi-task mixture, each dataset drawn in
+proportion to its ``weight`` (:func:`lmcycle.data.sft.mix_tasks`). Works for decoders and encoder-decoders.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+from pydantic import Field
+
+from lmcycle.config import Config
+from lmcycle.data.sft import collate_sft, encode_sft, mix_tasks
+from lmcycle.runs import RunContext
+from lmcycle.train.checkpoint import save_model_dir
+from lmcycle.train.distributed import barrier, is_main
+from lmcycle.train.loop import TrainConfig, lm_loss_sum, mean_token_loss, micro_batch_indices, train
+
+
+class SftData(Config):
+    """One task of the fine-tuning data: a recipe dataset, its mixture weight and (optionally) its template."""
+
+    dataset: str
+    weight: float = Field(1.0, gt=0)
+    template: str | dict | None = Field(None, description="None: the stage's template")
+
+
+class SftStage(Config):
+    """Fine-tune every parameter of a model on one task or a weighted mixture of tasks."""
+
+    type: Literal["sft"] = "sft"
+    name: str | None = None
+    model: str | None = None
+    data: list[SftData] = Field(min_length=1)
+    template: str | dict = "summarize"
+    max_len: int = Field(512, ge=8)
+    eval_data: str | None = Field(None, description="dataset whose held-out loss is logged every eval_every")
+    train: TrainConfig
+
+
+def run_sft(cfg: SftStage, ctx: RunContext) -> dict[str, str]:
+    """Fine-tune the model; save it to ``<stage>/model``; return ``{"model": dir}``."""
+    from lmcycle.data.templates import get_template
+    from lmcycle.models.load import context_window, is_seq2seq, load_model
+
+    name = cfg.name or "sft"
+    out_dir = ctx.stage_dir(name)
+    model, tokenizer = load_model(ctx.model_path(cfg.model), device=ctx.device)
+    seq2seq = is_seq2seq(model)
+    max_len = min(cfg.max_len, context_window(model, tokenizer))
+    seed = cfg.train.seed if cfg.train.seed is not None else ctx.seed
+    tcfg = cfg.train.model_copy(update={"seed": seed})
+
+    tasks = [(encode_sft(ctx.dataset(d.dataset), get_template(d.template or cfg.template), tokenizer, max_len,
+                         seq2seq), d.weight) for d in cfg.data]
+    # One task: every example once per epoch. Several: an epoch is as many draws as the tasks have examples.
+    items = tasks[0][0] if len(tasks) == 1 else mix_tasks(tasks, sum(len(t) for t, _ in tasks), seed)
+    pad_id = tokenizer.pad_token_id
+
+    def batch_at(step: int):
+        return [collate_sft([items[i] for i in idx], pad_id)
+                for idx in micro_batch_indices(len(items), step, tcfg.batch_size, tcfg.grad_accum, seed)]
+
+    eval_fn = None
+    if cfg.eval_data:
+        held_out = encode_sft(ctx.dataset(cfg.eval_data), get_template(cfg.template), tokenizer, max_len, seq2seq)
+        held_out.sort(key=lambda it: len(it["input_ids"]))  # similar lengths together: less padding
+        eval_batches = [collate_sft(held_out[i:i + tcfg.batch_size], pad_id)
+                        for i in range(0, len(held_out), tcfg.batch_size)]
+
+        def eval_fn(m):
+            loss = mean_token_loss(m, eval_batches, lm_loss_sum)
+            return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
+
+    if is_main():
+        ctx.log(name, event="data", train_examples=len(items), tasks=[d.dataset for d in cfg.data],
+                max_len=max_len)
+    result = train(model, batch_at, lm_loss_sum, tcfg, out_dir, log=lambda **m: ctx.log(name, **m),
+                   eval_fn=eval_fn, desc=name)
+    model_dir = out_dir / "model"
+    if is_main():
+        save_model_dir(model, tokenizer, model_dir)
+        ctx.log(name, event="train_end", step=result.step, wall_time=round(result.wall_time, 2),
+                tokens_per_s=round(result.tokens_per_s, 1), peak_rss_mb=round(result.peak_rss_mb, 1))
+    barrier()
+    return {"model": str(model_dir)}

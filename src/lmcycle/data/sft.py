@@ -1,0 +1,94 @@
+"""Supervised fine-tuning data: prompt/completion pairs with the loss on the completion only, and mixtures.
+
+The prompt is exactly what evaluation will show the model (``template.render(example, shots=[])``); the
+completion is what should follow it. For a decoder the completion is the template's continuation
+(``template.render_target``: a space and the target after a prefix such as ``Summary:``), so that prompt +
+completion is the rendered example with its target; for an encoder-decoder the decoder produces the target
+text on its own.
+"""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+from lmcycle.data.examples import Example
+
+IGNORE = -100  # label value that cross-entropy skips
+
+
+def encode_sft(examples: list[Example], template, tokenizer, max_len: int, seq2seq: bool) -> list[dict]:
+    """Tokenize examples into ``{"input_ids": list[int], "labels": list[int]}`` items of at most ``max_len``.
+
+    - decoder: ``input_ids = prompt + completion + EOS`` and ``labels`` the same with every prompt position set
+      to -100 (loss on the completion only). Too long: the prompt loses tokens from its left (its end, next to
+      the completion, is what matters most; a leading BOS is kept); the completion is kept whole unless it
+      alone does not fit, then it is cut on the right (and has no EOS, as it did not end).
+    - encoder-decoder: ``input_ids = prompt`` (with the tokenizer's own special tokens, as at inference; cut
+      from the left to ``max_len``), ``labels = target + EOS`` (cut on the right to ``max_len``).
+    """
+    if max_len < 2:
+        raise ValueError(f"max_len must be at least 2, got {max_len}")
+    eos = tokenizer.eos_token_id
+    items = []
+    for ex in examples:
+        prompt = template.render(ex, [])
+        prompt_ids = tokenizer(prompt, verbose=False)["input_ids"]
+        if seq2seq:
+            target_ids = tokenizer(ex.target, add_special_tokens=False, verbose=False)["input_ids"] + [eos]
+            items.append({"input_ids": prompt_ids[-max_len:], "labels": target_ids[:max_len]})
+            continue
+        completion = template.render_target(ex)
+        target_ids = tokenizer(completion, add_special_tokens=False, verbose=False)["input_ids"] + [eos]
+        bos = tokenizer.bos_token_id
+        head = prompt_ids[:1] if bos is not None and prompt_ids[:1] == [bos] else []
+        target_ids = target_ids[:max_len - len(head) - 1]  # leave room for at least one prompt token
+        body = prompt_ids[len(head):]
+        room = max_len - len(head) - len(target_ids)
+        prompt_ids = head + body[max(0, len(body) - room):]
+        items.append({"input_ids": prompt_ids + target_ids, "labels": [IGNORE] * len(prompt_ids) + target_ids})
+    return items
+
+
+def collate_sft(items: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad items into ``input_ids`` [B, T], ``attention_mask`` [B, T] (1 = real token) and ``labels``
+    [B, L] (-100 on padding; L = T for decoder items, the longest target for encoder-decoder items)."""
+    width = max(len(it["input_ids"]) for it in items)
+    label_width = max(len(it["labels"]) for it in items)
+    input_ids = torch.full((len(items), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(items), width), dtype=torch.long)
+    labels = torch.full((len(items), label_width), IGNORE, dtype=torch.long)
+    for row, it in enumerate(items):
+        n, m = len(it["input_ids"]), len(it["labels"])
+        input_ids[row, :n] = torch.tensor(it["input_ids"], dtype=torch.long)
+        attention_mask[row, :n] = 1
+        labels[row, :m] = torch.tensor(it["labels"], dtype=torch.long)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def mix_tasks(datasets: list[tuple[list, float]], n: int, seed: int) -> list:
+    """``n`` items drawn from several datasets, each draw picking dataset ``i`` with probability
+    ``weight_i / sum(weights)``.
+
+    Within a dataset items come in a shuffled order without repetition until it is used up, then in a new
+    shuffled order, so a dataset drawn from ``len(dataset)`` times contributes each of its items once.
+    Deterministic for a given ``seed``.
+    """
+    if not datasets:
+        raise ValueError("mix_tasks needs at least one dataset")
+    for items, weight in datasets:
+        if not items:
+            raise ValueError("mix_tasks got an empty dataset")
+        if not weight > 0:
+            raise ValueError(f"mixture weights must be positive, got {weight}")
+    rng = random.Random(seed)
+    weights = [w for _, w in datasets]
+    queues: list[list[int]] = [[] for _ in datasets]
+    out = []
+    for _ in range(n):
+        d = rng.choices(range(len(datasets)), weights=weights)[0]
+        if not queues[d]:
+            queues[d] = rng.sample(range(len(datasets[d][0])), len(datasets[d][0]))
+        out.append(datasets[d][0][queues[d].pop()])
+    return out

@@ -1,0 +1,144 @@
+"""Load any Hugging Face causal LM or encoder-decoder (T5 / FLAN-T5) with its tokenizer.
+
+The model class is chosen from the config: ``config.is_encoder_decoder`` means ``AutoModelForSeq2SeqLM``,
+anything else ``AutoModelForCausalLM``. A local directory (for example a stage's saved ``model/``) is loaded
+from disk; anything that does not exist locally and looks like ``org/name`` is treated as a Hub id.
+
+Padding side: :func:`load_model` leaves ``tokenizer.padding_side`` as the checkpoint saved it (right for the
+models built here). Nothing in lmcycle depends on it: :func:`lmcycle.models.generate.generate` pads prompts
+itself (left for decoder-only models, so that every row's last token sits at the end; right for encoder
+inputs), and training code pads its own batches on the right with the loss masked.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from lmcycle.errors import LmcycleError
+
+_TRUE = {"1", "ON", "YES", "TRUE"}
+# T5 uses relative positions, so its config has no hard limit; beyond this a tokenizer's value is a placeholder.
+_SANE_MAX_LEN = 1_000_000
+_T5_DEFAULT_LEN = 512
+
+
+def load_model(
+    name_or_path: str | os.PathLike, *, dtype: torch.dtype = torch.float32, device: str = "cpu"
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load ``(model, tokenizer)`` from a local directory or a Hub id; the model is in eval mode on ``device``.
+
+    The tokenizer always has a pad token afterwards (its EOS token when it had none).
+    Raises :class:`LmcycleError` for a missing local path, or a Hub id while the Hub is unreachable.
+    """
+    source = _resolve_source(str(name_or_path))
+    try:
+        config = AutoConfig.from_pretrained(source)
+        model_cls = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        model = model_cls.from_pretrained(source, config=config, dtype=dtype)
+    except (OSError, ValueError) as e:
+        raise _load_error(str(name_or_path), source, e) from None
+    ensure_pad_token(tokenizer)
+    model.to(device)
+    model.eval()
+    return model, tokenizer
+
+
+def ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> None:
+    """Give a tokenizer without a pad token its EOS token as pad (padded positions are always masked)."""
+    if tokenizer.pad_token is not None:
+        return
+    if tokenizer.eos_token is None:
+        raise LmcycleError("the tokenizer has neither a pad token nor an EOS token; add one of them")
+    tokenizer.pad_token = tokenizer.eos_token
+
+
+def is_seq2seq(model: PreTrainedModel) -> bool:
+    """True for encoder-decoder models (T5), False for decoder-only ones."""
+    return bool(getattr(model.config, "is_encoder_decoder", False))
+
+
+def context_window(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> int:
+    """The most tokens the model can attend to: ``n_positions`` / ``max_position_embeddings`` from its config.
+
+    Models with relative positions (T5) have no such field: the tokenizer's ``model_max_length`` when it is a
+    real value, else 512 (what T5 was trained with).
+    """
+    for key in ("n_positions", "max_position_embeddings", "n_ctx"):
+        value = getattr(model.config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    value = getattr(tokenizer, "model_max_length", None)
+    if isinstance(value, int) and 0 < value < _SANE_MAX_LEN:
+        return value
+    return _T5_DEFAULT_LEN
+
+
+def _looks_like_path(name: str) -> bool:
+    """Hub ids are ``name`` or ``org/name``; anything else (``./x``, ``/abs``, ``a/b/c``, ``~``) is a path."""
+    return (
+        name.startswith((".", "/", "~"))
+        or "\\" in name
+        or name.count("/") > 1
+        or name.endswith("/")
+        or name == ""
+    )
+
+
+def _resolve_source(name: str) -> str:
+    local = Path(name).expanduser()
+    if local.is_dir():
+        return str(local)
+    if local.exists():
+        raise LmcycleError(f"model path '{name}' is a file; pass the directory that holds config.json")
+    if _looks_like_path(name):
+        raise LmcycleError(f"model directory '{name}' does not exist")
+    if _hub_offline() and not _in_hub_cache(name):
+        raise _offline_error(name)
+    return name
+
+
+def _hub_offline() -> bool:
+    if any(os.environ.get(v, "").upper() in _TRUE for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")):
+        return True
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except Exception:  # an id the hub library rejects is simply not cached
+        return False
+
+
+def _offline_error(name: str) -> LmcycleError:
+    return LmcycleError(
+        f"cannot load '{name}': the Hugging Face Hub is unreachable (offline) and the model is not in the local "
+        "cache; pass a local model directory instead (for example one saved by a build/pretrain stage)"
+    )
+
+
+def _load_error(name: str, source: str, e: Exception) -> LmcycleError:
+    text = str(e).lower()
+    remote = not Path(source).is_dir()
+    if remote and ("connect" in text or "offline" in text or "cache" in text or "network" in text):
+        return _offline_error(name)
+    if remote and ("not a valid model identifier" in text or "repository not found" in text):
+        return LmcycleError(f"'{name}' is neither a local directory nor a model on the Hugging Face Hub")
+    first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return LmcycleError(f"cannot load model '{name}': {first_line}")

@@ -1,0 +1,358 @@
+"""report.md: one page that shows what every stage of a run did, rebuilt from the run directory alone.
+
+Inputs (all inside the run directory, so ``lmcycle report RUN_DIR`` can regenerate the page at any time):
+
+- ``config.yaml`` — the resolved recipe (name, description, stages);
+- ``metrics.jsonl`` — every logged event: training rows (``step``, ``loss``, ``eval_loss``, ...), eval rows
+  (``kind="eval"``) and the runner's ``{"event": "stage_end", "seconds": s}``;
+- ``artifacts.json`` — stage name -> ``{key: path}`` in stage order: ``eval`` -> eval.json (with
+  ``predictions`` -> predictions.jsonl), ``plot`` -> PNG of an explore stage.
+
+Output: ``report.md`` plus ``plots/*.png`` (matplotlib, Agg; no pyplot global state). The evaluation table puts
+every eval stage side by side, so the effect of each stage (prompting, fine-tuning, decoding) is one row apart.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from lmcycle.atomic import atomic_write_bytes, atomic_write_text
+from lmcycle.config import Config
+
+EVAL_COLUMNS = [("rouge1", "ROUGE-1"), ("rouge2", "ROUGE-2"), ("rougeL", "ROUGE-L"), ("rougeLsum", "ROUGE-Lsum"),
+                ("bleu", "BLEU"), ("perplexity", "Perplexity")]
+N_EXAMPLES = 3
+EXAMPLE_CHARS = 300
+
+
+class ReportStage(Config):
+    """Write report.md for the run so far (the runner also writes one at the end when no stage asks)."""
+
+    type: Literal["report"] = "report"
+    name: str | None = None
+    title: str | None = None
+
+
+def run_report(cfg: ReportStage, ctx) -> dict[str, str]:
+    # The in-memory artifacts are current even if artifacts.json lags behind this stage.
+    return {"report": str(write_report(ctx.run_dir, cfg.title, artifacts=ctx.artifacts))}
+
+
+def write_report(run_dir: str | os.PathLike, title: str | None = None,
+                 artifacts: dict[str, dict[str, str]] | None = None) -> Path:
+    """Build ``run_dir/report.md`` (and ``run_dir/plots/*.png``) from the run directory; return its path."""
+    run_dir = Path(run_dir)
+    config = _read_yaml(run_dir / "config.yaml")
+    rows = _read_jsonl(run_dir / "metrics.jsonl")
+    if artifacts is None:
+        artifacts = _read_json(run_dir / "artifacts.json") or {}
+    evals = _load_evals(run_dir, artifacts)
+
+    parts = [_header(run_dir, config, rows, title), _stage_times(rows, config),
+             _evaluation(run_dir, evals), _training(run_dir, rows), _explore(run_dir, artifacts),
+             _examples(evals), _settings(evals)]
+    path = run_dir / "report.md"
+    atomic_write_text(path, "\n".join(p for p in parts if p).rstrip() + "\n")
+    return path
+
+
+# -- reading the run directory -----------------------------------------------------------------------------
+
+def _read_yaml(path: Path) -> dict:
+    if not path.exists():
+        return {}
+    data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    return data if isinstance(data, dict) else {}
+
+
+def _read_json(path: Path) -> Any:
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a line cut by a killed run
+    return [r for r in rows if isinstance(r, dict)]
+
+
+def resolve(run_dir: Path, recorded: str) -> Path | None:
+    """Find a recorded artifact path: as written, relative to the run directory, or (for a run directory that
+    was moved or a path recorded relative to another working directory) by its trailing components."""
+    p = Path(recorded)
+    candidates = [p] if p.is_absolute() else [run_dir / p, p]
+    candidates += [run_dir.joinpath(*p.parts[i:]) for i in range(1, len(p.parts))]
+    return next((c for c in candidates if c.exists()), None)
+
+
+def _load_evals(run_dir: Path, artifacts: dict[str, dict[str, str]]) -> list[dict]:
+    """One entry per eval stage, in stage order: name, metrics, settings, first predictions."""
+    evals = []
+    for stage, produced in artifacts.items():
+        if "eval" not in produced:
+            continue
+        eval_path = resolve(run_dir, produced["eval"])
+        data = _read_json(eval_path) if eval_path else None
+        if not isinstance(data, dict):
+            evals.append({"stage": stage, "metrics": {}, "settings": {}, "examples": [], "missing": True})
+            continue
+        pred_path = resolve(run_dir, produced["predictions"]) if "predictions" in produced else None
+        pred_path = pred_path or eval_path.with_name("predictions.jsonl")
+        examples = _read_jsonl(pred_path)[:N_EXAMPLES] if pred_path.exists() else []
+        evals.append({"stage": stage, "metrics": data.get("metrics", {}), "settings": data.get("settings", {}),
+                      "examples": examples, "missing": False})
+    return evals
+
+
+# -- sections ----------------------------------------------------------------------------------------------
+
+def _header(run_dir: Path, config: dict, rows: list[dict], title: str | None) -> str:
+    name = config.get("name") or run_dir.name
+    lines = [f"# {title or f'lmcycle run: {name}'}", ""]
+    if config.get("description"):
+        lines += [str(config["description"]), ""]
+    times = [r["time"] for r in rows if isinstance(r.get("time"), int | float)]
+    status = ("finished" if (run_dir / "DONE").exists() else
+              "failed: " + (run_dir / "FAILED").read_text(encoding="utf-8").strip()
+              if (run_dir / "FAILED").exists() else "unfinished")
+    lines.append(f"- Recipe: **{_md(str(name))}**, run directory `{run_dir.name}` ({status})")
+    if times:
+        start, end = min(times), max(times)
+        lines.append(f"- Ran {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(start))} → "
+                     f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(end))} "
+                     f"({_duration(end - start)})")
+    if "seed" in config:
+        lines.append(f"- Seed {config['seed']}, device {config.get('device', 'cpu')}")
+    return "\n".join(lines) + "\n"
+
+
+def _stage_times(rows: list[dict], config: dict) -> str:
+    ends = [r for r in rows if r.get("event") == "stage_end" and "seconds" in r]
+    if not ends:
+        return ""
+    lines = ["## Stages", "", "| Stage | Type | Wall time |", "|---|---|---:|"]
+    for r in ends:
+        lines.append(f"| {_md(str(r.get('stage')))} | {_md(str(r.get('type', '')))} | {_duration(r['seconds'])} |")
+    total = sum(float(r["seconds"]) for r in ends)
+    lines.append(f"| **total** | | **{_duration(total)}** |")
+    return "\n".join(lines) + "\n"
+
+
+def _evaluation(run_dir: Path, evals: list[dict]) -> str:
+    if not evals:
+        return ""
+    header = ["Stage", "Scored", "Shots", "n"] + [label for _, label in EVAL_COLUMNS]
+    lines = ["## Evaluation", "",
+             "Each row is one eval stage, in recipe order. ROUGE is F1 × 100 (max over references), BLEU is "
+             "sacrebleu corpus BLEU, perplexity is of the first reference given the zero-shot prompt; the "
+             "exact settings of every number are under *Settings*.", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * 3 + "---:|" * (len(header) - 3)]
+    for e in evals:
+        if e["missing"]:
+            lines.append(f"| {_md(e['stage'])} | eval.json missing |" + " |" * (len(header) - 2))
+            continue
+        m, s = e["metrics"], e["settings"]
+        cells = [_md(e["stage"]), _md(_scored(s)), str(s.get("shots", "")), str(m.get("n", s.get("n", "")))]
+        cells += [_number(m.get(key)) for key, _ in EVAL_COLUMNS]
+        lines.append("| " + " | ".join(cells) + " |")
+    plot = _eval_bar_chart(run_dir, [e for e in evals if not e["missing"]])
+    if plot:
+        lines += ["", f"![ROUGE-L and BLEU per eval stage]({plot})"]
+    return "\n".join(lines) + "\n"
+
+
+def _training(run_dir: Path, rows: list[dict]) -> str:
+    stages: dict[str, list[dict]] = {}
+    for r in rows:
+        if r.get("kind") != "eval" and "step" in r and ("loss" in r or "eval_loss" in r):
+            stages.setdefault(str(r.get("stage")), []).append(r)
+    if not stages:
+        return ""
+    lines = ["## Training", ""]
+    for stage, stage_rows in stages.items():
+        train = [(r["step"], r["loss"]) for r in stage_rows if _is_number(r.get("loss"))]
+        evals = [(r["step"], r["eval_loss"]) for r in stage_rows if _is_number(r.get("eval_loss"))]
+        facts = []
+        if train:
+            facts.append(f"{len(train)} logged steps, last train loss {train[-1][1]:.4f} at step {train[-1][0]}")
+        if evals:
+            facts.append(f"last eval loss {evals[-1][1]:.4f} at step {evals[-1][0]}")
+        lines += [f"### {_md(stage)}", "", "; ".join(facts) + ".", ""]
+        plot = _loss_plot(run_dir, stage, train, evals)
+        lines += [f"![loss curves of {_md(stage)}]({plot})", ""]
+    return "\n".join(lines)
+
+
+def _explore(run_dir: Path, artifacts: dict[str, dict[str, str]]) -> str:
+    lines = []
+    for stage, produced in artifacts.items():
+        if "plot" not in produced:
+            continue
+        path = resolve(run_dir, produced["plot"])
+        if path is None:
+            continue
+        lines += [f"### {_md(stage)}", "", f"![{_md(stage)}]({_relative(path, run_dir)})", ""]
+    return "\n".join(["## Decoding explorer", "", *lines]) if lines else ""
+
+
+def _examples(evals: list[dict]) -> str:
+    blocks = []
+    for e in evals:
+        if not e["examples"]:
+            continue
+        blocks += [f"### {_md(e['stage'])}", ""]
+        for ex in e["examples"]:
+            refs = ex.get("references") or []
+            blocks.append(f"- **{_md(str(ex.get('id', '')))}** — prediction: {_excerpt(ex.get('prediction', ''))}")
+            if refs:
+                blocks.append(f"  <br>reference: {_excerpt(refs[0])}")
+        blocks.append("")
+    return "\n".join([f"## Example predictions (first {N_EXAMPLES} per eval stage)", "", *blocks]) if blocks else ""
+
+
+def _settings(evals: list[dict]) -> str:
+    blocks = []
+    for e in evals:
+        s = e["settings"]
+        if not s:
+            continue
+        blocks += [f"### {_md(e['stage'])}", ""]
+        for key in ("model", "baseline", "template", "shots", "shot_pool", "n"):
+            if s.get(key) is not None:
+                blocks.append(f"- {key}: `{_inline(s[key])}`")
+        if s.get("decoding"):
+            blocks.append(f"- decoding: `{_inline(s['decoding'])}`")
+        rouge = s.get("rouge") or {}
+        if rouge:
+            blocks.append("- ROUGE: " + "; ".join(f"{k}: {_md(_plain(v))}" for k, v in rouge.items() if k != "n"))
+        bleu = s.get("bleu") or {}
+        if bleu.get("signature"):
+            blocks.append(f"- BLEU: sacrebleu signature `{bleu['signature']}`; {_md(_plain(bleu.get('multi_ref', '')))}")
+        ppl = s.get("perplexity") or {}
+        if ppl:
+            blocks.append("- Perplexity: " + "; ".join(f"{k}: {_md(_plain(v))}" for k, v in ppl.items()))
+        blocks.append("")
+    return "\n".join(["## Settings", "", *blocks]) if blocks else ""
+
+
+# -- plots -------------------------------------------------------------------------------------------------
+
+def _save_png(fig, path: Path) -> None:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight", metadata={"Software": None})
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _eval_bar_chart(run_dir: Path, evals: list[dict]) -> str | None:
+    from matplotlib.figure import Figure
+
+    stages = [e["stage"] for e in evals]
+    rouge_l = [_float_or_zero(e["metrics"].get("rougeL")) for e in evals]
+    bleu = [_float_or_zero(e["metrics"].get("bleu")) for e in evals]
+    if not stages:
+        return None
+    fig = Figure(figsize=(max(5.0, 0.9 * len(stages) + 2), 3.6))
+    ax = fig.subplots()
+    xs = range(len(stages))
+    ax.bar([x - 0.2 for x in xs], rouge_l, width=0.4, label="ROUGE-L")
+    ax.bar([x + 0.2 for x in xs], bleu, width=0.4, label="BLEU")
+    ax.set_xticks(list(xs))
+    ax.set_xticklabels(stages, rotation=30, ha="right")
+    ax.set_ylabel("score (× 100)")
+    ax.set_title("ROUGE-L and BLEU per eval stage")
+    ax.legend()
+    _save_png(fig, run_dir / "plots" / "eval_scores.png")
+    return "plots/eval_scores.png"
+
+
+def _loss_plot(run_dir: Path, stage: str, train: list[tuple], evals: list[tuple]) -> str:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 3.6))
+    ax = fig.subplots()
+    if train:
+        ax.plot([s for s, _ in train], [v for _, v in train], label="train loss", linewidth=1)
+    if evals:
+        ax.plot([s for s, _ in evals], [v for _, v in evals], "o-", label="eval loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title(f"{stage}: loss")
+    ax.legend()
+    name = f"loss_{_filename(stage)}.png"
+    _save_png(fig, run_dir / "plots" / name)
+    return f"plots/{name}"
+
+
+# -- formatting --------------------------------------------------------------------------------------------
+
+def _scored(settings: dict) -> str:
+    if settings.get("baseline"):
+        return f"baseline: {settings['baseline']}"
+    model = settings.get("model")
+    return Path(str(model)).name if model else ""
+
+
+def _number(value: Any) -> str:
+    return f"{value:.2f}" if _is_number(value) else "—"
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and value == value
+
+
+def _float_or_zero(value: Any) -> float:
+    return float(value) if _is_number(value) else 0.0
+
+
+def _duration(seconds: float) -> str:
+    seconds = float(seconds)
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, sec = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h {minutes:02d}m {sec:02d}s" if hours else f"{minutes}m {sec:02d}s"
+
+
+def _md(text: str) -> str:
+    """Text safe inside a Markdown table cell or paragraph."""
+    return re.sub(r"([\\`*_|<>\[\]])", r"\\\1", text)
+
+
+def _plain(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+
+
+def _inline(value: Any) -> str:
+    """A value for an inline code span (backticks cannot be escaped there, so they are replaced)."""
+    return _plain(value).replace("`", "'").replace("\n", "\\n")
+
+
+def _excerpt(text: str) -> str:
+    text = " ".join(str(text).split())
+    if len(text) > EXAMPLE_CHARS:
+        text = text[:EXAMPLE_CHARS].rstrip() + " …"
+    return _md(text) if text else "*(empty)*"
+
+
+def _filename(stage: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", stage)
+
+
+def _relative(path: Path, run_dir: Path) -> str:
+    try:
+        return Path(os.path.relpath(path.resolve(), run_dir.resolve())).as_posix()
+    except ValueError:  # another drive on Windows
+        return path.resolve().as_posix()

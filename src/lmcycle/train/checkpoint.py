@@ -1,0 +1,108 @@
+"""Training checkpoints that make resume exact, and the atomic save of a finished model.
+
+A checkpoint is the directory ``<out_dir>/checkpoints/step-<N>`` (``N`` = optimizer steps done) holding
+
+- ``model.safetensors``  the model's weights (tied weights stored once),
+- ``optimizer.pt``       the optimizer's state (AdamW moments, step counts),
+- ``rng.pt``             torch / Python / NumPy random states,
+- ``state.json``         the step, the per-step losses so far and anything else the loop records.
+
+The learning-rate schedule is a function of the step (:mod:`lmcycle.train.schedule`), so the step *is* its
+state. Each checkpoint is written with :func:`lmcycle.atomic.atomic_dir`, so a ``step-N`` directory that exists
+is complete; a run killed while saving leaves the previous checkpoint untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import safetensors.torch
+import torch
+from torch import nn
+
+from lmcycle.atomic import atomic_dir
+
+CHECKPOINTS = "checkpoints"
+
+
+def list_checkpoints(out_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """``(step, path)`` of every complete checkpoint under ``out_dir/checkpoints``, oldest first."""
+    root = Path(out_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = []
+    for d in root.iterdir():
+        # Temporary directories of an unfinished save start with "." and are never picked up.
+        if d.is_dir() and d.name.startswith("step-") and d.name[5:].isdigit():
+            found.append((int(d.name[5:]), d))
+    return sorted(found)
+
+
+def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
+    found = list_checkpoints(out_dir)
+    return found[-1][1] if found else None
+
+
+def save_checkpoint(out_dir: str | os.PathLike, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    state: dict[str, Any] | None = None, keep: int = 2) -> Path:
+    """Write ``out_dir/checkpoints/step-<step>`` atomically, then delete all but the newest ``keep``."""
+    path = Path(out_dir) / CHECKPOINTS / f"step-{step}"
+    with atomic_dir(path) as tmp:
+        safetensors.torch.save_model(model, str(tmp / "model.safetensors"))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(rng_state(), tmp / "rng.pt")
+        (tmp / "state.json").write_text(json.dumps({**(state or {}), "step": step}), encoding="utf-8")
+    for _, old in list_checkpoints(out_dir)[:-max(1, keep)]:
+        shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike, model: nn.Module,
+                    optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
+    """Restore weights, optimizer state and RNG states from ``path``; return its ``state.json``."""
+    path = Path(path)
+    device = next(model.parameters()).device
+    safetensors.torch.load_model(model, path / "model.safetensors", device=str(device))
+    if optimizer is not None:
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=device, weights_only=True))
+    set_rng_state(torch.load(path / "rng.pt", weights_only=True))
+    return json.loads((path / "state.json").read_text(encoding="utf-8"))
+
+
+def rng_state() -> dict[str, Any]:
+    """Every random state the training may draw from, in types ``torch.load(weights_only=True)`` accepts."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": (kind, keys.tolist(), pos, has_gauss, cached),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_model_dir(model: nn.Module, tokenizer, path: str | os.PathLike) -> Path:
+    """``save_pretrained`` the model (safetensors) and its tokenizer into ``path``, atomically."""
+    path = Path(path)
+    with atomic_dir(path) as tmp:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    return path

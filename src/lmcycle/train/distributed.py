@@ -1,0 +1,101 @@
+"""Data-parallel training across processes started by ``torchrun`` (gloo on CPU, nccl on GPU).
+
+Outside ``torchrun`` every helper is a no-op for a world of one process, so the same training code runs in both.
+The training loop does not wrap the model in ``DistributedDataParallel``: it sums the gradients of all ranks
+itself after the local backward passes (:func:`all_reduce_grads_`). That keeps ``loss_fn(model, batch)`` free
+to call anything on the plain model (``generate``, sub-modules, several forwards) — DDP only sees gradients
+that flow through its own ``forward``. :func:`wrap_ddp` is here for code that wants DDP proper.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+def init_distributed() -> tuple[int, int]:
+    """Join the process group described by torchrun's environment; return ``(rank, world_size)``.
+
+    Without ``WORLD_SIZE`` > 1 in the environment this does nothing and returns ``(0, 1)``.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not is_distributed():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend=backend)
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    return rank(), world_size()
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def is_main() -> bool:
+    """Only the main process (rank 0) writes checkpoints, models and logs."""
+    return rank() == 0
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def all_reduce_sum(value: float | int | torch.Tensor) -> float | int | torch.Tensor:
+    """Sum a number or a tensor over all ranks (returns the same kind it got; a tensor is not modified)."""
+    if not is_distributed():
+        return value
+    if isinstance(value, torch.Tensor):
+        out = value.detach().clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        return out
+    t = torch.tensor(float(value), dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return int(t.item()) if isinstance(value, int) else t.item()
+
+
+def all_reduce_grads_(params: list[nn.Parameter]) -> None:
+    """Sum every parameter's ``.grad`` over all ranks, in place, with one collective call.
+
+    A parameter without a gradient on this rank counts as zeros, so every rank sends the same buffer shape.
+    """
+    if not is_distributed() or not params:
+        return
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    flat = torch.cat([p.grad.reshape(-1) for p in params])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    offset = 0
+    for p in params:
+        n = p.grad.numel()
+        p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
+        offset += n
+
+
+def broadcast_params_(model: nn.Module) -> None:
+    """Copy rank 0's parameters and buffers to every rank, so all replicas start identical."""
+    if not is_distributed():
+        return
+    with torch.no_grad():
+        for t in [*model.parameters(), *model.buffers()]:
+            dist.broadcast(t.data, src=0)
+
+
+def wrap_ddp(model: nn.Module) -> nn.Module:
+    """``DistributedDataParallel(model)`` under torchrun, the model itself otherwise."""
+    if not is_distributed():
+        return model
+    device_ids = [torch.cuda.current_device()] if next(model.parameters()).is_cuda else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)

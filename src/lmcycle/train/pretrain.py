@@ -1,0 +1,168 @@
+"""PretrainStage: continue training a model on raw text with its native objective.
+
+- decoder (Llama, GPT-2): causal language modelling on packed blocks of ``seq_len`` tokens
+  (:func:`lmcycle.data.packing.pack_sequences`);
+- encoder-decoder (T5): span corruption (:func:`lmcycle.data.span_corruption.span_corrupt`) of blocks of
+  ``seq_len - 1`` tokens, re-drawn at every step, so that a corrupted input (plus EOS) fits in ``seq_len``.
+
+A fraction of the blocks is held out; every ``train.eval_every`` steps their loss and perplexity are logged.
+Checkpoints live under the stage directory, so running the same run directory again resumes the training.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from lmcycle.config import Config
+from lmcycle.data.packing import pack_sequences
+from lmcycle.data.sft import collate_sft
+from lmcycle.data.span_corruption import span_corrupt
+from lmcycle.errors import LmcycleError
+from lmcycle.runs import RunContext
+from lmcycle.train.checkpoint import save_model_dir
+from lmcycle.train.distributed import barrier, is_main
+from lmcycle.train.loop import TrainConfig, lm_loss_sum, mean_token_loss, micro_batch_indices, train
+
+TEXT_SUFFIXES = (".txt", ".md", ".text", ".markdown")
+
+
+class PretrainStage(Config):
+    """Pre-train (or continue pre-training) on recipe datasets and/or text files."""
+
+    type: Literal["pretrain"] = "pretrain"
+    name: str | None = None
+    model: str | None = None
+    corpus: list[str] = Field(default_factory=list, description="dataset names: every input and target")
+    files: list[str] = Field(default_factory=list, description="text files, relative to the recipe's folder")
+    seq_len: int = Field(256, ge=8)
+    eval_fraction: float = Field(0.05, ge=0, lt=1)
+    train: TrainConfig
+
+
+def run_pretrain(cfg: PretrainStage, ctx: RunContext) -> dict[str, str]:
+    """Train the model on the stage's text; save it to ``<stage>/model``; return ``{"model": dir}``."""
+    from lmcycle.models.load import context_window, is_seq2seq, load_model
+
+    name = cfg.name or "pretrain"
+    out_dir = ctx.stage_dir(name)
+    model, tokenizer = load_model(ctx.model_path(cfg.model), device=ctx.device)
+    seq2seq = is_seq2seq(model)
+    window = context_window(model, tokenizer)
+    if cfg.seq_len > window:
+        raise LmcycleError(f"seq_len {cfg.seq_len} is longer than the model's context window ({window})",
+                           file=ctx.recipe_file, field="seq_len")
+    seed = cfg.train.seed if cfg.train.seed is not None else ctx.seed
+    tcfg = cfg.train.model_copy(update={"seed": seed})
+
+    texts = corpus_texts(cfg, ctx)
+    token_lists = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"] if texts else []
+    block_len = cfg.seq_len - 1 if seq2seq else cfg.seq_len
+    blocks = pack_sequences(token_lists, block_len, tokenizer.eos_token_id)
+    if len(blocks) == 0:
+        raise LmcycleError(f"the corpus has {sum(map(len, token_lists))} tokens, fewer than one block of "
+                           f"{block_len}; add text or lower seq_len", file=ctx.recipe_file, field="seq_len")
+    train_blocks, eval_blocks = split_blocks(blocks, cfg.eval_fraction, seed)
+
+    if seq2seq:
+        sentinels = sentinel_ids(tokenizer)
+        batch_at = span_corruption_batches(train_blocks, sentinels, tokenizer, tcfg, seed)
+        eval_items = [corrupt_block(b, sentinels, tokenizer.eos_token_id, random.Random(f"{seed}:eval:{i}"))
+                      for i, b in enumerate(eval_blocks.tolist())]
+        eval_batches = [collate_sft(eval_items[i:i + tcfg.batch_size], tokenizer.pad_token_id)
+                        for i in range(0, len(eval_items), tcfg.batch_size)]
+    else:
+        batch_at = causal_lm_batches(train_blocks, tcfg, seed)
+        eval_batches = [{"input_ids": b, "labels": b} for b in eval_blocks.split(tcfg.batch_size)]
+    eval_fn = (lambda m: held_out_metrics(m, eval_batches)) if eval_batches else None
+
+    if is_main():
+        ctx.log(name, event="data", train_blocks=len(train_blocks), eval_blocks=len(eval_blocks),
+                seq_len=cfg.seq_len, objective="span_corruption" if seq2seq else "causal_lm")
+    result = train(model, batch_at, lm_loss_sum, tcfg, out_dir, log=lambda **m: ctx.log(name, **m),
+                   eval_fn=eval_fn, desc=name)
+    model_dir = out_dir / "model"
+    if is_main():
+        save_model_dir(model, tokenizer, model_dir)
+        ctx.log(name, event="train_end", step=result.step, wall_time=round(result.wall_time, 2),
+                tokens_per_s=round(result.tokens_per_s, 1), peak_rss_mb=round(result.peak_rss_mb, 1))
+    barrier()
+    return {"model": str(model_dir)}
+
+
+def corpus_texts(cfg: PretrainStage, ctx: RunContext) -> list[str]:
+    """Every input and target of the ``corpus`` datasets, then the content of each file in ``files``."""
+    texts = [t for name in cfg.corpus for ex in ctx.dataset(name) for t in (ex.input, *ex.targets)]
+    base = Path(ctx.recipe_file).parent
+    for i, f in enumerate(cfg.files):
+        path = base / f
+        if not path.is_file():
+            raise LmcycleError(f"text file not found: {path}", file=ctx.recipe_file, field=f"files.{i}")
+        if path.suffix.lower() not in TEXT_SUFFIXES:
+            raise LmcycleError(f"'{f}' is not a plain-text file ({', '.join(TEXT_SUFFIXES)})",
+                               file=ctx.recipe_file, field=f"files.{i}")
+        try:
+            texts.append(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as e:
+            raise LmcycleError(f"'{f}' is not valid UTF-8 ({e.reason} at byte {e.start})",
+                               file=ctx.recipe_file, field=f"files.{i}") from None
+    texts = [t for t in texts if t.strip()]
+    if not texts:
+        raise LmcycleError("pretrain has no text: set 'corpus' (dataset names) and/or 'files'",
+                           file=ctx.recipe_file, field="corpus")
+    return texts
+
+
+def split_blocks(blocks: torch.Tensor, eval_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hold out a random ``eval_fraction`` of the blocks (at least one when asked for and there are two)."""
+    n = len(blocks)
+    n_eval = max(1, round(n * eval_fraction)) if eval_fraction > 0 and n >= 2 else 0
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return blocks[order[n_eval:].sort().values], blocks[order[:n_eval].sort().values]
+
+
+def causal_lm_batches(blocks: torch.Tensor, cfg: TrainConfig, seed: int):
+    """``batch_at(step)`` for causal LM: each micro-batch is ``input_ids`` = ``labels`` [B, seq_len]."""
+    def batch_at(step: int) -> list[dict[str, torch.Tensor]]:
+        return [{"input_ids": blocks[idx], "labels": blocks[idx]}
+                for idx in micro_batch_indices(len(blocks), step, cfg.batch_size, cfg.grad_accum, seed)]
+    return batch_at
+
+
+def span_corruption_batches(blocks: torch.Tensor, sentinels: list[int], tokenizer, cfg: TrainConfig, seed: int):
+    """``batch_at(step)`` for T5: blocks corrupted afresh at every step, seeded by ``(seed, step, block)``."""
+    def batch_at(step: int) -> list[dict[str, torch.Tensor]]:
+        out = []
+        for idx in micro_batch_indices(len(blocks), step, cfg.batch_size, cfg.grad_accum, seed):
+            items = [corrupt_block(blocks[i].tolist(), sentinels, tokenizer.eos_token_id,
+                                   random.Random(f"{seed}:{step}:{i}")) for i in idx]
+            out.append(collate_sft(items, tokenizer.pad_token_id))
+        return out
+    return batch_at
+
+
+def corrupt_block(ids: list[int], sentinels: list[int], eos_id: int, rng: random.Random) -> dict:
+    input_ids, labels = span_corrupt(ids, sentinels, eos_id, rng=rng)
+    return {"input_ids": input_ids, "labels": labels}
+
+
+def sentinel_ids(tokenizer) -> list[int]:
+    """Ids of ``<extra_id_0>``, ``<extra_id_1>``, ... as far as the tokenizer has them."""
+    vocab = tokenizer.get_vocab()
+    ids = []
+    while f"<extra_id_{len(ids)}>" in vocab:
+        ids.append(vocab[f"<extra_id_{len(ids)}>"])
+    if not ids:
+        raise LmcycleError("T5 span corruption needs sentinel tokens <extra_id_0>, <extra_id_1>, ... and this "
+                           "model's tokenizer has none")
+    return ids
+
+
+def held_out_metrics(model, batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+    loss = mean_token_loss(model, batches, lm_loss_sum)
+    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}

@@ -1,0 +1,140 @@
+"""Recipes: validation before anything is created, artifacts flow between stages, resume, clear failures."""
+
+import json
+import textwrap
+
+import pytest
+
+from lmcycle.cli import main
+from lmcycle.errors import LmcycleError
+from lmcycle.recipe import load_recipe
+
+TINY = """\
+name: tiny
+seed: 0
+data:
+  train: {format: synthetic, n: 40, seed: 1}
+  test: {format: synthetic, n: 4, seed: 2}
+stages:
+  - {type: build, arch: llama, size: 1m, corpus: [train], vocab_size: 320, max_len: 256}
+  - type: pretrain
+    corpus: [train]
+    seq_len: 64
+    train: {max_steps: 4, batch_size: 4, lr: 1.0e-3, log_every: 1}
+  - {type: eval, name: zero_shot, data: test, decoding: {max_new_tokens: 8}}
+  - type: sft
+    data: [{dataset: train}]
+    max_len: 256
+    train: {max_steps: 3, batch_size: 4, lr: 1.0e-3, log_every: 1}
+  - {type: eval, name: after_sft, data: test, decoding: {max_new_tokens: 8}}
+  - {type: report}
+"""
+
+
+def write(tmp_path, text, name="r.yaml"):
+    p = tmp_path / name
+    p.write_text(textwrap.dedent(text))
+    return p
+
+
+def test_unknown_stage_type_names_file_line_and_key(tmp_path):
+    p = write(tmp_path, TINY.replace("type: sft", "type: sftt"))
+    with pytest.raises(LmcycleError) as e:
+        load_recipe(p)
+    assert str(e.value).startswith(f"{p}:13: field 'stages.3.type': unknown stage type 'sftt'")
+
+
+def test_wrong_type_inside_a_stage_names_its_line(tmp_path):
+    p = write(tmp_path, TINY.replace("lr: 1.0e-3, log_every: 1}\n  - {type: eval, name: zero", "lr: fast, log_every: 1}\n  - {type: eval, name: zero"))
+    with pytest.raises(LmcycleError) as e:
+        load_recipe(p)
+    assert str(e.value).startswith(f"{p}:11: field 'stages.1.train.lr'"), str(e.value)
+
+
+def test_unknown_key_missing_field_and_duplicate_names(tmp_path):
+    with pytest.raises(LmcycleError, match=r":7: field 'stages.0.sizee': unknown key"):
+        load_recipe(write(tmp_path, TINY.replace("size: 1m", "sizee: 1m")))
+    with pytest.raises(LmcycleError, match=r"field 'name': required field is missing"):
+        load_recipe(write(tmp_path, TINY.replace("name: tiny\n", "")))
+    with pytest.raises(LmcycleError, match="two stages are named 'zero_shot'"):
+        load_recipe(write(tmp_path, TINY.replace("name: after_sft", "name: zero_shot")))
+
+
+def test_vars_are_substituted_and_unknown_vars_are_errors(tmp_path):
+    text = TINY.replace("seed: 0\n", "vars: {n_train: 40, arch: llama}\nseed: 0\n")
+    text = text.replace("n: 40", "n: ${n_train}").replace("arch: llama,", "arch: '${arch}',")
+    recipe, stages = load_recipe(write(tmp_path, text))
+    assert recipe.data["train"].n == 40 and stages[0].arch == "llama"
+    recipe, stages = load_recipe(write(tmp_path, text), ["vars.n_train=12"])
+    assert recipe.data["train"].n == 12
+    with pytest.raises(LmcycleError, match=r"unknown variable '\$\{nope\}'"):
+        load_recipe(write(tmp_path, text.replace("${arch}", "${nope}")))
+
+
+def test_bad_data_file_stops_before_the_run_directory_exists(tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"input": "a", "target": "b"}\n{"input": "a", "target": \n')
+    text = TINY.replace("test: {format: synthetic, n: 4, seed: 2}", f"test: {{format: jsonl, path: {bad}}}")
+    out = tmp_path / "run"
+    code = main(["run", str(write(tmp_path, text)), "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert code == 1
+    assert len(err.splitlines()) == 1 and f"{bad}:2" in err
+    assert not out.exists()
+
+
+def test_bad_model_path_fails_cleanly_without_looking_complete(tmp_path, capsys):
+    text = """\
+    name: t
+    data: {test: {format: synthetic, n: 2}}
+    stages:
+      - {type: eval, data: test, model: /nonexistent/model/dir}
+      - {type: report}
+    """
+    out = tmp_path / "run"
+    code = main(["run", str(write(tmp_path, text)), "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and len(err.splitlines()) == 1 and "/nonexistent/model/dir" in err
+    assert (out / "FAILED").exists() and not (out / "DONE").exists() and not (out / "report.md").exists()
+
+
+@pytest.mark.slow
+def test_tiny_recipe_end_to_end_then_resume_skips_finished_stages(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["run", str(write(tmp_path, TINY)), "--out", str(out)]) == 0
+    artifacts = json.loads((out / "artifacts.json").read_text())
+    assert list(artifacts) == ["build", "pretrain", "zero_shot", "sft", "after_sft", "report"]
+    # each stage read the previous stage's model, never a hand-wired path
+    zero = json.loads((out / "zero_shot" / "eval.json").read_text())
+    after = json.loads((out / "after_sft" / "eval.json").read_text())
+    assert zero["settings"]["model"] == artifacts["pretrain"]["model"]
+    assert after["settings"]["model"] == artifacts["sft"]["model"]
+    assert (out / "DONE").exists() and not (out / "FAILED").exists()
+    report = (out / "report.md").read_text()
+    assert "zero_shot" in report and "after_sft" in report
+    losses = [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+              if r["stage"] == "pretrain" and "loss" in r]
+    assert len(losses) >= 4
+    # a finished run directory is never overwritten
+    capsys.readouterr()
+    assert main(["run", str(write(tmp_path, TINY)), "--out", str(out)]) == 1
+    assert "already holds a finished run" in capsys.readouterr().err
+
+
+def test_interrupted_run_resumes_and_skips_finished_stages(tmp_path, capsys):
+    text = """\
+    name: t
+    data: {train: {format: synthetic, n: 20, seed: 1}}
+    stages:
+      - {type: build, arch: gpt2, size: 1m, corpus: [train], vocab_size: 300, max_len: 128}
+      - {type: eval, data: train, limit: 2, model: /missing/on/first/try, decoding: {max_new_tokens: 4}}
+    """
+    p = write(tmp_path, text)
+    out = tmp_path / "run"
+    assert main(["run", str(p), "--out", str(out)]) == 1
+    assert (out / "FAILED").exists()
+    capsys.readouterr()
+    assert main(["run", str(p), "--out", str(out), "stages.1.model=build"]) == 0
+    printed = capsys.readouterr().out
+    assert "build: done earlier, skipped" in printed
+    assert (out / "DONE").exists() and not (out / "FAILED").exists()

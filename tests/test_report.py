@@ -1,0 +1,141 @@
+"""report.md from a hand-made run directory: eval table rows = eval.json values, plots are real PNGs."""
+
+import json
+import re
+import shutil
+
+import pytest
+import yaml
+
+from lmcycle.report import ReportStage, run_report, write_report
+from lmcycle.runs import RunContext
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+EVALS = {
+    "zero_shot": {"rouge1": 12.3456, "rouge2": 1.5, "rougeL": 10.25, "rougeLsum": 11.0, "bleu": 0.75,
+                  "perplexity": 123.456, "n": 5},
+    "sft_greedy": {"rouge1": 38.0, "rouge2": 14.125, "rougeL": 30.5, "rougeLsum": 33.333, "bleu": 9.87,
+                   "perplexity": 12.5, "n": 5},
+    "extractive_baseline": {"rouge1": 25.0, "rouge2": 7.0, "rougeL": 20.0, "rougeLsum": 22.0, "bleu": 4.0, "n": 5},
+}
+SETTINGS = {
+    "zero_shot": {"model": "runs/x/pretrain/model", "shots": 0, "decoding": {"do_sample": False, "max_new_tokens": 64}},
+    "sft_greedy": {"model": "runs/x/sft/model", "shots": 0, "decoding": {"do_sample": False, "max_new_tokens": 32}},
+    "extractive_baseline": {"model": None, "baseline": "extractive", "shots": 0, "decoding": None},
+}
+
+
+def _make_run(run_dir, relative_to_cwd: bool = False):
+    """A run directory as the runner leaves it: config, metrics, artifacts, stage outputs."""
+    (run_dir / "pretrain").mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump({"name": "demo", "description": "a test run", "seed": 3}))
+    rows = [{"stage": "pretrain", "time": 1000.0 + s, "step": s, "loss": 5.0 - 0.1 * s, "lr": 1e-3}
+            for s in range(1, 11)]
+    rows += [{"stage": "pretrain", "time": 1011.0, "step": 5, "eval_loss": 4.8},
+             {"stage": "pretrain", "time": 1012.0, "step": 10, "eval_loss": 4.2},
+             {"stage": "pretrain", "time": 1012.5, "event": "stage_end", "type": "pretrain", "seconds": 12.5},
+             {"stage": "explore", "time": 1013.0, "event": "stage_end", "type": "explore", "seconds": 0.4}]
+    artifacts = {"pretrain": {"model": str(run_dir / "pretrain" / "model")}}
+    # An explore stage's plot: any PNG will do.
+    (run_dir / "explore").mkdir()
+    (run_dir / "explore" / "next_token.png").write_bytes(PNG_MAGIC + b"not really a png body")
+    artifacts["explore"] = {"plot": str(run_dir / "explore" / "next_token.png"), "explore": "explore/x.json"}
+    for stage, metrics in EVALS.items():
+        d = run_dir / stage
+        d.mkdir()
+        settings = {**SETTINGS[stage], "rouge": {"package": "rouge-score 0.1.2", "stemmer": "Porter"},
+                    "bleu": {"signature": f"nrefs:var|tok:13a|{stage}", "multi_ref": "streams"}}
+        (d / "eval.json").write_text(json.dumps({"metrics": metrics, "settings": settings}))
+        preds = [{"id": f"{stage}-{i}", "prompt": "p", "prediction": f"prediction {i} of {stage} " + "x" * 400,
+                  "references": [f"reference {i}"], "rougeL": 1.0} for i in range(5)]
+        (d / "predictions.jsonl").write_text("".join(json.dumps(p) + "\n" for p in preds))
+        base = (run_dir.name + "/" + stage) if relative_to_cwd else str(d)
+        artifacts[stage] = {"eval": f"{base}/eval.json", "predictions": f"{base}/predictions.jsonl"}
+        rows.append({"stage": stage, "time": 1014.0, "kind": "eval", **metrics})
+        rows.append({"stage": stage, "time": 1015.0, "event": "stage_end", "type": "eval", "seconds": 75.0})
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (run_dir / "artifacts.json").write_text(json.dumps(artifacts))
+    (run_dir / "DONE").write_text("now\n")
+
+
+def _table_rows(text: str) -> dict[str, list[str]]:
+    section = text.split("## Evaluation", 1)[1].split("\n## ", 1)[0]
+    rows = {}
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("|") and cells[0] in EVALS:
+            rows[cells[0]] = cells
+    return rows
+
+
+def test_report_table_has_every_eval_stage_with_its_values(tmp_path):
+    run = tmp_path / "run"
+    _make_run(run)
+    path = write_report(run)
+    text = path.read_text(encoding="utf-8")
+    assert path == run / "report.md" and text.startswith("# lmcycle run: demo")
+
+    rows = _table_rows(text)
+    assert list(rows) == list(EVALS)  # stage order, side by side
+    header = [c.strip() for c in re.search(r"\| Stage \|.*\|", text).group(0).strip("|").split("|")]
+    for stage, metrics in EVALS.items():
+        cells = dict(zip(header, rows[stage], strict=True))
+        for key, label in [("rouge1", "ROUGE-1"), ("rouge2", "ROUGE-2"), ("rougeL", "ROUGE-L"),
+                           ("rougeLsum", "ROUGE-Lsum"), ("bleu", "BLEU"), ("perplexity", "Perplexity")]:
+            expected = f"{metrics[key]:.2f}" if key in metrics else "—"
+            assert cells[label] == expected, (stage, label)
+        assert cells["n"] == "5" and cells["Shots"] == "0"
+    assert "baseline: extractive" in rows["extractive_baseline"][1]
+
+    # Plots: the bar chart and one loss-curve figure, real PNG files, linked relative to the run directory.
+    for rel in ("plots/eval_scores.png", "plots/loss_pretrain.png"):
+        assert f"]({rel})" in text
+        data = (run / rel).read_bytes()
+        assert data.startswith(PNG_MAGIC) and len(data) > 1000
+    assert "](explore/next_token.png)" in text
+
+    # Settings travel with the numbers; wall time per stage; first examples, truncated.
+    for stage in EVALS:
+        assert f"nrefs:var\\|tok:13a\\|{stage}" in text or f"`nrefs:var|tok:13a|{stage}`" in text
+        assert f"prediction 0 of {stage}" in text and f"prediction 2 of {stage}" in text
+        assert f"prediction 3 of {stage}" not in text
+    assert "x" * 400 not in text and "…" in text
+    assert "12.5 s" in text and "1m 15s" in text
+    assert "last eval loss 4.2000 at step 10" in text
+
+
+def test_report_is_rebuilt_from_a_moved_run_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _make_run(tmp_path / "run", relative_to_cwd=True)  # paths like "run/zero_shot/eval.json"
+    moved = tmp_path / "elsewhere" / "run-copy"
+    shutil.copytree(tmp_path / "run", moved)
+    shutil.rmtree(tmp_path / "run")
+    text = write_report(moved, title="Moved").read_text(encoding="utf-8")
+    assert text.startswith("# Moved")
+    assert list(_table_rows(text)) == list(EVALS)
+    assert "eval.json missing" not in text
+
+
+def test_missing_eval_json_is_reported_not_fatal(tmp_path):
+    run = tmp_path / "run"
+    _make_run(run)
+    (run / "sft_greedy" / "eval.json").unlink()
+    text = write_report(run).read_text(encoding="utf-8")
+    assert "| sft\\_greedy | eval.json missing |" in text
+    assert set(_table_rows(text)) == {"zero_shot", "extractive_baseline"}
+
+
+def test_report_stage_uses_the_in_memory_artifacts(tmp_path):
+    run = tmp_path / "run"
+    _make_run(run)
+    artifacts = json.loads((run / "artifacts.json").read_text())
+    (run / "artifacts.json").unlink()
+    ctx = RunContext(run_dir=run, artifacts=artifacts)
+    produced = run_report(ReportStage(title="From the stage"), ctx)
+    text = open(produced["report"], encoding="utf-8").read()
+    assert text.startswith("# From the stage") and list(_table_rows(text)) == list(EVALS)
+
+
+def test_empty_run_directory_gives_a_minimal_report(tmp_path):
+    text = write_report(tmp_path).read_text(encoding="utf-8")
+    assert text.startswith("# lmcycle run:") and "## Evaluation" not in text
