@@ -28,9 +28,11 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import os
 import platform
 import random
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -75,7 +77,7 @@ def prepare(workdir: Path, size: str, seq_len: int, n_blocks: int) -> dict:
     model = build_model("llama", size, tokenizer, max(seq_len, 512), seed=0)
     model.save_pretrained(workdir / "model")
     tokenizer.save_pretrained(workdir / "model")
-    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    ids = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
     packed = pack_sequences(ids, seq_len, tokenizer.eos_token_id)
     blocks = packed.repeat((n_blocks + len(packed) - 1) // len(packed), 1)[:n_blocks]
     torch.save(blocks.clone(), workdir / "blocks.pt")
@@ -98,6 +100,12 @@ def rss_mb() -> float:
     return float("nan")
 
 
+def load_average() -> float:
+    """1-minute load average: how busy the (shared) machine was; above the core count means contention."""
+    with open("/proc/loadavg", encoding="ascii") as f:
+        return float(f.read().split()[0])
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
@@ -117,6 +125,10 @@ class Clock:
 
     def window(self) -> float:
         return self.times[self.last] - self.times[self.first]
+
+    def median_step(self) -> float:
+        """Median duration of the timed steps: robust to bursts of other work on a shared machine."""
+        return statistics.median(self.times[s + 1] - self.times[s] for s in range(self.first, self.last))
 
 
 def run_ours(model, blocks: torch.Tensor, batch: int, total_steps: int, clock: Clock, out_dir: Path) -> str:
@@ -172,7 +184,7 @@ def run_side(side: str, workdir: Path, batch: int, warmup: int, steps: int) -> d
                 for b in blocks[total_steps * batch:].split(batch)[:EVAL_BATCHES]]
     model = AutoModelForCausalLM.from_pretrained(workdir / "model", dtype=torch.float32)
     clock = Clock(warmup, steps)
-    rss_before = rss_mb()
+    rss_before, load_before = rss_mb(), load_average()
     runner = {"ours": run_ours, "hf": run_hf}[side]
     out_dir = Path(tempfile.mkdtemp(prefix=f"{side}-", dir=workdir))  # fresh: our loop would resume from it
     optimizer = runner(model, blocks, batch, total_steps, clock, out_dir)
@@ -180,6 +192,8 @@ def run_side(side: str, workdir: Path, batch: int, warmup: int, steps: int) -> d
     result = {
         "side": side, "threads": torch.get_num_threads(), "optimizer": optimizer,
         "window_s": clock.window(), "tokens_per_s": steps * batch * blocks.shape[1] / clock.window(),
+        "median_step_tokens_per_s": batch * blocks.shape[1] / clock.median_step(),
+        "load_average": [load_before, load_average()],
         "rss_before_train_mb": rss_before, "peak_rss_mb": clock.peak_rss,
         "held_out_loss": mean_token_loss(model, held_out),
     }
@@ -206,51 +220,58 @@ def flops_per_token(info: dict, seq_len: int) -> float:
 
 
 def summarise(info: dict, runs: dict[str, list[dict]], peak: dict, args: argparse.Namespace) -> dict:
+    """Best run per side (highest tokens/s over the window), MFU against the fp32 peak, ratios ours / HF."""
     fpt = flops_per_token(info, args.seq_len)
     peak_flops = peak["fp32"]["peak_gflops"] * 1e9
     sides = {}
     for side, results in runs.items():
         best = max(results, key=lambda r: r["tokens_per_s"])
         sides[side] = {**best, "mfu": best["tokens_per_s"] * fpt / peak_flops,
-                       "all_tokens_per_s": [r["tokens_per_s"] for r in results],
-                       "peak_rss_mb": max(r["peak_rss_mb"] for r in results)}
+                       "median_step_tokens_per_s": max(r["median_step_tokens_per_s"] for r in results),
+                       "all_tokens_per_s": [round(r["tokens_per_s"], 1) for r in results],
+                       "peak_rss_mb": max(r["peak_rss_mb"] for r in results),
+                       "load_average": [r["load_average"] for r in results]}
     ours, hf = sides["ours"], sides["hf"]
     return {
         "date": date.today().isoformat(), "size": f"llama-{args.size}", "model": info, "seq_len": args.seq_len,
         "batch": args.batch, "warmup": args.warmup, "steps": args.steps, "repeats": args.repeats,
-        "threads": torch.get_num_threads(), "torch": torch.__version__, "transformers": _version("transformers"),
-        "python": platform.python_version(), "cpu": _cpu_name(), "flops_per_token": fpt,
-        "matmul_peak_gflops": {k: peak[k]["peak_gflops"] for k in ("fp32", "bf16") if k in peak},
+        "threads": torch.get_num_threads(), "cores": os.cpu_count(), "torch": torch.__version__,
+        "transformers": _version("transformers"), "python": platform.python_version(), "cpu": _cpu_name(),
+        "flops_per_token": fpt, "matmul_peak_gflops": {k: peak[k]["peak_gflops"] for k in ("fp32", "bf16")},
         "sides": sides, "ratio_tokens_per_s": ours["tokens_per_s"] / hf["tokens_per_s"],
+        "ratio_median_step": ours["median_step_tokens_per_s"] / hf["median_step_tokens_per_s"],
         "ratio_peak_rss": ours["peak_rss_mb"] / hf["peak_rss_mb"],
         "held_out_loss_diff": abs(ours["held_out_loss"] - hf["held_out_loss"]),
     }
 
 
 def table(s: dict) -> str:
-    m = s["model"]
+    """The summary as a few header lines and a markdown table."""
+    m, peak = s["model"], s["matmul_peak_gflops"]
+    loads = [x for side in s["sides"].values() for pair in side["load_average"] for x in pair]
     lines = [
         f"{s['size']} ({m['params'] / 1e6:.2f}M params, {m['linear_params'] / 1e6:.2f}M in Linear layers; "
         f"L={m['layers']} d={m['hidden']} heads={m['heads']} ffn={m['ffn']} vocab={m['vocab']}), "
         f"batch {s['batch']} x {s['seq_len']} tokens, fp32, {s['warmup']} warmup + {s['steps']} timed steps, "
-        f"best of {s['repeats']}; data: {m['data']}",
-        f"{s['cpu']}, {s['threads']} torch threads; torch {s['torch']}, transformers {s['transformers']}, "
+        f"best of {s['repeats']} runs per side; data: {m['data']}",
+        f"{s['cpu']}, {s['cores']} cores, {s['threads']} torch threads, 1-min load average during the runs "
+        f"{min(loads):.1f}-{max(loads):.1f}; torch {s['torch']}, transformers {s['transformers']}, "
         f"Python {s['python']}",
-        f"measured matmul peak: fp32 {s['matmul_peak_gflops']['fp32']:.0f} GFLOP/s"
-        + (f", bf16 {s['matmul_peak_gflops']['bf16']:.0f} GFLOP/s" if "bf16" in s["matmul_peak_gflops"] else "")
-        + f"; FLOPs/token = 6N + 12LdT = {s['flops_per_token'] / 1e6:.1f} M",
+        f"measured matmul peak: fp32 {peak['fp32']:.0f} GFLOP/s, bf16 {peak['bf16']:.0f} GFLOP/s; "
+        f"FLOPs/token = 6N + 12LdT = {s['flops_per_token'] / 1e6:.1f} M",
         "",
-        "| loop | tokens/s | MFU (fp32) | peak RSS (MiB) | RSS growth in training (MiB) | held-out loss after | optimizer |",
-        "|---|---|---|---|---|---|---|",
+        "| loop | tokens/s | tokens/s (median step) | MFU (fp32) | peak RSS (MiB) | RSS growth in training (MiB) "
+        "| held-out loss after | optimizer |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     names = {"ours": "lmcycle `train()`", "hf": "HF `Trainer`"}
     for side in ("ours", "hf"):
         r = s["sides"][side]
-        lines.append(f"| {names[side]} | {r['tokens_per_s']:.0f} | {100 * r['mfu']:.1f}% | {r['peak_rss_mb']:.0f} | "
-                     f"{r['peak_rss_mb'] - r['rss_before_train_mb']:.0f} | {r['held_out_loss']:.4f} | "
-                     f"{r['optimizer']} |")
-    lines.append(f"| **ours / HF** | **{s['ratio_tokens_per_s']:.2f}x** | | **{s['ratio_peak_rss']:.2f}x** | | "
-                 f"diff {s['held_out_loss_diff']:.1e} | |")
+        lines.append(f"| {names[side]} | {r['tokens_per_s']:.0f} | {r['median_step_tokens_per_s']:.0f} | "
+                     f"{100 * r['mfu']:.1f}% | {r['peak_rss_mb']:.0f} | {r['peak_rss_mb'] - r['rss_before_train_mb']:.0f} "
+                     f"| {r['held_out_loss']:.4f} | {r['optimizer']} |")
+    lines.append(f"| **ours / HF** | **{s['ratio_tokens_per_s']:.2f}x** | {s['ratio_median_step']:.2f}x | | "
+                 f"**{s['ratio_peak_rss']:.2f}x** | | diff {s['held_out_loss_diff']:.1e} | |")
     return "\n".join(lines)
 
 
@@ -276,7 +297,7 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--repeats", type=int, default=1, help="runs per side, alternating; the best counts")
+    parser.add_argument("--repeats", type=int, default=2, help="runs per side (ABBA order); the best counts")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default, all cores)")
     parser.add_argument("--json", help="also write the summary to this JSON file")
     parser.add_argument("--side", choices=["ours", "hf"], help=argparse.SUPPRESS)
@@ -296,12 +317,18 @@ def main() -> None:
         workdir = Path(tmp)
         n_blocks = (args.warmup + args.steps + 1 + EVAL_BATCHES) * args.batch
         info = prepare(workdir, args.size, args.seq_len, n_blocks)
-        peak = measure_peak(("fp32", "bf16"), (1024, 1536, 2048), repeats=5)
+        peaks = [measure_peak(("fp32", "bf16"), (1024, 1536, 2048), repeats=5)]
         runs: dict[str, list[dict]] = {"ours": [], "hf": []}
-        for _ in range(args.repeats):
-            for side in ("ours", "hf"):
-                runs[side].append(spawn_side(side, workdir, args))
-                print(f"{side}: {runs[side][-1]['tokens_per_s']:.0f} tokens/s", file=sys.stderr)
+        # ABBA order (ours, hf, hf, ours, ...) so that a drift in the machine's load favours neither side.
+        order = [side for r in range(args.repeats) for side in (("ours", "hf") if r % 2 == 0 else ("hf", "ours"))]
+        for side in order:
+            runs[side].append(spawn_side(side, workdir, args))
+            r = runs[side][-1]
+            print(f"{side}: {r['tokens_per_s']:.0f} tokens/s ({r['median_step_tokens_per_s']:.0f} by median step), "
+                  f"load {r['load_average'][0]:.1f}-{r['load_average'][1]:.1f}", file=sys.stderr)
+        peaks.append(measure_peak(("fp32", "bf16"), (1024, 1536, 2048), repeats=5))
+    # The peak is the best the machine did, before or after the runs (the machine is shared).
+    peak = {k: max(peaks, key=lambda p: p[k]["peak_gflops"])[k] for k in ("fp32", "bf16")}
     summary = summarise(info, runs, peak, args)
     summary["benchmark_wall_s"] = round(time.perf_counter() - started, 1)
     print(table(summary))

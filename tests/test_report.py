@@ -4,7 +4,6 @@ import json
 import re
 import shutil
 
-import pytest
 import yaml
 
 from lmcycle.report import ReportStage, run_report, write_report
@@ -21,7 +20,7 @@ EVALS = {
 SETTINGS = {
     "zero_shot": {"model": "runs/x/pretrain/model", "shots": 0, "decoding": {"do_sample": False, "max_new_tokens": 64}},
     "sft_greedy": {"model": "runs/x/sft/model", "shots": 0, "decoding": {"do_sample": False, "max_new_tokens": 32}},
-    "extractive_baseline": {"model": None, "baseline": "extractive", "shots": 0, "decoding": None},
+    "extractive_baseline": {"model": None, "baseline": "extractive", "shots": None, "decoding": None},
 }
 
 
@@ -77,14 +76,14 @@ def test_report_table_has_every_eval_stage_with_its_values(tmp_path):
 
     rows = _table_rows(text)
     assert list(rows) == list(EVALS)  # stage order, side by side
-    header = [c.strip() for c in re.search(r"\| Stage \|.*\|", text).group(0).strip("|").split("|")]
+    header = [c.strip() for c in re.search(r"\| Stage \| Scored \|.*\|", text).group(0).strip("|").split("|")]
     for stage, metrics in EVALS.items():
         cells = dict(zip(header, rows[stage], strict=True))
         for key, label in [("rouge1", "ROUGE-1"), ("rouge2", "ROUGE-2"), ("rougeL", "ROUGE-L"),
                            ("rougeLsum", "ROUGE-Lsum"), ("bleu", "BLEU"), ("perplexity", "Perplexity")]:
             expected = f"{metrics[key]:.2f}" if key in metrics else "—"
             assert cells[label] == expected, (stage, label)
-        assert cells["n"] == "5" and cells["Shots"] == "0"
+        assert cells["n"] == "5" and cells["Shots"] == ("—" if stage == "extractive_baseline" else "0")
     assert "baseline: extractive" in rows["extractive_baseline"][1]
 
     # Plots: the bar chart and one loss-curve figure, real PNG files, linked relative to the run directory.
@@ -102,6 +101,8 @@ def test_report_table_has_every_eval_stage_with_its_values(tmp_path):
     assert "x" * 400 not in text and "…" in text
     assert "12.5 s" in text and "1m 15s" in text
     assert "last eval loss 4.2000 at step 10" in text
+    # Identical ROUGE options are written out once, then referred to.
+    assert text.count("package: rouge-score 0.1.2") == 1 and text.count("ROUGE: same options as zero_shot") == 2
 
 
 def test_report_is_rebuilt_from_a_moved_run_directory(tmp_path, monkeypatch):
@@ -121,8 +122,10 @@ def test_missing_eval_json_is_reported_not_fatal(tmp_path):
     _make_run(run)
     (run / "sft_greedy" / "eval.json").unlink()
     text = write_report(run).read_text(encoding="utf-8")
-    assert "| sft\\_greedy | eval.json missing |" in text
-    assert set(_table_rows(text)) == {"zero_shot", "extractive_baseline"}
+    assert "| sft_greedy | eval.json missing |" in text
+    rows = _table_rows(text)
+    assert list(rows) == list(EVALS) and not any(re.fullmatch(r"[\d.]+", c) for c in rows["sft_greedy"][1:])
+    assert "10.25" in rows["zero_shot"] and "prediction 0 of sft_greedy" not in text
 
 
 def test_report_stage_uses_the_in_memory_artifacts(tmp_path):

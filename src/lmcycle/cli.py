@@ -52,10 +52,12 @@ def dataset_from_arg(arg: str) -> tuple[str, dict]:
         fmt = "dialogsum" if any(p.glob("dialogsum.*.jsonl*")) else "hf"
     elif path.endswith((".jsonl", ".jsonl.gz")):
         fmt = "jsonl"
-    elif path.endswith((".csv", ".parquet")):
-        fmt = path.rsplit(".", 1)[1]
+    elif path.endswith((".csv", ".csv.gz")):
+        fmt = "csv"
+    elif path.endswith(".parquet"):
+        fmt = "parquet"
     else:
-        raise LmcycleError("cannot tell the format from the name (.jsonl, .jsonl.gz, .csv, .parquet or a folder);"
+        raise LmcycleError("cannot tell the format from the name (.jsonl[.gz], .csv[.gz], .parquet or a folder);"
                            " use a recipe's data section instead", file=path, field="--data")
     cfg = {"format": fmt, "path": str(p.resolve())}
     if split:

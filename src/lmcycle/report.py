@@ -26,6 +26,7 @@ import yaml
 
 from lmcycle.atomic import atomic_write_bytes, atomic_write_text
 from lmcycle.config import Config
+from lmcycle.runs import RunContext
 
 EVAL_COLUMNS = [("rouge1", "ROUGE-1"), ("rouge2", "ROUGE-2"), ("rougeL", "ROUGE-L"), ("rougeLsum", "ROUGE-Lsum"),
                 ("bleu", "BLEU"), ("perplexity", "Perplexity")]
@@ -41,7 +42,7 @@ class ReportStage(Config):
     title: str | None = None
 
 
-def run_report(cfg: ReportStage, ctx) -> dict[str, str]:
+def run_report(cfg: ReportStage, ctx: RunContext) -> dict[str, str]:
     # The in-memory artifacts are current even if artifacts.json lags behind this stage.
     return {"report": str(write_report(ctx.run_dir, cfg.title, artifacts=ctx.artifacts))}
 
@@ -127,7 +128,7 @@ def _header(run_dir: Path, config: dict, rows: list[dict], title: str | None) ->
     times = [r["time"] for r in rows if isinstance(r.get("time"), int | float)]
     status = ("finished" if (run_dir / "DONE").exists() else
               "failed: " + (run_dir / "FAILED").read_text(encoding="utf-8").strip()
-              if (run_dir / "FAILED").exists() else "unfinished")
+              if (run_dir / "FAILED").exists() else "not finished when this report was written")
     lines.append(f"- Recipe: **{_md(str(name))}**, run directory `{run_dir.name}` ({status})")
     if times:
         start, end = min(times), max(times)
@@ -165,7 +166,9 @@ def _evaluation(run_dir: Path, evals: list[dict]) -> str:
             lines.append(f"| {_md(e['stage'])} | eval.json missing |" + " |" * (len(header) - 2))
             continue
         m, s = e["metrics"], e["settings"]
-        cells = [_md(e["stage"]), _md(_scored(s)), str(s.get("shots", "")), str(m.get("n", s.get("n", "")))]
+        shots, n = s.get("shots"), m.get("n", s.get("n"))
+        cells = [_md(e["stage"]), _md(_scored(s, run_dir)), "—" if shots is None else str(shots),
+                 "—" if n is None else str(n)]
         cells += [_number(m.get(key)) for key, _ in EVAL_COLUMNS]
         lines.append("| " + " | ".join(cells) + " |")
     plot = _eval_bar_chart(run_dir, [e for e in evals if not e["missing"]])
@@ -224,20 +227,25 @@ def _examples(evals: list[dict]) -> str:
 
 
 def _settings(evals: list[dict]) -> str:
-    blocks = []
+    blocks: list[str] = []
+    shown_rouge: tuple[str, dict] = ("", {})  # the last ROUGE options written out in full
     for e in evals:
         s = e["settings"]
         if not s:
             continue
         blocks += [f"### {_md(e['stage'])}", ""]
-        for key in ("model", "baseline", "template", "shots", "shot_pool", "n"):
+        for key in ("model", "baseline", "data", "n", "template", "shots", "shot_pool", "shots_used_mean",
+                    "context_window", "prompts_truncated", "seed"):
             if s.get(key) is not None:
                 blocks.append(f"- {key}: `{_inline(s[key])}`")
         if s.get("decoding"):
             blocks.append(f"- decoding: `{_inline(s['decoding'])}`")
-        rouge = s.get("rouge") or {}
-        if rouge:
-            blocks.append("- ROUGE: " + "; ".join(f"{k}: {_md(_plain(v))}" for k, v in rouge.items() if k != "n"))
+        rouge = {k: v for k, v in (s.get("rouge") or {}).items() if k != "n"}
+        if rouge and rouge == shown_rouge[1]:
+            blocks.append(f"- ROUGE: same options as {_md(shown_rouge[0])}")
+        elif rouge:
+            blocks.append("- ROUGE: " + "; ".join(f"{k}: {_md(_plain(v))}" for k, v in rouge.items()))
+            shown_rouge = (e["stage"], rouge)
         bleu = s.get("bleu") or {}
         if bleu.get("signature"):
             blocks.append(f"- BLEU: sacrebleu signature `{bleu['signature']}`; {_md(_plain(bleu.get('multi_ref', '')))}")
@@ -298,11 +306,20 @@ def _loss_plot(run_dir: Path, stage: str, train: list[tuple], evals: list[tuple]
 
 # -- formatting --------------------------------------------------------------------------------------------
 
-def _scored(settings: dict) -> str:
+def _scored(settings: dict, run_dir: Path) -> str:
+    """What produced the predictions: the baseline, or the model's folder (relative to the run if inside it)."""
     if settings.get("baseline"):
         return f"baseline: {settings['baseline']}"
     model = settings.get("model")
-    return Path(str(model)).name if model else ""
+    if not model:
+        return ""
+    found = resolve(run_dir, str(model))
+    if found is not None:
+        try:
+            return found.resolve().relative_to(run_dir.resolve()).as_posix()
+        except ValueError:
+            pass
+    return "/".join(Path(str(model)).parts[-2:])
 
 
 def _number(value: Any) -> str:
@@ -327,8 +344,8 @@ def _duration(seconds: float) -> str:
 
 
 def _md(text: str) -> str:
-    """Text safe inside a Markdown table cell or paragraph."""
-    return re.sub(r"([\\`*_|<>\[\]])", r"\\\1", text)
+    """Text safe inside a Markdown table cell or paragraph (``_`` inside words is not emphasis in GFM)."""
+    return re.sub(r"([\\`*|<>\[\]])", r"\\\1", text)
 
 
 def _plain(value: Any) -> str:

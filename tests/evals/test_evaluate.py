@@ -87,6 +87,7 @@ def test_extractive_baseline_loads_no_model(tmp_path):
     rows, result = _read(produced)
     assert [r["prediction"] for r in rows] == [extractive_baseline(ex.input) for ex in EXAMPLES]
     assert "perplexity" not in result["metrics"] and result["settings"]["baseline"] == "extractive"
+    assert result["settings"]["shots"] is None and result["settings"]["decoding"] is None
     assert result["metrics"]["rougeL"] == pytest.approx(
         rouge([r["prediction"] for r in rows], [ex.targets for ex in EXAMPLES]).values["rougeL"])
 

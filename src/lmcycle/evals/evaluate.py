@@ -14,6 +14,7 @@ and ``eval.json`` (``metrics`` and the ``settings`` that produced every number).
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from pydantic import Field
@@ -27,8 +28,10 @@ from lmcycle.evals.baselines import extractive_baseline
 from lmcycle.evals.bleu import bleu
 from lmcycle.evals.perplexity import conditional_perplexity, seq2seq_perplexity
 from lmcycle.evals.rouge import rouge
+from lmcycle.evals.score import Score
 from lmcycle.models.generate import DecodingConfig, generate
 from lmcycle.models.load import context_window, is_seq2seq, load_model
+from lmcycle.runs import RunContext
 
 
 class EvalStage(Config):
@@ -48,59 +51,43 @@ class EvalStage(Config):
     baseline: Literal["extractive"] | None = None
 
 
-def run_eval(cfg: EvalStage, ctx) -> dict[str, str]:
+@dataclass
+class _Outputs:
+    """What a model (or a baseline) produced for the examples, before scoring."""
+
+    prompts: list[str | None]
+    predictions: list[str]
+    perplexity: Score | None = None
+    settings: dict[str, Any] = field(default_factory=dict)
+
+
+def run_eval(cfg: EvalStage, ctx: RunContext) -> dict[str, str]:
     """Run the evaluation; write predictions.jsonl and eval.json; return their paths."""
     name = cfg.name or "eval"
     examples = _examples(ctx, cfg)
     references = [list(ex.targets) for ex in examples]
+    out = _run_baseline(examples) if cfg.baseline is not None else _run_model(cfg, ctx, examples)
+    metrics, settings, per_example = _score(cfg.metrics, out.predictions, references, out.perplexity)
 
-    if cfg.baseline is not None:
-        prompts, predictions, ppl, model_path, extra = _run_baseline(cfg, examples)
-    else:
-        prompts, predictions, ppl, model_path, extra = _run_model(cfg, ctx, examples)
-
-    metrics: dict[str, Any] = {}
-    settings: dict[str, Any] = {}
-    per_example: list[dict[str, float]] = [{} for _ in examples]
-    if "rouge" in cfg.metrics:
-        score = rouge(predictions, references)
-        metrics.update(score.values)
-        settings["rouge"] = score.settings
-        for row, values in zip(per_example, score.per_example, strict=True):
-            row["rougeL"] = values["rougeL"]
-    if "bleu" in cfg.metrics:
-        score = bleu(predictions, references)
-        metrics.update(score.values)
-        settings["bleu"] = score.settings
-        for row, values in zip(per_example, score.per_example, strict=True):
-            row["bleu"] = values["bleu"]
-    if ppl is not None:
-        metrics["perplexity"] = ppl.values["perplexity"]
-        settings["perplexity"] = ppl.settings
-        for row, values in zip(per_example, ppl.per_example, strict=True):
-            row["perplexity"] = values["perplexity"]
-    metrics["n"] = len(examples)
-
+    # A baseline uses no prompt, so model, template, shots and decoding do not apply to it.
     settings.update({
-        "model": model_path,
+        "model": None,
         "baseline": cfg.baseline,
         "data": cfg.data,
         "limit": cfg.limit,
         "n": len(examples),
-        "template": cfg.template if isinstance(cfg.template, str) else "custom",
-        "template_fields": extra.get("template_fields"),
-        "shots": cfg.shots,
-        "shot_pool": cfg.shot_pool or (cfg.data if cfg.shots else None),
-        "decoding": cfg.decoding.model_dump(mode="json") if cfg.baseline is None else None,
-        "prediction_postprocess": "generated text cut at the first stop string, then stripped of whitespace",
-        **{k: v for k, v in extra.items() if k != "template_fields"},
+        "template": None if cfg.baseline else cfg.template if isinstance(cfg.template, str) else "custom",
+        "shots": None if cfg.baseline else cfg.shots,
+        "shot_pool": cfg.shot_pool or (cfg.data if cfg.shots and not cfg.baseline else None),
+        "decoding": None if cfg.baseline else cfg.decoding.model_dump(mode="json"),
+        **out.settings,
     })
 
-    out_dir = ctx.stage_dir(name)
-    pred_path, eval_path = out_dir / "predictions.jsonl", out_dir / "eval.json"
+    stage_dir = ctx.stage_dir(name)
+    pred_path, eval_path = stage_dir / "predictions.jsonl", stage_dir / "eval.json"
     lines = [json.dumps({"id": ex.id, "prompt": prompt, "prediction": pred, "references": refs, **row},
                         ensure_ascii=False)
-             for ex, prompt, pred, refs, row in zip(examples, prompts, predictions, references, per_example,
+             for ex, prompt, pred, refs, row in zip(examples, out.prompts, out.predictions, references, per_example,
                                                     strict=True)]
     atomic_write_text(pred_path, "\n".join(lines) + "\n")
     atomic_write_json(eval_path, {"metrics": metrics, "settings": settings})
@@ -108,7 +95,29 @@ def run_eval(cfg: EvalStage, ctx) -> dict[str, str]:
     return {"eval": str(eval_path), "predictions": str(pred_path)}
 
 
-def _examples(ctx, cfg: EvalStage) -> list:
+def _score(which: list[str], predictions: list[str], references: list[list[str]], ppl: Score | None):
+    """(metrics, settings per metric, per-example values) for the requested metrics and the perplexity."""
+    metrics: dict[str, Any] = {}
+    settings: dict[str, Any] = {}
+    per_example: list[dict[str, Any]] = [{} for _ in predictions]
+    scores = {"rouge": (rouge, "rougeL"), "bleu": (bleu, "bleu")}
+    for metric in which:
+        fn, per_example_key = scores[metric]
+        score = fn(predictions, references)
+        metrics.update(score.values)
+        settings[metric] = score.settings
+        for row, values in zip(per_example, score.per_example, strict=True):
+            row[per_example_key] = values[per_example_key]
+    if ppl is not None:
+        metrics["perplexity"] = ppl.values["perplexity"]
+        settings["perplexity"] = ppl.settings
+        for row, values in zip(per_example, ppl.per_example, strict=True):
+            row["perplexity"] = values["perplexity"]
+    metrics["n"] = len(predictions)
+    return metrics, settings, per_example
+
+
+def _examples(ctx: RunContext, cfg: EvalStage) -> list:
     examples = list(ctx.dataset(cfg.data))
     if cfg.limit is not None:
         examples = examples[: cfg.limit]
@@ -121,13 +130,13 @@ def _examples(ctx, cfg: EvalStage) -> list:
     return examples
 
 
-def _run_baseline(cfg: EvalStage, examples: list):
-    predictions = [extractive_baseline(ex.input) for ex in examples]
-    return [None] * len(examples), predictions, None, None, {"prediction_rule": "three longest utterances "
-                                                                                 "(lmcycle.evals.baselines)"}
+def _run_baseline(examples: list) -> _Outputs:
+    return _Outputs(prompts=[None] * len(examples), predictions=[extractive_baseline(ex.input) for ex in examples],
+                    settings={"prediction_rule": "the three longest utterances, in dialogue order "
+                                                 "(lmcycle.evals.baselines.extractive_baseline)"})
 
 
-def _run_model(cfg: EvalStage, ctx, examples: list):
+def _run_model(cfg: EvalStage, ctx: RunContext, examples: list) -> _Outputs:
     template = get_template(cfg.template)
     model_path = ctx.model_path(cfg.model)
     model, tokenizer = load_model(model_path, device=ctx.device)
@@ -140,23 +149,23 @@ def _run_model(cfg: EvalStage, ctx, examples: list):
              for i, ex in enumerate(examples)]
     prompts = [b.text for b in built]
     raw = generate(model, tokenizer, prompts, cfg.decoding, progress=True)
-    predictions = [text.strip() for text in raw]
-
     ppl = None
     if cfg.perplexity:
         ppl = _reference_perplexity(model, tokenizer, template, examples, seq2seq, window, cfg.decoding.batch_size)
-    extra = {
+    settings = {
+        "model": str(model_path),
         "template_fields": template.model_dump(),
         "context_window": window,
         "shots_used_mean": sum(b.shots_used for b in built) / len(built),
         "prompts_truncated": sum(b.truncated for b in built),
         "prompt_tokens_mean": sum(b.n_tokens for b in built) / len(built),
         "seed": ctx.seed,
+        "prediction_postprocess": "generated text cut at the first stop string, then stripped of whitespace",
     }
-    return prompts, predictions, ppl, str(model_path), extra
+    return _Outputs(prompts, [text.strip() for text in raw], ppl, settings)
 
 
-def _shot_pool(ctx, cfg: EvalStage) -> list:
+def _shot_pool(ctx: RunContext, cfg: EvalStage) -> list:
     """Shots come from the whole evaluated dataset (not only the first ``limit``); the builder skips the query."""
     return list(ctx.dataset(cfg.data))
 

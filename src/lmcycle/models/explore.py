@@ -8,7 +8,9 @@ that continuation: both come from the same code path and random stream as :func:
 
 from __future__ import annotations
 
+import functools
 import os
+import warnings
 from typing import Any, Literal
 
 import torch
@@ -61,10 +63,37 @@ def next_token_logits(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
 
 
 def token_label(tokenizer: PreTrainedTokenizerBase, token_id: int) -> str:
-    """How a token is shown: special tokens by name, others as a Python repr so spaces and newlines are visible."""
+    """How a token is shown: special tokens by name, others as a Python repr so spaces and newlines are visible.
+
+    A token that is only part of a multi-byte character (it decodes to U+FFFD) is shown as its bytes,
+    ``b'\\xe2\\x80'``, so that such tokens stay distinguishable.
+    """
     if token_id in set(tokenizer.all_special_ids):
         return str(tokenizer.convert_ids_to_tokens(token_id))
-    return repr(tokenizer.decode([token_id]))
+    text = tokenizer.decode([token_id])
+    if "\ufffd" in text:
+        piece = str(tokenizer.convert_ids_to_tokens(token_id))
+        alphabet = _byte_level_alphabet()
+        if piece and all(ch in alphabet for ch in piece):
+            return repr(bytes(alphabet[ch] for ch in piece))
+        if piece.startswith("<0x"):  # SentencePiece byte fallback already names its byte
+            return piece
+    return repr(text)
+
+
+@functools.cache
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2 byte-level BPE writes byte b as a printable character; this maps each such character back to b."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1),
+                 *range(ord("\xae"), ord("\xff") + 1)]
+    alphabet, shifted = {}, 0
+    for b in range(256):
+        if b in printable:
+            alphabet[chr(b)] = b
+        else:
+            alphabet[chr(256 + shifted)] = b
+            shifted += 1
+    return alphabet
 
 
 def next_token_distribution(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompt: str,
@@ -156,7 +185,7 @@ def plot_exploration(result: dict[str, Any], path: str | os.PathLike) -> None:
         ax.invert_yaxis()
         ax.set_xlim(0, 1.02 * max(max(widths), max(base), 1e-9))
         ax.set_xlabel("probability")
-        ax.set_title(f"{s['label']}  ({s['kept_count']} tokens kept)\n→ {_clip(repr(s['continuation']), 46)}",
+        ax.set_title(f"{s['label']}  ({_kept_text(s['kept_count'])})\n→ {_clip(repr(s['continuation']), 46)}",
                      fontsize=9, loc="left")
         ax.grid(axis="x", alpha=0.3)
     for ax in list(axes.flat)[len(settings):]:
@@ -166,9 +195,12 @@ def plot_exploration(result: dict[str, Any], path: str | os.PathLike) -> None:
                         Patch(facecolor="none", edgecolor="#888888", linestyle=":", label="original prob.")],
                loc="lower center", ncol=4, fontsize=8, frameon=False)
     fig.suptitle(f"Next token after …{_clip(repr(result['prompt'][-70:]), 80)}", fontsize=10)
-    fig.tight_layout(rect=(0, 0.04, 1, 1))
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
+    with warnings.catch_warnings():
+        # Generated text may hold characters the default font lacks; they are drawn as boxes, which is fine.
+        warnings.filterwarnings("ignore", message="Glyph .* missing")
+        fig.tight_layout(rect=(0, 0.04, 1, 1))
+        fig.savefig(buffer, format="png", dpi=110)
     plt.close(fig)
     atomic_write_bytes(path, buffer.getvalue())
 
@@ -189,6 +221,10 @@ def exploration_markdown(result: dict[str, Any]) -> str:
         lines.append(f"| {_cell(s['label'])} | {s['kept_count']} | {_cell(s['chosen_label'])} | "
                      f"{_cell(repr(s['continuation']))} |")
     return "\n".join(lines) + "\n"
+
+
+def _kept_text(n: int) -> str:
+    return "1 token kept" if n == 1 else f"{n} tokens kept"
 
 
 def _cell(text: str) -> str:

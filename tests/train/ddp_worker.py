@@ -1,0 +1,54 @@
+"""Started by test_ddp.py under ``torchrun --nproc_per_node=2``: train a tiny model data-parallel.
+
+Usage: ddp_worker.py MODEL_DIR OUT_DIR. Each rank writes ``OUT_DIR/rank<r>.pt`` with its losses and final
+weights; the checkpoints go to ``OUT_DIR/run`` (rank 0 only).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import tiny_lm
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from lmcycle.data.sft import collate_sft, encode_sft
+from lmcycle.data.templates import get_template
+from lmcycle.train.distributed import init_distributed
+from lmcycle.train.loop import TrainConfig, lm_loss_sum, micro_batch_indices, train
+
+# The global batch of each step is 8 examples: 2 ranks x 2 micro-batches x 2 examples.
+CFG = TrainConfig(max_steps=3, batch_size=2, grad_accum=2, lr=1e-2, seed=0, log_every=1)
+
+
+def sft_items(tokenizer):
+    return encode_sft(tiny_lm.examples(32, seed=2), get_template("summarize"), tokenizer, max_len=64,
+                      seq2seq=False)
+
+
+def batches(items, cfg: TrainConfig):
+    def batch_at(step):
+        return [collate_sft([items[i] for i in idx], 0)
+                for idx in micro_batch_indices(len(items), step, cfg.batch_size, cfg.grad_accum, cfg.seed)]
+    return batch_at
+
+
+def main(model_dir: str, out_dir: str) -> None:
+    rank, world = init_distributed()
+    assert world == 2, world
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    if rank == 1:
+        with torch.no_grad():  # a different start on rank 1: the loop must broadcast rank 0's weights
+            for p in model.parameters():
+                p.add_(1.0)
+    logged = []
+    result = train(model, batches(sft_items(tokenizer), CFG), lm_loss_sum, CFG, Path(out_dir) / "run",
+                   log=lambda **m: logged.append(m))
+    torch.save({"losses": result.losses, "state": model.state_dict(), "logged": len(logged)},
+               Path(out_dir) / f"rank{rank}.pt")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])

@@ -1,0 +1,213 @@
+import copy
+import re
+
+import pytest
+import tiny_lm
+import torch
+
+import lmcycle.train.loop as loop
+from lmcycle.data.sft import collate_sft, encode_sft
+from lmcycle.data.templates import get_template
+from lmcycle.errors import LmcycleError
+from lmcycle.train.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
+from lmcycle.train.loop import (
+    TrainConfig,
+    clip_gradients,
+    compute_gradients,
+    lm_loss_sum,
+    make_optimizer,
+    micro_batch_indices,
+    train,
+)
+
+
+@pytest.fixture(scope="module")
+def items(tok):
+    """SFT items of different lengths, so micro-batches hold different numbers of loss tokens."""
+    return encode_sft(tiny_lm.examples(32, seed=2), get_template("summarize"), tok, max_len=64, seq2seq=False)
+
+
+def sft_batches(items, cfg: TrainConfig, seed: int = 0):
+    def batch_at(step):
+        return [collate_sft([items[i] for i in idx], 0)
+                for idx in micro_batch_indices(len(items), step, cfg.batch_size, cfg.grad_accum, seed)]
+    return batch_at
+
+
+def no_log(**_):
+    pass
+
+
+def test_gradient_accumulation_gives_the_gradient_of_one_big_batch(tok, items):
+    model = tiny_lm.tiny_llama(tok)
+    twin = copy.deepcopy(model)
+    eight = items[:8]
+    halves = [collate_sft(eight[:4], 0), collate_sft(eight[4:], 0)]
+    counts = [int((h["labels"][:, 1:] != -100).sum()) for h in halves]
+    assert counts[0] != counts[1]  # a mean of per-micro-batch means would be wrong here
+
+    loss_a, n_a = compute_gradients(model, halves, lm_loss_sum, list(model.parameters()))
+    loss_b, n_b = compute_gradients(twin, [collate_sft(eight, 0)], lm_loss_sum, list(twin.parameters()))
+    assert n_a == n_b == sum(counts)
+    assert loss_a == pytest.approx(loss_b, abs=1e-6)
+    for (name, p), q in zip(model.named_parameters(), twin.parameters(), strict=True):
+        assert torch.allclose(p.grad, q.grad, atol=1e-6, rtol=0), name
+
+
+def test_training_with_accumulation_matches_training_with_the_big_batch(tok, items, tmp_path):
+    runs = []
+    for batch_size, accum in [(4, 2), (8, 1)]:
+        model = tiny_lm.tiny_llama(tok)
+        cfg = TrainConfig(max_steps=3, batch_size=batch_size, grad_accum=accum, lr=1e-2, seed=0)
+        result = train(model, sft_batches(items, cfg), lm_loss_sum, cfg, tmp_path / f"{batch_size}", no_log)
+        runs.append((result.losses, model.state_dict()))
+    assert runs[0][0] == pytest.approx(runs[1][0], abs=1e-5)
+    for k, v in runs[0][1].items():
+        assert torch.allclose(v, runs[1][1][k], atol=1e-5), k
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_a_resumed_run_repeats_the_uninterrupted_one_bit_for_bit(tok, items, tmp_path):
+    # Dropout is on: the checkpoint must restore the random state too, not only weights and optimizer.
+    cfg = TrainConfig(max_steps=6, batch_size=4, lr=5e-3, warmup_steps=2, seed=3, save_every=2)
+    straight_model = tiny_lm.tiny_gpt2(tok, dropout=0.1)
+    straight = train(straight_model, sft_batches(items, cfg), lm_loss_sum, cfg, tmp_path / "straight", no_log)
+
+    def killed_at_step_2(step):
+        if step == 2:
+            raise Interrupted
+        return sft_batches(items, cfg)(step)
+
+    with pytest.raises(Interrupted):
+        train(tiny_lm.tiny_gpt2(tok, dropout=0.1), killed_at_step_2, lm_loss_sum, cfg, tmp_path / "resumed",
+              no_log)
+    assert [s for s, _ in list_checkpoints(tmp_path / "resumed")] == [2]
+
+    resumed_model = tiny_lm.tiny_gpt2(tok, seed=123, dropout=0.1)  # different init: the checkpoint must win
+    resumed = train(resumed_model, sft_batches(items, cfg), lm_loss_sum, cfg, tmp_path / "resumed", no_log)
+    assert resumed.step == 6
+    assert resumed.losses == straight.losses  # exact equality, all 6 steps
+    for k, v in straight_model.state_dict().items():
+        assert torch.equal(v, resumed_model.state_dict()[k]), k
+
+
+def test_a_finished_run_is_not_trained_again(tok, items, tmp_path):
+    cfg = TrainConfig(max_steps=2, batch_size=4, seed=0)
+    model = tiny_lm.tiny_llama(tok)
+    first = train(model, sft_batches(items, cfg), lm_loss_sum, cfg, tmp_path, no_log)
+    calls = []
+    fresh = tiny_lm.tiny_llama(tok, seed=9)
+    again = train(fresh, lambda s: calls.append(s), lm_loss_sum, cfg, tmp_path, no_log)
+    assert calls == [] and again.losses == first.losses and again.step == 2
+    assert all(torch.equal(v, fresh.state_dict()[k]) for k, v in model.state_dict().items())
+
+
+def test_a_diverging_run_raises_and_leaves_the_last_good_checkpoint(tok, items, tmp_path):
+    cfg = TrainConfig(max_steps=6, batch_size=4, lr=1e30, max_grad_norm=None, save_every=1, seed=0)
+    with pytest.raises(LmcycleError, match=r"diverged at step \d+.*learning rate") as err:
+        train(tiny_lm.tiny_llama(tok), sft_batches(items, cfg), lm_loss_sum, cfg, tmp_path, no_log)
+    failed_step = int(re.search(r"step (\d+)", str(err.value)).group(1))
+    assert latest_checkpoint(tmp_path).name == f"step-{failed_step - 1}"  # nothing saved for the bad step
+    fresh = tiny_lm.tiny_llama(tok, seed=5)
+    state = load_checkpoint(latest_checkpoint(tmp_path), fresh, make_optimizer(list(fresh.parameters()), cfg))
+    assert state["step"] == failed_step - 1
+    assert all(torch.isfinite(p).all() for p in fresh.parameters())
+
+
+def test_a_nan_loss_stops_before_the_weights_change(tok, items, tmp_path):
+    cfg = TrainConfig(max_steps=6, batch_size=4, lr=1e-2, save_every=1, seed=0)
+    good = sft_batches(items, cfg)
+
+    def poisoned(step):
+        return [{**b, "poison": torch.tensor(step == 3)} for b in good(step)]
+
+    def loss_fn(model, batch):
+        loss, n = lm_loss_sum(model, batch)
+        return (loss * float("nan") if batch["poison"] else loss), n
+
+    model = tiny_lm.tiny_llama(tok)
+    with pytest.raises(LmcycleError, match="diverged at step 4"):
+        train(model, poisoned, loss_fn, cfg, tmp_path / "nan", no_log)
+    def stop_at_step_3(step):
+        if step == 3:
+            raise Interrupted
+        return good(step)
+
+    reference = tiny_lm.tiny_llama(tok)  # the same run, stopped cleanly after 3 steps
+    with pytest.raises(Interrupted):
+        train(reference, stop_at_step_3, lm_loss_sum, cfg, tmp_path / "ref", no_log)
+    # The failed step touched neither the live model nor the newest checkpoint (step-3).
+    restored = tiny_lm.tiny_llama(tok, seed=5)
+    load_checkpoint(latest_checkpoint(tmp_path / "nan"), restored)
+    for k, v in reference.state_dict().items():
+        assert torch.equal(v, model.state_dict()[k]), k
+        assert torch.equal(v, restored.state_dict()[k]), k
+
+
+def test_only_the_newest_checkpoints_are_kept(tok, items, tmp_path):
+    cfg = TrainConfig(max_steps=5, batch_size=2, save_every=1, keep_checkpoints=2, seed=0)
+    train(tiny_lm.tiny_llama(tok), sft_batches(items, cfg), lm_loss_sum, cfg, tmp_path, no_log)
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [4, 5]
+    files = {p.name for p in latest_checkpoint(tmp_path).iterdir()}
+    assert files == {"model.safetensors", "optimizer.pt", "rng.pt", "state.json"}
+    assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith(".")]
+
+
+def test_logging_and_eval_happen_at_their_cadence(tok, items, tmp_path):
+    cfg = TrainConfig(max_steps=7, batch_size=2, log_every=2, eval_every=3, seed=0)
+    logged, evals = [], []
+
+    def eval_fn(model):
+        evals.append(model.training)
+        return {"eval_loss": 1.5}
+
+    model = tiny_lm.tiny_llama(tok)
+    result = train(model, sft_batches(items, cfg), lm_loss_sum, cfg, tmp_path, lambda **m: logged.append(m),
+                   eval_fn=eval_fn)
+    train_logs = [m for m in logged if "loss" in m]
+    assert [m["step"] for m in train_logs] == [2, 4, 6, 7]
+    assert set(train_logs[0]) == {"step", "loss", "lr", "grad_norm", "tokens_per_s"}
+    assert train_logs[0]["loss"] == pytest.approx(sum(result.losses[:2]) / 2)  # mean since the last log
+    assert [m["step"] for m in logged if "eval_loss" in m] == [3, 6, 7]
+    assert evals == [False, False, False] and model.training  # eval mode inside eval_fn only
+    assert result.eval == {"eval_loss": 1.5}
+    assert result.tokens_per_s > 0 and result.peak_rss_mb > 0
+
+
+def test_weight_decay_skips_biases_and_norm_gains(tok):
+    model = tiny_lm.tiny_gpt2(tok)
+    opt = make_optimizer(list(model.parameters()), TrainConfig(max_steps=1, weight_decay=0.1))
+    for group in opt.param_groups:
+        assert all((p.ndim >= 2) == (group["weight_decay"] == 0.1) for p in group["params"])
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
+
+
+def test_clipping_bounds_the_norm_and_reports_it_unclipped(tok, items):
+    model = tiny_lm.tiny_llama(tok)
+    params = list(model.parameters())
+    compute_gradients(model, [collate_sft(items[:4], 0)], lm_loss_sum, params)
+    norm = clip_gradients(params, 1e-3)
+    after = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
+    assert norm > 1e-3 and after.item() == pytest.approx(1e-3, rel=1e-4)
+
+
+def test_every_epoch_visits_each_item_once():
+    seen = [i for step in range(5) for mb in micro_batch_indices(10, step, 2, 1, seed=0) for i in mb]
+    assert sorted(seen) == list(range(10))
+    next_epoch = [i for step in range(5, 10) for mb in micro_batch_indices(10, step, 2, 1, seed=0) for i in mb]
+    assert sorted(next_epoch) == list(range(10)) and next_epoch != seen
+
+
+def test_a_step_sees_the_same_items_however_it_is_split(monkeypatch):
+    whole = micro_batch_indices(50, 3, 8, 1, seed=1)
+    accum = micro_batch_indices(50, 3, 4, 2, seed=1)
+    assert [i for mb in accum for i in mb] == whole[0]
+    monkeypatch.setattr(loop, "world_size", lambda: 2)
+    per_rank = []
+    for r in (0, 1):
+        monkeypatch.setattr(loop, "rank", lambda r=r: r)
+        per_rank.append(micro_batch_indices(50, 3, 2, 2, seed=1))
+    assert sorted(i for mbs in per_rank for mb in mbs for i in mb) == sorted(whole[0])
