@@ -116,15 +116,22 @@ class Clock:
     def __init__(self, warmup: int, steps: int):
         self.first, self.last = warmup, warmup + steps
         self.times: dict[int, float] = {}
+        self.cpu_times: dict[int, float] = {}
         self.peak_rss = float("nan")
 
     def step_starts(self, step: int) -> None:
         self.times.setdefault(step, time.perf_counter())
+        self.cpu_times.setdefault(step, time.process_time())
         if step == self.last:
             self.peak_rss = peak_rss_mb()
 
     def window(self) -> float:
         return self.times[self.last] - self.times[self.first]
+
+    def cpu_window(self) -> float:
+        """CPU seconds of all threads of the process in the window: less sensitive to other work on the machine
+        than wall time (exactly so with one thread; idle threads spinning while they wait count too)."""
+        return self.cpu_times[self.last] - self.cpu_times[self.first]
 
     def median_step(self) -> float:
         """Median duration of the timed steps: robust to bursts of other work on a shared machine."""
@@ -193,6 +200,7 @@ def run_side(side: str, workdir: Path, batch: int, warmup: int, steps: int) -> d
         "side": side, "threads": torch.get_num_threads(), "optimizer": optimizer,
         "window_s": clock.window(), "tokens_per_s": steps * batch * blocks.shape[1] / clock.window(),
         "median_step_tokens_per_s": batch * blocks.shape[1] / clock.median_step(),
+        "tokens_per_cpu_s": steps * batch * blocks.shape[1] / clock.cpu_window(),
         "load_average": [load_before, load_average()],
         "rss_before_train_mb": rss_before, "peak_rss_mb": clock.peak_rss,
         "held_out_loss": mean_token_loss(model, held_out),

@@ -120,13 +120,21 @@ def _load_evals(run_dir: Path, artifacts: dict[str, dict[str, str]]) -> list[dic
 
 # -- sections ----------------------------------------------------------------------------------------------
 
+def _pending_stages(run_dir: Path, config: dict) -> list[str]:
+    """Stages of the recipe, other than reports, that have not produced their artifacts yet."""
+    path = run_dir / "artifacts.json"
+    done = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+    names = [s.get("name") or s.get("type") for s in config.get("stages") or [] if s.get("type") != "report"]
+    return [n for n in names if n not in done]
+
+
 def _header(run_dir: Path, config: dict, rows: list[dict], title: str | None) -> str:
     name = config.get("name") or run_dir.name
     lines = [f"# {title or f'lmcycle run: {name}'}", ""]
     if config.get("description"):
         lines += [str(config["description"]), ""]
     times = [r["time"] for r in rows if isinstance(r.get("time"), int | float)]
-    status = ("finished" if (run_dir / "DONE").exists() else
+    status = ("finished" if (run_dir / "DONE").exists() or not _pending_stages(run_dir, config) else
               "failed: " + (run_dir / "FAILED").read_text(encoding="utf-8").strip()
               if (run_dir / "FAILED").exists() else "not finished when this report was written")
     lines.append(f"- Recipe: **{_md(str(name))}**, run directory `{run_dir.name}` ({status})")

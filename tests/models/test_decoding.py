@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
+from lmcycle.errors import LmcycleError
 from lmcycle.models.generate import (
     DecodingConfig,
     GenerateStage,
@@ -172,6 +173,12 @@ def test_long_prompts_are_truncated_to_fit_the_position_table(models):
     out = generate_ids(model, tokenizer, [long_prompt], DecodingConfig(max_new_tokens=8))[0]
     limited = generate_ids(model, tokenizer, [long_prompt], DecodingConfig(max_new_tokens=8), max_input_tokens=120)
     assert len(out) == 8 and len(limited[0]) == 8
+
+
+def test_budget_larger_than_the_context_window_is_a_clear_error(models):
+    model, tokenizer = models["gpt2"]
+    with pytest.raises(LmcycleError, match="context window of 128"):
+        generate(model, tokenizer, ["x"], DecodingConfig(max_new_tokens=128))
 
 
 def test_no_prompts_no_outputs(models):

@@ -62,6 +62,11 @@ def test_file_instead_of_directory(tmp_path):
         load_model(str(tmp_path / "model.bin"))
 
 
+def test_directory_without_config(tmp_path):
+    with pytest.raises(LmcycleError, match="no config.json"):
+        load_model(str(tmp_path))
+
+
 def test_hub_id_offline_suggests_a_local_directory(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(LmcycleError) as err:

@@ -211,3 +211,40 @@ def test_a_step_sees_the_same_items_however_it_is_split(monkeypatch):
         monkeypatch.setattr(loop, "rank", lambda r=r: r)
         per_rank.append(micro_batch_indices(50, 3, 2, 2, seed=1))
     assert sorted(i for mbs in per_rank for mb in mbs for i in mb) == sorted(whole[0])
+
+
+@pytest.mark.parametrize("arch", ["llama", "t5"])
+def test_lm_loss_sum_agrees_with_the_models_own_mean_loss(arch, tok, t5_tok):
+    seq2seq = arch == "t5"
+    tokenizer = t5_tok if seq2seq else tok
+    model = tiny_lm.tiny_t5(tokenizer) if seq2seq else tiny_lm.tiny_llama(tokenizer)
+    items = encode_sft(tiny_lm.examples(6, seed=4), get_template("summarize"), tokenizer, 64, seq2seq)
+    batch = collate_sft(items, tokenizer.pad_token_id)
+    loss_sum, n = lm_loss_sum(model, batch)
+    assert (loss_sum / n).item() == pytest.approx(model(**batch).loss.item(), rel=1e-5)
+
+
+def test_bf16_autocast_trains_with_a_loss_close_to_fp32(tok, items, tmp_path):
+    results = []
+    for bf16 in (False, True):
+        cfg = TrainConfig(max_steps=2, batch_size=4, seed=0, bf16=bf16)
+        results.append(train(tiny_lm.tiny_llama(tok), sft_batches(items, cfg), lm_loss_sum, cfg,
+                             tmp_path / str(bf16), no_log).losses)
+    fp32, bf16 = results
+    assert fp32[0] != bf16[0]  # autocast really ran in lower precision
+    assert bf16 == pytest.approx(fp32, abs=0.05)
+
+
+def test_a_checkpoint_of_another_model_is_a_clear_error(tok, items, tmp_path):
+    cfg = TrainConfig(max_steps=1, batch_size=2, seed=0)
+    train(tiny_lm.tiny_llama(tok), sft_batches(items, cfg), lm_loss_sum, cfg, tmp_path, no_log)
+    with pytest.raises(LmcycleError, match="cannot resume from this checkpoint"):
+        train(tiny_lm.tiny_gpt2(tok), sft_batches(items, cfg), lm_loss_sum, cfg, tmp_path, no_log)
+
+
+def test_without_eval_every_the_model_is_evaluated_once_at_the_end(tok, items, tmp_path):
+    cfg = TrainConfig(max_steps=3, batch_size=2, seed=0)
+    logged = []
+    train(tiny_lm.tiny_llama(tok), sft_batches(items, cfg), lm_loss_sum, cfg, tmp_path,
+          lambda **m: logged.append(m), eval_fn=lambda m: {"eval_loss": 2.0})
+    assert [m["step"] for m in logged if "eval_loss" in m] == [3]

@@ -7,7 +7,6 @@ proportion to its ``weight`` (:func:`lmcycle.data.sft.mix_tasks`). Works for dec
 
 from __future__ import annotations
 
-import math
 from typing import Literal
 
 from pydantic import Field
@@ -17,7 +16,7 @@ from lmcycle.data.sft import collate_sft, encode_sft, mix_tasks
 from lmcycle.runs import RunContext
 from lmcycle.train.checkpoint import save_model_dir
 from lmcycle.train.distributed import barrier, is_main
-from lmcycle.train.loop import TrainConfig, lm_loss_sum, mean_token_loss, micro_batch_indices, train
+from lmcycle.train.loop import TrainConfig, held_out_metrics, lm_loss_sum, micro_batch_indices, train
 
 
 class SftData(Config):
@@ -70,10 +69,7 @@ def run_sft(cfg: SftStage, ctx: RunContext) -> dict[str, str]:
         held_out.sort(key=lambda it: len(it["input_ids"]))  # similar lengths together: less padding
         eval_batches = [collate_sft(held_out[i:i + tcfg.batch_size], pad_id)
                         for i in range(0, len(held_out), tcfg.batch_size)]
-
-        def eval_fn(m):
-            loss = mean_token_loss(m, eval_batches, lm_loss_sum)
-            return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
+        eval_fn = (lambda m: held_out_metrics(m, eval_batches)) if eval_batches else None
 
     if is_main():
         ctx.log(name, event="data", train_examples=len(items), tasks=[d.dataset for d in cfg.data],

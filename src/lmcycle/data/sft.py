@@ -30,18 +30,19 @@ def encode_sft(examples: list[Example], template, tokenizer, max_len: int, seq2s
     """
     if max_len < 2:
         raise ValueError(f"max_len must be at least 2, got {max_len}")
-    eos = tokenizer.eos_token_id
+    if not examples:
+        return []
+    eos, bos = tokenizer.eos_token_id, tokenizer.bos_token_id
+    prompts = tokenizer([template.render(ex, []) for ex in examples], verbose=False)["input_ids"]
+    # A decoder continues the prompt; an encoder-decoder's decoder writes the target from scratch.
+    completions = [ex.target if seq2seq else template.render_target(ex) for ex in examples]
+    targets = tokenizer(completions, add_special_tokens=False, verbose=False)["input_ids"]
     items = []
-    for ex in examples:
-        prompt = template.render(ex, [])
-        prompt_ids = tokenizer(prompt, verbose=False)["input_ids"]
+    for prompt_ids, target_ids in zip(prompts, targets, strict=True):
+        target_ids = [*target_ids, eos]
         if seq2seq:
-            target_ids = tokenizer(ex.target, add_special_tokens=False, verbose=False)["input_ids"] + [eos]
             items.append({"input_ids": prompt_ids[-max_len:], "labels": target_ids[:max_len]})
             continue
-        completion = template.render_target(ex)
-        target_ids = tokenizer(completion, add_special_tokens=False, verbose=False)["input_ids"] + [eos]
-        bos = tokenizer.bos_token_id
         head = prompt_ids[:1] if bos is not None and prompt_ids[:1] == [bos] else []
         target_ids = target_ids[:max_len - len(head) - 1]  # leave room for at least one prompt token
         body = prompt_ids[len(head):]

@@ -53,7 +53,7 @@ class Shape:
     hidden: int
     layers: int
     heads: int
-    ffn: int  # feed-forward inner width (Llama SwiGLU, T5 gated-GELU; GPT-2 always uses 4 * hidden)
+    ffn: int  # feed-forward inner width (Llama SwiGLU, T5 gated-GELU, GPT-2 GELU MLP: 4 * hidden)
 
 
 SIZES: dict[str, dict[str, Shape]] = {

@@ -16,6 +16,7 @@ its output does not depend on which other prompts share its batch or on ``batch_
 
 from __future__ import annotations
 
+import inspect
 import json
 from collections.abc import Generator, Iterator
 from typing import Literal
@@ -28,6 +29,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lmcycle.atomic import atomic_write_text
 from lmcycle.config import Config
+from lmcycle.errors import LmcycleError
 from lmcycle.models.load import context_window, is_seq2seq, load_model
 from lmcycle.runs import RunContext
 
@@ -134,7 +136,9 @@ def _decoder_only_stream(model: PreTrainedModel, rows: list[list[int]], pad_id: 
     input_ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows], device=model.device)
     mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=model.device)
     positions = (mask.cumsum(dim=-1) - 1).clamp(min=0)
-    out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True)
+    # Only the last position's logits are needed; (batch, prompt, vocab) logits can take gigabytes.
+    last_only = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True, **last_only)
     position = positions[:, -1:]
     while True:
         tokens = yield out.logits[:, -1, :].float()
@@ -191,7 +195,10 @@ def encode_prompts(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, p
         limit = max_input_tokens or window
         return [r[:limit] for r in rows]
     # A decoder continues the prompt's end, and prompt plus new tokens must fit the position table.
-    limit = max_input_tokens or max(1, window - cfg.max_new_tokens)
+    if cfg.max_new_tokens >= window:
+        raise LmcycleError(f"max_new_tokens ({cfg.max_new_tokens}) leaves no room for the prompt in the "
+                           f"model's context window of {window} tokens", field="max_new_tokens")
+    limit = max_input_tokens or window - cfg.max_new_tokens
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     return [r[-limit:] if r else [start] for r in rows]
 

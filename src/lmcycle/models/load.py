@@ -99,6 +99,9 @@ def _looks_like_path(name: str) -> bool:
 def _resolve_source(name: str) -> str:
     local = Path(name).expanduser()
     if local.is_dir():
+        if not (local / "config.json").exists():
+            raise LmcycleError(f"model directory '{name}' has no config.json; pass a directory written by "
+                               "save_pretrained (for example a stage's model/ folder)")
         return str(local)
     if local.exists():
         raise LmcycleError(f"model path '{name}' is a file; pass the directory that holds config.json")

@@ -9,7 +9,8 @@ below it. What a trainer supplies:
   tokens that is. The loop divides the gradient by the token count of all micro-batches on all ranks, so
   gradient accumulation and data parallelism give the gradient of one big batch (a mean of per-batch means
   would weigh a token in a short batch more than one in a long batch).
-- ``eval_fn(model) -> dict[str, float]`` (optional), called every ``eval_every`` steps in eval mode.
+- ``eval_fn(model) -> dict[str, float]`` (optional), called in eval mode every ``eval_every`` steps and after the
+  last step.
 """
 
 from __future__ import annotations
@@ -62,8 +63,8 @@ class TrainConfig(Config):
     betas: tuple[float, float] = (0.9, 0.95)
     max_grad_norm: float | None = Field(1.0, gt=0)
     bf16: bool = False
-    eval_every: int = Field(0, ge=0)
-    save_every: int = Field(0, ge=0)
+    eval_every: int = Field(0, ge=0, description="0: evaluate after the last step only")
+    save_every: int = Field(0, ge=0, description="0: checkpoint after the last step only")
     log_every: int = Field(10, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
     seed: int | None = None
@@ -74,7 +75,7 @@ class TrainResult:
     step: int  # optimizer steps done in total (including those of a resumed-from run)
     losses: list[float]  # the loss of every step 0..step-1
     wall_time: float  # seconds spent in this call
-    tokens_per_s: float  # loss tokens (all ranks) per second in this call
+    tokens_per_s: float  # target tokens (the ones the loss covers, all ranks) per second in this call
     peak_rss_mb: float  # peak resident memory of this process
     eval: dict[str, float] = field(default_factory=dict)  # the last eval_fn result
 
@@ -98,38 +99,35 @@ def train(model: nn.Module, batch_at: Callable[[int], list[Batch]], loss_fn: Los
 
     last_eval: dict[str, float] = {}
     tokens_seen, started, window = 0, time.perf_counter(), []
-    bar = tqdm(total=cfg.max_steps, initial=start, desc=desc, disable=None if is_main() else True,
-               file=sys.stderr, dynamic_ncols=True)
-    for step in range(start, cfg.max_steps):
-        lr = set_lr(optimizer, lr_at(step, lr=cfg.lr, max_steps=cfg.max_steps, warmup_steps=cfg.warmup_steps,
-                                     min_lr_ratio=cfg.min_lr_ratio))
-        loss, n_tokens = compute_gradients(model, batch_at(step), loss_fn, params, bf16=cfg.bf16)
-        grad_norm = clip_gradients(params, cfg.max_grad_norm)
-        check_finite(step, loss, grad_norm, cfg, out_dir)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    with tqdm(total=cfg.max_steps, initial=start, desc=desc, disable=None if is_main() else True,
+              file=sys.stderr, dynamic_ncols=True) as bar:
+        for step in range(start, cfg.max_steps):
+            lr = set_lr(optimizer, lr_at(step, lr=cfg.lr, max_steps=cfg.max_steps, warmup_steps=cfg.warmup_steps,
+                                         min_lr_ratio=cfg.min_lr_ratio))
+            loss, n_tokens = compute_gradients(model, batch_at(step), loss_fn, params, bf16=cfg.bf16)
+            grad_norm = clip_gradients(params, cfg.max_grad_norm)
+            check_finite(step, loss, grad_norm, cfg, out_dir)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
 
-        done = step + 1
-        losses.append(loss)
-        window.append(loss)
-        tokens_seen += n_tokens
-        tokens_per_s = tokens_seen / max(time.perf_counter() - started, 1e-9)
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", refresh=False)
-        if is_main() and (done % cfg.log_every == 0 or done == cfg.max_steps):
-            # The logged loss is the mean over the steps since the previous log line.
-            log(step=done, loss=sum(window) / len(window), lr=lr, grad_norm=grad_norm,
-                tokens_per_s=round(tokens_per_s, 1))
-            window = []
-        if eval_fn is not None and cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.max_steps):
-            if is_main():
+            done = step + 1
+            losses.append(loss)
+            window.append(loss)
+            tokens_seen += n_tokens
+            tokens_per_s = tokens_seen / max(time.perf_counter() - started, 1e-9)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", refresh=False)
+            if is_main() and due(done, cfg.log_every, cfg.max_steps):
+                # The logged loss is the mean over the steps since the previous log line.
+                log(step=done, loss=sum(window) / len(window), lr=lr, grad_norm=grad_norm,
+                    tokens_per_s=round(tokens_per_s, 1))
+                window = []
+            if is_main() and eval_fn is not None and due(done, cfg.eval_every, cfg.max_steps):
                 last_eval = evaluate(model, eval_fn)
                 log(step=done, **last_eval)
-        if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.max_steps:
-            if is_main():
+            if is_main() and due(done, cfg.save_every, cfg.max_steps):
                 save_checkpoint(out_dir, done, model, optimizer, {"losses": losses, "lr": lr},
                                 keep=cfg.keep_checkpoints)
-    bar.close()
     barrier()  # no rank returns before rank 0 has written the final checkpoint
 
     wall = time.perf_counter() - started
@@ -163,7 +161,12 @@ def resume(out_dir: str | Path, model: nn.Module, optimizer: torch.optim.Optimiz
     path = latest_checkpoint(out_dir)
     if path is None:
         return 0, []
-    state = load_checkpoint(path, model, optimizer)
+    try:
+        state = load_checkpoint(path, model, optimizer)
+    except (RuntimeError, ValueError, KeyError, OSError) as e:
+        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise LmcycleError(f"cannot resume from this checkpoint ({first_line}); it was written for another "
+                           "model or settings: delete it or train into another run directory", file=path) from None
     return int(state["step"]), [float(x) for x in state.get("losses", [])]
 
 
@@ -222,6 +225,12 @@ def check_finite(step: int, loss: float, grad_norm: float, cfg: TrainConfig, out
         f"training diverged at step {step + 1}: loss={loss}, gradient norm={grad_norm}; lower the learning "
         f"rate (it is {cfg.lr:g}) or set max_grad_norm; nothing was saved for this step, the last good "
         f"checkpoint is {last if last else 'none (no checkpoint was written yet)'}", field="train.lr")
+
+
+def due(done: int, every: int, max_steps: int) -> bool:
+    """Whether a periodic action (log, eval, save) runs after ``done`` steps: every ``every`` steps (0: never)
+    and always after the last step."""
+    return (every > 0 and done % every == 0) or done == max_steps
 
 
 def evaluate(model: nn.Module, eval_fn: Callable[[nn.Module], dict]) -> dict[str, float]:
@@ -296,3 +305,9 @@ def mean_token_loss(model: nn.Module, batches: list[Batch], loss_fn: LossFn = lm
             total += float(loss_sum)
             tokens += int(n)
     return total / max(tokens, 1)
+
+
+def held_out_metrics(model: nn.Module, batches: list[Batch], loss_fn: LossFn = lm_loss_sum) -> dict[str, float]:
+    """``eval_loss`` (token-weighted mean) and ``eval_ppl`` = exp(loss) of ``model`` on ``batches``."""
+    loss = mean_token_loss(model, batches, loss_fn)
+    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}  # capped: exp overflows past ~709

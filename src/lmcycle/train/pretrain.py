@@ -11,7 +11,6 @@ Checkpoints live under the stage directory, so running the same run directory ag
 
 from __future__ import annotations
 
-import math
 import random
 from pathlib import Path
 from typing import Literal
@@ -27,7 +26,7 @@ from lmcycle.errors import LmcycleError
 from lmcycle.runs import RunContext
 from lmcycle.train.checkpoint import save_model_dir
 from lmcycle.train.distributed import barrier, is_main
-from lmcycle.train.loop import TrainConfig, lm_loss_sum, mean_token_loss, micro_batch_indices, train
+from lmcycle.train.loop import TrainConfig, held_out_metrics, lm_loss_sum, micro_batch_indices, train
 
 TEXT_SUFFIXES = (".txt", ".md", ".text", ".markdown")
 
@@ -161,8 +160,3 @@ def sentinel_ids(tokenizer) -> list[int]:
         raise LmcycleError("T5 span corruption needs sentinel tokens <extra_id_0>, <extra_id_1>, ... and this "
                            "model's tokenizer has none")
     return ids
-
-
-def held_out_metrics(model, batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
-    loss = mean_token_loss(model, batches, lm_loss_sum)
-    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
