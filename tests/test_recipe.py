@@ -52,8 +52,8 @@ def test_wrong_type_inside_a_stage_names_its_line(tmp_path):
 
 
 def test_unknown_key_missing_field_and_duplicate_names(tmp_path):
-    with pytest.raises(LmcycleError, match=r":7: field 'stages.0.sizee': unknown key"):
-        load_recipe(write(tmp_path, TINY.replace("size: 1m", "sizee: 1m")))
+    with pytest.raises(LmcycleError, match=r":7: field 'stages.0.vocab_sizee': unknown key"):
+        load_recipe(write(tmp_path, TINY.replace("vocab_size: 320", "vocab_sizee: 320")))
     with pytest.raises(LmcycleError, match=r"field 'name': required field is missing"):
         load_recipe(write(tmp_path, TINY.replace("name: tiny\n", "")))
     with pytest.raises(LmcycleError, match="two stages are named 'zero_shot'"):
@@ -61,8 +61,8 @@ def test_unknown_key_missing_field_and_duplicate_names(tmp_path):
 
 
 def test_vars_are_substituted_and_unknown_vars_are_errors(tmp_path):
-    text = TINY.replace("seed: 0\n", "vars: {n_train: 40, arch: llama}\nseed: 0\n")
-    text = text.replace("n: 40", "n: ${n_train}").replace("arch: llama,", "arch: '${arch}',")
+    text = TINY.replace("n: 40", "n: '${n_train}'").replace("arch: llama,", "arch: '${arch}',")
+    text = text.replace("seed: 0\n", "vars: {n_train: 40, arch: llama}\nseed: 0\n", 1)
     recipe, stages = load_recipe(write(tmp_path, text))
     assert recipe.data["train"].n == 40 and stages[0].arch == "llama"
     recipe, stages = load_recipe(write(tmp_path, text), ["vars.n_train=12"])

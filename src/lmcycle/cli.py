@@ -86,7 +86,16 @@ def _single_stage_recipe(args) -> tuple[dict, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    # key=value items may come after options (`run r.yaml --out d a.b=1`): argparse leaves those over.
+    args, extra = parser.parse_known_args(argv)
+    stray = [x for x in extra if x.startswith("-") or "=" not in x]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        if args.command == "report":
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        getattr(args, "overrides" if args.command == "run" else "fields").extend(extra)
     try:
         return _dispatch(args)
     except LmcycleError as e:

@@ -124,6 +124,8 @@ def validate(cls: type[T], data: Any, *, file: str | os.PathLike = "<config>", l
             msg = "unknown key"
         elif err["type"] == "missing":
             msg = "required field is missing"
+        elif err["type"] == "value_error":
+            msg = msg.removeprefix("Value error, ")
         line = _line_for(full, lines or {})
         field = ".".join(map(str, full)) or None
         raise LmcycleError(msg, file=file, line=line, field=field) from None
