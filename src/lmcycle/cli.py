@@ -108,6 +108,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def _dispatch(args) -> int:
     from lmcycle.recipe import Recipe, load_recipe, run_recipe
+    from lmcycle.train.distributed import init_distributed, is_main
+
+    init_distributed()  # a no-op unless started by torchrun
+    _quiet_transformers()
 
     if args.command == "report":
         from lmcycle.report import write_report
@@ -130,9 +134,18 @@ def _dispatch(args) -> int:
             args.out = str(Path("runs") / f"{args.command}-{time.strftime('%Y%m%d-%H%M%S')}")
     t0 = time.time()
     run_dir = run_recipe(recipe, stages, out=args.out, recipe_file=recipe_file)
-    print(f"run directory: {run_dir}  ({time.time() - t0:.0f}s)")
-    _print_outcome(run_dir, args.command)
+    if is_main():
+        print(f"run directory: {run_dir}  ({time.time() - t0:.0f}s)")
+        _print_outcome(run_dir, args.command)
     return 0
+
+
+def _quiet_transformers() -> None:
+    """Our stages show their own progress; transformers' per-load/per-save bars are noise between them."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
 
 
 def _print_outcome(run_dir: Path, command: str) -> None:

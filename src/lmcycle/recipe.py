@@ -35,6 +35,7 @@ from lmcycle.config import Config, Lines, apply_overrides, dump_config, load_yam
 from lmcycle.data.loaders import DatasetConfig
 from lmcycle.errors import LmcycleError
 from lmcycle.runs import RunContext, load_datasets
+from lmcycle.train.distributed import barrier, is_main, world_size
 
 # stage type -> (module, config class, run function). Imported lazily so `lmcycle --help` stays fast.
 STAGES: dict[str, tuple[str, str, str]] = {
@@ -46,6 +47,7 @@ STAGES: dict[str, tuple[str, str, str]] = {
     "eval": ("lmcycle.evals.evaluate", "EvalStage", "run_eval"),
     "report": ("lmcycle.report", "ReportStage", "run_report"),
 }
+DATA_PARALLEL_STAGES = {"pretrain", "sft"}
 
 
 def stage_class(kind: str) -> type[Config]:
@@ -143,19 +145,26 @@ def run_recipe(recipe: Recipe, stages: list[Config], out: str | os.PathLike | No
     Datasets are loaded (and validated) before the directory is created. A stage that already finished in this
     directory (listed in ``artifacts.json``) is skipped; training stages resume from their checkpoints.
     """
+    if not is_main():
+        echo = _quiet
     datasets = load_datasets(recipe.data, recipe_file)
 
+    if world_size() > 1 and out is None:
+        raise LmcycleError("under torchrun give --out, so that every process writes to the same run directory",
+                           file=recipe_file)
     run_dir = Path(out) if out else default_run_dir(recipe.name)
     if (run_dir / "DONE").exists():
         raise LmcycleError("this run directory already holds a finished run; choose another --out",
                            file=run_dir)
     ctx = RunContext(run_dir=run_dir, seed=recipe.seed, device=recipe.device, recipe_file=str(recipe_file),
                      data=dict(recipe.data), _datasets=datasets)
-    (run_dir / "FAILED").unlink(missing_ok=True)
-    atomic_write_text(run_dir / "config.yaml", dump_config(recipe_with_stages(recipe, stages)))
     artifacts_file = run_dir / "artifacts.json"
     if artifacts_file.exists():
         ctx.artifacts = json.loads(artifacts_file.read_text())
+    barrier()  # every rank has read the artifacts of an earlier attempt before rank 0 writes anything
+    if is_main():
+        (run_dir / "FAILED").unlink(missing_ok=True)
+        atomic_write_text(run_dir / "config.yaml", dump_config(recipe_with_stages(recipe, stages)))
 
     has_report = any(getattr(s, "type", None) == "report" for s in stages)
     try:
@@ -167,22 +176,34 @@ def run_recipe(recipe: Recipe, stages: list[Config], out: str | os.PathLike | No
             echo(f"[{i + 1}/{len(stages)}] {name} ({cfg.type})")
             start = time.time()
             ctx.log(name, event="stage_start", type=cfg.type)
-            produced = stage_runner(cfg.type)(cfg, ctx)
-            ctx.add_artifacts(name, produced or {})
-            atomic_write_json(artifacts_file, ctx.artifacts)
+            # Under torchrun the training stages run on every rank (data parallel); the others on rank 0 alone.
+            if is_main() or cfg.type in DATA_PARALLEL_STAGES:
+                produced = stage_runner(cfg.type)(cfg, ctx) or {}
+                ctx.add_artifacts(name, produced)
+                if is_main():
+                    atomic_write_json(artifacts_file, ctx.artifacts)
+            barrier()
+            if not is_main():
+                ctx.artifacts = json.loads(artifacts_file.read_text())
             seconds = time.time() - start
             ctx.log(name, event="stage_end", type=cfg.type, seconds=round(seconds, 2))
             echo(f"      {name} finished in {seconds:.1f}s")
-        if not has_report:
+        if not has_report and is_main():
             from lmcycle.report import write_report
 
             write_report(run_dir)
     except BaseException as e:
-        msg = str(e) if isinstance(e, LmcycleError) else f"{type(e).__name__}: {e}"
-        atomic_write_text(run_dir / "FAILED", msg + "\n")
+        if is_main():
+            msg = str(e) if isinstance(e, LmcycleError) else f"{type(e).__name__}: {e}"
+            atomic_write_text(run_dir / "FAILED", msg + "\n")
         raise
-    atomic_write_text(run_dir / "DONE", time.strftime("%Y-%m-%d %H:%M:%S") + "\n")
+    if is_main():
+        atomic_write_text(run_dir / "DONE", time.strftime("%Y-%m-%d %H:%M:%S") + "\n")
     return run_dir
+
+
+def _quiet(*_args, **_kwargs) -> None:
+    pass
 
 
 def recipe_with_stages(recipe: Recipe, stages: list[Config]) -> Recipe:

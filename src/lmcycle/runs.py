@@ -46,7 +46,13 @@ class RunContext:
 
     # -- metrics ----------------------------------------------------------------------------------------
     def log(self, stage: str, **metrics: Any) -> None:
-        """Append one event to ``metrics.jsonl`` (flushed at once so a killed run keeps what it logged)."""
+        """Append one event to ``metrics.jsonl`` (flushed at once so a killed run keeps what it logged).
+
+        Under torchrun only rank 0 writes."""
+        from lmcycle.train.distributed import is_main
+
+        if not is_main():
+            return
         rec = {"stage": stage, "time": round(time.time(), 3), **metrics}
         with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps(rec, ensure_ascii=False, default=_json_default) + "\n")
