@@ -28,15 +28,6 @@ TEXTS = [
 ] * 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from threads, and on busy shared cores thread hand-offs cost 10-20x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="session")
 def decoder_tokenizer():
     return train_tokenizer(TEXTS, 400, seq2seq=False, max_len=128)

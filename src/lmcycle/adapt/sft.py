@@ -14,9 +14,8 @@ from pydantic import Field
 from lmcycle.config import Config
 from lmcycle.data.sft import collate_sft, encode_sft, mix_tasks
 from lmcycle.runs import RunContext
-from lmcycle.train.checkpoint import save_model_dir
-from lmcycle.train.distributed import barrier, is_main
 from lmcycle.train.loop import TrainConfig, held_out_metrics, lm_loss_sum, micro_batch_indices, train
+from lmcycle.train.stage import finish_training_stage, start_training_stage
 
 
 class SftData(Config):
@@ -43,15 +42,12 @@ class SftStage(Config):
 def run_sft(cfg: SftStage, ctx: RunContext) -> dict[str, str]:
     """Fine-tune the model; save it to ``<stage>/model``; return ``{"model": dir}``."""
     from lmcycle.data.templates import get_template
-    from lmcycle.models.load import context_window, is_seq2seq, load_model
+    from lmcycle.models.load import context_window, is_seq2seq
 
-    name = cfg.name or "sft"
-    out_dir = ctx.stage_dir(name)
-    model, tokenizer = load_model(ctx.model_path(cfg.model), device=ctx.device)
+    stage = start_training_stage(cfg, ctx, "sft")
+    model, tokenizer, tcfg, seed = stage.model, stage.tokenizer, stage.train, stage.seed
     seq2seq = is_seq2seq(model)
     max_len = min(cfg.max_len, context_window(model, tokenizer))
-    seed = cfg.train.seed if cfg.train.seed is not None else ctx.seed
-    tcfg = cfg.train.model_copy(update={"seed": seed})
 
     tasks = [(encode_sft(ctx.dataset(d.dataset), get_template(d.template or cfg.template), tokenizer, max_len,
                          seq2seq), d.weight) for d in cfg.data]
@@ -71,15 +67,7 @@ def run_sft(cfg: SftStage, ctx: RunContext) -> dict[str, str]:
                         for i in range(0, len(held_out), tcfg.batch_size)]
         eval_fn = (lambda m: held_out_metrics(m, eval_batches)) if eval_batches else None
 
-    if is_main():
-        ctx.log(name, event="data", train_examples=len(items), tasks=[d.dataset for d in cfg.data],
-                max_len=max_len)
-    result = train(model, batch_at, lm_loss_sum, tcfg, out_dir, log=lambda **m: ctx.log(name, **m),
-                   eval_fn=eval_fn, desc=name)
-    model_dir = out_dir / "model"
-    if is_main():
-        save_model_dir(model, tokenizer, model_dir)
-        ctx.log(name, event="train_end", step=result.step, wall_time=round(result.wall_time, 2),
-                tokens_per_s=round(result.tokens_per_s, 1), peak_rss_mb=round(result.peak_rss_mb, 1))
-    barrier()
-    return {"model": str(model_dir)}
+    stage.log(event="data", train_examples=len(items), tasks=[d.dataset for d in cfg.data], max_len=max_len)
+    result = train(model, batch_at, lm_loss_sum, tcfg, stage.out_dir, log=stage.log, eval_fn=eval_fn,
+                   desc=stage.name)
+    return finish_training_stage(stage, result)

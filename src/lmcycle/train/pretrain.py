@@ -24,9 +24,8 @@ from lmcycle.data.sft import collate_sft
 from lmcycle.data.span_corruption import span_corrupt
 from lmcycle.errors import LmcycleError
 from lmcycle.runs import RunContext
-from lmcycle.train.checkpoint import save_model_dir
-from lmcycle.train.distributed import barrier, is_main
 from lmcycle.train.loop import TrainConfig, held_out_metrics, lm_loss_sum, micro_batch_indices, train
+from lmcycle.train.stage import finish_training_stage, start_training_stage
 
 TEXT_SUFFIXES = (".txt", ".md", ".text", ".markdown")
 
@@ -46,19 +45,15 @@ class PretrainStage(Config):
 
 def run_pretrain(cfg: PretrainStage, ctx: RunContext) -> dict[str, str]:
     """Train the model on the stage's text; save it to ``<stage>/model``; return ``{"model": dir}``."""
-    from lmcycle.models.load import context_window, is_seq2seq, load_model
+    from lmcycle.models.load import context_window, is_seq2seq
 
-    name = cfg.name or "pretrain"
-    out_dir = ctx.stage_dir(name)
-    model, tokenizer = load_model(ctx.model_path(cfg.model), device=ctx.device)
+    stage = start_training_stage(cfg, ctx, "pretrain")
+    model, tokenizer, tcfg, seed = stage.model, stage.tokenizer, stage.train, stage.seed
     seq2seq = is_seq2seq(model)
     window = context_window(model, tokenizer)
     if cfg.seq_len > window:
         raise LmcycleError(f"seq_len {cfg.seq_len} is longer than the model's context window ({window})",
                            file=ctx.recipe_file, field="seq_len")
-    seed = cfg.train.seed if cfg.train.seed is not None else ctx.seed
-    tcfg = cfg.train.model_copy(update={"seed": seed})
-
     texts = corpus_texts(cfg, ctx)
     token_lists = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"] if texts else []
     block_len = cfg.seq_len - 1 if seq2seq else cfg.seq_len
@@ -80,18 +75,11 @@ def run_pretrain(cfg: PretrainStage, ctx: RunContext) -> dict[str, str]:
         eval_batches = [{"input_ids": b, "labels": b} for b in eval_blocks.split(tcfg.batch_size)]
     eval_fn = (lambda m: held_out_metrics(m, eval_batches)) if eval_batches else None
 
-    if is_main():
-        ctx.log(name, event="data", train_blocks=len(train_blocks), eval_blocks=len(eval_blocks),
-                seq_len=cfg.seq_len, objective="span_corruption" if seq2seq else "causal_lm")
-    result = train(model, batch_at, lm_loss_sum, tcfg, out_dir, log=lambda **m: ctx.log(name, **m),
-                   eval_fn=eval_fn, desc=name)
-    model_dir = out_dir / "model"
-    if is_main():
-        save_model_dir(model, tokenizer, model_dir)
-        ctx.log(name, event="train_end", step=result.step, wall_time=round(result.wall_time, 2),
-                tokens_per_s=round(result.tokens_per_s, 1), peak_rss_mb=round(result.peak_rss_mb, 1))
-    barrier()
-    return {"model": str(model_dir)}
+    stage.log(event="data", train_blocks=len(train_blocks), eval_blocks=len(eval_blocks), seq_len=cfg.seq_len,
+              objective="span_corruption" if seq2seq else "causal_lm")
+    result = train(model, batch_at, lm_loss_sum, tcfg, stage.out_dir, log=stage.log, eval_fn=eval_fn,
+                   desc=stage.name)
+    return finish_training_stage(stage, result)
 
 
 def corpus_texts(cfg: PretrainStage, ctx: RunContext) -> list[str]:

@@ -1,0 +1,59 @@
+"""What every training stage does before and after the loop, so that trainers do not drift apart.
+
+A training stage (pretrain, sft, and the later adapt/align stages) is::
+
+    setup = start_training_stage(cfg, ctx, "sft")        # model, tokenizer, seeded TrainConfig, stage dir
+    ... build batch_at / loss_fn / eval_fn for its objective ...
+    result = train(setup.model, batch_at, loss_fn, setup.train, setup.out_dir, setup.log, eval_fn)
+    return finish_training_stage(setup, result)           # saves <stage>/model, logs, {"model": dir}
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lmcycle.runs import RunContext
+from lmcycle.train.checkpoint import save_model_dir
+from lmcycle.train.distributed import barrier, is_main
+from lmcycle.train.loop import TrainConfig, TrainResult
+
+
+@dataclass
+class TrainingStage:
+    name: str
+    out_dir: Path
+    model: Any
+    tokenizer: Any
+    train: TrainConfig  # the stage's TrainConfig with its seed resolved (the stage's, else the recipe's)
+    ctx: RunContext
+
+    @property
+    def seed(self) -> int:
+        return self.train.seed
+
+    def log(self, **metrics) -> None:
+        self.ctx.log(self.name, **metrics)
+
+
+def start_training_stage(cfg, ctx: RunContext, kind: str) -> TrainingStage:
+    """Load the stage's model (``cfg.model``: an earlier stage, a path or a hub id) and resolve its seed."""
+    from lmcycle.models.load import load_model
+
+    name = cfg.name or kind
+    model, tokenizer = load_model(ctx.model_path(cfg.model), device=ctx.device)
+    seed = cfg.train.seed if cfg.train.seed is not None else ctx.seed
+    return TrainingStage(name=name, out_dir=ctx.stage_dir(name), model=model, tokenizer=tokenizer,
+                         train=cfg.train.model_copy(update={"seed": seed}), ctx=ctx)
+
+
+def finish_training_stage(stage: TrainingStage, result: TrainResult) -> dict[str, str]:
+    """Save the trained model (rank 0, atomically) to ``<stage>/model`` and log the run's totals."""
+    model_dir = stage.out_dir / "model"
+    if is_main():
+        save_model_dir(stage.model, stage.tokenizer, model_dir)
+        stage.log(event="train_end", step=result.step, wall_time=round(result.wall_time, 2),
+                  tokens_per_s=round(result.tokens_per_s, 1), peak_rss_mb=round(result.peak_rss_mb, 1))
+    barrier()
+    return {"model": str(model_dir)}
