@@ -190,6 +190,8 @@ def run_side(side: str, workdir: Path, batch: int, warmup: int, steps: int) -> d
     held_out = [{"input_ids": b, "labels": b}
                 for b in blocks[total_steps * batch:].split(batch)[:EVAL_BATCHES]]
     model = AutoModelForCausalLM.from_pretrained(workdir / "model", dtype=torch.float32)
+    if side == "hf":
+        import transformers.trainer  # noqa: F401  (here, not in run_hf: "RSS growth in training" excludes imports)
     clock = Clock(warmup, steps)
     rss_before, load_before = rss_mb(), load_average()
     runner = {"ours": run_ours, "hf": run_hf}[side]
@@ -201,6 +203,9 @@ def run_side(side: str, workdir: Path, batch: int, warmup: int, steps: int) -> d
         "window_s": clock.window(), "tokens_per_s": steps * batch * blocks.shape[1] / clock.window(),
         "median_step_tokens_per_s": batch * blocks.shape[1] / clock.median_step(),
         "tokens_per_cpu_s": steps * batch * blocks.shape[1] / clock.cpu_window(),
+        # ~1.0 when the process had its cores to itself (OpenMP threads spin rather than sleep while waiting);
+        # well below 1, other work took the cores and the wall-clock numbers collapse (3-6x with one busy core).
+        "cpu_share": clock.cpu_window() / (clock.window() * torch.get_num_threads()),
         "load_average": [load_before, load_average()],
         "rss_before_train_mb": rss_before, "peak_rss_mb": clock.peak_rss,
         "held_out_loss": mean_token_loss(model, held_out),
@@ -268,18 +273,22 @@ def table(s: dict) -> str:
         f"measured matmul peak: fp32 {peak['fp32']:.0f} GFLOP/s, bf16 {peak['bf16']:.0f} GFLOP/s; "
         f"FLOPs/token = 6N + 12LdT = {s['flops_per_token'] / 1e6:.1f} M",
         "",
-        "| loop | tokens/s | tokens/s (median step) | MFU (fp32) | peak RSS (MiB) | RSS growth in training (MiB) "
-        "| held-out loss after | optimizer |",
-        "|---|---|---|---|---|---|---|---|",
+        "| loop | tokens/s | tokens/s (median step) | MFU (fp32) | CPU share | peak RSS (MiB) "
+        "| RSS growth in training (MiB) | held-out loss after | optimizer |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     names = {"ours": "lmcycle `train()`", "hf": "HF `Trainer`"}
     for side in ("ours", "hf"):
         r = s["sides"][side]
         lines.append(f"| {names[side]} | {r['tokens_per_s']:.0f} | {r['median_step_tokens_per_s']:.0f} | "
-                     f"{100 * r['mfu']:.1f}% | {r['peak_rss_mb']:.0f} | {r['peak_rss_mb'] - r['rss_before_train_mb']:.0f} "
+                     f"{100 * r['mfu']:.1f}% | {r['cpu_share']:.2f} | {r['peak_rss_mb']:.0f} | "
+                     f"{r['peak_rss_mb'] - r['rss_before_train_mb']:.0f} "
                      f"| {r['held_out_loss']:.4f} | {r['optimizer']} |")
-    lines.append(f"| **ours / HF** | **{s['ratio_tokens_per_s']:.2f}x** | {s['ratio_median_step']:.2f}x | | "
+    lines.append(f"| **ours / HF** | **{s['ratio_tokens_per_s']:.2f}x** | {s['ratio_median_step']:.2f}x | | | "
                  f"**{s['ratio_peak_rss']:.2f}x** | | diff {s['held_out_loss_diff']:.1e} | |")
+    if min(r["cpu_share"] for r in s["sides"].values()) < 0.95:
+        lines.append("\nWARNING: a best run had less than 95% of its cores (CPU share): other work was running, "
+                     "the wall-clock numbers are not reliable; run again on an idle machine.")
     return "\n".join(lines)
 
 
@@ -333,7 +342,8 @@ def main() -> None:
             runs[side].append(spawn_side(side, workdir, args))
             r = runs[side][-1]
             print(f"{side}: {r['tokens_per_s']:.0f} tokens/s ({r['median_step_tokens_per_s']:.0f} by median step), "
-                  f"load {r['load_average'][0]:.1f}-{r['load_average'][1]:.1f}", file=sys.stderr)
+                  f"CPU share {r['cpu_share']:.2f}, load {r['load_average'][0]:.1f}-{r['load_average'][1]:.1f}",
+                  file=sys.stderr)
         peaks.append(measure_peak(("fp32", "bf16"), (1024, 1536, 2048), repeats=5))
     # The peak is the best the machine did, before or after the runs (the machine is shared).
     peak = {k: max(peaks, key=lambda p: p[k]["peak_gflops"])[k] for k in ("fp32", "bf16")}

@@ -2,12 +2,14 @@
 
 import json
 import textwrap
+from pathlib import Path
 
 import pytest
 
 from lmcycle.cli import main
 from lmcycle.errors import LmcycleError
 from lmcycle.recipe import load_recipe
+from lmcycle.runs import load_datasets
 
 TINY = """\
 name: tiny
@@ -138,3 +140,26 @@ def test_interrupted_run_resumes_and_skips_finished_stages(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "build: done earlier, skipped" in printed
     assert (out / "DONE").exists() and not (out / "FAILED").exists()
+
+
+RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_shipped_recipes_validate(path):
+    recipe, stages = load_recipe(path)
+    assert stages and stages[-1].type == "report"
+    names = [s.name or s.type for s in stages]
+    assert len(names) == len(set(names))
+
+
+def test_dialogsum_recipe_finds_the_shared_data_by_default():
+    from conftest import SHARED_DATA
+
+    if not (SHARED_DATA / "dialogsum").is_dir():
+        pytest.skip(reason=f"DialogSum not found at {SHARED_DATA / 'dialogsum'} (../shared/data beside the repo)")
+    recipe, _ = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "dialogsum.yaml")
+    datasets = load_datasets({k: v for k, v in recipe.data.items() if k != "train"},
+                             Path(__file__).resolve().parents[1] / "recipes" / "dialogsum.yaml")
+    assert len(datasets["test"]) == 500 and all(len(ex.targets) == 3 for ex in datasets["test"])
+    assert len(datasets["dev"]) == recipe.data["dev"].limit

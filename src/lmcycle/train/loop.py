@@ -144,7 +144,9 @@ def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=cfg.betas)
+    # The fused kernel (one pass over all tensors, CPU and CUDA) is what HF Trainer's default optimizer uses too;
+    # it is ~4% faster per step than the default per-tensor loop on the ~10M model (BENCHMARKS.md).
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=cfg.betas, fused=True)
 
 
 def seed_everything(seed: int) -> None:
