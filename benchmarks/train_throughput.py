@@ -138,8 +138,16 @@ class Clock:
         return statistics.median(self.times[s + 1] - self.times[s] for s in range(self.first, self.last))
 
 
+def optimizer_kind(optimizer: torch.optim.Optimizer) -> str:
+    """Class and implementation of a torch optimizer, e.g. ``AdamW (fused)``; unwraps accelerate's wrapper."""
+    optimizer = getattr(optimizer, "optimizer", optimizer)
+    defaults = optimizer.defaults
+    kind = "fused" if defaults.get("fused") else "foreach" if defaults.get("foreach") else "for-loop"
+    return f"{type(optimizer).__name__} ({kind})"
+
+
 def run_ours(model, blocks: torch.Tensor, batch: int, total_steps: int, clock: Clock, out_dir: Path) -> str:
-    from lmcycle.train.loop import TrainConfig, lm_loss_sum, train
+    from lmcycle.train.loop import TrainConfig, lm_loss_sum, make_optimizer, train
 
     def batch_at(step: int) -> list[dict[str, torch.Tensor]]:
         clock.step_starts(step)
@@ -150,7 +158,7 @@ def run_ours(model, blocks: torch.Tensor, batch: int, total_steps: int, clock: C
                       weight_decay=ADAM["weight_decay"], min_lr_ratio=1.0, warmup_steps=0, max_grad_norm=1.0,
                       log_every=total_steps, save_every=0)
     train(model, batch_at, lm_loss_sum, cfg, out_dir, log=lambda **metrics: None)
-    return "torch.optim.AdamW (defaults: single-tensor on CPU)"
+    return optimizer_kind(make_optimizer(list(model.parameters()), cfg))  # what train() built (no state yet)
 
 
 def run_hf(model, blocks: torch.Tensor, batch: int, total_steps: int, clock: Clock, out_dir: Path) -> str:
@@ -175,8 +183,9 @@ def run_hf(model, blocks: torch.Tensor, batch: int, total_steps: int, clock: Clo
         warmup_steps=0, adam_beta1=ADAM["betas"][0], adam_beta2=ADAM["betas"][1], adam_epsilon=ADAM["eps"],
         weight_decay=ADAM["weight_decay"], max_grad_norm=1.0, seed=0,
     )
-    Trainer(model=model, args=args, train_dataset=Blocks(), callbacks=[StepClock()]).train()
-    return f"Trainer optim={args.optim}"
+    trainer = Trainer(model=model, args=args, train_dataset=Blocks(), callbacks=[StepClock()])
+    trainer.train()
+    return optimizer_kind(trainer.optimizer)
 
 
 def run_side(side: str, workdir: Path, batch: int, warmup: int, steps: int) -> dict:

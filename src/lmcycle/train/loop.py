@@ -288,9 +288,10 @@ def lm_loss_sum(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, int]:
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask") if k in batch}
     if model.config.is_encoder_decoder:
         decoder_input_ids = model.prepare_decoder_input_ids_from_labels(labels=labels)
-        logits = model(**inputs, decoder_input_ids=decoder_input_ids).logits
+        logits = model(**inputs, decoder_input_ids=decoder_input_ids, use_cache=False).logits
     else:
-        logits = model(**inputs).logits[:, :-1]
+        # use_cache=False: training never reuses the key/value cache, so building it is wasted work.
+        logits = model(**inputs, use_cache=False).logits[:, :-1]
         labels = labels[:, 1:]
     loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1),
                            ignore_index=-100, reduction="sum")
