@@ -5,11 +5,11 @@
 
 Both sides train the *same* weights (built once with ``lmcycle.models.build.build_model``, saved with
 ``save_pretrained``, loaded by each side) on the *same* blocks in the same order (DialogSum dev dialogues
-packed into ``seq_len`` blocks, or seeded random token ids without the shared data), with the same micro-batch,
+packed into ``seq_len`` blocks, or seeded random words without the shared data), with the same micro-batch,
 fp32, AdamW (lr 3e-4, betas 0.9/0.95, eps 1e-8, no weight decay), constant learning rate, gradient clipping at
 1.0, no eval, no logging, no checkpoint in the timed window. Each side runs in its own subprocess so that its
 peak RSS is its own. As a check that both did the same work, each reports the loss of the trained model on two
-held-out batches: the two must agree (up to float rounding: the optimizers are different implementations).
+held-out batches: the two must agree (up to float rounding).
 
 Timing: the timed window runs from the start of optimizer step ``warmup`` to the start of step
 ``warmup + steps`` (each side runs ``warmup + steps + 1`` steps), so it holds exactly ``steps`` whole steps

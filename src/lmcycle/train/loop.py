@@ -145,7 +145,7 @@ def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.
     no_decay = [p for p in params if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     # The fused kernel (one pass over all tensors, CPU and CUDA) is what HF Trainer's default optimizer uses too;
-    # it is ~4% faster per step than the default per-tensor loop on the ~10M model (BENCHMARKS.md).
+    # it saves ~14 ms of a ~705 ms step against the default per-tensor loop on the ~10M model (BENCHMARKS.md).
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=cfg.betas, fused=True)
 
 
@@ -291,8 +291,9 @@ def lm_loss_sum(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, int]:
         logits = model(**inputs, decoder_input_ids=decoder_input_ids, use_cache=False).logits
     else:
         # use_cache=False: training never reuses the key/value cache, so building it is wasted work.
-        logits = model(**inputs, use_cache=False).logits[:, :-1]
-        labels = labels[:, 1:]
+        logits = model(**inputs, use_cache=False).logits
+        # Shift the labels rather than slicing the logits: slicing [B, T-1, V] would copy all of them.
+        labels = F.pad(labels, (0, 1), value=-100)[:, 1:]
     loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1),
                            ignore_index=-100, reduction="sum")
     return loss, int((labels != -100).sum())
