@@ -5,18 +5,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import pytest
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "train"))
 
 import tiny_lm  # noqa: E402
 
-
-@pytest.fixture(scope="session")
-def tok():
-    return tiny_lm.make_tokenizer()
-
-
-@pytest.fixture(scope="session")
-def t5_tok():
-    return tiny_lm.make_tokenizer(seq2seq=True)
+tok, t5_tok = tiny_lm.tok, tiny_lm.t5_tok  # session fixtures

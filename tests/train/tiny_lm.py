@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import random
 
+import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
@@ -89,3 +90,16 @@ def save_tiny(model, tok, path) -> str:
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return str(path)
+
+
+# Session fixtures shared by tests/train and tests/adapt (their conftest files import these two names).
+@pytest.fixture(scope="session")
+def tok():
+    """Decoder tokenizer (adds no special tokens itself)."""
+    return make_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def t5_tok():
+    """T5-style tokenizer: appends <eos>, has <extra_id_*> sentinels."""
+    return make_tokenizer(seq2seq=True)
