@@ -4,12 +4,8 @@ Tests use tiny models, where torch's intra-op threading costs more than it gives
 made tiny-model tests ~25x slower than 1). Library code never sets threads; only the tests do.
 """
 
-from pathlib import Path
-
 import pytest
 import torch
-
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -142,7 +142,9 @@ def test_interrupted_run_resumes_and_skips_finished_stages(tmp_path, capsys):
     assert (out / "DONE").exists() and not (out / "FAILED").exists()
 
 
-RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
+SHARED_DATA = ROOT.parent / "shared" / "data"
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
@@ -154,8 +156,6 @@ def test_shipped_recipes_validate(path):
 
 
 def test_dialogsum_recipe_finds_the_shared_data_by_default():
-    from conftest import SHARED_DATA
-
     if not (SHARED_DATA / "dialogsum").is_dir():
         pytest.skip(reason=f"DialogSum not found at {SHARED_DATA / 'dialogsum'} (../shared/data beside the repo)")
     recipe, _ = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "dialogsum.yaml")
