@@ -203,11 +203,10 @@ def compute_gradients(model: nn.Module, micro_batches: list[Batch], loss_fn: Los
     all_reduce_grads_(params)
     tokens = int(all_reduce_sum(tokens))
     loss_total = all_reduce_sum(loss_total)
-    scale = 1.0 / max(tokens, 1)
-    for p in params:
-        if p.grad is not None:
-            p.grad.mul_(scale)
-    return float(loss_total) * scale, tokens
+    grads = [p.grad for p in params if p.grad is not None]
+    if grads:
+        torch._foreach_mul_(grads, 1.0 / max(tokens, 1))  # one fused kernel instead of one per parameter
+    return float(loss_total) / max(tokens, 1), tokens
 
 
 def clip_gradients(params: list[nn.Parameter], max_norm: float | None) -> float:
