@@ -1,8 +1,11 @@
-"""SftStage: full (all-parameter) supervised fine-tuning on prompt/completion pairs, one task or a mixture.
+"""SftStage: supervised fine-tuning on prompt/completion pairs, one task or a mixture; full or LoRA.
 
 Each ``data`` entry is a dataset rendered with a prompt template; the loss covers the completion only
 (:func:`lmcycle.data.sft.encode_sft`). Several entries make a multi-task mixture, each dataset drawn in
 proportion to its ``weight`` (:func:`lmcycle.data.sft.mix_tasks`). Works for decoders and encoder-decoders.
+
+With ``peft: {method: lora, ...}`` only LoRA adapters on a frozen base are trained
+(:mod:`lmcycle.adapt.lora`); the stage then saves the adapter (PEFT format) and the merged plain model.
 """
 
 from __future__ import annotations
@@ -11,11 +14,29 @@ from typing import Literal
 
 from pydantic import Field
 
+from lmcycle.adapt.lora import (
+    LoraConfig,
+    LoraLinear,
+    add_lora,
+    count_trainable,
+    lora_layers,
+    merge_lora,
+    save_lora,
+)
 from lmcycle.config import Config
 from lmcycle.data.sft import collate_sft, encode_sft, mix_tasks
 from lmcycle.runs import RunContext
-from lmcycle.train.loop import TrainConfig, held_out_metrics, lm_loss_sum, micro_batch_indices, train
-from lmcycle.train.stage import finish_training_stage, start_training_stage
+from lmcycle.train.distributed import barrier, is_main
+from lmcycle.train.loop import (
+    TrainConfig,
+    TrainResult,
+    held_out_metrics,
+    lm_loss_sum,
+    micro_batch_indices,
+    seed_everything,
+    train,
+)
+from lmcycle.train.stage import TrainingStage, finish_training_stage, start_training_stage
 
 
 class SftData(Config):
@@ -26,8 +47,14 @@ class SftData(Config):
     template: str | dict | None = Field(None, description="None: the stage's template")
 
 
+class PeftConfig(LoraConfig):
+    """Parameter-efficient fine-tuning: which method, plus its settings (LoRA's rank, alpha, targets...)."""
+
+    method: Literal["lora"] = "lora"
+
+
 class SftStage(Config):
-    """Fine-tune every parameter of a model on one task or a weighted mixture of tasks."""
+    """Fine-tune a model (every parameter, or LoRA adapters) on one task or a weighted mixture of tasks."""
 
     type: Literal["sft"] = "sft"
     name: str | None = None
@@ -36,11 +63,15 @@ class SftStage(Config):
     template: str | dict = "summarize"
     max_len: int = Field(512, ge=8)
     eval_data: str | None = Field(None, description="dataset whose held-out loss is logged every eval_every")
+    peft: PeftConfig | None = Field(None, description="None: full fine-tuning of every parameter")
     train: TrainConfig
 
 
 def run_sft(cfg: SftStage, ctx: RunContext) -> dict[str, str]:
-    """Fine-tune the model; save it to ``<stage>/model``; return ``{"model": dir}``."""
+    """Fine-tune the model; save it to ``<stage>/model``; return ``{"model": dir}``.
+
+    With LoRA, also save the adapter to ``<stage>/adapter`` and return ``{"model": merged dir, "adapter": dir}``.
+    """
     from lmcycle.data.templates import get_template
     from lmcycle.models.load import context_window, is_seq2seq
 
@@ -68,6 +99,45 @@ def run_sft(cfg: SftStage, ctx: RunContext) -> dict[str, str]:
         eval_fn = (lambda m: held_out_metrics(m, eval_batches)) if eval_batches else None
 
     stage.log(event="data", train_examples=len(items), tasks=[d.dataset for d in cfg.data], max_len=max_len)
+    if cfg.peft is not None:
+        # Injected before train(): resuming loads a checkpoint whose state dict has the adapters' keys.
+        add_lora_for_training(stage, cfg.peft)
+    params = [p for p in model.parameters() if p.requires_grad]
     result = train(model, batch_at, lm_loss_sum, tcfg, stage.out_dir, log=stage.log, eval_fn=eval_fn,
-                   desc=stage.name)
-    return finish_training_stage(stage, result)
+                   params=params, desc=stage.name)
+    if cfg.peft is None:
+        return finish_training_stage(stage, result)
+    return finish_lora_stage(stage, result, base_model=ctx.model_path(cfg.model))
+
+
+def add_lora_for_training(stage: TrainingStage, peft: PeftConfig) -> None:
+    """Inject a seeded adapter ``default`` into the stage's model (base frozen) and log what trains."""
+    seed_everything(stage.seed)  # A's random init is part of the run: the same seed gives the same adapter
+    add_lora(stage.model, LoraConfig(**peft.model_dump(exclude={"method"})))
+    trainable, total = count_trainable(stage.model)
+    stage.log(event="peft", method=peft.method, trainable_params=trainable, total_params=total,
+              trainable_percent=round(100.0 * trainable / max(total, 1), 4))
+
+
+def unwrap_lora(model) -> None:
+    """Replace every LoraLinear by its (merged) base layer, so the state dict has the base model's keys."""
+    for path in sorted(lora_layers(model), key=len, reverse=True):
+        parent, _, child = path.rpartition(".")
+        layer: LoraLinear = model.get_submodule(path)
+        setattr(model.get_submodule(parent), child, layer.base_layer)
+    if hasattr(model, "lora_configs"):
+        del model.lora_configs
+
+
+def finish_lora_stage(stage: TrainingStage, result: TrainResult, base_model: str) -> dict[str, str]:
+    """Save the adapter to ``<stage>/adapter``, merge it, save the plain merged model via the usual finish."""
+    adapter_dir = stage.out_dir / "adapter"
+    if is_main():
+        save_lora(stage.model, "default", adapter_dir, base_model_name_or_path=base_model)
+    barrier()
+    merge_lora(stage.model)
+    unwrap_lora(stage.model)
+    for p in stage.model.parameters():
+        p.requires_grad_(True)  # the merged model is an ordinary model again
+    produced = finish_training_stage(stage, result)
+    return {**produced, "adapter": str(adapter_dir)}
