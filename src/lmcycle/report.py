@@ -6,7 +6,8 @@ Inputs (all inside the run directory, so ``lmcycle report RUN_DIR`` can regenera
 - ``metrics.jsonl`` — every logged event: training rows (``step``, ``loss``, ``eval_loss``, ...), eval rows
   (``kind="eval"``) and the runner's ``{"event": "stage_end", "seconds": s}``;
 - ``artifacts.json`` — stage name -> ``{key: path}`` in stage order: ``eval`` -> eval.json (with
-  ``predictions`` -> predictions.jsonl), ``plot`` -> PNG of an explore stage.
+  ``predictions`` -> predictions.jsonl), ``plot`` -> PNG of an explore stage, ``model`` (and, for LoRA,
+  ``adapter``) -> the saved checkpoint of a training stage.
 
 Output: ``report.md`` plus ``plots/*.png`` (matplotlib, Agg; no pyplot global state). The evaluation table puts
 every eval stage side by side, so the effect of each stage (prompting, fine-tuning, decoding) is one row apart.
@@ -58,7 +59,8 @@ def write_report(run_dir: str | os.PathLike, title: str | None = None,
     evals = _load_evals(run_dir, artifacts)
 
     parts = [_header(run_dir, config, rows, title), _stage_times(rows, config),
-             _evaluation(run_dir, evals), _training(run_dir, rows), _explore(run_dir, artifacts),
+             _evaluation(run_dir, evals), _finetuning(run_dir, config, rows, artifacts, evals),
+             _training(run_dir, rows), _explore(run_dir, artifacts),
              _examples(evals), _settings(evals)]
     path = run_dir / "report.md"
     atomic_write_text(path, "\n".join(p for p in parts if p).rstrip() + "\n")
@@ -183,6 +185,93 @@ def _evaluation(run_dir: Path, evals: list[dict]) -> str:
     if plot:
         lines += ["", f"![ROUGE-L and BLEU per eval stage]({plot})"]
     return "\n".join(lines) + "\n"
+
+
+def _finetuning(run_dir: Path, config: dict, rows: list[dict], artifacts: dict[str, dict[str, str]],
+                evals: list[dict]) -> str:
+    """One row per finished sft stage: what trained, what it cost, how big the checkpoint is, how it scored."""
+    stages = {s.get("name") or "sft": s for s in config.get("stages") or [] if s.get("type") == "sft"}
+    for r in rows:  # a config.yaml without stages still has the runner's stage_end rows
+        if r.get("event") == "stage_end" and r.get("type") == "sft":
+            stages.setdefault(str(r.get("stage")), {})
+    stages = {name: s for name, s in stages.items() if "model" in artifacts.get(name, {})}
+    if not stages:
+        return ""
+    lines = ["## Fine-tuning compared", "",
+             "One row per sft stage. Full fine-tuning trains every parameter; LoRA trains low-rank adapters on "
+             "a frozen model. Wall time and peak RSS are of the training loop; the checkpoint is what the stage "
+             "must keep (the adapter for LoRA, the whole model for full fine-tuning); ROUGE-L is from the eval "
+             "stages that scored the stage's model.", "",
+             "| Stage | Method | Trainable params | % of total | Wall time | Peak RSS (MiB) | Checkpoint (MB) "
+             "| ROUGE-L |", "|---|---|---:|---:|---:|---:|---:|---|"]
+    for name, stage_cfg in stages.items():
+        produced = artifacts[name]
+        peft = _last_event(rows, name, "peft")
+        end = _last_event(rows, name, "train_end")
+        model_dir = resolve(run_dir, produced["model"])
+        if peft is not None or "adapter" in produced or stage_cfg.get("peft"):
+            rank = (peft or {}).get("r", (stage_cfg.get("peft") or {}).get("r"))
+            method = str((peft or {}).get("method") or (stage_cfg.get("peft") or {}).get("method") or "lora")
+            method += f" r={rank}" if rank is not None else ""
+            trainable, percent = (peft or {}).get("trainable_params"), (peft or {}).get("trainable_percent")
+            checkpoint = resolve(run_dir, produced["adapter"]) if "adapter" in produced else None
+        else:
+            method, trainable, percent, checkpoint = "full", _count_params(model_dir), 100.0, model_dir
+        size = _dir_bytes(checkpoint)
+        scores = [f"{_number(e['metrics'].get('rougeL'))} ({_md(e['stage'])})" for e in evals
+                  if not e["missing"] and _same_path(run_dir, e["settings"].get("model"), produced["model"])]
+        cells = [_md(name), _md(method), f"{trainable:,}" if _is_number(trainable) else "—",
+                 f"{percent:.2f}%" if _is_number(percent) else "—",
+                 _duration(end["wall_time"]) if end and _is_number(end.get("wall_time")) else "—",
+                 f"{end['peak_rss_mb']:.0f}" if end and _is_number(end.get("peak_rss_mb")) else "—",
+                 _megabytes(size) if size is not None else "—", "; ".join(scores) or "—"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _last_event(rows: list[dict], stage: str, event: str) -> dict | None:
+    return next((r for r in reversed(rows) if r.get("stage") == stage and r.get("event") == event), None)
+
+
+def _count_params(model_dir: Path | None) -> int | None:
+    """Number of parameters saved in a model folder, from the safetensors headers (no tensor is loaded)."""
+    from safetensors import safe_open
+
+    files = sorted(model_dir.glob("*.safetensors")) if model_dir and model_dir.is_dir() else []
+    if not files:
+        return None
+    total = 0
+    for file in files:
+        with safe_open(file, framework="pt") as f:
+            for key in f.keys():
+                n = 1
+                for dim in f.get_slice(key).get_shape():
+                    n *= dim
+                total += n
+    return total
+
+
+def _dir_bytes(path: Path | None) -> int | None:
+    if path is None:
+        return None
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _same_path(run_dir: Path, a: Any, b: Any) -> bool:
+    """Whether two recorded paths name the same folder (also when the run directory was moved)."""
+    if not a or not b:
+        return False
+    if str(a) == str(b):
+        return True
+    found_a, found_b = resolve(run_dir, str(a)), resolve(run_dir, str(b))
+    return found_a is not None and found_b is not None and found_a.resolve() == found_b.resolve()
+
+
+def _megabytes(n_bytes: int) -> str:
+    mb = n_bytes / 1e6
+    return f"{mb:.1f}" if mb >= 10 else f"{mb:.2f}" if mb >= 0.1 else f"{mb:.3f}"
 
 
 def _training(run_dir: Path, rows: list[dict]) -> str:
