@@ -248,3 +248,17 @@ def test_without_eval_every_the_model_is_evaluated_once_at_the_end(tok, items, t
     train(tiny_lm.tiny_llama(tok), sft_batches(items, cfg), lm_loss_sum, cfg, tmp_path,
           lambda **m: logged.append(m), eval_fn=lambda m: {"eval_loss": 2.0})
     assert [m["step"] for m in logged if "eval_loss" in m] == [3]
+
+
+def test_peak_memory_window_restarts_so_each_stage_reports_its_own_peak():
+    import os
+
+    from lmcycle.train.loop import peak_rss_mb, reset_peak_rss
+
+    if not os.path.exists("/proc/self/clear_refs"):
+        pytest.skip(reason="needs Linux /proc/self/clear_refs to reset the peak-RSS counter")
+    big = torch.ones(100_000_000, dtype=torch.uint8) + 1  # ~100 MB touched, then released
+    del big
+    with_big = peak_rss_mb()
+    reset_peak_rss()
+    assert peak_rss_mb() < with_big - 50

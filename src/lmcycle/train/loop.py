@@ -76,7 +76,7 @@ class TrainResult:
     losses: list[float]  # the loss of every step 0..step-1
     wall_time: float  # seconds spent in this call
     tokens_per_s: float  # target tokens (the ones the loss covers, all ranks) per second in this call
-    peak_rss_mb: float  # peak resident memory of this process
+    peak_rss_mb: float  # peak resident memory of this process during this call (Linux; else process-wide)
     eval: dict[str, float] = field(default_factory=dict)  # the last eval_fn result
 
 
@@ -96,6 +96,7 @@ def train(model: nn.Module, batch_at: Callable[[int], list[Batch]], loss_fn: Los
     broadcast_params_(model)
     start, losses = resume(out_dir, model, optimizer)
     model.train()
+    reset_peak_rss()
 
     last_eval: dict[str, float] = {}
     tokens_seen, started, window = 0, time.perf_counter(), []
@@ -244,7 +245,25 @@ def evaluate(model: nn.Module, eval_fn: Callable[[nn.Module], dict]) -> dict[str
         model.train()
 
 
+def reset_peak_rss() -> None:
+    """Start a new peak-memory window, so that a stage reports its own peak and not an earlier stage's of the
+    same process (Linux: writing 5 to /proc/self/clear_refs resets VmHWM; elsewhere nothing happens)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
 def peak_rss_mb() -> float:
+    """Peak resident memory since :func:`reset_peak_rss` (Linux VmHWM), else of the whole process."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
     # ru_maxrss is in KiB on Linux and bytes on macOS.
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024
