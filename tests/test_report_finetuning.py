@@ -38,7 +38,7 @@ def _make_run(run_dir, move: bool = False):
     (adapter / "adapter_config.json").write_bytes(b"c" * 500)
 
     rows = [{"stage": "sft", "event": "train_end", "step": 10, "wall_time": 42.5, "tokens_per_s": 100.0,
-             "peak_rss_mb": 812.4},
+             "peak_rss_mb": 812.4, "rss_growth_mb": 95.2},
             {"stage": "sft", "event": "stage_end", "type": "sft", "seconds": 44.0},
             {"stage": "sft_lora", "event": "peft", "method": "lora", "trainable_params": 1234,
              "total_params": 98765, "trainable_percent": 1.2494},
@@ -77,7 +77,8 @@ def test_full_and_lora_sft_side_by_side(tmp_path):
     assert full["Trainable params"] == f"{FULL_PARAMS:,}" and full["% of total"] == "100.00%"
     assert lora["Trainable params"] == "1,234" and lora["% of total"] == "1.25%"
     assert full["Wall time"] == "42.5 s" and lora["Wall time"] == "1m 15s"
-    assert full["Peak RSS (MiB)"] == "812" and lora["Peak RSS (MiB)"] == "640"
+    col = "Peak RSS (+ added by training), MiB"  # growth is shown only when the stage logged it
+    assert full[col] == "812 (+95)" and lora[col] == "640"
     # The LoRA checkpoint is the adapter folder (3000 bytes), not the 99,999-byte merged model.
     assert full["Checkpoint (MB)"] == f"{full_bytes / 1e6:.3f}" and lora["Checkpoint (MB)"] == "0.003"
     # Each row scores only the evals of its own model; the base model's eval belongs to neither.

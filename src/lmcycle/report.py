@@ -202,7 +202,7 @@ def _finetuning(run_dir: Path, config: dict, rows: list[dict], artifacts: dict[s
              "a frozen model. Wall time and peak RSS are of the training loop; the checkpoint is what the stage "
              "must keep (the adapter for LoRA, the whole model for full fine-tuning); ROUGE-L is from the eval "
              "stages that scored the stage's model.", "",
-             "| Stage | Method | Trainable params | % of total | Wall time | Peak RSS (MiB) | Checkpoint (MB) "
+             "| Stage | Method | Trainable params | % of total | Wall time | Peak RSS (+ added by training), MiB | Checkpoint (MB) "
              "| ROUGE-L |", "|---|---|---:|---:|---:|---:|---:|---|"]
     for name, stage_cfg in stages.items():
         produced = artifacts[name]
@@ -223,10 +223,18 @@ def _finetuning(run_dir: Path, config: dict, rows: list[dict], artifacts: dict[s
         cells = [_md(name), _md(method), f"{trainable:,}" if _is_number(trainable) else "—",
                  f"{percent:.2f}%" if _is_number(percent) else "—",
                  _duration(end["wall_time"]) if end and _is_number(end.get("wall_time")) else "—",
-                 f"{end['peak_rss_mb']:.0f}" if end and _is_number(end.get("peak_rss_mb")) else "—",
+                 _peak_rss(end),
                  _megabytes(size) if size is not None else "—", "; ".join(scores) or "—"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _peak_rss(end: dict | None) -> str:
+    """``peak (+growth)``: the process's peak during training and how much of it training itself added."""
+    if not end or not _is_number(end.get("peak_rss_mb")):
+        return "—"
+    growth = end.get("rss_growth_mb")
+    return f"{end['peak_rss_mb']:.0f}" + (f" (+{growth:.0f})" if _is_number(growth) else "")
 
 
 def _last_event(rows: list[dict], stage: str, event: str) -> dict | None:

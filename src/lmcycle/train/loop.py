@@ -77,6 +77,7 @@ class TrainResult:
     wall_time: float  # seconds spent in this call
     tokens_per_s: float  # target tokens (the ones the loss covers, all ranks) per second in this call
     peak_rss_mb: float  # peak resident memory of this process during this call (Linux; else process-wide)
+    rss_growth_mb: float  # peak_rss_mb minus the resident memory when training started: what training added
     eval: dict[str, float] = field(default_factory=dict)  # the last eval_fn result
 
 
@@ -97,6 +98,7 @@ def train(model: nn.Module, batch_at: Callable[[int], list[Batch]], loss_fn: Los
     start, losses = resume(out_dir, model, optimizer)
     model.train()
     reset_peak_rss()
+    rss_start = peak_rss_mb()
 
     last_eval: dict[str, float] = {}
     tokens_seen, started, window = 0, time.perf_counter(), []
@@ -134,7 +136,7 @@ def train(model: nn.Module, batch_at: Callable[[int], list[Batch]], loss_fn: Los
     wall = time.perf_counter() - started
     return TrainResult(step=max(start, cfg.max_steps),
                        losses=losses, wall_time=wall, tokens_per_s=tokens_seen / max(wall, 1e-9),
-                       peak_rss_mb=peak_rss_mb(), eval=last_eval)
+                       peak_rss_mb=peak_rss_mb(), rss_growth_mb=peak_rss_mb() - rss_start, eval=last_eval)
 
 
 # -- setup -------------------------------------------------------------------------------------------------------

@@ -54,6 +54,7 @@ def finish_training_stage(stage: TrainingStage, result: TrainResult) -> dict[str
     if is_main():
         save_model_dir(stage.model, stage.tokenizer, model_dir)
         stage.log(event="train_end", step=result.step, wall_time=round(result.wall_time, 2),
-                  tokens_per_s=round(result.tokens_per_s, 1), peak_rss_mb=round(result.peak_rss_mb, 1))
+                  tokens_per_s=round(result.tokens_per_s, 1), peak_rss_mb=round(result.peak_rss_mb, 1),
+                  rss_growth_mb=round(result.rss_growth_mb, 1))
     barrier()
     return {"model": str(model_dir)}
