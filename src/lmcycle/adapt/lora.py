@@ -219,6 +219,19 @@ def unmerge_lora(model: nn.Module) -> None:
         layer.unmerge()
 
 
+def merge_and_unload(model: nn.Module) -> None:
+    """Merge the active adapter and put every wrapped layer's base layer back in its place: the model is then
+    an ordinary one again (the base's state-dict keys, every parameter trainable), for ``save_pretrained``."""
+    merge_lora(model)
+    for path in sorted(lora_layers(model), key=len, reverse=True):
+        parent, _, child = path.rpartition(".")
+        setattr(model.get_submodule(parent), child, model.get_submodule(path).base_layer)
+    if hasattr(model, "lora_configs"):
+        del model.lora_configs
+    for p in model.parameters():
+        p.requires_grad_(True)
+
+
 def lora_state_dict(model: nn.Module, name: str = "default") -> dict[str, torch.Tensor]:
     """Adapter ``name``'s weights under PEFT's keys: ``base_model.model.<path>.lora_A.weight`` (r × in), ``lora_B``."""
     out = {}

@@ -16,11 +16,9 @@ from pydantic import Field
 
 from lmcycle.adapt.lora import (
     LoraConfig,
-    LoraLinear,
     add_lora,
     count_trainable,
-    lora_layers,
-    merge_lora,
+    merge_and_unload,
     save_lora,
 )
 from lmcycle.config import Config
@@ -119,25 +117,12 @@ def add_lora_for_training(stage: TrainingStage, peft: PeftConfig) -> None:
               trainable_percent=round(100.0 * trainable / max(total, 1), 4))
 
 
-def unwrap_lora(model) -> None:
-    """Replace every LoraLinear by its (merged) base layer, so the state dict has the base model's keys."""
-    for path in sorted(lora_layers(model), key=len, reverse=True):
-        parent, _, child = path.rpartition(".")
-        layer: LoraLinear = model.get_submodule(path)
-        setattr(model.get_submodule(parent), child, layer.base_layer)
-    if hasattr(model, "lora_configs"):
-        del model.lora_configs
-
-
 def finish_lora_stage(stage: TrainingStage, result: TrainResult, base_model: str) -> dict[str, str]:
     """Save the adapter to ``<stage>/adapter``, merge it, save the plain merged model via the usual finish."""
     adapter_dir = stage.out_dir / "adapter"
     if is_main():
         save_lora(stage.model, "default", adapter_dir, base_model_name_or_path=base_model)
     barrier()
-    merge_lora(stage.model)
-    unwrap_lora(stage.model)
-    for p in stage.model.parameters():
-        p.requires_grad_(True)  # the merged model is an ordinary model again
+    merge_and_unload(stage.model)
     produced = finish_training_stage(stage, result)
     return {**produced, "adapter": str(adapter_dir)}

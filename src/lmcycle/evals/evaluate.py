@@ -144,7 +144,8 @@ def _run_model(cfg: EvalStage, ctx: RunContext, examples: list) -> _Outputs:
     window = context_window(model, tokenizer)
     # A decoder's answer shares the context window with the prompt; an encoder-decoder's does not.
     reserve = 0 if seq2seq else cfg.decoding.max_new_tokens
-    pool = list(ctx.dataset(cfg.shot_pool)) if cfg.shot_pool else _shot_pool(ctx, cfg)
+    # Shots come from the whole pool dataset (not only the first `limit`); the builder never picks the query.
+    pool = list(ctx.dataset(cfg.shot_pool or cfg.data))
     built = [build_prompt(template, ex, pool, cfg.shots, tokenizer, window, reserve, ctx.seed, query_index=i)
              for i, ex in enumerate(examples)]
     prompts = [b.text for b in built]
@@ -163,11 +164,6 @@ def _run_model(cfg: EvalStage, ctx: RunContext, examples: list) -> _Outputs:
         "prediction_postprocess": "generated text cut at the first stop string, then stripped of whitespace",
     }
     return _Outputs(prompts, [text.strip() for text in raw], ppl, settings)
-
-
-def _shot_pool(ctx: RunContext, cfg: EvalStage) -> list:
-    """Shots come from the whole evaluated dataset (not only the first ``limit``); the builder skips the query."""
-    return list(ctx.dataset(cfg.data))
 
 
 def _reference_perplexity(model, tokenizer, template, examples, seq2seq: bool, window: int, batch_size: int):
