@@ -31,14 +31,26 @@ def _construct(node: yaml.Node, path: tuple, lines: Lines, file: str) -> Any:
     lines.setdefault(path, node.start_mark.line + 1)
     if isinstance(node, yaml.MappingNode):
         out: dict[str, Any] = {}
+        # YAML merge keys (`<<: *anchor`) give defaults that the mapping's own keys override, whatever the order.
+        merged: dict[str, Any] = {}
         for key_node, value_node in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                for source in value_node.value if isinstance(value_node, yaml.SequenceNode) else [value_node]:
+                    value = _construct(source, path, {}, file)
+                    if not isinstance(value, dict):
+                        raise LmcycleError("'<<' must merge a mapping", file=file,
+                                           line=key_node.start_mark.line + 1, field=".".join(map(str, path)))
+                    merged = {**value, **merged}
+        for key_node, value_node in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
             key = key_node.value
             if key in out:
                 raise LmcycleError("duplicate key", file=file, line=key_node.start_mark.line + 1,
                                    field=".".join(map(str, (*path, key))))
             lines[(*path, key)] = key_node.start_mark.line + 1
             out[key] = _construct(value_node, (*path, key), lines, file)
-        return out
+        return {**merged, **out}
     if isinstance(node, yaml.SequenceNode):
         return [_construct(v, (*path, i), lines, file) for i, v in enumerate(node.value)]
     # Scalars: let the safe constructor decide the type (int, float, bool, null, str).
@@ -118,6 +130,8 @@ def validate(cls: type[T], data: Any, *, file: str | os.PathLike = "<config>", l
         # pydantic puts the discriminator tag of a tagged union in the location; it is not a key of the file.
         loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
         loc = _drop_union_tags(loc, data)
+        if err["type"] == "union_tag_invalid":
+            loc = (*loc, *_tag_key(data, loc, err["ctx"]["tag"]))
         full = (*prefix, *loc)
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
@@ -126,9 +140,23 @@ def validate(cls: type[T], data: Any, *, file: str | os.PathLike = "<config>", l
             msg = "required field is missing"
         elif err["type"] == "value_error":
             msg = msg.removeprefix("Value error, ")
+        elif err["type"] == "union_tag_invalid":
+            msg = f"unknown value {err['ctx']['tag']!r} (expected one of {err['ctx']['expected_tags']})"
         line = _line_for(full, lines or {})
         field = ".".join(map(str, full)) or None
         raise LmcycleError(msg, file=file, line=line, field=field) from None
+
+
+def _tag_key(data: Any, loc: tuple, tag: str) -> tuple:
+    """The key holding a tagged union's unknown tag (e.g. ``method``), so that the error names that field."""
+    node = data
+    for part in loc:
+        try:
+            node = node[part]
+        except (KeyError, IndexError, TypeError):
+            return ()
+    keys = [k for k, v in node.items() if v == tag] if isinstance(node, dict) else []
+    return (keys[0],) if len(keys) == 1 else ()
 
 
 def _drop_union_tags(loc: tuple, data: Any) -> tuple:

@@ -30,7 +30,10 @@ from lmcycle.config import Config
 from lmcycle.runs import RunContext
 
 EVAL_COLUMNS = [("rouge1", "ROUGE-1"), ("rouge2", "ROUGE-2"), ("rougeL", "ROUGE-L"), ("rougeLsum", "ROUGE-Lsum"),
-                ("bleu", "BLEU"), ("perplexity", "Perplexity")]
+                ("bleu", "BLEU"), ("accuracy", "Accuracy"), ("macro_f1", "Macro-F1"), ("exact_match", "EM"),
+                ("token_f1", "Token F1"), ("gsm8k_accuracy", "GSM8K acc."), ("perplexity", "Perplexity")]
+# The number that stands for a task in the "by model and dataset" table: the first of these an eval has.
+HEADLINE_METRICS = ["rougeL", "macro_f1", "token_f1", "gsm8k_accuracy", "accuracy", "exact_match", "bleu"]
 N_EXAMPLES = 3
 EXAMPLE_CHARS = 300
 
@@ -59,7 +62,8 @@ def write_report(run_dir: str | os.PathLike, title: str | None = None,
     evals = _load_evals(run_dir, artifacts)
 
     parts = [_header(run_dir, config, rows, title), _stage_times(rows, config),
-             _evaluation(run_dir, evals), _finetuning(run_dir, config, rows, artifacts, evals),
+             _evaluation(run_dir, evals), _by_model_and_dataset(run_dir, evals),
+             _finetuning(run_dir, config, rows, artifacts, evals),
              _training(run_dir, rows), _explore(run_dir, artifacts),
              _examples(evals), _settings(evals)]
     path = run_dir / "report.md"
@@ -165,7 +169,9 @@ def _stage_times(rows: list[dict], config: dict) -> str:
 def _evaluation(run_dir: Path, evals: list[dict]) -> str:
     if not evals:
         return ""
-    header = ["Stage", "Scored", "Shots", "n"] + [label for _, label in EVAL_COLUMNS]
+    present = {k for e in evals for k in e["metrics"]}
+    columns = [(key, label) for key, label in EVAL_COLUMNS if key in present]
+    header = ["Stage", "Scored", "Shots", "n"] + [label for _, label in columns]
     lines = ["## Evaluation", "",
              "Each row is one eval stage, in recipe order. ROUGE is F1 × 100 (max over references), BLEU is "
              "sacrebleu corpus BLEU, perplexity is of the first reference given the zero-shot prompt; the "
@@ -179,11 +185,40 @@ def _evaluation(run_dir: Path, evals: list[dict]) -> str:
         shots, n = s.get("shots"), m.get("n", s.get("n"))
         cells = [_md(e["stage"]), _md(_scored(s, run_dir)), "—" if shots is None else str(shots),
                  "—" if n is None else str(n)]
-        cells += [_number(m.get(key)) for key, _ in EVAL_COLUMNS]
+        cells += [_number(m.get(key)) for key, _ in columns]
         lines.append("| " + " | ".join(cells) + " |")
     plot = _eval_bar_chart(run_dir, [e for e in evals if not e["missing"]])
     if plot:
         lines += ["", f"![ROUGE-L and BLEU per eval stage]({plot})"]
+    return "\n".join(lines) + "\n"
+
+
+def _by_model_and_dataset(run_dir: Path, evals: list[dict]) -> str:
+    """Rows: the datasets; columns: the models scored on them (in recipe order); cells: each task's headline
+    metric. Shown when several models were scored on several datasets (e.g. before/after fine-tuning on one
+    task: catastrophic forgetting shows as a drop in the other rows)."""
+    table: dict[str, dict[str, str]] = {}
+    models: list[str] = []
+    for e in evals:
+        if e["missing"] or e["settings"].get("baseline") or e["settings"].get("shots"):
+            continue
+        metric = next((k for k in HEADLINE_METRICS if _is_number(e["metrics"].get(k))), None)
+        if metric is None:
+            continue
+        model = _scored(e["settings"], run_dir).removesuffix("/model")
+        if model not in models:
+            models.append(model)
+        label = dict(EVAL_COLUMNS)[metric]
+        table.setdefault(f"{e['settings'].get('data')} ({label})", {})[model] = _number(e["metrics"][metric])
+    if len(table) < 2 or len(models) < 2:
+        return ""
+    lines = ["## Scores by model and dataset", "",
+             "Each dataset's headline metric for every model that was scored on it (zero-shot prompts). After "
+             "fine-tuning on one task, a drop in the other rows is catastrophic forgetting.", "",
+             "| Dataset (metric) | " + " | ".join(_md(m) for m in models) + " |",
+             "|---|" + "---:|" * len(models)]
+    for dataset, cells in table.items():
+        lines.append(f"| {_md(dataset)} | " + " | ".join(cells.get(m, "—") for m in models) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -199,26 +234,26 @@ def _finetuning(run_dir: Path, config: dict, rows: list[dict], artifacts: dict[s
         return ""
     lines = ["## Fine-tuning compared", "",
              "One row per sft stage. Full fine-tuning trains every parameter; LoRA trains low-rank adapters on "
-             "a frozen model. Wall time and peak RSS are of the training loop; the checkpoint is what the stage "
-             "must keep (the adapter for LoRA, the whole model for full fine-tuning); ROUGE-L is from the eval "
-             "stages that scored the stage's model.", "",
+             "a frozen model (QLoRA: on a quantized one); prompt tuning trains virtual input tokens. Wall time "
+             "and peak RSS are of the training loop; the checkpoint is what the stage must keep (the adapter for "
+             "PEFT, the whole model for full fine-tuning); ROUGE is from the eval stages that scored the stage's "
+             "model.", "",
              "| Stage | Method | Trainable params | % of total | Wall time | Peak RSS (+ added by training), MiB | Checkpoint (MB) "
-             "| ROUGE-L |", "|---|---|---:|---:|---:|---:|---:|---|"]
+             "| ROUGE-1/2/L |", "|---|---|---:|---:|---:|---:|---:|---|"]
     for name, stage_cfg in stages.items():
         produced = artifacts[name]
         peft = _last_event(rows, name, "peft")
         end = _last_event(rows, name, "train_end")
         model_dir = resolve(run_dir, produced["model"])
         if peft is not None or "adapter" in produced or stage_cfg.get("peft"):
-            rank = (peft or {}).get("r", (stage_cfg.get("peft") or {}).get("r"))
-            method = str((peft or {}).get("method") or (stage_cfg.get("peft") or {}).get("method") or "lora")
-            method += f" r={rank}" if rank is not None else ""
+            method = _peft_method(peft, stage_cfg.get("peft") or {}, _last_event(rows, name, "quantize"))
             trainable, percent = (peft or {}).get("trainable_params"), (peft or {}).get("trainable_percent")
             checkpoint = resolve(run_dir, produced["adapter"]) if "adapter" in produced else None
         else:
             method, trainable, percent, checkpoint = "full", _count_params(model_dir), 100.0, model_dir
         size = _dir_bytes(checkpoint)
-        scores = [f"{_number(e['metrics'].get('rougeL'))} ({_md(e['stage'])})" for e in evals
+        scores = ["/".join(_number(e["metrics"].get(k)) for k in ("rouge1", "rouge2", "rougeL"))
+                  + f" ({_md(e['stage'])})" for e in evals
                   if not e["missing"] and _same_path(run_dir, e["settings"].get("model"), produced["model"])]
         cells = [_md(name), _md(method), f"{trainable:,}" if _is_number(trainable) else "—",
                  f"{percent:.2f}%" if _is_number(percent) else "—",
@@ -227,6 +262,20 @@ def _finetuning(run_dir: Path, config: dict, rows: list[dict], artifacts: dict[s
                  _megabytes(size) if size is not None else "—", "; ".join(scores) or "—"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _peft_method(peft: dict | None, cfg: dict, quantize: dict | None) -> str:
+    """``lora r=8``, ``qlora r=8 nf4``, ``prompt_tuning 20 tokens`` from the logged peft event or the config."""
+    method = str((peft or {}).get("method") or cfg.get("method") or "lora")
+    if method == "prompt_tuning":
+        tokens = cfg.get("num_virtual_tokens")
+        return method + (f" {tokens} tokens" if tokens is not None else "")
+    rank = (peft or {}).get("r", cfg.get("r"))
+    method += f" r={rank}" if rank is not None else ""
+    if method.startswith("qlora"):
+        bits = (quantize or {}).get("bits", cfg.get("bits"))
+        method += {4: " nf4", 8: " int8"}.get(bits, "")
+    return method
 
 
 def _peak_rss(end: dict | None) -> str:

@@ -3,7 +3,8 @@
 A frozen weight ``W`` (out × in) gets a trainable update ``ΔW = B @ A · scaling`` with ``A`` (r × in) and ``B``
 (out × r); ``B`` starts at zero so the adapted model starts exactly equal to the base. Several named adapters can
 live on one base, one active at a time (or none: the base itself). ``merge_lora`` folds the active adapter into
-the base weights for fast serving; ``unmerge_lora`` takes it back out.
+the base weights for fast serving; ``unmerge_lora`` takes it back out. The base layers may also be quantized
+(:class:`lmcycle.adapt.qlora.QuantLinear`, for QLoRA); adapters are never merged into those.
 
 Files written by :func:`save_lora` load with ``peft.PeftModel.from_pretrained`` (and vLLM), and adapters saved by
 PEFT load with :func:`load_lora`. PEFT itself is never imported here.
@@ -23,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from lmcycle.adapt.qlora import QuantLinear
 from lmcycle.atomic import atomic_dir
 from lmcycle.config import Config
 from lmcycle.errors import LmcycleError
@@ -30,6 +32,7 @@ from lmcycle.errors import LmcycleError
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 KEY_PREFIX = "base_model.model."
+LINEAR_TYPES = (nn.Linear, Conv1D, QuantLinear)
 
 
 class LoraConfig(Config):
@@ -47,20 +50,31 @@ def lora_scaling(r: int, alpha: float, use_rslora: bool) -> float:
     return alpha / math.sqrt(r) if use_rslora else alpha / r
 
 
+def _in_out(layer: nn.Linear | Conv1D | QuantLinear) -> tuple[int, int]:
+    if isinstance(layer, QuantLinear):
+        return layer.in_features, layer.out_features
+    rows, cols = layer.weight.shape
+    return (rows, cols) if isinstance(layer, Conv1D) else (cols, rows)
+
+
+QUANTIZED_MERGE = ("cannot merge a LoRA adapter into quantized (int8/NF4) weights: rounding the merged weight "
+                   "loses most of the update; merge into a full-precision copy of the base "
+                   "(lmcycle.adapt.qlora.merge_qlora)")
+
+
 class LoraLinear(nn.Module):
-    """An ``nn.Linear`` or GPT-2 ``Conv1D`` plus named low-rank adapters, at most one active.
+    """An ``nn.Linear``, GPT-2 ``Conv1D`` or ``QuantLinear`` plus named low-rank adapters, at most one active.
 
     ``forward(x)``: x (..., in) -> (..., out) = base(x) + scaling · B(A(dropout(x))) for the active adapter,
     unless that adapter is merged into the base weight (then the base alone already includes it).
     """
 
-    def __init__(self, base: nn.Linear | Conv1D):
+    def __init__(self, base: nn.Linear | Conv1D | QuantLinear):
         super().__init__()
         self.base_layer = base
-        # Conv1D stores its weight as (in, out): "fan_in_fan_out" in PEFT's words.
-        self.fan_in_fan_out = isinstance(base, Conv1D)
-        rows, cols = base.weight.shape
-        self.in_features, self.out_features = (rows, cols) if self.fan_in_fan_out else (cols, rows)
+        # Conv1D stores its weight as (in, out): "fan_in_fan_out" in PEFT's words (also when quantized since).
+        self.fan_in_fan_out = base.fan_in_fan_out if isinstance(base, QuantLinear) else isinstance(base, Conv1D)
+        self.in_features, self.out_features = _in_out(base)
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.lora_dropout = nn.ModuleDict()
@@ -68,9 +82,14 @@ class LoraLinear(nn.Module):
         self.active: str | None = None
         self.merged: str | None = None
 
+    @property
+    def weight(self) -> torch.Tensor | None:
+        """The base layer's weight (None when quantized): transformers code reads it (T5's feed-forward, its dtype)."""
+        return self.base_layer.weight
+
     def add_adapter(self, name: str, r: int, scaling: float, dropout: float) -> None:
         """Add adapter ``name``: A (r × in) kaiming-uniform as PEFT does, B (out × r) zeros."""
-        w = self.base_layer.weight
+        w = self.base_layer if isinstance(self.base_layer, QuantLinear) else self.base_layer.weight
         a = nn.Linear(self.in_features, r, bias=False, device=w.device, dtype=w.dtype)
         b = nn.Linear(r, self.out_features, bias=False, device=w.device, dtype=w.dtype)
         nn.init.kaiming_uniform_(a.weight, a=math.sqrt(5))
@@ -88,6 +107,8 @@ class LoraLinear(nn.Module):
     def merge(self, name: str) -> None:
         if self.merged is not None:
             raise LmcycleError(f"adapter '{self.merged}' is already merged; unmerge it first")
+        if isinstance(self.base_layer, QuantLinear):
+            raise LmcycleError(QUANTIZED_MERGE)
         w = self.base_layer.weight
         w.copy_((w.float() + self.delta_weight(name)).to(w.dtype))
         self.merged = name
@@ -117,7 +138,7 @@ def lora_layers(model: nn.Module) -> dict[str, LoraLinear]:
 
 def default_targets(model: nn.Module) -> list[str]:
     """The attention projections LoRA adapts by default: Llama q_proj/v_proj, GPT-2 c_attn, T5 q/v."""
-    leaves = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear | Conv1D)}
+    leaves = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, LINEAR_TYPES)}
     for names in (["q_proj", "v_proj"], ["c_attn"], ["q", "v"]):
         if set(names) <= leaves:
             return names
@@ -132,7 +153,7 @@ def _matches(path: str, pattern: str) -> bool:
 
 
 def find_targets(model: nn.Module, patterns: list[str]) -> list[str]:
-    """Paths of the Linear/Conv1D (or already-wrapped) modules whose path ends with one of ``patterns``."""
+    """Paths of the Linear/Conv1D/QuantLinear (or already-wrapped) modules whose path ends with one of ``patterns``."""
     for p in patterns:
         try:
             re.compile(p)
@@ -146,7 +167,7 @@ def find_targets(model: nn.Module, patterns: list[str]) -> list[str]:
             continue  # base_layer and lora_A/B of a wrapped layer
         if isinstance(module, LoraLinear):
             inside_lora = (path + ".",)
-        elif not isinstance(module, nn.Linear | Conv1D):
+        elif not isinstance(module, LINEAR_TYPES):
             continue
         if path and any(_matches(path, p) for p in patterns):
             found.append(path)
@@ -208,6 +229,9 @@ def set_active_adapter(model: nn.Module, name: str | None) -> None:
 
 def merge_lora(model: nn.Module) -> None:
     """Add the active adapter's B @ A · scaling into the base weights (forward then skips the adapter)."""
+    active = [layer for layer in lora_layers(model).values() if layer.active is not None]
+    if any(isinstance(layer.base_layer, QuantLinear) for layer in active):
+        raise LmcycleError(QUANTIZED_MERGE)  # checked first: no layer gets merged
     for layer in lora_layers(model).values():
         if layer.active is not None:
             layer.merge(layer.active)
@@ -347,13 +371,12 @@ def load_lora(model: nn.Module, adapter_dir: str | os.PathLike, name: str = "def
         module = modules.get(mpath)
         if isinstance(module, LoraLinear):
             module = module.base_layer
-        if not isinstance(module, nn.Linear | Conv1D):
+        if not isinstance(module, LINEAR_TYPES):
             raise LmcycleError(f"adapter targets '{mpath}', which is not a Linear/Conv1D layer of this model",
                                file=weights_file)
         if set(ab) != {"lora_A", "lora_B"}:
             raise LmcycleError(f"'{mpath}' has {sorted(ab)} but needs both lora_A and lora_B", file=weights_file)
-        w = module.weight
-        in_f, out_f = (w.shape[0], w.shape[1]) if isinstance(module, Conv1D) else (w.shape[1], w.shape[0])
+        in_f, out_f = _in_out(module)
         want = {"lora_A": (r, in_f), "lora_B": (out_f, r)}
         for k, shape in want.items():
             if tuple(ab[k].shape) != shape:

@@ -4,23 +4,34 @@ Each ``data`` entry is a dataset rendered with a prompt template; the loss cover
 (:func:`lmcycle.data.sft.encode_sft`). Several entries make a multi-task mixture, each dataset drawn in
 proportion to its ``weight`` (:func:`lmcycle.data.sft.mix_tasks`). Works for decoders and encoder-decoders.
 
-With ``peft: {method: lora, ...}`` only LoRA adapters on a frozen base are trained
-(:mod:`lmcycle.adapt.lora`); the stage then saves the adapter (PEFT format) and the merged plain model.
+With ``peft:`` only a few parameters train on a frozen base, and the stage saves them in PEFT's format to
+``<stage>/adapter``:
+
+- ``{method: lora, r, alpha, ...}``: LoRA adapters (:mod:`lmcycle.adapt.lora`); the merged plain model is saved
+  too.
+- ``{method: qlora, bits: 4|8, ...}``: LoRA over a base whose linear layers are quantized (NF4 or int8,
+  :mod:`lmcycle.adapt.qlora`); the adapter is merged into a full-precision copy of the base, never into the
+  quantized weights.
+- ``{method: prompt_tuning, num_virtual_tokens, init}``: a soft prompt (:mod:`lmcycle.adapt.prompt_tuning`);
+  nothing can be merged, so the stage's model is the adapter folder, which every stage loads with its base.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+import os
+from pathlib import Path
+from typing import Annotated, Literal
 
-from pydantic import Field
+from pydantic import Discriminator, Field, Tag
 
 from lmcycle.adapt.lora import (
     LoraConfig,
     add_lora,
-    count_trainable,
     merge_and_unload,
     save_lora,
 )
+from lmcycle.adapt.prompt_tuning import PromptTuningConfig, add_prompt_tuning, save_prompt_tuning
+from lmcycle.adapt.qlora import merge_qlora, quantize_model
 from lmcycle.config import Config
 from lmcycle.data.sft import collate_sft, encode_sft, mix_tasks
 from lmcycle.runs import RunContext
@@ -34,7 +45,7 @@ from lmcycle.train.loop import (
     seed_everything,
     train,
 )
-from lmcycle.train.stage import TrainingStage, finish_training_stage, start_training_stage
+from lmcycle.train.stage import TrainingStage, finish_training_stage, log_training_end, start_training_stage
 
 
 class SftData(Config):
@@ -45,10 +56,32 @@ class SftData(Config):
     template: str | dict | None = Field(None, description="None: the stage's template")
 
 
-class PeftConfig(LoraConfig):
-    """Parameter-efficient fine-tuning: which method, plus its settings (LoRA's rank, alpha, targets...)."""
+class LoraPeft(LoraConfig):
+    """LoRA: rank-r adapters beside the target linear layers of a frozen base."""
 
     method: Literal["lora"] = "lora"
+
+
+class QloraPeft(LoraConfig):
+    """QLoRA: LoRA over a base whose linear layers are stored quantized (4-bit NF4 or int8) and frozen."""
+
+    method: Literal["qlora"] = "qlora"
+    bits: Literal[4, 8] = 4
+
+
+class PromptTuningPeft(PromptTuningConfig):
+    """Prompt tuning: trainable virtual tokens prepended to the input embeddings of a frozen base."""
+
+    method: Literal["prompt_tuning"] = "prompt_tuning"
+
+
+def _peft_method(value) -> str:
+    return (value.get("method", "lora") if isinstance(value, dict) else getattr(value, "method", "lora"))
+
+
+# `method` may be left out: LoRA is the default.
+PeftConfig = Annotated[Annotated[LoraPeft, Tag("lora")] | Annotated[QloraPeft, Tag("qlora")]
+                       | Annotated[PromptTuningPeft, Tag("prompt_tuning")], Discriminator(_peft_method)]
 
 
 class SftStage(Config):
@@ -77,6 +110,8 @@ def run_sft(cfg: SftStage, ctx: RunContext) -> dict[str, str]:
     model, tokenizer, tcfg, seed = stage.model, stage.tokenizer, stage.train, stage.seed
     seq2seq = is_seq2seq(model)
     max_len = min(cfg.max_len, context_window(model, tokenizer))
+    if isinstance(cfg.peft, PromptTuningPeft) and not seq2seq:
+        max_len -= cfg.peft.num_virtual_tokens  # the virtual tokens take positions in the decoder's window
 
     tasks = [(encode_sft(ctx.dataset(d.dataset), get_template(d.template or cfg.template), tokenizer, max_len,
                          seq2seq), d.weight) for d in cfg.data]
@@ -97,32 +132,62 @@ def run_sft(cfg: SftStage, ctx: RunContext) -> dict[str, str]:
         eval_fn = (lambda m: held_out_metrics(m, eval_batches)) if eval_batches else None
 
     stage.log(event="data", train_examples=len(items), tasks=[d.dataset for d in cfg.data], max_len=max_len)
+    # Adapters are injected before train(): resuming loads a checkpoint whose state dict has their keys.
     if cfg.peft is not None:
-        # Injected before train(): resuming loads a checkpoint whose state dict has the adapters' keys.
-        add_lora_for_training(stage, cfg.peft)
-    params = [p for p in model.parameters() if p.requires_grad]
-    result = train(model, batch_at, lm_loss_sum, tcfg, stage.out_dir, log=stage.log, eval_fn=eval_fn,
+        add_peft_for_training(stage, cfg.peft)
+    params = [p for p in stage.model.parameters() if p.requires_grad]
+    result = train(stage.model, batch_at, lm_loss_sum, tcfg, stage.out_dir, log=stage.log, eval_fn=eval_fn,
                    params=params, desc=stage.name)
     if cfg.peft is None:
         return finish_training_stage(stage, result)
-    return finish_lora_stage(stage, result, base_model=ctx.model_path(cfg.model))
+    return finish_peft_stage(stage, result, cfg.peft, base_model=_recorded_path(ctx.model_path(cfg.model)))
 
 
-def add_lora_for_training(stage: TrainingStage, peft: PeftConfig) -> None:
-    """Inject a seeded adapter ``default`` into the stage's model (base frozen) and log what trains."""
-    seed_everything(stage.seed)  # A's random init is part of the run: the same seed gives the same adapter
-    add_lora(stage.model, LoraConfig(**peft.model_dump(exclude={"method"})))
-    trainable, total = count_trainable(stage.model)
+def add_peft_for_training(stage: TrainingStage, peft: LoraPeft | QloraPeft | PromptTuningPeft) -> None:
+    """Freeze the stage's model and add what trains (seeded), then log how many parameters that is."""
+    seed_everything(stage.seed)  # the adapter's random init is part of the run: same seed, same adapter
+    total = sum(p.numel() for p in stage.model.parameters())  # before quantizing turns weights into buffers
+    settings = peft.model_dump(exclude={"method", "bits"})
+    if isinstance(peft, PromptTuningPeft):
+        stage.model = add_prompt_tuning(stage.model, PromptTuningConfig(**settings), stage.tokenizer)
+    else:
+        if isinstance(peft, QloraPeft):
+            stage.log(event="quantize", **quantize_model(stage.model, bits=peft.bits))
+        add_lora(stage.model, LoraConfig(**settings))
+    trainable = sum(p.numel() for p in stage.model.parameters() if p.requires_grad)
     stage.log(event="peft", method=peft.method, trainable_params=trainable, total_params=total,
-              trainable_percent=round(100.0 * trainable / max(total, 1), 4))
+              trainable_percent=round(100.0 * trainable / max(total, 1), 4),
+              **({"r": peft.r} if isinstance(peft, LoraConfig) else {}))
 
 
-def finish_lora_stage(stage: TrainingStage, result: TrainResult, base_model: str) -> dict[str, str]:
-    """Save the adapter to ``<stage>/adapter``, merge it, save the plain merged model via the usual finish."""
+def finish_peft_stage(stage: TrainingStage, result: TrainResult, peft, base_model: str) -> dict[str, str]:
+    """Save the adapter to ``<stage>/adapter``; for (Q)LoRA also save the merged plain model as ``model``.
+
+    QLoRA merges into the full-precision base reloaded from disk, not into its quantized weights. A soft prompt
+    cannot be merged: the stage's model is the adapter folder, which loads with its base.
+    """
     adapter_dir = stage.out_dir / "adapter"
     if is_main():
-        save_lora(stage.model, "default", adapter_dir, base_model_name_or_path=base_model)
+        if isinstance(peft, PromptTuningPeft):
+            save_prompt_tuning(stage.model, adapter_dir, base_model_name_or_path=base_model,
+                               tokenizer_name_or_path=base_model)
+            log_training_end(stage, result)
+        else:
+            save_lora(stage.model, "default", adapter_dir, base_model_name_or_path=base_model)
     barrier()
-    merge_and_unload(stage.model)
+    if isinstance(peft, PromptTuningPeft):
+        return {"model": str(adapter_dir), "adapter": str(adapter_dir)}
+    if isinstance(peft, QloraPeft):
+        from lmcycle.models.load import load_model
+
+        stage.model, _ = load_model(base_model, device=stage.ctx.device)
+        merge_qlora(stage.model, adapter_dir)
+    else:
+        merge_and_unload(stage.model)
     produced = finish_training_stage(stage, result)
     return {**produced, "adapter": str(adapter_dir)}
+
+
+def _recorded_path(model_ref: str) -> str:
+    """What an adapter records as its base: an absolute path for a local model, a Hub id as it is."""
+    return os.path.abspath(model_ref) if Path(model_ref).exists() else model_ref

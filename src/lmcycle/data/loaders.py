@@ -1,4 +1,5 @@
-"""Datasets from files (JSON Lines, CSV, Parquet), Hugging Face ``datasets``, DialogSum, or the built-in task.
+"""Datasets from files (JSON Lines, CSV, Parquet), Hugging Face ``datasets``, the named datasets (DialogSum,
+GSM8K, the Davidson tweets, XQuAD-en) or the built-in task.
 
 :class:`DatasetConfig` is the recipe's ``data.<name>`` section; :func:`load_examples` turns it into
 :class:`~lmcycle.data.examples.Example` objects. Every problem in the data is one
@@ -22,7 +23,7 @@ from lmcycle.config import Config
 from lmcycle.data.examples import Example
 from lmcycle.errors import LmcycleError
 
-Format = Literal["jsonl", "csv", "parquet", "hf", "dialogsum", "synthetic"]
+Format = Literal["jsonl", "csv", "parquet", "hf", "dialogsum", "gsm8k", "davidson", "xquad", "synthetic"]
 FILE_FORMATS = ("jsonl", "csv", "parquet")
 SUFFIXES = {"jsonl": (".jsonl", ".jsonl.gz", ".json", ".json.gz"), "csv": (".csv", ".csv.gz"),
             "parquet": (".parquet",)}
@@ -31,9 +32,12 @@ SUFFIXES = {"jsonl": (".jsonl", ".jsonl.gz", ".json", ".json.gz"), "csv": (".csv
 class DatasetConfig(Config):
     """Where a dataset comes from and which fields hold the input and the reference targets.
 
-    ``path`` is a file, a directory (holding ``<split>.<ext>`` for file formats, the DialogSum files for
-    ``dialogsum``, or a ``save_to_disk`` dataset for ``hf``) or, for ``hf``, a dataset name on the Hub.
-    Relative paths resolve against the recipe's directory. ``n`` and ``seed`` only apply to ``synthetic``.
+    ``path`` is a file, a directory (holding ``<split>.<ext>`` for file formats, the dataset's own files for
+    ``dialogsum``, ``gsm8k``, ``davidson`` and ``xquad``, or a ``save_to_disk`` dataset for ``hf``) or, for
+    ``hf``, a dataset name on the Hub. Relative paths resolve against the recipe's directory. ``n`` and ``seed``
+    only apply to ``synthetic`` (the Davidson and XQuAD splits use fixed seeds of their own, so that no recipe
+    seed can move a test example into training). ``keep_calculator`` only applies to ``gsm8k``: keep the
+    ``<<expr=value>>`` annotations in the training target.
     """
 
     format: Format
@@ -46,11 +50,14 @@ class DatasetConfig(Config):
     limit: int | None = Field(default=None, ge=1)
     n: int = Field(default=200, ge=1)
     seed: int = 0
+    keep_calculator: bool = False
 
     @model_validator(mode="after")
     def _path_given(self) -> DatasetConfig:
         if self.format != "synthetic" and not self.path:
             raise ValueError(f"'path' is required for format '{self.format}'")
+        if self.keep_calculator and self.format != "gsm8k":
+            raise ValueError("'keep_calculator' only applies to format 'gsm8k'")
         return self
 
 
@@ -95,14 +102,34 @@ def load_examples(cfg: DatasetConfig, base_dir: Path = Path(".")) -> list[Exampl
         examples = synthetic_dialogues(min(cfg.n, cfg.limit or cfg.n), cfg.seed)
         return _with_task(examples, cfg.task)
     path = _resolve(cfg.path, base_dir)
-    if cfg.format == "dialogsum":
-        from lmcycle.data.dialogsum import load_dialogsum
-
-        return _with_task(load_dialogsum(path, cfg.split)[: cfg.limit], cfg.task)
+    if cfg.format in NAMED_LOADERS:
+        return _with_task(_load_named(cfg, path)[: cfg.limit], cfg.task)
     if cfg.format == "hf" and not Path(path).exists():
         path = cfg.path  # not a local directory: a dataset name on the Hub
     records = read_records(path, cfg.format, cfg.split)[: cfg.limit]
     return [_to_example(rec, cfg) for rec in records]
+
+
+NAMED_LOADERS = ("dialogsum", "gsm8k", "davidson", "xquad")
+
+
+def _load_named(cfg: DatasetConfig, path: Path) -> list[Example]:
+    # Imported here: each named loader imports this module for its record reader.
+    if cfg.format == "dialogsum":
+        from lmcycle.data.dialogsum import load_dialogsum
+
+        return load_dialogsum(path, cfg.split)
+    if cfg.format == "gsm8k":
+        from lmcycle.data.gsm8k import load_gsm8k
+
+        return load_gsm8k(path, cfg.split, keep_calculator=cfg.keep_calculator)
+    if cfg.format == "davidson":
+        from lmcycle.data.davidson import load_davidson
+
+        return load_davidson(path, cfg.split)
+    from lmcycle.data.xquad import load_xquad
+
+    return load_xquad(path, cfg.split)
 
 
 def text_field(rec: SourceRecord, name: str) -> str:

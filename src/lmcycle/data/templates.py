@@ -71,6 +71,20 @@ TEMPLATES: dict[str, PromptTemplate] = {
                          target_prefix="Answer:"),
     "instruction": PromptTemplate(input_format="### Instruction:\n{input}", target_prefix="### Response:"),
     "plain": PromptTemplate(input_format="{input}", target_prefix="", example_separator="\n"),
+    # GSM8K: the target is the worked solution ending in '#### <answer>' (lmcycle.data.gsm8k), which is also
+    # where lmcycle.evals.gsm8k.gsm8k_accuracy looks first for the predicted number.
+    "gsm8k": PromptTemplate(
+        instruction="Solve the math word problem step by step. End with '#### ' followed by the final answer.",
+        input_format="Question: {input}", target_prefix="Answer:"),
+    # Davidson tweets (lmcycle.data.davidson): the target is one label word, which the accuracy metric reads as
+    # the prediction's first word.
+    "classify_tweet": PromptTemplate(
+        instruction="Classify each tweet as hate, offensive or neither.",
+        input_format="Tweet: {input}", target_prefix="Label:"),
+    # XQuAD/SQuAD (lmcycle.data.xquad): the input already reads "Context: ...\nQuestion: ...".
+    "extractive_qa": PromptTemplate(
+        instruction="Answer each question with a short span copied from its context.",
+        input_format="{input}", target_prefix="Answer:"),
 }
 
 

@@ -3,7 +3,9 @@
 For each example of ``data`` (the first ``limit``): the prompt is the template with ``shots`` solved examples
 (drawn from ``shot_pool``, never the query itself) that fits the model's context window with room for
 ``decoding.max_new_tokens``; the model continues it; the continuation, stripped of surrounding whitespace, is
-scored with ROUGE and BLEU against all of the example's targets. Perplexity is of ``targets[0]`` given the
+scored with the requested ``metrics`` against all of the example's targets: ROUGE and BLEU (summaries),
+``accuracy`` and ``macro_f1`` (a generated label word), ``exact_match`` and ``token_f1`` (SQuAD extractive QA,
+best gold answer), ``gsm8k_accuracy`` (the final number of a worked solution). Perplexity is of ``targets[0]`` given the
 zero-shot prompt (decoders: prompt + target with the prompt masked; encoder-decoders: target given prompt).
 With ``baseline: extractive`` no model is loaded: the prediction is the three longest utterances.
 
@@ -26,16 +28,32 @@ from lmcycle.data.templates import get_template
 from lmcycle.errors import LmcycleError
 from lmcycle.evals.baselines import extractive_baseline
 from lmcycle.evals.bleu import bleu
+from lmcycle.evals.classification import accuracy, macro_f1
+from lmcycle.evals.gsm8k import gsm8k_accuracy
 from lmcycle.evals.perplexity import conditional_perplexity, seq2seq_perplexity
 from lmcycle.evals.rouge import rouge
 from lmcycle.evals.score import Score
+from lmcycle.evals.squad import exact_match, token_f1
 from lmcycle.models.generate import DecodingConfig, generate
 from lmcycle.models.load import context_window, is_seq2seq, load_model
 from lmcycle.runs import RunContext
 
+Metric = Literal["rouge", "bleu", "accuracy", "macro_f1", "exact_match", "token_f1", "gsm8k_accuracy"]
+
+# Each metric's function and the key of its per-example value in predictions.jsonl (None: it has none).
+METRICS = {
+    "rouge": (rouge, "rougeL"),
+    "bleu": (bleu, "bleu"),
+    "accuracy": (accuracy, "accuracy"),
+    "macro_f1": (macro_f1, None),  # F1 is a property of the whole set, not a mean over examples
+    "exact_match": (exact_match, "exact_match"),
+    "token_f1": (token_f1, "token_f1"),
+    "gsm8k_accuracy": (gsm8k_accuracy, "gsm8k_accuracy"),
+}
+
 
 class EvalStage(Config):
-    """Score a model (or a baseline) on a dataset with ROUGE, BLEU and perplexity."""
+    """Score a model (or a baseline) on a dataset with the chosen metrics and perplexity."""
 
     type: Literal["eval"] = "eval"
     name: str | None = None
@@ -46,7 +64,7 @@ class EvalStage(Config):
     shots: int = Field(default=0, ge=0)
     shot_pool: str | None = None  # dataset to draw shots from; default: `data` (never the query itself)
     decoding: DecodingConfig = Field(default_factory=lambda: DecodingConfig(max_new_tokens=64, stop=["\n\n"]))
-    metrics: list[Literal["rouge", "bleu"]] = ["rouge", "bleu"]
+    metrics: list[Metric] = ["rouge", "bleu"]
     perplexity: bool = True
     baseline: Literal["extractive"] | None = None
 
@@ -100,12 +118,13 @@ def _score(which: list[str], predictions: list[str], references: list[list[str]]
     metrics: dict[str, Any] = {}
     settings: dict[str, Any] = {}
     per_example: list[dict[str, Any]] = [{} for _ in predictions]
-    scores = {"rouge": (rouge, "rougeL"), "bleu": (bleu, "bleu")}
-    for metric in which:
-        fn, per_example_key = scores[metric]
+    for metric in dict.fromkeys(which):  # a metric listed twice is scored once
+        fn, per_example_key = METRICS[metric]
         score = fn(predictions, references)
         metrics.update(score.values)
         settings[metric] = score.settings
+        if per_example_key is None:
+            continue
         for row, values in zip(per_example, score.per_example, strict=True):
             row[per_example_key] = values[per_example_key]
     if ppl is not None:

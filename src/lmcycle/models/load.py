@@ -39,8 +39,14 @@ def load_model(
     """Load ``(model, tokenizer)`` from a local directory or a Hub id; the model is in eval mode on ``device``.
 
     The tokenizer always has a pad token afterwards (its EOS token when it had none).
+    A PEFT-format adapter folder (LoRA, QLoRA or a soft prompt) loads its base model with the adapter on it
+    (:func:`lmcycle.adapt.adapters.load_adapted`).
     Raises :class:`LmcycleError` for a missing local path, or a Hub id while the Hub is unreachable.
     """
+    from lmcycle.adapt.adapters import is_adapter_dir, load_adapted
+
+    if is_adapter_dir(Path(name_or_path).expanduser()):
+        return load_adapted(Path(name_or_path).expanduser(), device=device, dtype=dtype)
     source = _resolve_source(str(name_or_path))
     try:
         config = AutoConfig.from_pretrained(source)

@@ -53,8 +53,13 @@ def finish_training_stage(stage: TrainingStage, result: TrainResult) -> dict[str
     model_dir = stage.out_dir / "model"
     if is_main():
         save_model_dir(stage.model, stage.tokenizer, model_dir)
-        stage.log(event="train_end", step=result.step, wall_time=round(result.wall_time, 2),
-                  tokens_per_s=round(result.tokens_per_s, 1), peak_rss_mb=round(result.peak_rss_mb, 1),
-                  rss_growth_mb=round(result.rss_growth_mb, 1))
+        log_training_end(stage, result)
     barrier()
     return {"model": str(model_dir)}
+
+
+def log_training_end(stage: TrainingStage, result: TrainResult) -> None:
+    """The ``train_end`` row the report reads: steps, wall time, throughput and memory of the loop."""
+    stage.log(event="train_end", step=result.step, wall_time=round(result.wall_time, 2),
+              tokens_per_s=round(result.tokens_per_s, 1), peak_rss_mb=round(result.peak_rss_mb, 1),
+              rss_growth_mb=round(result.rss_growth_mb, 1))

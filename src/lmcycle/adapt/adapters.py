@@ -1,0 +1,220 @@
+"""Adapters on disk, whatever the method: find and describe them, load one onto its base, merge, export.
+
+An adapter directory is PEFT's format (``adapter_config.json`` + ``adapter_model.safetensors``): LoRA and QLoRA
+adapters (:mod:`lmcycle.adapt.lora`) and soft prompts (:mod:`lmcycle.adapt.prompt_tuning`). These functions
+back ``lmcycle adapters list|merge|export`` and let every stage that takes a ``model`` take an adapter folder
+instead: :func:`load_adapted` loads the base the adapter names and puts the adapter on it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lmcycle.atomic import atomic_dir
+from lmcycle.errors import LmcycleError
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+METHODS = {"LORA": "lora", "PROMPT_TUNING": "prompt_tuning"}
+
+
+def is_adapter_dir(path: str | os.PathLike) -> bool:
+    """True for a folder holding ``adapter_config.json`` (and no ``config.json`` of a full model)."""
+    p = Path(path)
+    return (p / CONFIG_FILE).is_file() and not (p / "config.json").is_file()
+
+
+def read_adapter_config(path: str | os.PathLike) -> dict[str, Any]:
+    """The adapter's config, checked for what every method needs (both files present, a known ``peft_type``)."""
+    p = Path(path)
+    if not p.is_dir():
+        raise LmcycleError("adapter folder does not exist", file=p)
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        if not (p / name).is_file():
+            raise LmcycleError(f"not an adapter folder: {name} is missing", file=p)
+    try:
+        config = json.loads((p / CONFIG_FILE).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise LmcycleError(f"not valid JSON: {e}", file=p / CONFIG_FILE) from None
+    if not isinstance(config, dict):
+        raise LmcycleError("adapter config must be a JSON object", file=p / CONFIG_FILE)
+    if config.get("peft_type") not in METHODS:
+        raise LmcycleError(f"peft_type {config.get('peft_type')!r} is not supported (supported: "
+                           f"{', '.join(METHODS)})", file=p / CONFIG_FILE, field="peft_type")
+    return config
+
+
+@dataclass
+class AdapterInfo:
+    """What ``lmcycle adapters list`` shows for one adapter."""
+
+    path: Path
+    method: str  # lora | prompt_tuning
+    task_type: str | None
+    base_model: str | None
+    params: int  # numbers stored in the weights file
+    size_bytes: int  # the folder's files on disk
+    settings: dict[str, Any] = field(default_factory=dict)  # r, alpha, targets / virtual tokens, init
+
+
+def describe_adapter(path: str | os.PathLike) -> AdapterInfo:
+    """Read an adapter's config and the shapes in its weights file (no tensor is loaded)."""
+    from safetensors import safe_open
+
+    p = Path(path)
+    config = read_adapter_config(p)
+    params = 0
+    try:
+        with safe_open(str(p / WEIGHTS_FILE), framework="pt") as f:
+            for key in f.keys():
+                n = 1
+                for dim in f.get_slice(key).get_shape():
+                    n *= dim
+                params += n
+    except Exception as e:  # safetensors raises its own error types for corrupt files
+        raise LmcycleError(f"cannot read adapter weights: {e}", file=p / WEIGHTS_FILE) from None
+    method = METHODS[config["peft_type"]]
+    if method == "lora":
+        keys = ("r", "lora_alpha", "target_modules", "use_rslora", "fan_in_fan_out")
+    else:
+        keys = ("num_virtual_tokens", "num_transformer_submodules", "token_dim", "prompt_tuning_init")
+    return AdapterInfo(path=p, method=method, task_type=config.get("task_type"),
+                       base_model=config.get("base_model_name_or_path"), params=params,
+                       size_bytes=sum(f.stat().st_size for f in p.iterdir() if f.is_file()),
+                       settings={k: config[k] for k in keys if k in config})
+
+
+def find_adapters(root: str | os.PathLike) -> list[Path]:
+    """Every adapter folder at or under ``root`` (a run directory, a stage folder or an adapter), sorted."""
+    p = Path(root)
+    if not p.exists():
+        raise LmcycleError("no such file or folder", file=p)
+    if is_adapter_dir(p):
+        return [p]
+    return sorted(c.parent for c in p.rglob(CONFIG_FILE) if is_adapter_dir(c.parent))
+
+
+def find_base(adapter_dir: str | os.PathLike, base: str | None = None) -> str:
+    """The base model for an adapter: ``base`` if given, else the config's ``base_model_name_or_path``.
+
+    A recorded local path that no longer exists (a run directory moved elsewhere) is looked for by its
+    trailing components under the adapter's parent folders; a Hub id is returned as it is.
+    """
+    if base:
+        return base
+    p = Path(adapter_dir)
+    recorded = read_adapter_config(p).get("base_model_name_or_path")
+    if not recorded:
+        raise LmcycleError("the adapter does not name its base model (base_model_name_or_path); pass the base",
+                           file=p / CONFIG_FILE, field="base_model_name_or_path")
+    where = Path(recorded)
+    if where.exists() or not (where.is_absolute() or len(where.parts) > 2):
+        return recorded
+    for ancestor in p.resolve().parents:
+        for i in range(1, len(where.parts)):
+            candidate = ancestor.joinpath(*where.parts[i:])
+            if (candidate / "config.json").is_file():
+                return str(candidate)
+    raise LmcycleError(f"the adapter's base model '{recorded}' does not exist; pass the base explicitly",
+                       file=p / CONFIG_FILE, field="base_model_name_or_path")
+
+
+def load_adapted(adapter_dir: str | os.PathLike, base: str | None = None, *, device: str = "cpu",
+                 dtype=None, merge: bool = True):
+    """Load the base model with the adapter on it; returns ``(model, tokenizer)`` in eval mode.
+
+    LoRA is merged into the base weights by default (same outputs, no adapter overhead at inference); with
+    ``merge=False`` it stays a separate, active adapter named ``default``. A soft prompt wraps the base
+    (:class:`lmcycle.adapt.prompt_tuning.PromptTunedModel`).
+    """
+    from lmcycle.models.load import load_model
+
+    config = read_adapter_config(adapter_dir)
+    model, tokenizer = load_model(find_base(adapter_dir, base), device=device,
+                                  **({"dtype": dtype} if dtype is not None else {}))
+    if METHODS[config["peft_type"]] == "lora":
+        from lmcycle.adapt.lora import load_lora, merge_and_unload
+
+        load_lora(model, adapter_dir)
+        if merge:
+            merge_and_unload(model)
+    else:
+        from lmcycle.adapt.prompt_tuning import load_prompt_tuning
+
+        model = load_prompt_tuning(model, adapter_dir)
+    model.to(device)
+    model.eval()
+    return model, tokenizer
+
+
+def merge_adapter(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, base: str | None = None) -> Path:
+    """Merge a LoRA adapter into a full-precision copy of its base and ``save_pretrained`` the plain model.
+
+    A QLoRA adapter merges the same way: into the 32-bit base, never into quantized weights. Soft prompts live
+    in the input, not in any weight, so they cannot be merged.
+    """
+    from lmcycle.train.checkpoint import save_model_dir
+
+    if METHODS[read_adapter_config(adapter_dir)["peft_type"]] != "lora":
+        raise LmcycleError("a prompt-tuning adapter cannot be merged into weights (its virtual tokens are "
+                           "inputs); serve it with its base instead", file=Path(adapter_dir) / CONFIG_FILE,
+                           field="peft_type")
+    model, tokenizer = load_adapted(adapter_dir, base, merge=True)
+    return save_model_dir(model, tokenizer, out_dir)
+
+
+def export_adapter(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike,
+                   base_model_name: str | None = None) -> Path:
+    """Copy an adapter to a standalone folder to share or serve (PEFT, vLLM): its two files, with
+    ``base_model_name_or_path`` set to ``base_model_name`` (e.g. the Hub id of the base instead of a local
+    path), plus a README model card saying how it was made and how to load it."""
+    src = Path(adapter_dir)
+    info = describe_adapter(src)
+    config = read_adapter_config(src)
+    if base_model_name:
+        config["base_model_name_or_path"] = base_model_name
+    with atomic_dir(out_dir) as tmp:
+        shutil.copyfile(src / WEIGHTS_FILE, tmp / WEIGHTS_FILE)
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        (tmp / "README.md").write_text(_model_card(info, config), encoding="utf-8")
+    return Path(out_dir)
+
+
+def _model_card(info: AdapterInfo, config: dict) -> str:
+    base = config.get("base_model_name_or_path") or "<base model>"
+    settings = "\n".join(f"- `{k}`: `{v}`" for k, v in info.settings.items())
+    return f"""---
+library_name: peft
+base_model: {base}
+---
+# {info.method} adapter
+
+Trained with lmcycle; {info.params:,} parameters, {config.get('task_type') or 'task type not recorded'}.
+
+{settings}
+
+Load with PEFT:
+
+```python
+from peft import PeftModel
+from transformers import AutoModelForCausalLM  # AutoModelForSeq2SeqLM for SEQ_2_SEQ_LM adapters
+model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("{base}"), "<this folder>")
+```
+
+or with lmcycle: `lmcycle eval model=<this folder> ...` (any stage's `model` accepts an adapter folder).
+"""
+
+
+def format_adapter_table(infos: list[AdapterInfo]) -> str:
+    """A markdown table of adapters, for ``lmcycle adapters list``."""
+    lines = ["| Adapter | Method | Params | Size | Base model | Settings |", "|---|---|---:|---:|---|---|"]
+    for a in infos:
+        settings = ", ".join(f"{k}={v}" for k, v in a.settings.items())
+        lines.append(f"| {a.path} | {a.method} | {a.params:,} | {a.size_bytes / 1e6:.3f} MB | "
+                     f"{a.base_model or '—'} | {settings} |")
+    return "\n".join(lines)
