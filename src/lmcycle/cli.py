@@ -36,7 +36,74 @@ def _parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="(re)write report.md of a run directory")
     rep.add_argument("run_dir")
     rep.add_argument("--title")
+    _add_adapters_parser(sub)
+    _add_plan_parser(sub)
     return p
+
+
+def _add_adapters_parser(sub) -> None:
+    ad = sub.add_parser("adapters", help="list, merge or export PEFT-format adapters (LoRA, QLoRA, soft prompts)")
+    act = ad.add_subparsers(dest="action", required=True)
+    ls = act.add_parser("list", help="every adapter under a run directory, stage folder or adapter folder")
+    ls.add_argument("path")
+    mg = act.add_parser("merge", help="merge a LoRA/QLoRA adapter into its full-precision base; save the model")
+    mg.add_argument("adapter", help="adapter folder")
+    mg.add_argument("--base", help="base model (default: the adapter's base_model_name_or_path)")
+    mg.add_argument("--out", required=True, help="folder for the merged model (save_pretrained)")
+    ex = act.add_parser("export", help="copy an adapter to a standalone folder with a model card")
+    ex.add_argument("adapter", help="adapter folder")
+    ex.add_argument("--out", required=True)
+    ex.add_argument("--base-model-name", help="record this base (e.g. its Hub id) instead of the local path")
+
+
+def _adapters(args) -> int:
+    from lmcycle.adapt import adapters
+
+    if args.action == "list":
+        found = adapters.find_adapters(args.path)
+        if not found:
+            raise LmcycleError("no adapter folder (adapter_config.json) here", file=args.path)
+        print(adapters.format_adapter_table([adapters.describe_adapter(p) for p in found]))
+    elif args.action == "merge":
+        print(f"merged model: {adapters.merge_adapter(args.adapter, args.out, base=args.base)}")
+    else:
+        print(f"exported adapter: {adapters.export_adapter(args.adapter, args.out, args.base_model_name)}")
+    return 0
+
+
+def _add_plan_parser(sub) -> None:
+    pl = sub.add_parser("plan", help="memory (full FT / LoRA / QLoRA / prompt tuning) and compute-optimal budget")
+    pl.add_argument("model", nargs="?", help="a local model folder or its config.json (only the config is read)")
+    pl.add_argument("--arch", choices=("llama", "gpt2", "t5"), help="with --size: one of lmcycle's built-in sizes")
+    pl.add_argument("--size", help="a named size of lmcycle build (100k, 1m, 10m)")
+    pl.add_argument("--params", help="a parameter count (7e9, 7B, 125M): a llama-like shape of that size")
+    pl.add_argument("--vocab", type=int, help="vocabulary for --size (default 2048) or --params (default 32000)")
+    pl.add_argument("--seq-len", type=int, default=512)
+    pl.add_argument("--batch", type=int, default=8, help="sequences per micro-batch")
+    pl.add_argument("--precision", choices=("fp32", "bf16", "int8", "nf4"), default="fp32",
+                    help="weights (and the frozen base of LoRA / prompt tuning)")
+    pl.add_argument("--lora-r", type=int, default=8)
+    pl.add_argument("--lora-targets", help="comma-separated module names or regex suffixes (default: q/v)")
+    pl.add_argument("--virtual-tokens", type=int, default=20, help="prompt tuning's soft prompt length")
+    pl.add_argument("--tokens-per-s", type=float, help="training throughput, for the time of the token budget")
+    pl.add_argument("--flops-per-s", type=float, help="sustained FLOP/s, the alternative to --tokens-per-s")
+    pl.add_argument("--json", action="store_true", help="print the plan as JSON")
+    pl.set_defaults(fields=[])  # main() files stray key=value items here; _plan rejects them
+
+
+def _plan(args) -> int:
+    from lmcycle.train.plan import make_plan, render, resolve_config
+
+    stray = args.fields + ([args.model] if args.model and "=" in args.model and not Path(args.model).exists() else [])
+    if stray:
+        raise LmcycleError(f"unexpected arguments: {' '.join(stray)}", file="command line")
+    config, name = resolve_config(args.model, args.arch, args.size, args.params, args.vocab)
+    targets = [t.strip() for t in args.lora_targets.split(",") if t.strip()] if args.lora_targets else None
+    plan = make_plan(config, seq_len=args.seq_len, batch=args.batch, precision=args.precision, lora_r=args.lora_r,
+                     lora_targets=targets, virtual_tokens=args.virtual_tokens, tokens_per_s=args.tokens_per_s,
+                     flops_per_s=args.flops_per_s, name=name)
+    print(json.dumps(plan.to_dict(), indent=2, ensure_ascii=False) if args.json else render(plan))
+    return 0
 
 
 def dataset_from_arg(arg: str) -> tuple[str, dict]:
@@ -93,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     if stray:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     if extra:
-        if args.command == "report":
+        if args.command in ("report", "adapters"):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         getattr(args, "overrides" if args.command == "run" else "fields").extend(extra)
     try:
@@ -107,12 +174,17 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _dispatch(args) -> int:
+    if args.command == "plan":
+        _quiet_transformers()
+        return _plan(args)
     from lmcycle.recipe import Recipe, load_recipe, run_recipe
     from lmcycle.train.distributed import init_distributed, is_main
 
     init_distributed()  # a no-op unless started by torchrun
     _quiet_transformers()
 
+    if args.command == "adapters":
+        return _adapters(args)
     if args.command == "report":
         from lmcycle.report import write_report
 

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from lmcycle.atomic import atomic_dir
 from lmcycle.errors import LmcycleError
 
@@ -29,11 +31,12 @@ def is_adapter_dir(path: str | os.PathLike) -> bool:
     return (p / CONFIG_FILE).is_file() and not (p / "config.json").is_file()
 
 
-def read_adapter_config(path: str | os.PathLike) -> dict[str, Any]:
-    """The adapter's config, checked for what every method needs (both files present, a known ``peft_type``)."""
+def read_adapter_config(path: str | os.PathLike, peft_type: str | None = None) -> dict[str, Any]:
+    """The adapter's config, checked for what every method needs: both files present, valid JSON, a supported
+    ``peft_type`` (or exactly ``peft_type`` when given)."""
     p = Path(path)
     if not p.is_dir():
-        raise LmcycleError("adapter folder does not exist", file=p)
+        raise LmcycleError("the adapter folder is missing", file=p)
     for name in (CONFIG_FILE, WEIGHTS_FILE):
         if not (p / name).is_file():
             raise LmcycleError(f"not an adapter folder: {name} is missing", file=p)
@@ -43,10 +46,37 @@ def read_adapter_config(path: str | os.PathLike) -> dict[str, Any]:
         raise LmcycleError(f"not valid JSON: {e}", file=p / CONFIG_FILE) from None
     if not isinstance(config, dict):
         raise LmcycleError("adapter config must be a JSON object", file=p / CONFIG_FILE)
-    if config.get("peft_type") not in METHODS:
-        raise LmcycleError(f"peft_type {config.get('peft_type')!r} is not supported (supported: "
-                           f"{', '.join(METHODS)})", file=p / CONFIG_FILE, field="peft_type")
+    found = config.get("peft_type")
+    if peft_type is not None and found != peft_type:
+        raise LmcycleError(f"peft_type is {found!r}, expected {peft_type!r}", file=p / CONFIG_FILE,
+                           field="peft_type")
+    if found not in METHODS:
+        raise LmcycleError(f"peft_type {found!r} is not supported (supported: {', '.join(METHODS)})",
+                           file=p / CONFIG_FILE, field="peft_type")
     return config
+
+
+def read_adapter(path: str | os.PathLike, peft_type: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """``(config, tensors)`` of an adapter folder of the given ``peft_type`` (``LORA`` / ``PROMPT_TUNING``)."""
+    from safetensors.torch import load_file
+
+    config = read_adapter_config(path, peft_type)
+    try:
+        tensors = load_file(str(Path(path) / WEIGHTS_FILE))
+    except Exception as e:  # safetensors raises its own error types for corrupt files
+        raise LmcycleError(f"cannot read adapter weights: {e}", file=Path(path) / WEIGHTS_FILE) from None
+    return config, tensors
+
+
+def write_adapter(out_dir: str | os.PathLike, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Path:
+    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` atomically (all or nothing)."""
+    from safetensors.torch import save_file
+
+    with atomic_dir(out_dir) as tmp:
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp / WEIGHTS_FILE),
+                  metadata={"format": "pt"})
+    return Path(out_dir)
 
 
 @dataclass

@@ -12,7 +12,6 @@ PEFT load with :func:`load_lora`. PEFT itself is never imported here.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -20,17 +19,14 @@ from pathlib import Path
 
 import torch
 from pydantic import Field
-from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from lmcycle.adapt.adapters import CONFIG_FILE, WEIGHTS_FILE, read_adapter, write_adapter
 from lmcycle.adapt.qlora import QuantLinear
-from lmcycle.atomic import atomic_dir
 from lmcycle.config import Config
 from lmcycle.errors import LmcycleError
 
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
 KEY_PREFIX = "base_model.model."
 LINEAR_TYPES = (nn.Linear, Conv1D, QuantLinear)
 
@@ -312,26 +308,12 @@ def save_lora(model: nn.Module, name: str, out_dir: str | os.PathLike,
         "modules_to_save": None,
         "inference_mode": True,
     }
-    with atomic_dir(out_dir) as tmp:
-        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-    return Path(out_dir)
+    return write_adapter(out_dir, config, tensors)
 
 
-def _read_adapter(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    cfg_file, weights_file = path / CONFIG_FILE, path / WEIGHTS_FILE
-    for f in (cfg_file, weights_file):
-        if not f.is_file():
-            raise LmcycleError(f"LoRA adapter file {f.name} is missing", file=path)
-    try:
-        config = json.loads(cfg_file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise LmcycleError(f"not valid JSON: {e}", file=cfg_file) from None
-    if not isinstance(config, dict):
-        raise LmcycleError("adapter config must be a JSON object", file=cfg_file)
-    if config.get("peft_type") != "LORA":
-        raise LmcycleError(f"peft_type is {config.get('peft_type')!r}, expected 'LORA'", file=cfg_file,
-                           field="peft_type")
+def _read_adapter(path: Path) -> tuple[dict, dict]:
+    config, tensors = read_adapter(path, "LORA")
+    cfg_file = path / CONFIG_FILE
     unsupported = {"bias": config.get("bias", "none") not in (None, "none"),
                    "modules_to_save": bool(config.get("modules_to_save")),
                    "use_dora": bool(config.get("use_dora")),
@@ -343,10 +325,6 @@ def _read_adapter(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     for key in ("r", "lora_alpha"):
         if not isinstance(config.get(key), int | float) or config[key] <= 0:
             raise LmcycleError("must be a positive number", file=cfg_file, field=key)
-    try:
-        tensors = load_file(str(weights_file))
-    except Exception as e:  # safetensors raises its own error types for corrupt files
-        raise LmcycleError(f"cannot read adapter weights: {e}", file=weights_file) from None
     return config, tensors
 
 

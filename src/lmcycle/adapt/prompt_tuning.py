@@ -20,7 +20,6 @@ tuning adapters load with :func:`load_prompt_tuning`. PEFT itself is never impor
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
@@ -28,15 +27,12 @@ from typing import Any, Literal
 
 import torch
 from pydantic import Field, ValidationInfo, field_validator
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lmcycle.atomic import atomic_dir
+from lmcycle.adapt.adapters import CONFIG_FILE, WEIGHTS_FILE, read_adapter, write_adapter
 from lmcycle.config import Config
 from lmcycle.errors import LmcycleError
 
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
 TENSOR_KEY = "prompt_embeddings"
 
 # adapter_config.json keys of PEFT 0.21's PromptTuningConfig that do not change what a loaded prompt computes.
@@ -285,10 +281,7 @@ def save_prompt_tuning(model: PromptTunedModel, out_dir: str | os.PathLike, base
         "inference_mode": True,
     }
     tensors = {TENSOR_KEY: model.prompt_embeddings.detach().contiguous().cpu()}
-    with atomic_dir(out_dir) as tmp:
-        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-    return Path(out_dir)
+    return write_adapter(out_dir, config, tensors)
 
 
 def _harmless(value: Any) -> bool:
@@ -307,18 +300,7 @@ def read_prompt_adapter(adapter_dir: str | os.PathLike, model: nn.Module) -> tup
     ``model``; raises :class:`LmcycleError` naming the file and field of the first problem."""
     path = Path(adapter_dir)
     cfg_file, weights_file = path / CONFIG_FILE, path / WEIGHTS_FILE
-    for f in (cfg_file, weights_file):
-        if not f.is_file():
-            raise LmcycleError(f"prompt tuning adapter file {f.name} is missing", file=path)
-    try:
-        config = json.loads(cfg_file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise LmcycleError(f"not valid JSON: {e}", file=cfg_file) from None
-    if not isinstance(config, dict):
-        raise LmcycleError("adapter config must be a JSON object", file=cfg_file)
-    if config.get("peft_type") != "PROMPT_TUNING":
-        raise LmcycleError(f"peft_type is {config.get('peft_type')!r}, expected 'PROMPT_TUNING'", file=cfg_file,
-                           field="peft_type")
+    config, tensors = read_adapter(path, "PROMPT_TUNING")
     # Keys we do not know (a newer PEFT) are fine while unset; a set one could change what the prompt does.
     for key, value in config.items():
         if key not in _HARMLESS_KEYS and not _harmless(value):
@@ -340,10 +322,6 @@ def read_prompt_adapter(adapter_dir: str | os.PathLike, model: nn.Module) -> tup
     if submodules not in ((1, 2) if seq2seq else (1,)):
         raise LmcycleError(f"unsupported value {submodules!r} for a {want_task} model", file=cfg_file,
                            field="num_transformer_submodules")
-    try:
-        tensors = load_file(str(weights_file))
-    except Exception as e:  # safetensors raises its own error types for corrupt files
-        raise LmcycleError(f"cannot read adapter weights: {e}", file=weights_file) from None
     if set(tensors) != {TENSOR_KEY}:
         raise LmcycleError(f"expected exactly one tensor '{TENSOR_KEY}', found {sorted(tensors)}", file=weights_file)
     prompt = tensors[TENSOR_KEY]
