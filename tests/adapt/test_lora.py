@@ -216,3 +216,28 @@ def test_regex_targets_save_exactly_for_peft(tmp_path):
     assert (logits(theirs) - logits(model)).abs().max() <= 1e-5
     # Loading it back into a fresh model adapts the same layers.
     assert sorted(lora_layers(load_lora(tiny("llama"), tmp_path / "a"))) == sorted(lora_layers(model))
+
+
+def test_settings_from_a_newer_peft_load_only_while_unset(tmp_path):
+    model = add_lora(tiny("llama"), LoraConfig(r=4))
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            layer.lora_B["default"].weight.normal_()
+    save_lora(model, "default", tmp_path / "a")
+    cfg_file = tmp_path / "a" / "adapter_config.json"
+    saved = json.loads(cfg_file.read_text())
+
+    # Unknown but unset (what a newer PEFT writes for a feature that is off): loads, same outputs.
+    cfg_file.write_text(json.dumps({**saved, "some_future_option": None, "use_dora": False, "lora_bias": False}))
+    loaded = load_lora(tiny("llama"), tmp_path / "a")
+    ids = torch.tensor([[3, 5, 7, 9]])
+    with torch.no_grad():
+        assert torch.allclose(loaded(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-6)
+
+    # Set, it would change what the adapter computes: refused, naming the field, the model untouched.
+    for key, value in (("some_future_option", 3), ("lora_bias", True), ("use_dora", True)):
+        cfg_file.write_text(json.dumps({**saved, key: value}))
+        target = tiny("llama")
+        with pytest.raises(LmcycleError, match="unsupported") as err:
+            load_lora(target, tmp_path / "a")
+        assert err.value.field == key and not lora_layers(target)

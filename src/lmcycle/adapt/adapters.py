@@ -56,6 +56,20 @@ def read_adapter_config(path: str | os.PathLike, peft_type: str | None = None) -
     return config
 
 
+# Config keys that describe an adapter's origin or runtime, whatever PEFT method wrote it.
+METADATA_KEYS = {"peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping",
+                 "peft_version"}
+
+
+def reject_unknown_settings(config: dict[str, Any], understood: set[str], cfg_file: Path) -> None:
+    """A key we do not know (e.g. from a newer PEFT) is fine while unset; a set one could change what the
+    adapter computes, so loading it as if it were absent would silently give other outputs."""
+    for key, value in config.items():
+        if key not in understood | METADATA_KEYS and value not in (None, False, [], {}, ""):
+            raise LmcycleError(f"unsupported setting {value!r} (this version of lmcycle does not implement it)",
+                               file=cfg_file, field=key)
+
+
 def read_adapter(path: str | os.PathLike, peft_type: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """``(config, tensors)`` of an adapter folder of the given ``peft_type`` (``LORA`` / ``PROMPT_TUNING``)."""
     from safetensors.torch import load_file

@@ -22,7 +22,13 @@ from pydantic import Field
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from lmcycle.adapt.adapters import CONFIG_FILE, WEIGHTS_FILE, read_adapter, write_adapter
+from lmcycle.adapt.adapters import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    read_adapter,
+    reject_unknown_settings,
+    write_adapter,
+)
 from lmcycle.adapt.qlora import QuantLinear
 from lmcycle.config import Config
 from lmcycle.errors import LmcycleError
@@ -311,9 +317,18 @@ def save_lora(model: nn.Module, name: str, out_dir: str | os.PathLike,
     return write_adapter(out_dir, config, tensors)
 
 
+# PEFT LoraConfig keys we implement, or that cannot change what a loaded adapter computes (initialisation,
+# which modules a fresh adapter would target: loading follows the weights' own keys).
+_UNDERSTOOD_KEYS = {"r", "lora_alpha", "lora_dropout", "target_modules", "bias", "fan_in_fan_out", "use_rslora",
+                    "modules_to_save", "rank_pattern", "alpha_pattern", "use_dora", "init_lora_weights",
+                    "layers_to_transform", "layers_pattern", "exclude_modules", "megatron_config", "megatron_core",
+                    "qalora_group_size", "runtime_config", "loftq_config"}
+
+
 def _read_adapter(path: Path) -> tuple[dict, dict]:
     config, tensors = read_adapter(path, "LORA")
     cfg_file = path / CONFIG_FILE
+    reject_unknown_settings(config, _UNDERSTOOD_KEYS, cfg_file)
     unsupported = {"bias": config.get("bias", "none") not in (None, "none"),
                    "modules_to_save": bool(config.get("modules_to_save")),
                    "use_dora": bool(config.get("use_dora")),

@@ -29,17 +29,22 @@ import torch
 from pydantic import Field, ValidationInfo, field_validator
 from torch import nn
 
-from lmcycle.adapt.adapters import CONFIG_FILE, WEIGHTS_FILE, read_adapter, write_adapter
+from lmcycle.adapt.adapters import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    read_adapter,
+    reject_unknown_settings,
+    write_adapter,
+)
 from lmcycle.config import Config
 from lmcycle.errors import LmcycleError
 
 TENSOR_KEY = "prompt_embeddings"
 
 # adapter_config.json keys of PEFT 0.21's PromptTuningConfig that do not change what a loaded prompt computes.
-_HARMLESS_KEYS = {"peft_type", "task_type", "num_virtual_tokens", "token_dim", "num_transformer_submodules",
-                  "num_attention_heads", "num_layers", "prompt_tuning_init", "prompt_tuning_init_text",
-                  "tokenizer_name_or_path", "tokenizer_kwargs", "base_model_name_or_path", "revision",
-                  "inference_mode", "auto_mapping", "peft_version", "modules_to_save"}
+_UNDERSTOOD_KEYS = {"num_virtual_tokens", "token_dim", "num_transformer_submodules", "num_attention_heads",
+                    "num_layers", "prompt_tuning_init", "prompt_tuning_init_text", "tokenizer_name_or_path",
+                    "tokenizer_kwargs", "modules_to_save"}
 
 
 class PromptTuningConfig(Config):
@@ -284,10 +289,6 @@ def save_prompt_tuning(model: PromptTunedModel, out_dir: str | os.PathLike, base
     return write_adapter(out_dir, config, tensors)
 
 
-def _harmless(value: Any) -> bool:
-    return value is None or value is False or value == [] or value == {} or value == ""
-
-
 def _positive_int(config: dict, key: str, cfg_file: Path) -> int:
     value = config.get(key)
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -302,9 +303,7 @@ def read_prompt_adapter(adapter_dir: str | os.PathLike, model: nn.Module) -> tup
     cfg_file, weights_file = path / CONFIG_FILE, path / WEIGHTS_FILE
     config, tensors = read_adapter(path, "PROMPT_TUNING")
     # Keys we do not know (a newer PEFT) are fine while unset; a set one could change what the prompt does.
-    for key, value in config.items():
-        if key not in _HARMLESS_KEYS and not _harmless(value):
-            raise LmcycleError(f"unsupported setting {value!r}", file=cfg_file, field=key)
+    reject_unknown_settings(config, _UNDERSTOOD_KEYS, cfg_file)
     if config.get("modules_to_save"):
         raise LmcycleError(f"unsupported value {config['modules_to_save']!r}", file=cfg_file, field="modules_to_save")
     seq2seq = _is_seq2seq(model)
