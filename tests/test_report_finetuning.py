@@ -51,7 +51,7 @@ def _make_run(run_dir, move: bool = False):
                                   ("base", run_dir / "build" / "model", 5.0)]:
         (run_dir / stage).mkdir()
         (run_dir / stage / "eval.json").write_text(json.dumps(
-            {"metrics": {"rougeL": rouge_l, "n": 3}, "settings": {"model": str(model)}}))
+            {"metrics": {"rouge1": rouge_l + 10, "rouge2": rouge_l - 20, "rougeL": rouge_l, "n": 3}, "settings": {"model": str(model)}}))
         artifacts[stage] = {"eval": str(run_dir / stage / "eval.json")}
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (run_dir / "artifacts.json").write_text(json.dumps(artifacts))
@@ -82,7 +82,8 @@ def test_full_and_lora_sft_side_by_side(tmp_path):
     # The LoRA checkpoint is the adapter folder (3000 bytes), not the 99,999-byte merged model.
     assert full["Checkpoint (MB)"] == f"{full_bytes / 1e6:.3f}" and lora["Checkpoint (MB)"] == "0.003"
     # Each row scores only the evals of its own model; the base model's eval belongs to neither.
-    assert full["ROUGE-L"] == "31.25 (fine_tuned)" and lora["ROUGE-L"] == "27.50 (lora_fine_tuned)"
+    assert full["ROUGE-1/2/L"] == "41.25/11.25/31.25 (fine_tuned)"
+    assert lora["ROUGE-1/2/L"] == "37.50/7.50/27.50 (lora_fine_tuned)"
 
 
 def test_comparison_survives_a_moved_run_directory(tmp_path):
@@ -93,7 +94,8 @@ def test_comparison_survives_a_moved_run_directory(tmp_path):
     rows = _comparison(write_report(moved).read_text(encoding="utf-8"))
     assert rows["sft"]["Trainable params"] == f"{FULL_PARAMS:,}"
     assert rows["sft_lora"]["Checkpoint (MB)"] == "0.003"
-    assert rows["sft"]["ROUGE-L"].startswith("31.25") and rows["sft_lora"]["ROUGE-L"].startswith("27.50")
+    assert rows["sft"]["ROUGE-1/2/L"].startswith("41.25/11.25/31.25")
+    assert rows["sft_lora"]["ROUGE-1/2/L"].startswith("37.50/7.50/27.50")
 
 
 def test_no_sft_stage_means_no_comparison(tmp_path):
@@ -102,3 +104,28 @@ def test_no_sft_stage_means_no_comparison(tmp_path):
     (run / "config.yaml").write_text(yaml.safe_dump({"name": "x", "stages": [{"type": "pretrain"}]}))
     (run / "artifacts.json").write_text(json.dumps({"pretrain": {"model": "pretrain/model"}}))
     assert "Fine-tuning compared" not in write_report(run).read_text(encoding="utf-8")
+
+
+def test_scores_by_model_and_dataset_show_forgetting(tmp_path):
+    """Two models scored on two datasets: one row per dataset with its headline metric, one column per model."""
+    from lmcycle.report import write_report
+
+    run_dir = tmp_path / "run"
+    artifacts = {}
+    scores = {("before", "summaries", "rougeL"): 30.0, ("before", "tweets", "macro_f1"): 60.0,
+              ("after", "summaries", "rougeL"): 35.0, ("after", "tweets", "macro_f1"): 20.0}
+    for (model, data, metric), value in scores.items():
+        (run_dir / model / "model").mkdir(parents=True, exist_ok=True)
+        stage = f"{model}_{data}"
+        (run_dir / stage).mkdir()
+        (run_dir / stage / "eval.json").write_text(json.dumps(
+            {"metrics": {metric: value, "n": 4}, "settings": {"model": str(run_dir / model / "model"), "data": data}}))
+        artifacts[stage] = {"eval": str(run_dir / stage / "eval.json")}
+    (run_dir / "metrics.jsonl").write_text("")
+    (run_dir / "artifacts.json").write_text(json.dumps(artifacts))
+    text = write_report(run_dir).read_text()
+    section = text.split("## Scores by model and dataset")[1].split("\n## ")[0]
+    table = [line for line in section.splitlines() if line.startswith("| ")]
+    assert table[0] == "| Dataset (metric) | before | after |"
+    assert table[1] == "| summaries (ROUGE-L) | 30.00 | 35.00 |"
+    assert table[2] == "| tweets (Macro-F1) | 60.00 | 20.00 |"
