@@ -110,3 +110,23 @@ def test_bad_adapter_folders_give_one_clear_error(llama_adapter, tmp_path, capsy
     assert main(["adapters", "merge", str(llama_adapter["adapter"]), "--base", str(tmp_path / "nope"),
                  "--out", str(tmp_path / "m")]) == 1
     assert "does not exist" in capsys.readouterr().err and not (tmp_path / "m").exists()
+
+
+def test_a_soft_prompt_is_listed_and_loaded_but_never_merged(tmp_path, tok, capsys):
+    from lmcycle.adapt.prompt_tuning import (
+        PromptTunedModel,
+        PromptTuningConfig,
+        add_prompt_tuning,
+        save_prompt_tuning,
+    )
+
+    base_dir = save_tiny(tiny_llama(tok), tok, tmp_path / "base")
+    base, _ = load_model(base_dir)
+    prompted = add_prompt_tuning(base, PromptTuningConfig(num_virtual_tokens=5))
+    adapter = save_prompt_tuning(prompted, tmp_path / "pt", base_model_name_or_path=base_dir)
+    info = describe_adapter(adapter)
+    assert (info.method, info.params, info.settings["num_virtual_tokens"]) == ("prompt_tuning", 5 * 32, 5)
+    loaded, _ = load_model(adapter)
+    assert isinstance(loaded, PromptTunedModel) and torch.equal(loaded.prompt_embeddings, prompted.prompt_embeddings)
+    assert main(["adapters", "merge", str(adapter), "--out", str(tmp_path / "m")]) == 1
+    assert "cannot be merged" in capsys.readouterr().err and not (tmp_path / "m").exists()

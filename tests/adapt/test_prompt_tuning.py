@@ -360,3 +360,12 @@ def test_save_needs_a_prompt_tuned_model(tmp_path, toks):
     with pytest.raises(LmcycleError, match="no soft prompt"):
         save_prompt_tuning(tiny_llama(toks["llama"]), tmp_path / "x")
     assert not (tmp_path / "x").exists()
+
+
+def test_virtual_tokens_take_positions_of_a_decoders_context_window(toks):
+    from lmcycle.models.load import context_window
+
+    model = tiny_llama(toks["llama"])
+    window = context_window(model, toks["llama"])
+    wrapped = add_prompt_tuning(model, PromptTuningConfig(num_virtual_tokens=7))
+    assert context_window(wrapped, toks["llama"]) == window - 7

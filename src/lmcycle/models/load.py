@@ -79,12 +79,13 @@ def context_window(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -
     """The most tokens the model can attend to: ``n_positions`` / ``max_position_embeddings`` from its config.
 
     Models with relative positions (T5) have no such field: the tokenizer's ``model_max_length`` when it is a
-    real value, else 512 (what T5 was trained with).
+    real value, else 512 (what T5 was trained with). A soft prompt's virtual tokens take the first positions
+    of a decoder's window, so they are subtracted.
     """
     for key in ("n_positions", "max_position_embeddings", "n_ctx"):
         value = getattr(model.config, key, None)
         if isinstance(value, int) and value > 0:
-            return value
+            return value - getattr(model, "num_virtual_tokens", 0)
     value = getattr(tokenizer, "model_max_length", None)
     if isinstance(value, int) and 0 < value < _SANE_MAX_LEN:
         return value
