@@ -119,7 +119,8 @@ def test_scores_by_model_and_dataset_show_forgetting(tmp_path):
         stage = f"{model}_{data}"
         (run_dir / stage).mkdir()
         (run_dir / stage / "eval.json").write_text(json.dumps(
-            {"metrics": {metric: value, "n": 4}, "settings": {"model": str(run_dir / model / "model"), "data": data}}))
+            {"metrics": {metric: value, "perplexity": value / 10, "n": 4},
+             "settings": {"model": str(run_dir / model / "model"), "data": data}}))
         artifacts[stage] = {"eval": str(run_dir / stage / "eval.json")}
     (run_dir / "metrics.jsonl").write_text("")
     (run_dir / "artifacts.json").write_text(json.dumps(artifacts))
@@ -129,3 +130,4 @@ def test_scores_by_model_and_dataset_show_forgetting(tmp_path):
     assert table[0] == "| Dataset (metric) | before | after |"
     assert table[1] == "| summaries (ROUGE-L) | 30.00 | 35.00 |"
     assert table[2] == "| tweets (Macro-F1) | 60.00 | 20.00 |"
+    assert table[3] == "| Dataset | before | after |" and table[5] == "| tweets | 6.00 | 2.00 |"

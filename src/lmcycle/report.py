@@ -195,30 +195,34 @@ def _evaluation(run_dir: Path, evals: list[dict]) -> str:
 
 def _by_model_and_dataset(run_dir: Path, evals: list[dict]) -> str:
     """Rows: the datasets; columns: the models scored on them (in recipe order); cells: each task's headline
-    metric. Shown when several models were scored on several datasets (e.g. before/after fine-tuning on one
-    task: catastrophic forgetting shows as a drop in the other rows)."""
-    table: dict[str, dict[str, str]] = {}
-    models: list[str] = []
-    for e in evals:
-        if e["missing"] or e["settings"].get("baseline") or e["settings"].get("shots"):
-            continue
+    metric, then (a second table) the perplexity of its references. Shown when several models were scored on
+    several datasets (e.g. before/after fine-tuning on one task: catastrophic forgetting shows as a drop in the
+    other rows, and as a rise in their perplexity even where a small model scores near zero)."""
+    scored = [e for e in evals if not e["missing"] and not e["settings"].get("baseline")
+              and not e["settings"].get("shots")]
+    models = list(dict.fromkeys(_scored(e["settings"], run_dir).removesuffix("/model") for e in scored))
+    headline: dict[str, dict[str, str]] = {}
+    perplexity: dict[str, dict[str, str]] = {}
+    for e in scored:
+        model, data = _scored(e["settings"], run_dir).removesuffix("/model"), str(e["settings"].get("data"))
         metric = next((k for k in HEADLINE_METRICS if _is_number(e["metrics"].get(k))), None)
-        if metric is None:
-            continue
-        model = _scored(e["settings"], run_dir).removesuffix("/model")
-        if model not in models:
-            models.append(model)
-        label = dict(EVAL_COLUMNS)[metric]
-        table.setdefault(f"{e['settings'].get('data')} ({label})", {})[model] = _number(e["metrics"][metric])
-    if len(table) < 2 or len(models) < 2:
+        if metric is not None:
+            label = dict(EVAL_COLUMNS)[metric]
+            headline.setdefault(f"{data} ({label})", {})[model] = _number(e["metrics"][metric])
+        if _is_number(e["metrics"].get("perplexity")):
+            perplexity.setdefault(data, {})[model] = _number(e["metrics"]["perplexity"])
+    if len(headline) < 2 or len(models) < 2:
         return ""
+    header = ["|---|" + "---:|" * len(models)]
     lines = ["## Scores by model and dataset", "",
              "Each dataset's headline metric for every model that was scored on it (zero-shot prompts). After "
              "fine-tuning on one task, a drop in the other rows is catastrophic forgetting.", "",
-             "| Dataset (metric) | " + " | ".join(_md(m) for m in models) + " |",
-             "|---|" + "---:|" * len(models)]
-    for dataset, cells in table.items():
-        lines.append(f"| {_md(dataset)} | " + " | ".join(cells.get(m, "—") for m in models) + " |")
+             "| Dataset (metric) | " + " | ".join(_md(m) for m in models) + " |", *header]
+    lines += [f"| {_md(d)} | " + " | ".join(c.get(m, "—") for m in models) + " |" for d, c in headline.items()]
+    if len(perplexity) >= 2:
+        lines += ["", "Perplexity of each dataset's reference answers given its prompt (lower is better):", "",
+                  "| Dataset | " + " | ".join(_md(m) for m in models) + " |", *header]
+        lines += [f"| {_md(d)} | " + " | ".join(c.get(m, "—") for m in models) + " |" for d, c in perplexity.items()]
     return "\n".join(lines) + "\n"
 
 
@@ -254,7 +258,8 @@ def _finetuning(run_dir: Path, config: dict, rows: list[dict], artifacts: dict[s
         size = _dir_bytes(checkpoint)
         scores = ["/".join(_number(e["metrics"].get(k)) for k in ("rouge1", "rouge2", "rougeL"))
                   + f" ({_md(e['stage'])})" for e in evals
-                  if not e["missing"] and _same_path(run_dir, e["settings"].get("model"), produced["model"])]
+                  if not e["missing"] and _is_number(e["metrics"].get("rougeL"))
+                  and _same_path(run_dir, e["settings"].get("model"), produced["model"])]
         cells = [_md(name), _md(method), f"{trainable:,}" if _is_number(trainable) else "—",
                  f"{percent:.2f}%" if _is_number(percent) else "—",
                  _duration(end["wall_time"]) if end and _is_number(end.get("wall_time")) else "—",
