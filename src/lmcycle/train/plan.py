@@ -481,10 +481,10 @@ def make_plan(config: PretrainedConfig, *, seq_len: int = 512, batch: int = 8, p
     for q in ("int8", "nf4"):
         if q == precision:
             continue
-        q_act = activation_bytes(sh, seq_len, batch, roles, act_bytes=2, input_grad=False)
+        # The quantized weights are dequantized to the compute dtype, the one of --precision (fp32 or bf16).
         rows.append(MethodMemory(f"QLoRA ({q} base)", weight_bytes(params, q) + 4 * n_lora, 4 * n_lora, 8 * n_lora,
-                                 q_act["layers"] + q_act["logits"] + lora_extra * 2 / ab, n_lora,
-                                 lora_note + "; bf16 compute"))
+                                 lora_act["layers"] + lora_act["logits"] + lora_extra, n_lora,
+                                 lora_note + ("; bf16 compute" if ab == 2 else "; fp32 compute")))
     n_prompt = virtual_tokens * sh.hidden
     pt_act = activation_bytes(sh, seq_len + virtual_tokens, batch, set(), act_bytes=ab, input_grad=True)
     rows.append(MethodMemory(f"prompt tuning ({precision} base)", base + 4 * n_prompt, 4 * n_prompt, 8 * n_prompt,
