@@ -262,3 +262,32 @@ def test_peak_memory_window_restarts_so_each_stage_reports_its_own_peak():
     with_big = peak_rss_mb()
     reset_peak_rss()
     assert peak_rss_mb() < with_big - 50
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "prompt_tuned"])
+def test_sft_loss_skips_the_lm_head_at_unscored_positions_without_changing_loss_or_gradients(arch, tok):
+    import torch.nn.functional as F
+
+    from lmcycle.adapt.prompt_tuning import PromptTuningConfig, add_prompt_tuning
+
+    model = tiny_lm.tiny_gpt2(tok) if arch == "gpt2" else tiny_lm.tiny_llama(tok)
+    if arch == "prompt_tuned":
+        model = add_prompt_tuning(model, PromptTuningConfig(num_virtual_tokens=3))
+    items = encode_sft(tiny_lm.examples(4, seed=5), get_template("summarize"), tok, 64, False)
+    batch = collate_sft(items, tok.pad_token_id)
+    assert (batch["labels"] == -100).all(0).any()  # the prompts' positions: no row is scored there
+
+    loss, n = loop.lm_loss_sum(model, batch)
+    loss.backward()
+    fast = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    # The reference: logits at every position, labels shifted, the same summed cross-entropy.
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    labels = F.pad(batch["labels"], (0, 1), value=-100)[:, 1:]
+    full = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100,
+                           reduction="sum")
+    full.backward()
+    assert n == int((labels != -100).sum()) and torch.allclose(loss, full, rtol=1e-5)
+    for k, p in model.named_parameters():
+        if p.grad is not None:
+            assert torch.allclose(fast[k], p.grad, atol=1e-5), k

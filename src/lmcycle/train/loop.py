@@ -310,13 +310,28 @@ def lm_loss_sum(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, int]:
         decoder_input_ids = model.prepare_decoder_input_ids_from_labels(labels=labels)
         logits = model(**inputs, decoder_input_ids=decoder_input_ids, use_cache=False).logits
     else:
-        # use_cache=False: training never reuses the key/value cache, so building it is wasted work.
-        logits = model(**inputs, use_cache=False).logits
         # Shift the labels rather than slicing the logits: slicing [B, T-1, V] would copy all of them.
         labels = F.pad(labels, (0, 1), value=-100)[:, 1:]
+        # Only positions that some row is scored at need logits. In SFT the prompt (often most of a sequence)
+        # then never goes through the LM head: its FLOPs and its share of the [B, T, V] logits are saved.
+        keep = (labels != -100).any(0).nonzero().squeeze(1)
+        # use_cache=False: training never reuses the key/value cache, so building it is wasted work.
+        if 0 < keep.numel() < labels.size(1) and _takes_logits_to_keep(type(model)):
+            logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits
+            labels = labels[:, keep]
+        else:
+            logits = model(**inputs, use_cache=False).logits
     loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1),
                            ignore_index=-100, reduction="sum")
     return loss, int((labels != -100).sum())
+
+
+@functools.cache
+def _takes_logits_to_keep(model_cls: type) -> bool:
+    """Whether the model computes logits only at given positions (every transformers 5 causal LM does)."""
+    import inspect
+
+    return "logits_to_keep" in inspect.signature(model_cls.forward).parameters
 
 
 def mean_token_loss(model: nn.Module, batches: list[Batch], loss_fn: LossFn = lm_loss_sum) -> float:
