@@ -1,0 +1,273 @@
+"""Human-feedback preference data: rankings of completions turned into chosen/rejected pairs.
+
+A :class:`Ranking` is one labeler's ordering of the ``k`` completions of one prompt (rank 1 = best, equal ranks =
+a tie, ``None`` = that completion was left unranked). :func:`rankings_to_pairs` turns it into every ordered
+pair with a strict preference: ``k(k-1)/2`` pairs minus the tied ones and minus those with an unranked side.
+
+Rules (the same everywhere in this module):
+
+- **Special labels.** A ranking whose ``special`` is set (e.g. ``"not_rankable"``, ``"unsafe"``) says the
+  labeler refused to order the completions, so it yields no pairs and takes no part in agreement; it is
+  counted, per label, by :func:`pairing_summary`.
+- **Several labelers of one prompt.** Each labeler's ranking gives its own pair set (``labeler`` is kept on each
+  pair), so a pair that three labelers agree on appears three times and a disputed one appears both ways.
+  This keeps the raw signal; :func:`labeler_agreement` reports how consistent it is.
+- **Grouping.** Pairs of one ``prompt_id`` are consecutive, prompts in order of first appearance, so
+  :func:`split_by_prompt` (and any batcher) can keep a prompt's pairs together.
+
+:func:`load_hh_rlhf` reads Anthropic HH-RLHF rows (``{"chosen": transcript, "rejected": transcript}``) as pairs.
+The texts of that dataset are offensive: never print them in tests or logs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import math
+import random
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lmcycle.data.loaders import SourceRecord, read_records, text_field
+from lmcycle.errors import LmcycleError
+
+SPECIAL_LABELS = ("not_rankable", "unsafe")  # the usual ones; any non-empty string is accepted
+ASSISTANT_TAG = "\n\nAssistant:"
+
+
+@dataclass
+class Ranking:
+    """One labeler's ranking of the completions of one prompt. ``ranks[i]`` is the rank of ``completions[i]``."""
+
+    prompt_id: str
+    prompt: str
+    completions: list[str]
+    ranks: list[int | None]
+    labeler: str = ""
+    special: str | None = None
+
+
+@dataclass
+class PreferencePair:
+    """``chosen`` was preferred over ``rejected`` for ``prompt``; ``margin`` is the rank difference (>= 1)."""
+
+    prompt_id: str
+    prompt: str
+    chosen: str
+    rejected: str
+    labeler: str = ""
+    margin: float = 1.0
+
+
+def rankings_to_pairs(rankings: list[Ranking]) -> list[PreferencePair]:
+    """Every strictly ordered completion pair of every non-special ranking, grouped by ``prompt_id``.
+
+    Within one ranking, pairs follow completion order (i < j); the better-ranked completion is ``chosen``.
+    """
+    pairs: dict[str, list[PreferencePair]] = {}
+    for r in rankings:
+        group = pairs.setdefault(r.prompt_id, [])
+        if r.special is None:
+            group.extend(_ranking_pairs(r))
+    return [p for group in pairs.values() for p in group]
+
+
+def _ranking_pairs(r: Ranking) -> list[PreferencePair]:
+    out = []
+    for i, j in itertools.combinations(range(len(r.completions)), 2):
+        a, b = r.ranks[i], r.ranks[j]
+        if a is None or b is None or a == b:
+            continue
+        best, worst = (i, j) if a < b else (j, i)
+        out.append(PreferencePair(r.prompt_id, r.prompt, r.completions[best], r.completions[worst],
+                                  r.labeler, float(abs(a - b))))
+    return out
+
+
+def pairing_summary(rankings: list[Ranking]) -> dict[str, Any]:
+    """Counts for the report: rankings, prompts, pairs made, tied and unranked pairs skipped, special labels."""
+    special = Counter(r.special for r in rankings if r.special is not None)
+    tied = unranked = 0
+    for r in rankings:
+        if r.special is not None:
+            continue
+        for a, b in itertools.combinations(r.ranks, 2):
+            unranked += a is None or b is None
+            tied += a is not None and a == b
+    return {"rankings": len(rankings), "prompts": len({r.prompt_id for r in rankings}),
+            "pairs": len(rankings_to_pairs(rankings)), "tied_pairs": tied, "unranked_pairs": unranked,
+            "special": dict(special), "special_total": sum(special.values())}
+
+
+def split_by_prompt(pairs: list[PreferencePair], dev_fraction: float,
+                    seed: int = 0) -> tuple[list[PreferencePair], list[PreferencePair]]:
+    """``(train, dev)``: a seeded shuffle of the distinct prompt ids, ``round(dev_fraction * n_prompts)`` of them
+    to dev. A prompt's pairs are never on both sides; each side keeps the input order."""
+    if not 0.0 <= dev_fraction < 1.0:
+        raise LmcycleError(f"must be in [0, 1), got {dev_fraction}", field="dev_fraction")
+    ids = sorted({p.prompt_id for p in pairs})
+    random.Random(seed).shuffle(ids)
+    dev_ids = set(ids[: round(dev_fraction * len(ids))])
+    return [p for p in pairs if p.prompt_id not in dev_ids], [p for p in pairs if p.prompt_id in dev_ids]
+
+
+def labeler_agreement(rankings: list[Ranking]) -> dict[str, Any]:
+    """How often two labelers order a completion pair the same way, on the prompts both ranked.
+
+    Completions are matched by text, so labelers may see them in different orders. A pair counts when both
+    labelers ranked both completions without a tie; ``agreement = agreed / compared``. ``kendall_tau_b`` is
+    Kendall's tau-b over the pairs both ranked (ties included, as tau-b corrects for them), averaged over
+    shared prompts. Special-labelled rankings and rankings without a labeler name are left out (counted).
+    Returns ``{"labeler_pairs": [...], "compared": n, "agreed": n, "agreement": rate | None, "skipped_special":
+    n, "skipped_unnamed": n}``; rates are ``None`` when nothing could be compared.
+    """
+    by_labeler: dict[str, dict[str, dict[str, int | None]]] = {}
+    for r in rankings:
+        if r.special is not None or not r.labeler:
+            continue
+        seen = by_labeler.setdefault(r.labeler, {})
+        if r.prompt_id in seen:
+            raise LmcycleError(f"labeler '{r.labeler}' ranked prompt '{r.prompt_id}' twice", field="labeler")
+        seen[r.prompt_id] = dict(zip(r.completions, r.ranks, strict=True))
+    rows = [_agreement_row(a, b, by_labeler[a], by_labeler[b]) for a, b in itertools.combinations(sorted(by_labeler), 2)]
+    compared, agreed = sum(r["compared"] for r in rows), sum(r["agreed"] for r in rows)
+    return {"labeler_pairs": rows, "compared": compared, "agreed": agreed,
+            "agreement": agreed / compared if compared else None,
+            "skipped_special": sum(r.special is not None for r in rankings),
+            "skipped_unnamed": sum(r.special is None and not r.labeler for r in rankings)}
+
+
+def _agreement_row(a: str, b: str, ranks_a: dict, ranks_b: dict) -> dict[str, Any]:
+    shared = sorted(set(ranks_a) & set(ranks_b))
+    compared = agreed = 0
+    taus = []
+    for pid in shared:
+        common = [c for c in ranks_a[pid] if c in ranks_b[pid] and ranks_a[pid][c] is not None
+                  and ranks_b[pid][c] is not None]
+        concordant = discordant = tied_a = tied_b = 0
+        for x, y in itertools.combinations(common, 2):
+            da = _sign(ranks_a[pid][x] - ranks_a[pid][y])
+            db = _sign(ranks_b[pid][x] - ranks_b[pid][y])
+            if da and db:
+                concordant += da == db
+                discordant += da != db
+            else:
+                tied_a += da == 0 and db != 0
+                tied_b += db == 0 and da != 0
+        compared += concordant + discordant
+        agreed += concordant
+        denom = math.sqrt((concordant + discordant + tied_a) * (concordant + discordant + tied_b))
+        if denom:
+            taus.append((concordant - discordant) / denom)
+    return {"labelers": [a, b], "shared_prompts": len(shared), "compared": compared, "agreed": agreed,
+            "agreement": agreed / compared if compared else None,
+            "kendall_tau_b": sum(taus) / len(taus) if taus else None}
+
+
+def _sign(x: int) -> int:
+    return (x > 0) - (x < 0)
+
+
+def load_rankings(path: str | Path) -> list[Ranking]:
+    """Rankings from a JSON Lines file (``.gz`` too), one per line with fields ``prompt_id``, ``prompt``,
+    ``completions`` (list of >= 2 distinct non-empty strings), ``ranks`` (one integer >= 1 or null per
+    completion), ``labeler`` (optional string) and ``special`` (optional string or null). A ``special`` row may
+    leave ``ranks`` out or null. A prompt id must always carry the same prompt text, and a named labeler may rank
+    a prompt only once. Every problem is an :class:`LmcycleError` naming file, line and field."""
+    rankings: list[Ranking] = []
+    prompts: dict[str, str] = {}
+    seen: set[tuple[str, str]] = set()
+    for rec in read_records(path, "jsonl"):
+        r = _to_ranking(rec)
+        if prompts.setdefault(r.prompt_id, r.prompt) != r.prompt:
+            raise _err(rec, "prompt_id", f"prompt id '{r.prompt_id}' already used with a different prompt")
+        if r.labeler and (r.prompt_id, r.labeler) in seen:
+            raise _err(rec, "labeler", f"labeler '{r.labeler}' already ranked prompt '{r.prompt_id}'")
+        seen.add((r.prompt_id, r.labeler))
+        rankings.append(r)
+    return rankings
+
+
+def _to_ranking(rec: SourceRecord) -> Ranking:
+    d = rec.data
+    prompt_id = d.get("prompt_id")
+    if isinstance(prompt_id, int) and not isinstance(prompt_id, bool):
+        prompt_id = str(prompt_id)
+    if not isinstance(prompt_id, str) or not prompt_id.strip():
+        raise _err(rec, "prompt_id", "missing field" if "prompt_id" not in d else "expected a non-empty string id")
+    prompt = text_field(rec, "prompt")
+    completions = d.get("completions")
+    if not isinstance(completions, list) or len(completions) < 2:
+        raise _err(rec, "completions", "expected a list of at least 2 completions" if "completions" in d
+                   else "missing field")
+    for i, c in enumerate(completions):
+        if not isinstance(c, str) or not c.strip():
+            raise _err(rec, "completions", f"completion {i} is not a non-empty string")
+    if len(set(completions)) != len(completions):
+        raise _err(rec, "completions", "duplicate completions (a pair of equal texts has no preference)")
+    labeler = d.get("labeler", "")
+    if labeler is None:
+        labeler = ""
+    if not isinstance(labeler, str):
+        raise _err(rec, "labeler", f"expected a string, got {type(labeler).__name__}")
+    special = d.get("special")
+    if special is not None and (not isinstance(special, str) or not special.strip()):
+        raise _err(rec, "special", "expected a non-empty string or null")
+    ranks = d.get("ranks")
+    if ranks is None and special is not None:
+        ranks = [None] * len(completions)
+    elif "ranks" not in d:
+        raise _err(rec, "ranks", "missing field")
+    if not isinstance(ranks, list) or len(ranks) != len(completions):
+        got = f"{len(ranks)} ranks" if isinstance(ranks, list) else type(ranks).__name__
+        raise _err(rec, "ranks", f"expected one rank per completion ({len(completions)}), got {got}")
+    for i, k in enumerate(ranks):
+        if k is None:
+            continue
+        if isinstance(k, bool) or not isinstance(k, int):
+            raise _err(rec, "ranks", f"rank {i} is not an integer: {k!r:.20}")
+        if k < 1:
+            raise _err(rec, "ranks", f"rank {i} is {k}; ranks start at 1 (= best)")
+    return Ranking(prompt_id, prompt, list(completions), list(ranks), labeler, special)
+
+
+def _err(rec: SourceRecord, field: str, message: str) -> LmcycleError:
+    return LmcycleError(f"{rec.where()}{message}", file=rec.file, line=rec.line, field=field)
+
+
+def load_hh_rlhf(path: str | Path) -> list[PreferencePair]:
+    """Pairs from an Anthropic HH-RLHF JSON Lines file (``.gz`` too), rows ``{"chosen": ..., "rejected": ...}``.
+
+    Both fields are whole transcripts (``"\\n\\nHuman: ...\\n\\nAssistant: ..."``). The prompt is the part both
+    share, up to and including their last shared ``"\\n\\nAssistant:"``; ``chosen`` and ``rejected`` are the rest
+    of each (so ``prompt + chosen`` is the original text; responses keep their leading space). Usually that is
+    the last Assistant turn; in the few rows whose transcripts diverge earlier, the responses are the
+    multi-turn continuations from the divergence's Assistant turn, still a valid preference for that context.
+    A response may be empty: the data has rows where the preferred reply is the assistant saying nothing
+    (4 ``chosen`` replies in the shared harmless-base test file), a real preference, so they are kept.
+    ``prompt_id`` is ``hh-`` plus a hash of the prompt, so rows with the same prompt stay together;
+    ``margin`` is 1.0.
+    """
+    pairs = []
+    for rec in read_records(path, "jsonl"):
+        chosen, rejected = text_field(rec, "chosen"), text_field(rec, "rejected")
+        cut = _shared_prompt_end(chosen, rejected)
+        if cut < 0:
+            raise _err(rec, "chosen", "chosen and rejected share no '\\n\\nAssistant:' turn to split at")
+        prompt, chosen_reply, rejected_reply = chosen[:cut], chosen[cut:], rejected[cut:]
+        prompt_id = "hh-" + hashlib.sha1(prompt.encode()).hexdigest()[:16]
+        pairs.append(PreferencePair(prompt_id, prompt, chosen_reply, rejected_reply))
+    return pairs
+
+
+def _shared_prompt_end(chosen: str, rejected: str) -> int:
+    """End (exclusive) of the last ``ASSISTANT_TAG`` inside the common prefix of both texts; -1 if none."""
+    end = chosen.rfind(ASSISTANT_TAG)
+    if end >= 0 and chosen[: end + len(ASSISTANT_TAG)] == rejected[: end + len(ASSISTANT_TAG)]:
+        return end + len(ASSISTANT_TAG)  # the usual case: only the last reply differs
+    common = next((i for i, (x, y) in enumerate(zip(chosen, rejected, strict=False)) if x != y),
+                  min(len(chosen), len(rejected)))
+    end = chosen.rfind(ASSISTANT_TAG, 0, common)
+    return end + len(ASSISTANT_TAG) if end >= 0 else -1
