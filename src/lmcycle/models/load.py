@@ -12,6 +12,8 @@ inputs), and training code pads its own batches on the right with the loss maske
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
 from pathlib import Path
 
@@ -68,6 +70,12 @@ def ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> None:
     if tokenizer.eos_token is None:
         raise LmcycleError("the tokenizer has neither a pad token nor an EOS token; add one of them")
     tokenizer.pad_token = tokenizer.eos_token
+
+
+@functools.cache
+def forward_accepts(model_cls: type, argument: str) -> bool:
+    """Whether ``model_cls.forward`` takes ``argument`` (``logits_to_keep``, ``position_ids``, ...)."""
+    return argument in inspect.signature(model_cls.forward).parameters
 
 
 def is_seq2seq(model: PreTrainedModel) -> bool:

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from lmcycle.config import Config
 from lmcycle.errors import LmcycleError
+from lmcycle.models.load import forward_accepts
 from lmcycle.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from lmcycle.train.distributed import (
     all_reduce_grads_,
@@ -316,7 +317,7 @@ def lm_loss_sum(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, int]:
         # then never goes through the LM head: its FLOPs and its share of the [B, T, V] logits are saved.
         keep = (labels != -100).any(0).nonzero().squeeze(1)
         # use_cache=False: training never reuses the key/value cache, so building it is wasted work.
-        if 0 < keep.numel() < labels.size(1) and _takes_logits_to_keep(type(model)):
+        if 0 < keep.numel() < labels.size(1) and forward_accepts(type(model), "logits_to_keep"):
             logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits
             labels = labels[:, keep]
         else:
@@ -324,14 +325,6 @@ def lm_loss_sum(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, int]:
     loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1),
                            ignore_index=-100, reduction="sum")
     return loss, int((labels != -100).sum())
-
-
-@functools.cache
-def _takes_logits_to_keep(model_cls: type) -> bool:
-    """Whether the model computes logits only at given positions (every transformers 5 causal LM does)."""
-    import inspect
-
-    return "logits_to_keep" in inspect.signature(model_cls.forward).parameters
 
 
 def mean_token_loss(model: nn.Module, batches: list[Batch], loss_fn: LossFn = lm_loss_sum) -> float:
