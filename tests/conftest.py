@@ -4,8 +4,18 @@ Tests use tiny models, where torch's intra-op threading costs more than it gives
 made tiny-model tests ~25x slower than 1). Library code never sets threads; only the tests do.
 """
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
+
+# tests/train/tiny_lm.py: the tiny tokenizers and models that the train, adapt and align tests share.
+sys.path.insert(0, str(Path(__file__).resolve().parent / "train"))
+
+import tiny_lm  # noqa: E402
+
+tok, t5_tok = tiny_lm.tok, tiny_lm.t5_tok  # session fixtures
 
 
 @pytest.fixture(autouse=True, scope="session")
