@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import copy
 import math
-import random
 
 import pytest
+import tiny_lm
 import torch
-from tiny_lm import WORDS, tiny_gpt2, tiny_llama
+from tiny_lm import tiny_gpt2, tiny_llama
 from transformers import BertConfig, BertForSequenceClassification
 
 from lmcycle.align.reward import (
@@ -28,8 +28,6 @@ from lmcycle.data.preferences import PreferencePair
 from lmcycle.errors import LmcycleError
 from lmcycle.train.loop import TrainConfig
 
-MARKER = "star"
-
 
 def tiny_bert(tok, seed: int = 0) -> BertForSequenceClassification:
     torch.manual_seed(seed)
@@ -46,21 +44,7 @@ def llama_rm(tok, seed: int = 0) -> RewardModel:
 
 
 def marker_pairs(n: int, seed: int) -> list[PreferencePair]:
-    """chosen contains the marker word somewhere, rejected is the same response without it."""
-    rng = random.Random(seed)
-    words = [w for w in WORDS if w != MARKER]
-    out = []
-    for i in range(n):
-        prompt = f"the {rng.choice(words)} sees the {rng.choice(words)} :"
-        body = [rng.choice(words) for _ in range(rng.randint(2, 4))]
-        chosen = list(body)
-        chosen.insert(rng.randint(0, len(body)), MARKER)
-        if rng.random() < 0.5:
-            out.append(PreferencePair(f"p{i}", prompt, " " + " ".join(chosen), " " + " ".join(body)))
-        else:  # the rejected one is longer sometimes too, so length alone does not separate them
-            longer = body + [rng.choice(words)]
-            out.append(PreferencePair(f"p{i}", prompt, " " + " ".join(chosen), " " + " ".join(longer)))
-    return out
+    return tiny_lm.marker_pairs(n, seed, longer_rejected=True)
 
 
 @pytest.mark.parametrize("mask,expected", [
@@ -114,7 +98,6 @@ def test_pairwise_loss_matches_hand_computation():
 
 
 def test_encode_truncates_from_the_left_keeping_specials_and_response_end():
-    import tiny_lm
 
     bos_tok = tiny_lm.make_tokenizer(add_bos=True)
     pair = PreferencePair("a", "the cat sees the dog and the moon and the sun", " red green blue", " tea")
@@ -170,7 +153,6 @@ def test_save_load_round_trip(tok, tmp_path, backbone):
 
 
 def test_bad_input_raises_lmcycle_error(tok, tmp_path):
-    import tiny_lm
 
     with pytest.raises(LmcycleError, match="no preference pairs"):
         encode_pairs([], tok, 64)

@@ -21,6 +21,7 @@ from transformers import (
 )
 
 from lmcycle.data.examples import Example
+from lmcycle.data.preferences import PreferencePair
 
 WORDS = ("red green blue cat dog bird sun moon tree river stone wind fire snow rain leaf apple bread milk "
          "tea book door road ship hill lake star cloud").split()
@@ -42,6 +43,26 @@ def examples(n: int, seed: int = 0, task: str = "reverse") -> list[Example]:
         words = [rng.choice(WORDS) for _ in range(rng.randint(2, 5))]
         target = " ".join(reversed(words)) if task == "reverse" else " ".join(words).upper()
         out.append(Example(input=" ".join(words), targets=[target], task=task, id=f"{task}-{i}"))
+    return out
+
+
+MARKER = "star"
+
+
+def marker_pairs(n: int, seed: int, longer_rejected: bool = False) -> list[PreferencePair]:
+    """A learnable preference: chosen is a short response with the marker word inserted, rejected the same
+    response without it (with ``longer_rejected``, half the rejected ones get an extra word, so that length
+    alone does not separate the two)."""
+    rng = random.Random(seed)
+    words = [w for w in WORDS if w != MARKER]
+    out = []
+    for i in range(n):
+        prompt = f"the {rng.choice(words)} sees the {rng.choice(words)} :"
+        body = [rng.choice(words) for _ in range(rng.randint(2, 4))]
+        chosen = list(body)
+        chosen.insert(rng.randint(0, len(body)), MARKER)
+        rejected = body + [rng.choice(words)] if longer_rejected and rng.random() >= 0.5 else body
+        out.append(PreferencePair(f"p{i}", prompt, " " + " ".join(chosen), " " + " ".join(rejected)))
     return out
 
 

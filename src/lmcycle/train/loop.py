@@ -298,8 +298,9 @@ def _epoch_order(n_items: int, epoch: int, seed: int) -> list[int]:
     return torch.randperm(n_items, generator=gen).tolist()
 
 
-def lm_loss_sum(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, int]:
-    """Summed next-token cross-entropy over label positions that are not -100, and how many there are.
+def scored_logits(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(logits [B, K, V], labels [B, K])``: the model's logits at the positions its labels score, each next to
+    the token it must predict (ignored positions hold -100).
 
     ``batch``: ``input_ids`` [B, T], optional ``attention_mask`` [B, T], ``labels``: for a decoder [B, T]
     aligned with ``input_ids`` (position t is predicted from tokens < t; the shift happens here), for an
@@ -307,21 +308,24 @@ def lm_loss_sum(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, int]:
     """
     labels = batch["labels"]
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask") if k in batch}
+    # use_cache=False: training never reuses the key/value cache, so building it is wasted work.
     if model.config.is_encoder_decoder:
         decoder_input_ids = model.prepare_decoder_input_ids_from_labels(labels=labels)
-        logits = model(**inputs, decoder_input_ids=decoder_input_ids, use_cache=False).logits
-    else:
-        # Shift the labels rather than slicing the logits: slicing [B, T-1, V] would copy all of them.
-        labels = F.pad(labels, (0, 1), value=-100)[:, 1:]
-        # Only positions that some row is scored at need logits. In SFT the prompt (often most of a sequence)
-        # then never goes through the LM head: its FLOPs and its share of the [B, T, V] logits are saved.
-        keep = (labels != -100).any(0).nonzero().squeeze(1)
-        # use_cache=False: training never reuses the key/value cache, so building it is wasted work.
-        if 0 < keep.numel() < labels.size(1) and forward_accepts(type(model), "logits_to_keep"):
-            logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits
-            labels = labels[:, keep]
-        else:
-            logits = model(**inputs, use_cache=False).logits
+        return model(**inputs, decoder_input_ids=decoder_input_ids, use_cache=False).logits, labels
+    # Shift the labels rather than slicing the logits: slicing [B, T-1, V] would copy all of them.
+    labels = F.pad(labels, (0, 1), value=-100)[:, 1:]
+    # Only positions that some row is scored at need logits. In SFT the prompt (often most of a sequence)
+    # then never goes through the LM head: its FLOPs and its share of the [B, T, V] logits are saved.
+    keep = (labels != -100).any(0).nonzero().squeeze(1)
+    if 0 < keep.numel() < labels.size(1) and forward_accepts(type(model), "logits_to_keep"):
+        return model(**inputs, use_cache=False, logits_to_keep=keep).logits, labels[:, keep]
+    return model(**inputs, use_cache=False).logits, labels
+
+
+def lm_loss_sum(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, int]:
+    """Summed next-token cross-entropy over label positions that are not -100, and how many there are
+    (``batch`` as for :func:`scored_logits`)."""
+    logits, labels = scored_logits(model, batch)
     loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1),
                            ignore_index=-100, reduction="sum")
     return loss, int((labels != -100).sum())
