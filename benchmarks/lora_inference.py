@@ -43,6 +43,7 @@ from datetime import date
 from pathlib import Path
 
 import torch
+from measure import load_average, version
 
 TEMPLATE = "summarize"
 STATES = ("unmerged", "merged", "merged+unloaded")
@@ -147,12 +148,6 @@ def measure(model, tokenizer, prompts: list[str], blocks: torch.Tensor, args: ar
     return out
 
 
-def load_average() -> float:
-    """1-minute load average: above the core count, other work competed for the cores during the timings."""
-    with open("/proc/loadavg", encoding="ascii") as f:
-        return float(f.read().split()[0])
-
-
 def run(args: argparse.Namespace) -> tuple[dict, list[float]]:
     """Timings per framework, state and batch size; and the load average after each state's measurements."""
     from transformers import AutoTokenizer
@@ -199,7 +194,7 @@ def summarise(results: dict, loads: list[float], args: argparse.Namespace) -> di
         "lora": {"r": args.rank, "alpha": args.alpha, "targets": args.targets, "b_std": args.b_std},
         "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "repeats": args.repeats,
         "threads": torch.get_num_threads(), "cores": os.cpu_count(), "torch": torch.__version__,
-        "transformers": _version("transformers"), "peft": _version("peft"), "python": platform.python_version(),
+        "transformers": version("transformers"), "peft": version("peft"), "python": platform.python_version(),
         "rows": rows, "ratio_unmerged_over_merged": ratios,
         "load_average": loads,
     }
@@ -232,11 +227,6 @@ def table(s: dict) -> str:
         lines.append("\nWARNING: the load average exceeded the thread count: other work competed for the cores, "
                      "the timings are not reliable; run again on an idle machine.")
     return "\n".join(lines)
-
-
-def _version(pkg: str) -> str:
-    from importlib.metadata import version
-    return version(pkg)
 
 
 def main() -> None:

@@ -47,7 +47,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -57,6 +56,7 @@ from datetime import date
 from pathlib import Path
 
 import torch
+from measure import BUSY_WARNING, Clock, cpu_name, load_average, peak_rss_mb, rss_mb, version
 
 ADAM = {"lr": 3e-4, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.0}
 TEMPLATE = "summarize"
@@ -129,49 +129,6 @@ def prepare(workdir: Path, args: argparse.Namespace) -> dict:
 # -- one side (subprocess) ---------------------------------------------------------------------------------
 
 
-def rss_mb() -> float:
-    """Current resident memory of this process in MiB (Linux)."""
-    with open("/proc/self/status", encoding="ascii") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def maxrss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
-def load_average() -> float:
-    with open("/proc/loadavg", encoding="ascii") as f:
-        return float(f.read().split()[0])
-
-
-class Clock:
-    """Wall and CPU start times of optimizer steps; ``ru_maxrss`` at the start of the last step."""
-
-    def __init__(self, warmup: int, steps: int):
-        self.first, self.last = warmup, warmup + steps
-        self.times: dict[int, float] = {}
-        self.cpu_times: dict[int, float] = {}
-        self.peak_rss = float("nan")
-
-    def step_starts(self, step: int) -> None:
-        self.times.setdefault(step, time.perf_counter())
-        self.cpu_times.setdefault(step, time.process_time())
-        if step == self.last:
-            self.peak_rss = maxrss_mb()
-
-    def window(self) -> float:
-        return self.times[self.last] - self.times[self.first]
-
-    def cpu_window(self) -> float:
-        return self.cpu_times[self.last] - self.cpu_times[self.first]
-
-    def median_step(self) -> float:
-        return statistics.median(self.times[s + 1] - self.times[s] for s in range(self.first, self.last))
-
-
 def run_ours(workdir: Path, args: argparse.Namespace, clock: Clock, out_dir: Path) -> tuple[list[float], dict]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -196,7 +153,7 @@ def run_ours(workdir: Path, args: argparse.Namespace, clock: Clock, out_dir: Pat
     cfg = TrainConfig(max_steps=total, batch_size=args.batch, lr=ADAM["lr"], betas=ADAM["betas"],
                       weight_decay=ADAM["weight_decay"], min_lr_ratio=1.0, warmup_steps=0, max_grad_norm=1.0,
                       log_every=1, save_every=0)
-    mem = {"rss_before_train_mb": rss_mb(), "maxrss_before_train_mb": maxrss_mb()}
+    mem = {"rss_before_train_mb": rss_mb(), "maxrss_before_train_mb": peak_rss_mb()}
     result = train(model, batch_at, lm_loss_sum, cfg, out_dir, log=lambda **metrics: None, params=params,
                    desc="ours")
     return result.losses, mem
@@ -240,7 +197,7 @@ def run_trl(workdir: Path, args: argparse.Namespace, clock: Clock, out_dir: Path
     )
     trainer = SFTTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer,
                          callbacks=[StepClock()])
-    mem = {"rss_before_train_mb": rss_mb(), "maxrss_before_train_mb": maxrss_mb()}
+    mem = {"rss_before_train_mb": rss_mb(), "maxrss_before_train_mb": peak_rss_mb()}
     trainer.train()
     # Same tokens and labels as ours, row by row? (checked after the measurement, so it costs nothing there)
     ours = encoded_items(args, tokenizer)
@@ -315,8 +272,8 @@ def summarise(info: dict, runs: dict[str, list[dict]], args: argparse.Namespace)
         "batch": args.batch, "max_len": args.max_len, "warmup": args.warmup, "steps": args.steps,
         "repeats": args.repeats, "lora": {"r": args.rank, "alpha": args.alpha, "targets": ["q_proj", "v_proj"]},
         "loss_window": args.loss_window, "threads": args.threads, "cores": os.cpu_count(),
-        "torch": torch.__version__, "transformers": _version("transformers"), "peft": _version("peft"),
-        "trl": _version("trl"), "python": platform.python_version(), "cpu": _cpu_name(), "sides": sides,
+        "torch": torch.__version__, "transformers": version("transformers"), "peft": version("peft"),
+        "trl": version("trl"), "python": platform.python_version(), "cpu": cpu_name(), "sides": sides,
         "ratio_tokens_per_s": ours["tokens_per_s"] / trl["tokens_per_s"],
         "ratio_peak_rss": ours["peak_rss_mb"] / trl["peak_rss_mb"],
         "ratio_rss_growth": ours["rss_growth_mb"] / max(trl["rss_growth_mb"], 1e-9),
@@ -361,24 +318,8 @@ def table(s: dict) -> str:
         f"{s['sides']['trl']['data_mismatches']} (completion_only_loss={s['sides']['trl']['completion_only_loss']})",
     ]
     if min(r["cpu_share"] for r in s["sides"].values()) < 0.95:
-        lines.append("\nWARNING: a best run had less than 95% of its cores (CPU share): other work was running, "
-                     "the wall-clock numbers are not reliable; run again on an idle machine.")
+        lines.append(BUSY_WARNING)
     return "\n".join(lines)
-
-
-def _version(pkg: str) -> str:
-    from importlib.metadata import version
-    return version(pkg)
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def main() -> None:

@@ -31,8 +31,6 @@ import json
 import os
 import platform
 import random
-import resource
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -41,6 +39,7 @@ from datetime import date
 from pathlib import Path
 
 import torch
+from measure import BUSY_WARNING, Clock, cpu_name, load_average, rss_mb, version
 
 HERE = Path(__file__).resolve().parent
 DIALOGSUM_DEV = HERE.parent.parent / "shared" / "data" / "dialogsum" / "dialogsum.dev.jsonl"
@@ -89,53 +88,6 @@ def prepare(workdir: Path, size: str, seq_len: int, n_blocks: int) -> dict:
 
 
 # -- one side (subprocess) ---------------------------------------------------------------------------------
-
-
-def rss_mb() -> float:
-    """Current resident memory of this process in MiB (Linux)."""
-    with open("/proc/self/status", encoding="ascii") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def load_average() -> float:
-    """1-minute load average: how busy the (shared) machine was; above the core count means contention."""
-    with open("/proc/loadavg", encoding="ascii") as f:
-        return float(f.read().split()[0])
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
-class Clock:
-    """Start times of optimizer steps; at the end of the window, the process's peak RSS so far."""
-
-    def __init__(self, warmup: int, steps: int):
-        self.first, self.last = warmup, warmup + steps
-        self.times: dict[int, float] = {}
-        self.cpu_times: dict[int, float] = {}
-        self.peak_rss = float("nan")
-
-    def step_starts(self, step: int) -> None:
-        self.times.setdefault(step, time.perf_counter())
-        self.cpu_times.setdefault(step, time.process_time())
-        if step == self.last:
-            self.peak_rss = peak_rss_mb()
-
-    def window(self) -> float:
-        return self.times[self.last] - self.times[self.first]
-
-    def cpu_window(self) -> float:
-        """CPU seconds of all threads of the process in the window: less sensitive to other work on the machine
-        than wall time (exactly so with one thread; idle threads spinning while they wait count too)."""
-        return self.cpu_times[self.last] - self.cpu_times[self.first]
-
-    def median_step(self) -> float:
-        """Median duration of the timed steps: robust to bursts of other work on a shared machine."""
-        return statistics.median(self.times[s + 1] - self.times[s] for s in range(self.first, self.last))
 
 
 def optimizer_kind(optimizer: torch.optim.Optimizer) -> str:
@@ -258,7 +210,7 @@ def summarise(info: dict, runs: dict[str, list[dict]], peak: dict, args: argpars
         "date": date.today().isoformat(), "size": f"llama-{args.size}", "model": info, "seq_len": args.seq_len,
         "batch": args.batch, "warmup": args.warmup, "steps": args.steps, "repeats": args.repeats,
         "threads": torch.get_num_threads(), "cores": os.cpu_count(), "torch": torch.__version__,
-        "transformers": _version("transformers"), "python": platform.python_version(), "cpu": _cpu_name(),
+        "transformers": version("transformers"), "python": platform.python_version(), "cpu": cpu_name(),
         "flops_per_token": fpt, "matmul_peak_gflops": {k: peak[k]["peak_gflops"] for k in ("fp32", "bf16")},
         "sides": sides, "ratio_tokens_per_s": ours["tokens_per_s"] / hf["tokens_per_s"],
         "ratio_median_step": ours["median_step_tokens_per_s"] / hf["median_step_tokens_per_s"],
@@ -296,24 +248,8 @@ def table(s: dict) -> str:
     lines.append(f"| **ours / HF** | **{s['ratio_tokens_per_s']:.2f}x** | {s['ratio_median_step']:.2f}x | | | "
                  f"**{s['ratio_peak_rss']:.2f}x** | | diff {s['held_out_loss_diff']:.1e} | |")
     if min(r["cpu_share"] for r in s["sides"].values()) < 0.95:
-        lines.append("\nWARNING: a best run had less than 95% of its cores (CPU share): other work was running, "
-                     "the wall-clock numbers are not reliable; run again on an idle machine.")
+        lines.append(BUSY_WARNING)
     return "\n".join(lines)
-
-
-def _version(pkg: str) -> str:
-    from importlib.metadata import version
-    return version(pkg)
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def main() -> None:

@@ -297,20 +297,10 @@ def _last_event(rows: list[dict], stage: str, event: str) -> dict | None:
 
 def _count_params(model_dir: Path | None) -> int | None:
     """Number of parameters saved in a model folder, from the safetensors headers (no tensor is loaded)."""
-    from safetensors import safe_open
+    from lmcycle.train.checkpoint import saved_param_count
 
     files = sorted(model_dir.glob("*.safetensors")) if model_dir and model_dir.is_dir() else []
-    if not files:
-        return None
-    total = 0
-    for file in files:
-        with safe_open(file, framework="pt") as f:
-            for key in f.keys():
-                n = 1
-                for dim in f.get_slice(key).get_shape():
-                    n *= dim
-                total += n
-    return total
+    return sum(saved_param_count(f) for f in files) if files else None
 
 
 def _dir_bytes(path: Path | None) -> int | None:

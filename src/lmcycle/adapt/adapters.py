@@ -108,18 +108,12 @@ class AdapterInfo:
 
 def describe_adapter(path: str | os.PathLike) -> AdapterInfo:
     """Read an adapter's config and the shapes in its weights file (no tensor is loaded)."""
-    from safetensors import safe_open
+    from lmcycle.train.checkpoint import saved_param_count
 
     p = Path(path)
     config = read_adapter_config(p)
-    params = 0
     try:
-        with safe_open(str(p / WEIGHTS_FILE), framework="pt") as f:
-            for key in f.keys():
-                n = 1
-                for dim in f.get_slice(key).get_shape():
-                    n *= dim
-                params += n
+        params = saved_param_count(p / WEIGHTS_FILE)
     except Exception as e:  # safetensors raises its own error types for corrupt files
         raise LmcycleError(f"cannot read adapter weights: {e}", file=p / WEIGHTS_FILE) from None
     method = METHODS[config["peft_type"]]

@@ -32,6 +32,7 @@ from lmcycle.adapt.adapters import (
 from lmcycle.adapt.qlora import QuantLinear
 from lmcycle.config import Config
 from lmcycle.errors import LmcycleError
+from lmcycle.models.load import is_seq2seq
 
 KEY_PREFIX = "base_model.model."
 LINEAR_TYPES = (nn.Linear, Conv1D, QuantLinear)
@@ -278,10 +279,6 @@ def count_trainable(model: nn.Module) -> tuple[int, int]:
     return trainable, sum(p.numel() for p in model.parameters()) - adapters
 
 
-def _is_seq2seq(model: nn.Module) -> bool:
-    return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
-
-
 def save_lora(model: nn.Module, name: str, out_dir: str | os.PathLike,
               base_model_name_or_path: str | None = None) -> Path:
     """Write adapter ``name`` as ``adapter_config.json`` + ``adapter_model.safetensors`` (PEFT format), atomically."""
@@ -302,7 +299,7 @@ def save_lora(model: nn.Module, name: str, out_dir: str | os.PathLike,
         targets = "^(" + "|".join(re.escape(p) for p in paths) + ")$"
     config = {
         "peft_type": "LORA",
-        "task_type": "SEQ_2_SEQ_LM" if _is_seq2seq(model) else "CAUSAL_LM",
+        "task_type": "SEQ_2_SEQ_LM" if is_seq2seq(model) else "CAUSAL_LM",
         "base_model_name_or_path": base_model_name_or_path,
         "r": r,
         "lora_alpha": alpha,

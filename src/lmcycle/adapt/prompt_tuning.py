@@ -38,6 +38,7 @@ from lmcycle.adapt.adapters import (
 )
 from lmcycle.config import Config
 from lmcycle.errors import LmcycleError
+from lmcycle.models.load import is_seq2seq
 
 TENSOR_KEY = "prompt_embeddings"
 
@@ -61,10 +62,6 @@ class PromptTuningConfig(Config):
         if info.data.get("init") == "text" and not text:
             raise ValueError("init 'text' needs a non-empty init_text")
         return text
-
-
-def _is_seq2seq(model: nn.Module) -> bool:
-    return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
 
 
 def _ones(batch: int, v: int, like: torch.Tensor) -> torch.Tensor:
@@ -93,7 +90,7 @@ class PromptTunedModel(nn.Module):
         super().__init__()
         self.base_model = base_model
         self.num_virtual_tokens = num_virtual_tokens
-        self.num_transformer_submodules = 2 if _is_seq2seq(base_model) else 1
+        self.num_transformer_submodules = 2 if is_seq2seq(base_model) else 1
         hidden = base_model.get_input_embeddings().weight.shape[1]
         device = base_model.get_input_embeddings().weight.device
         rows = num_virtual_tokens * self.num_transformer_submodules
@@ -127,7 +124,7 @@ class PromptTunedModel(nn.Module):
     def get_encoder(self) -> _PromptedEncoder:
         """The encoder with the prompt in front: ``(input_ids (B, T), attention_mask (B, T))`` -> hidden
         ``(B, v + T, hidden)``. Pass its output as ``encoder_outputs`` with the caller's (B, T) mask."""
-        if not _is_seq2seq(self.base_model):
+        if not is_seq2seq(self.base_model):
             raise LmcycleError(f"{type(self.base_model).__name__} has no encoder")
         return _PromptedEncoder(self)
 
@@ -163,7 +160,7 @@ class PromptTunedModel(nn.Module):
         Decoder: ``input_ids`` (B, T) -> ``logits`` (B, T, vocab) (or the last ``logits_to_keep``), the cache
         then holds ``v + T`` positions. Encoder-decoder: ``logits`` (B, decoder length, vocab).
         """
-        if _is_seq2seq(self.base_model):
+        if is_seq2seq(self.base_model):
             return self._seq2seq_forward(input_ids, attention_mask, past_key_values, use_cache, labels,
                                          decoder_input_ids, encoder_outputs, inputs_embeds, **kwargs)
         return self._causal_forward(input_ids, attention_mask, position_ids, past_key_values, use_cache, labels,
@@ -225,7 +222,7 @@ def add_prompt_tuning(model: nn.Module, cfg: PromptTuningConfig, tokenizer=None)
     """
     if isinstance(model, PromptTunedModel):
         raise LmcycleError("the model already has a soft prompt")
-    rows = cfg.num_virtual_tokens * (2 if _is_seq2seq(model) else 1)
+    rows = cfg.num_virtual_tokens * (2 if is_seq2seq(model) else 1)
     weights = None
     if cfg.init == "text":
         if tokenizer is None:
@@ -265,7 +262,7 @@ def save_prompt_tuning(model: PromptTunedModel, out_dir: str | os.PathLike, base
     if not isinstance(model, PromptTunedModel):
         raise LmcycleError(f"{type(model).__name__} has no soft prompt to save")
     cfg = model.config
-    seq2seq = _is_seq2seq(model.base_model)
+    seq2seq = is_seq2seq(model.base_model)
     tokenizer_path = tokenizer_name_or_path or base_model_name_or_path
     text = model.prompt_config.init == "text" and tokenizer_path is not None
     config = {
@@ -306,7 +303,7 @@ def read_prompt_adapter(adapter_dir: str | os.PathLike, model: nn.Module) -> tup
     reject_unknown_settings(config, _UNDERSTOOD_KEYS, cfg_file)
     if config.get("modules_to_save"):
         raise LmcycleError(f"unsupported value {config['modules_to_save']!r}", file=cfg_file, field="modules_to_save")
-    seq2seq = _is_seq2seq(model)
+    seq2seq = is_seq2seq(model)
     want_task = "SEQ_2_SEQ_LM" if seq2seq else "CAUSAL_LM"
     if config.get("task_type") != want_task:
         raise LmcycleError(f"task_type is {config.get('task_type')!r}, this {type(model).__name__} needs "
@@ -343,7 +340,7 @@ def load_prompt_tuning(model: nn.Module, adapter_dir: str | os.PathLike) -> Prom
         raise LmcycleError("the model already has a soft prompt")
     config, prompt = read_prompt_adapter(adapter_dir, model)
     v = int(config["num_virtual_tokens"])
-    if _is_seq2seq(model) and prompt.shape[0] == v:
+    if is_seq2seq(model) and prompt.shape[0] == v:
         prompt = torch.cat([prompt, prompt])
     init = "text" if config.get("prompt_tuning_init") == "TEXT" and config.get("prompt_tuning_init_text") else "random"
     cfg = PromptTuningConfig(num_virtual_tokens=v, init=init,

@@ -28,7 +28,7 @@ from torch import nn
 
 from lmcycle.adapt.lora import lora_layers, set_active_adapter
 from lmcycle.data.preferences import PreferencePair
-from lmcycle.data.sft import IGNORE, collate_sft
+from lmcycle.data.sft import IGNORE, collate_sft, prompt_completion_item
 from lmcycle.errors import LmcycleError
 from lmcycle.train.loop import Batch, TrainConfig, TrainResult, micro_batch_indices, scored_logits, train
 
@@ -36,19 +36,6 @@ LOSS_TYPES = ("sigmoid", "ipo")
 
 
 # -- data ----------------------------------------------------------------------------------------------------------
-
-
-def _encode_response(prompt_ids: list[int], response_ids: list[int], max_len: int, seq2seq: bool,
-                     bos: int | None) -> dict:
-    """One ``{"input_ids", "labels"}`` item; the truncation rules are those of :func:`lmcycle.data.sft.encode_sft`."""
-    if seq2seq:
-        return {"input_ids": prompt_ids[-max_len:], "labels": response_ids[:max_len]}
-    head = prompt_ids[:1] if bos is not None and prompt_ids[:1] == [bos] else []
-    response_ids = response_ids[:max_len - len(head) - 1]  # leave room for at least one prompt token
-    body = prompt_ids[len(head):]
-    room = max_len - len(head) - len(response_ids)
-    prompt_ids = head + body[max(0, len(body) - room):]
-    return {"input_ids": prompt_ids + response_ids, "labels": [IGNORE] * len(prompt_ids) + response_ids}
 
 
 def encode_dpo_pairs(pairs: list[PreferencePair], tokenizer, max_len: int, seq2seq: bool) -> list[dict]:
@@ -70,8 +57,8 @@ def encode_dpo_pairs(pairs: list[PreferencePair], tokenizer, max_len: int, seq2s
     prompts = tokenizer([p.prompt for p in pairs], verbose=False)["input_ids"]
     chosen = tokenizer([p.chosen for p in pairs], add_special_tokens=False, verbose=False)["input_ids"]
     rejected = tokenizer([p.rejected for p in pairs], add_special_tokens=False, verbose=False)["input_ids"]
-    return [{"chosen": _encode_response(p, [*c, eos], max_len, seq2seq, bos),
-             "rejected": _encode_response(p, [*r, eos], max_len, seq2seq, bos)}
+    return [{"chosen": prompt_completion_item(p, [*c, eos], max_len, seq2seq, bos),
+             "rejected": prompt_completion_item(p, [*r, eos], max_len, seq2seq, bos)}
             for p, c, r in zip(prompts, chosen, rejected, strict=True)]
 
 

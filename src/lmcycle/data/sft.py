@@ -37,19 +37,22 @@ def encode_sft(examples: list[Example], template, tokenizer, max_len: int, seq2s
     # A decoder continues the prompt; an encoder-decoder's decoder writes the target from scratch.
     completions = [ex.target if seq2seq else template.render_target(ex) for ex in examples]
     targets = tokenizer(completions, add_special_tokens=False, verbose=False)["input_ids"]
-    items = []
-    for prompt_ids, target_ids in zip(prompts, targets, strict=True):
-        target_ids = [*target_ids, eos]
-        if seq2seq:
-            items.append({"input_ids": prompt_ids[-max_len:], "labels": target_ids[:max_len]})
-            continue
-        head = prompt_ids[:1] if bos is not None and prompt_ids[:1] == [bos] else []
-        target_ids = target_ids[:max_len - len(head) - 1]  # leave room for at least one prompt token
-        body = prompt_ids[len(head):]
-        room = max_len - len(head) - len(target_ids)
-        prompt_ids = head + body[max(0, len(body) - room):]
-        items.append({"input_ids": prompt_ids + target_ids, "labels": [IGNORE] * len(prompt_ids) + target_ids})
-    return items
+    return [prompt_completion_item(prompt_ids, [*target_ids, eos], max_len, seq2seq, bos)
+            for prompt_ids, target_ids in zip(prompts, targets, strict=True)]
+
+
+def prompt_completion_item(prompt_ids: list[int], target_ids: list[int], max_len: int, seq2seq: bool,
+                           bos: int | None) -> dict[str, list[int]]:
+    """One ``{"input_ids", "labels"}`` item of at most ``max_len`` tokens, truncated as :func:`encode_sft` says
+    (``target_ids`` already ends with EOS)."""
+    if seq2seq:
+        return {"input_ids": prompt_ids[-max_len:], "labels": target_ids[:max_len]}
+    head = prompt_ids[:1] if bos is not None and prompt_ids[:1] == [bos] else []
+    target_ids = target_ids[:max_len - len(head) - 1]  # leave room for at least one prompt token
+    body = prompt_ids[len(head):]
+    room = max_len - len(head) - len(target_ids)
+    prompt_ids = head + body[max(0, len(body) - room):]
+    return {"input_ids": prompt_ids + target_ids, "labels": [IGNORE] * len(prompt_ids) + target_ids}
 
 
 def collate_sft(items: list[dict], pad_id: int) -> dict[str, torch.Tensor]:

@@ -80,7 +80,7 @@ def forward_accepts(model_cls: type, argument: str) -> bool:
 
 def is_seq2seq(model: PreTrainedModel) -> bool:
     """True for encoder-decoder models (T5), False for decoder-only ones."""
-    return bool(getattr(model.config, "is_encoder_decoder", False))
+    return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
 
 
 def context_window(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> int:

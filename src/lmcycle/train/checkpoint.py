@@ -15,6 +15,7 @@ is complete; a run killed while saving leaves the previous checkpoint untouched.
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import shutil
@@ -106,3 +107,14 @@ def save_model_dir(model: nn.Module, tokenizer, path: str | os.PathLike) -> Path
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
     return path
+
+
+def saved_param_count(file: str | os.PathLike) -> int:
+    """Numbers stored in a safetensors file, read from its header (no tensor is loaded)."""
+    from safetensors import safe_open
+
+    total = 0
+    with safe_open(str(file), framework="pt") as f:
+        for key in f.keys():
+            total += math.prod(f.get_slice(key).get_shape())
+    return total

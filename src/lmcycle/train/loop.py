@@ -316,8 +316,9 @@ def scored_logits(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.T
     labels = F.pad(labels, (0, 1), value=-100)[:, 1:]
     # Only positions that some row is scored at need logits. In SFT the prompt (often most of a sequence)
     # then never goes through the LM head: its FLOPs and its share of the [B, T, V] logits are saved.
+    # Pre-training scores every position but the last: there gathering would cost more than it saves.
     keep = (labels != -100).any(0).nonzero().squeeze(1)
-    if 0 < keep.numel() < labels.size(1) and forward_accepts(type(model), "logits_to_keep"):
+    if 0 < keep.numel() < labels.size(1) - 1 and forward_accepts(type(model), "logits_to_keep"):
         return model(**inputs, use_cache=False, logits_to_keep=keep).logits, labels[:, keep]
     return model(**inputs, use_cache=False).logits, labels
 
