@@ -56,7 +56,7 @@ from datetime import date
 from pathlib import Path
 
 import torch
-from measure import BUSY_WARNING, Clock, cpu_name, load_average, peak_rss_mb, rss_mb, version
+from measure import BUSY_WARNING, Clock, cpu_name, load_average, peak_rss_mb, rss_mb, trainer_clock, version
 
 ADAM = {"lr": 3e-4, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.0}
 TEMPLATE = "summarize"
@@ -162,7 +162,7 @@ def run_ours(workdir: Path, args: argparse.Namespace, clock: Clock, out_dir: Pat
 def run_trl(workdir: Path, args: argparse.Namespace, clock: Clock, out_dir: Path) -> tuple[list[float], dict]:
     from datasets import Dataset
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
     from lmcycle.data.templates import get_template
@@ -177,14 +177,6 @@ def run_trl(workdir: Path, args: argparse.Namespace, clock: Clock, out_dir: Path
                               "completion": [template.render_target(ex) for ex in rows]})
     losses: list[float] = []
 
-    class StepClock(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kwargs):
-            clock.step_starts(state.global_step)
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if logs and "loss" in logs:
-                losses.append(float(logs["loss"]))
-
     config = SFTConfig(
         output_dir=str(out_dir), use_cpu=True, bf16=False, fp16=False, report_to=[], save_strategy="no",
         eval_strategy="no", logging_strategy="steps", logging_steps=1, disable_tqdm=True,
@@ -196,7 +188,7 @@ def run_trl(workdir: Path, args: argparse.Namespace, clock: Clock, out_dir: Path
         packing=False, max_length=args.max_len, completion_only_loss=True, torch_compile=False,
     )
     trainer = SFTTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer,
-                         callbacks=[StepClock()])
+                         callbacks=[trainer_clock(clock, losses)])
     mem = {"rss_before_train_mb": rss_mb(), "maxrss_before_train_mb": peak_rss_mb()}
     trainer.train()
     # Same tokens and labels as ours, row by row? (checked after the measurement, so it costs nothing there)

@@ -79,3 +79,19 @@ class Clock:
     def median_step(self) -> float:
         """Median duration of the timed steps: robust to bursts of other work on a shared machine."""
         return statistics.median(self.times[s + 1] - self.times[s] for s in range(self.first, self.last))
+
+
+def trainer_clock(clock: Clock, losses: list[float] | None = None):
+    """A transformers ``TrainerCallback`` that starts ``clock``'s step timers and appends each logged loss to
+    ``losses``: how every benchmark times a peer's Trainer the way it times our loop."""
+    from transformers import TrainerCallback
+
+    class StepClock(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            clock.step_starts(state.global_step)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if losses is not None and logs and "loss" in logs:
+                losses.append(float(logs["loss"]))
+
+    return StepClock()

@@ -39,7 +39,7 @@ from datetime import date
 from pathlib import Path
 
 import torch
-from measure import BUSY_WARNING, Clock, cpu_name, load_average, rss_mb, version
+from measure import BUSY_WARNING, Clock, cpu_name, load_average, rss_mb, trainer_clock, version
 
 HERE = Path(__file__).resolve().parent
 DIALOGSUM_DEV = HERE.parent.parent / "shared" / "data" / "dialogsum" / "dialogsum.dev.jsonl"
@@ -114,7 +114,7 @@ def run_ours(model, blocks: torch.Tensor, batch: int, total_steps: int, clock: C
 
 
 def run_hf(model, blocks: torch.Tensor, batch: int, total_steps: int, clock: Clock, out_dir: Path) -> str:
-    from transformers import Trainer, TrainerCallback, TrainingArguments
+    from transformers import Trainer, TrainingArguments
 
     class Blocks(torch.utils.data.Dataset):
         def __len__(self):
@@ -122,10 +122,6 @@ def run_hf(model, blocks: torch.Tensor, batch: int, total_steps: int, clock: Clo
 
         def __getitem__(self, i):
             return {"input_ids": blocks[i], "labels": blocks[i]}
-
-    class StepClock(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kwargs):
-            clock.step_starts(state.global_step)
 
     args = TrainingArguments(
         output_dir=str(out_dir), use_cpu=True, bf16=False, fp16=False, report_to=[], save_strategy="no",
@@ -135,7 +131,7 @@ def run_hf(model, blocks: torch.Tensor, batch: int, total_steps: int, clock: Clo
         warmup_steps=0, adam_beta1=ADAM["betas"][0], adam_beta2=ADAM["betas"][1], adam_epsilon=ADAM["eps"],
         weight_decay=ADAM["weight_decay"], max_grad_norm=1.0, seed=0,
     )
-    trainer = Trainer(model=model, args=args, train_dataset=Blocks(), callbacks=[StepClock()])
+    trainer = Trainer(model=model, args=args, train_dataset=Blocks(), callbacks=[trainer_clock(clock)])
     trainer.train()
     return optimizer_kind(trainer.optimizer)
 

@@ -15,7 +15,8 @@ from pathlib import Path
 
 from lmcycle.errors import LmcycleError
 
-SINGLE_STAGES = ("build", "pretrain", "sft", "generate", "explore", "eval")
+SINGLE_STAGES = ("build", "pretrain", "sft", "generate", "explore", "eval", "rm", "dpo", "ppo", "classifier")
+STAGE_OF_COMMAND = {"rm": "reward"}  # commands named differently from their stage type
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -26,7 +27,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("overrides", nargs="*", help="key=value overrides, e.g. stages.1.train.max_steps=50")
     run.add_argument("--out", help="run directory (default runs/<recipe>-<time>)")
     for kind in SINGLE_STAGES:
-        s = sub.add_parser(kind, help=f"run a single '{kind}' stage")
+        s = sub.add_parser(kind, help=f"run a single '{STAGE_OF_COMMAND.get(kind, kind)}' stage")
         s.add_argument("fields", nargs="*", help="the stage's fields as key=value")
         s.add_argument("--recipe", help="take datasets, seed and device from this recipe")
         s.add_argument("--data", action="append", default=[], metavar="NAME=PATH[@SPLIT]",
@@ -147,7 +148,7 @@ def _single_stage_recipe(args) -> tuple[dict, str]:
         recipe["data"][name] = cfg
     if args.seed is not None:
         recipe["seed"] = args.seed
-    stage = apply_overrides({"type": args.command}, args.fields)
+    stage = apply_overrides({"type": STAGE_OF_COMMAND.get(args.command, args.command)}, args.fields)
     recipe["stages"] = [stage]
     return recipe, recipe_file
 

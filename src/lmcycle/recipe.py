@@ -45,6 +45,10 @@ STAGES: dict[str, tuple[str, str, str]] = {
     "generate": ("lmcycle.models.generate", "GenerateStage", "run_generate"),
     "explore": ("lmcycle.models.explore", "ExploreStage", "run_explore"),
     "eval": ("lmcycle.evals.evaluate", "EvalStage", "run_eval"),
+    "reward": ("lmcycle.align.reward", "RewardStage", "run_reward"),
+    "dpo": ("lmcycle.align.dpo", "DpoStage", "run_dpo"),
+    "classifier": ("lmcycle.evals.toxicity", "ClassifierStage", "run_classifier"),
+    "ppo": ("lmcycle.align.ppo_stage", "PpoStage", "run_ppo"),
     "report": ("lmcycle.report", "ReportStage", "run_report"),
 }
 DATA_PARALLEL_STAGES = {"pretrain", "sft"}

@@ -31,9 +31,13 @@ from lmcycle.runs import RunContext
 
 EVAL_COLUMNS = [("rouge1", "ROUGE-1"), ("rouge2", "ROUGE-2"), ("rougeL", "ROUGE-L"), ("rougeLsum", "ROUGE-Lsum"),
                 ("bleu", "BLEU"), ("accuracy", "Accuracy"), ("macro_f1", "Macro-F1"), ("exact_match", "EM"),
-                ("token_f1", "Token F1"), ("gsm8k_accuracy", "GSM8K acc."), ("perplexity", "Perplexity")]
+                ("token_f1", "Token F1"), ("gsm8k_accuracy", "GSM8K acc."), ("toxicity", "Toxicity"),
+                ("toxic_fraction", "Toxic share"), ("perplexity", "Perplexity"),
+                ("reference_perplexity", "Ref. perplexity")]
 # The number that stands for a task in the "by model and dataset" table: the first of these an eval has.
-HEADLINE_METRICS = ["rougeL", "macro_f1", "token_f1", "gsm8k_accuracy", "accuracy", "exact_match", "bleu"]
+HEADLINE_METRICS = ["rougeL", "macro_f1", "token_f1", "gsm8k_accuracy", "accuracy", "exact_match", "bleu",
+                    "toxicity"]
+FRACTION_METRICS = {"toxicity", "toxic_fraction"}  # 0-1 scores: three decimals, not two
 N_EXAMPLES = 3
 EXAMPLE_CHARS = 300
 
@@ -59,11 +63,16 @@ def write_report(run_dir: str | os.PathLike, title: str | None = None,
     rows = _read_jsonl(run_dir / "metrics.jsonl")
     if artifacts is None:
         artifacts = _read_json(run_dir / "artifacts.json") or {}
-    evals = _load_evals(run_dir, artifacts)
+    from lmcycle.report_alignment import alignment_section, alignment_stages, ppo_sections
+
+    aligned = alignment_stages(config, rows)
+    # Alignment stages write eval.json too; they get their own section, not a row among the generation evals.
+    evals = [e for e in _load_evals(run_dir, artifacts) if e["stage"] not in aligned]
 
     parts = [_header(run_dir, config, rows, title), _stage_times(rows, config),
              _evaluation(run_dir, evals), _by_model_and_dataset(run_dir, evals),
              _finetuning(run_dir, config, rows, artifacts, evals),
+             alignment_section(run_dir, aligned, rows, artifacts), ppo_sections(run_dir, rows),
              _training(run_dir, rows), _explore(run_dir, artifacts),
              _examples(evals), _settings(evals)]
     path = run_dir / "report.md"
@@ -185,7 +194,7 @@ def _evaluation(run_dir: Path, evals: list[dict]) -> str:
         shots, n = s.get("shots"), m.get("n", s.get("n"))
         cells = [_md(e["stage"]), _md(_scored(s, run_dir)), "—" if shots is None else str(shots),
                  "—" if n is None else str(n)]
-        cells += [_number(m.get(key)) for key, _ in columns]
+        cells += [_fraction(m.get(key)) if key in FRACTION_METRICS else _number(m.get(key)) for key, _ in columns]
         lines.append("| " + " | ".join(cells) + " |")
     plot = _eval_bar_chart(run_dir, [e for e in evals if not e["missing"]])
     if plot:
@@ -366,6 +375,10 @@ def _examples(evals: list[dict]) -> str:
         if not e["examples"]:
             continue
         blocks += [f"### {_md(e['stage'])}", ""]
+        if "toxicity" in e["metrics"]:  # completions scored for toxicity are offensive by design: files only
+            blocks += ["Not shown: these completions were scored for toxicity and can be offensive; they are in "
+                       "the stage's `predictions.jsonl`.", ""]
+            continue
         for ex in e["examples"]:
             refs = ex.get("references") or []
             blocks.append(f"- **{_md(str(ex.get('id', '')))}** — prediction: {_excerpt(ex.get('prediction', ''))}")
@@ -469,6 +482,10 @@ def _scored(settings: dict, run_dir: Path) -> str:
         except ValueError:
             pass
     return "/".join(Path(str(model)).parts[-2:])
+
+
+def _fraction(value: Any) -> str:
+    return f"{value:.3f}" if _is_number(value) else "—"
 
 
 def _number(value: Any) -> str:

@@ -79,16 +79,19 @@ class RunContext:
 
     def model_path(self, ref: str | None) -> str:
         """Resolve a model reference: ``None``/``"latest"`` = the newest model an earlier stage produced,
-        an earlier stage's name = that stage's model, anything else = a local path or hub id as given."""
+        an earlier stage's name = that stage's model, anything else = a local path or hub id as given (a Hub id
+        with a packaged local copy, such as all-MiniLM-L6-v2's, resolves to that copy)."""
         if ref in (None, "latest"):
             for produced in reversed(list(self.artifacts.values())):
-                if "model" in produced:
+                if "model" in produced and not is_scorer(produced["model"]):
                     return produced["model"]
-            raise LmcycleError("no earlier stage produced a model; set 'model' to a path or hub id",
+            raise LmcycleError("no earlier stage produced a language model; set 'model' to a path or hub id",
                                file=self.recipe_file)
         if ref in self.artifacts:
             return self.artifact(ref, "model")
-        return ref
+        from lmcycle.models.load import local_copy
+
+        return local_copy(ref)
 
     def dataset(self, name: str) -> list:
         """The examples of the recipe's dataset ``name`` (loaded once, then cached)."""
@@ -98,6 +101,19 @@ class RunContext:
                                    f"{', '.join(self.data) or 'nothing'})", file=self.recipe_file)
             self._datasets.update(load_datasets({name: self.data[name]}, self.recipe_file))
         return self._datasets[name]
+
+
+def is_scorer(model_dir: str | os.PathLike) -> bool:
+    """Whether a saved model scores text rather than generating it (a reward model or a sequence classifier):
+    "the latest model" skips those, so a reward or classifier stage never becomes the next stage's policy."""
+    path = Path(model_dir)
+    if (path / "reward_model.json").is_file():
+        return True
+    try:
+        architectures = json.loads((path / "config.json").read_text()).get("architectures") or []
+    except (OSError, ValueError):
+        return False
+    return any(a.endswith("ForSequenceClassification") for a in architectures)
 
 
 def load_datasets(data: dict[str, Any], recipe_file: str | os.PathLike) -> dict[str, list]:

@@ -14,12 +14,7 @@ from lmcycle.train.loop import lm_loss_sum, mean_token_loss
 
 
 def context(tmp_path, model, tokenizer) -> RunContext:
-    ctx = RunContext(run_dir=tmp_path / "run", recipe_file=str(tmp_path / "recipe.yaml"))
-    ctx.add_artifacts("build", {"model": tiny_lm.save_tiny(model, tokenizer, tmp_path / "build")})
-    ctx._datasets["reverse"] = tiny_lm.examples(64, seed=1)
-    ctx._datasets["upper"] = tiny_lm.examples(64, seed=2, task="upper")
-    ctx._datasets["dev"] = tiny_lm.examples(16, seed=9)
-    return ctx
+    return tiny_lm.run_context(tmp_path, model, tokenizer)
 
 
 def held_out_loss(model, tokenizer, examples, seq2seq) -> float:

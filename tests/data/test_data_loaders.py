@@ -283,3 +283,13 @@ def test_config_validation(tmp_path):
         validate(DatasetConfig, {"format": "synthetic", "colour": "red"}, file="recipe.yaml")
     assert e.value.field == "colour"
     assert validate(DatasetConfig, {"format": "synthetic"}).n == 200
+
+
+def test_prompt_words_cuts_each_input_to_a_continuation_prompt(tmp_path):
+    from lmcycle.data.loaders import DatasetConfig, load_examples
+
+    (tmp_path / "train.jsonl").write_text('{"input": "one two three four five", "target": "t"}\n'
+                                          '{"input": "short", "target": "u"}\n')
+    cfg = DatasetConfig(format="jsonl", path=str(tmp_path), prompt_words=3)
+    assert [ex.input for ex in load_examples(cfg)] == ["one two three", "short"]
+    assert [ex.targets for ex in load_examples(cfg)] == [["t"], ["u"]]

@@ -171,6 +171,7 @@ def test_load_rankings_reads_good_rows(tmp_path):
     ({"prompt": ""}, "prompt"),
     ({"completions": ["only one"]}, "completions"),
     ({"completions": ["hi", "hi", "hey"]}, "completions"),
+    ({"completions": ["hi", "  ", "hey"]}, "completions"),
     ({"ranks": [1, 2]}, "ranks"),
     ({"ranks": [1, 0, 2]}, "ranks"),
     ({"ranks": [1, 2.5, 2]}, "ranks"),

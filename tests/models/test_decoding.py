@@ -254,3 +254,24 @@ def test_generate_stage_writes_jsonl(models, tmp_path):
     assert [r["prompt"] for r in rows] == PROMPTS[:3]
     assert [r["output"] for r in rows] == generate(model, tokenizer, PROMPTS[:3], cfg.decoding)
     assert rows[0]["settings"]["max_new_tokens"] == 5
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_decode_rows_says_why_each_row_ended_and_can_keep_the_eos(models, arch, make_model):
+    from lmcycle.models.generate import decode_rows, encode_prompts
+
+    model, tokenizer = models[arch]
+    cfg = DecodingConfig(do_sample=True, max_new_tokens=5, seed=3)
+    rows = encode_prompts(model, tokenizer, PROMPTS, cfg)
+    ids, ends = decode_rows(model, tokenizer, rows, cfg)
+    for row, end in zip(ids, ends, strict=True):
+        assert (end == "length") == (len(row) == 5) and tokenizer.eos_token_id not in row
+    assert ids == generate_ids(model, tokenizer, PROMPTS, cfg)
+
+    eager = make_model(arch, tokenizer)  # a model that always says EOS first
+    with torch.no_grad():
+        eager.get_output_embeddings().bias = torch.nn.Parameter(torch.zeros(len(tokenizer)))
+        eager.get_output_embeddings().bias[tokenizer.eos_token_id] = 1e4
+    kept, ends = decode_rows(eager, tokenizer, rows[:2], cfg, keep_eos=True)
+    assert ends == ["eos", "eos"] and kept == [[tokenizer.eos_token_id]] * 2
+    assert decode_rows(eager, tokenizer, rows[:2], cfg)[0] == [[], []]

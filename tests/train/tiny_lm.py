@@ -113,6 +113,18 @@ def save_tiny(model, tok, path) -> str:
     return str(path)
 
 
+def run_context(tmp_path, model, tok):
+    """A run directory whose 'build' stage produced ``model``, with datasets reverse/upper (64) and dev (16)."""
+    from lmcycle.runs import RunContext
+
+    ctx = RunContext(run_dir=tmp_path / "run", recipe_file=str(tmp_path / "recipe.yaml"))
+    ctx.add_artifacts("build", {"model": save_tiny(model, tok, tmp_path / "build")})
+    ctx._datasets["reverse"] = examples(64, seed=1)
+    ctx._datasets["upper"] = examples(64, seed=2, task="upper")
+    ctx._datasets["dev"] = examples(16, seed=9)
+    return ctx
+
+
 # Session fixtures shared by tests/train and tests/adapt (their conftest files import these two names).
 @pytest.fixture(scope="session")
 def tok():

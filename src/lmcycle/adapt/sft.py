@@ -140,7 +140,7 @@ def run_sft(cfg: SftStage, ctx: RunContext) -> dict[str, str]:
                    params=params, desc=stage.name)
     if cfg.peft is None:
         return finish_training_stage(stage, result)
-    return finish_peft_stage(stage, result, cfg.peft, base_model=_recorded_path(ctx.model_path(cfg.model)))
+    return finish_peft_stage(stage, result, cfg.peft, base_model=ctx.model_path(cfg.model))
 
 
 def add_peft_for_training(stage: TrainingStage, peft: LoraPeft | QloraPeft | PromptTuningPeft) -> None:
@@ -162,11 +162,13 @@ def add_peft_for_training(stage: TrainingStage, peft: LoraPeft | QloraPeft | Pro
 
 def finish_peft_stage(stage: TrainingStage, result: TrainResult, peft, base_model: str) -> dict[str, str]:
     """Save the adapter to ``<stage>/adapter``; for (Q)LoRA also save the merged plain model as ``model``.
+    ``base_model`` is the model the stage started from; the adapter records it (a local one as an absolute path).
 
     QLoRA merges into the full-precision base reloaded from disk, not into its quantized weights. A soft prompt
     cannot be merged: the stage's model is the adapter folder, which loads with its base.
     """
     adapter_dir = stage.out_dir / "adapter"
+    base_model = _recorded_path(base_model)
     if is_main():
         if isinstance(peft, PromptTuningPeft):
             save_prompt_tuning(stage.model, adapter_dir, base_model_name_or_path=base_model,

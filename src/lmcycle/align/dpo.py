@@ -19,18 +19,28 @@ A DPO batch (:func:`collate_dpo`) stacks the ``B`` chosen rows over the ``B`` re
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 
 from lmcycle.adapt.lora import lora_layers, set_active_adapter
+from lmcycle.adapt.sft import LoraPeft
+from lmcycle.align.reward import pair_step_indices
+from lmcycle.atomic import atomic_write_json
+from lmcycle.config import Config
 from lmcycle.data.preferences import PreferencePair
 from lmcycle.data.sft import IGNORE, collate_sft, prompt_completion_item
 from lmcycle.errors import LmcycleError
-from lmcycle.train.loop import Batch, TrainConfig, TrainResult, micro_batch_indices, scored_logits, train
+from lmcycle.runs import RunContext
+from lmcycle.train.distributed import is_main
+from lmcycle.train.loop import Batch, TrainConfig, TrainResult, scored_logits, train
+from lmcycle.train.stage import finish_training_stage, start_training_stage
 
 LOSS_TYPES = ("sigmoid", "ipo")
 
@@ -70,6 +80,11 @@ def collate_dpo(encoded: list[dict], pad_id: int) -> Batch:
         batch["ref_logps"] = torch.tensor([e["ref_logps"][0] for e in encoded] +
                                           [e["ref_logps"][1] for e in encoded], dtype=torch.float32)
     return batch
+
+
+def dpo_pair_length(item: dict) -> int:
+    """What a pair adds to its batch's width: the longest of its chosen/rejected ``input_ids`` and ``labels``."""
+    return max(len(item[k][f]) for k in ("chosen", "rejected") for f in ("input_ids", "labels"))
 
 
 def dpo_batches(encoded: list[dict], pad_id: int, batch_size: int) -> list[Batch]:
@@ -237,30 +252,40 @@ def dpo_metrics(model: nn.Module, batches: list[Batch], beta: float, loss_type: 
 def train_dpo(model: nn.Module, tokenizer, pairs: list[PreferencePair], cfg: TrainConfig, out_dir: str | Path,
               log: Callable[..., None], beta: float = 0.1, loss_type: str = "sigmoid",
               ref_model: nn.Module | None = None, max_len: int = 512, label_smoothing: float = 0.0,
-              eval_pairs: list[PreferencePair] | None = None) -> TrainResult:
+              eval_pairs: list[PreferencePair] | None = None, precompute_reference: bool = True,
+              group_by_length: bool = True) -> TrainResult:
     """Train ``model`` in place on ``pairs`` with the DPO (or IPO) loss; checkpoints under ``out_dir``.
 
     The reference is ``ref_model``, else the base of a LoRA ``model`` (adapter disabled), else ``model`` as it is
-    before training; its log-probs are computed once, before the first step. ``eval_pairs`` give
-    ``eval_loss``/``eval_accuracy``/``eval_margin``/``eval_chosen_reward``/``eval_rejected_reward``.
+    before training. With ``precompute_reference`` its log-probs are computed once, before the first step;
+    without, the reference runs on every batch (then a ``model`` without LoRA needs ``ref_model``).
+    ``eval_pairs`` give ``eval_loss``/``eval_accuracy``/``eval_margin``/``eval_chosen_reward``/
+    ``eval_rejected_reward``. ``group_by_length``: batches of pairs of similar length
+    (:func:`lmcycle.align.reward.pair_step_indices`), so less padding.
     """
     check_dpo_settings(beta, loss_type, label_smoothing)
+    if not precompute_reference and ref_model is None and not lora_layers(model):
+        raise LmcycleError("without precomputed reference log-probs DPO needs a reference: pass ref_model or add "
+                           "a LoRA adapter to the policy", field="precompute_reference")
     if tokenizer.pad_token_id is None:
         raise LmcycleError("the tokenizer has no pad token; set one (e.g. pad_token = eos_token)", field="tokenizer")
     seq2seq = bool(model.config.is_encoder_decoder)
     pad_id = tokenizer.pad_token_id
     encoded = encode_dpo_pairs(pairs, tokenizer, max_len, seq2seq)
-    precompute_reference_logps(model, encoded, pad_id, cfg.batch_size, ref_model)
+    if precompute_reference:
+        precompute_reference_logps(model, encoded, pad_id, cfg.batch_size, ref_model)
     seed = cfg.seed if cfg.seed is not None else 0
+    lengths = [dpo_pair_length(e) for e in encoded]
 
     def batch_at(step: int) -> list[Batch]:
         return [collate_dpo([encoded[i] for i in idx], pad_id)
-                for idx in micro_batch_indices(len(encoded), step, cfg.batch_size, cfg.grad_accum, seed)]
+                for idx in pair_step_indices(lengths, step, cfg, seed, group_by_length)]
 
     eval_fn = None
     if eval_pairs:
         eval_encoded = encode_dpo_pairs(eval_pairs, tokenizer, max_len, seq2seq)
-        precompute_reference_logps(model, eval_encoded, pad_id, cfg.batch_size, ref_model)
+        if precompute_reference:
+            precompute_reference_logps(model, eval_encoded, pad_id, cfg.batch_size, ref_model)
         eval_batches = dpo_batches(eval_encoded, pad_id, cfg.batch_size)
 
         def eval_fn(m: nn.Module) -> dict[str, float]:
@@ -269,3 +294,75 @@ def train_dpo(model: nn.Module, tokenizer, pairs: list[PreferencePair], cfg: Tra
 
     loss_fn = dpo_loss_fn(beta, loss_type, ref_model, label_smoothing)
     return train(model, batch_at, loss_fn, cfg, out_dir, log, eval_fn=eval_fn, desc="dpo")
+
+
+# -- the recipe stage ----------------------------------------------------------------------------------------------
+
+
+class DpoStage(Config):
+    """Align a model to a preference dataset with DPO or IPO: every parameter, or a LoRA adapter."""
+
+    type: Literal["dpo"] = "dpo"
+    name: str | None = None
+    model: str | None = Field(None, description="the starting policy: an earlier stage, a path or a hub id")
+    data: str = Field(description="preference dataset (format hh_rlhf or rankings)")
+    eval_data: str = Field(description="held-out preference dataset: implicit-reward accuracy and margins")
+    beta: float = Field(0.1, gt=0)
+    loss_type: Literal["sigmoid", "ipo"] = "sigmoid"
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="conservative DPO (sigmoid loss only)")
+    precompute_reference: bool = Field(True, description="reference log-probs once before training (no second "
+                                                         "model in memory during training)")
+    max_len: int = Field(512, ge=8, description="tokens of prompt + response; the prompt's start is cut first")
+    peft: LoraPeft | None = Field(None, description="LoRA: the reference is the model with the adapter off")
+    group_by_length: bool = Field(True, description="batch pairs of similar length together (less padding, "
+                                                    "faster steps); off: plainly shuffled batches")
+    train: TrainConfig
+
+
+def run_dpo(cfg: DpoStage, ctx: RunContext) -> dict[str, str]:
+    """Train the policy; save it to ``<stage>/model`` (with LoRA also ``<stage>/adapter``, PEFT format, and the
+    merged model as ``model``) and the held-out metrics to ``<stage>/eval.json``; return ``{"model", "eval"}``
+    (and ``"adapter"``).
+
+    The reference is the starting model: with LoRA the same model with its adapter disabled; without, the model
+    before training (its log-probs precomputed), or a frozen copy when ``precompute_reference`` is off.
+    """
+    from lmcycle.adapt.sft import add_peft_for_training, finish_peft_stage
+    from lmcycle.data.preferences import pairs_from_examples
+    from lmcycle.models.load import context_window
+
+    check_dpo_settings(cfg.beta, cfg.loss_type, cfg.label_smoothing)
+    pairs = pairs_from_examples(ctx.dataset(cfg.data), cfg.data)
+    eval_pairs = pairs_from_examples(ctx.dataset(cfg.eval_data), cfg.eval_data)
+    stage = start_training_stage(cfg, ctx, "dpo")
+    max_len = min(cfg.max_len, context_window(stage.model, stage.tokenizer))
+    ref_model = None
+    if cfg.peft is None and not cfg.precompute_reference:
+        ref_model = copy.deepcopy(stage.model).eval().requires_grad_(False)
+    stage.log(event="data", train_pairs=len(pairs), eval_pairs=len(eval_pairs), max_len=max_len,
+              reference="adapter disabled" if cfg.peft else "frozen copy" if ref_model else "precomputed")
+    # The adapter is added before train(), so that resuming loads a checkpoint whose state dict has its keys.
+    if cfg.peft is not None:
+        add_peft_for_training(stage, cfg.peft)
+    result = train_dpo(stage.model, stage.tokenizer, pairs, stage.train, stage.out_dir, stage.log, beta=cfg.beta,
+                       loss_type=cfg.loss_type, ref_model=ref_model, max_len=max_len,
+                       label_smoothing=cfg.label_smoothing, eval_pairs=eval_pairs,
+                       precompute_reference=cfg.precompute_reference, group_by_length=cfg.group_by_length)
+    metrics = {k.removeprefix("eval_"): v for k, v in result.eval.items()}
+    metrics["n"] = len(eval_pairs)
+    stage.log(event="held_out", **{f"eval_{k}": v for k, v in metrics.items()})
+    source = ctx.model_path(cfg.model)
+    settings = {"model": source, "data": cfg.data, "eval_data": cfg.eval_data, "beta": cfg.beta,
+                "loss_type": cfg.loss_type, "label_smoothing": cfg.label_smoothing,
+                "precompute_reference": cfg.precompute_reference, "max_len": max_len,
+                "group_by_length": cfg.group_by_length,
+                "peft": cfg.peft.model_dump(mode="json") if cfg.peft else None, "train_pairs": len(pairs),
+                "steps": result.step, "train": stage.train.model_dump(mode="json")}
+    eval_path = stage.out_dir / "eval.json"
+    if is_main():
+        atomic_write_json(eval_path, {"kind": "dpo", "metrics": metrics, "settings": settings})
+    if cfg.peft is None:
+        produced = finish_training_stage(stage, result)
+    else:
+        produced = finish_peft_stage(stage, result, cfg.peft, base_model=source)
+    return {**produced, "eval": str(eval_path)}

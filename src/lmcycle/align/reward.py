@@ -20,18 +20,30 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import Literal
 
 import safetensors.torch
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 from transformers import AutoModel, AutoModelForSequenceClassification
 
-from lmcycle.atomic import atomic_dir
+from lmcycle.atomic import atomic_dir, atomic_write_json
+from lmcycle.config import Config
 from lmcycle.data.preferences import PreferencePair
 from lmcycle.errors import LmcycleError
 from lmcycle.models.load import forward_accepts
-from lmcycle.train.loop import Batch, TrainConfig, TrainResult, micro_batch_indices, train
+from lmcycle.runs import RunContext
+from lmcycle.train.loop import (
+    Batch,
+    TrainConfig,
+    TrainResult,
+    grouped_batch_indices,
+    micro_batch_indices,
+    seed_everything,
+    train,
+)
 
 HEAD_FILE = "reward_head.safetensors"
 META_FILE = "reward_model.json"
@@ -228,33 +240,26 @@ def pair_loss_fn(use_margin: bool) -> Callable[[nn.Module, Batch], tuple[torch.T
 
 def pair_metrics(model: RewardModel, batches: list[Batch], use_margin: bool = False) -> dict[str, float]:
     """``{"loss", "accuracy"}`` over pair batches (no gradients; the model's mode is left as it is)."""
-    device = next(model.parameters()).device
-    chosen, rejected, margins = [], [], []
-    with torch.no_grad():
-        for batch in batches:
-            c, r = score_pairs(model, {k: v.to(device) for k, v in batch.items()})
-            chosen.append(c.cpu())
-            rejected.append(r.cpu())
-            margins.append(batch["margin"])
-    c, r = torch.cat(chosen), torch.cat(rejected)
-    return {"loss": float(pairwise_loss(c, r, torch.cat(margins) if use_margin else None)),
-            "accuracy": preference_accuracy(c, r)}
+    metrics = held_out_reward_metrics(model, batches, use_margin)
+    return {"loss": metrics["loss"], "accuracy": metrics["accuracy"]}
 
 
 def train_reward_model(model: RewardModel, tokenizer, pairs: list[PreferencePair], cfg: TrainConfig,
                        out_dir: str | Path, log: Callable[..., None], margin: bool = False, max_len: int = 512,
-                       eval_pairs: list[PreferencePair] | None = None) -> TrainResult:
+                       eval_pairs: list[PreferencePair] | None = None, group_by_length: bool = True) -> TrainResult:
     """Train ``model`` in place on ``pairs`` with the pairwise loss (``margin``: subtract each pair's margin).
 
     Checkpoints go under ``out_dir`` (resumable). ``eval_pairs`` give ``eval_loss``/``eval_accuracy``. At the end
     ``model.stats`` is set to :func:`reward_stats` over the training pairs, so :meth:`RewardModel.save` keeps it.
+    ``group_by_length``: batches of pairs of similar length (:func:`pair_step_indices`), so less padding.
     """
     encoded = encode_pairs(pairs, tokenizer, max_len)
     seed = cfg.seed if cfg.seed is not None else 0
+    lengths = [max(len(e["chosen"]), len(e["rejected"])) for e in encoded]
 
     def batch_at(step: int) -> list[Batch]:
         return [collate_pairs([encoded[i] for i in idx], tokenizer)
-                for idx in micro_batch_indices(len(encoded), step, cfg.batch_size, cfg.grad_accum, seed)]
+                for idx in pair_step_indices(lengths, step, cfg, seed, group_by_length)]
 
     eval_fn = None
     if eval_pairs:
@@ -266,6 +271,17 @@ def train_reward_model(model: RewardModel, tokenizer, pairs: list[PreferencePair
     result = train(model, batch_at, pair_loss_fn(margin), cfg, out_dir, log, eval_fn=eval_fn, desc="reward")
     model.stats = reward_stats(model, pair_batches(encoded, tokenizer, cfg.batch_size))
     return result
+
+
+def pair_step_indices(lengths: list[int], step: int, cfg: TrainConfig, seed: int,
+                      group_by_length: bool) -> list[list[int]]:
+    """The pair indices of each micro-batch of ``step`` on this rank: length-grouped
+    (:func:`~lmcycle.train.loop.grouped_batch_indices`, ``lengths[i]`` = pair ``i``'s longer sequence) or plainly
+    shuffled (:func:`~lmcycle.train.loop.micro_batch_indices`). A pair batch is padded to its longest row, so
+    grouping pairs of similar length saves the padded positions' compute (shared by reward and DPO training)."""
+    if group_by_length:
+        return grouped_batch_indices(lengths, step, cfg.batch_size, cfg.grad_accum, seed)
+    return micro_batch_indices(len(lengths), step, cfg.batch_size, cfg.grad_accum, seed)
 
 
 def reward_stats(model: RewardModel, batches: list[Batch]) -> dict[str, float]:
@@ -286,3 +302,127 @@ def reward_stats(model: RewardModel, batches: list[Batch]) -> dict[str, float]:
 def normalise(rewards: torch.Tensor, stats: dict[str, float], eps: float = 1e-8) -> torch.Tensor:
     """``(rewards - mean) / (std + eps)`` with the saved ``stats``."""
     return (rewards - stats["mean"]) / (stats["std"] + eps)
+
+
+# -- the recipe stage ----------------------------------------------------------------------------------------------
+
+
+class RewardStage(Config):
+    """Train a reward model on a preference dataset; score held-out pairs; save it with its reward statistics."""
+
+    type: Literal["reward"] = "reward"
+    name: str | None = None
+    model: str | None = Field(None, description="backbone: an earlier stage, a path or a hub id")
+    backbone: Literal["auto", "classifier", "causal_lm"] = Field(
+        "auto", description="auto: causal_lm for a *ForCausalLM / *LMHeadModel checkpoint, else classifier")
+    data: str = Field(description="preference dataset (format hh_rlhf or rankings)")
+    eval_data: str = Field(description="held-out preference dataset: pair accuracy, loss, reward statistics")
+    max_len: int = Field(512, ge=8, description="tokens of prompt + response; the prompt's start is cut first")
+    margin: bool = Field(False, description="subtract each pair's margin (rank difference) inside the loss")
+    group_by_length: bool = Field(True, description="batch pairs of similar length together (less padding, "
+                                                    "faster steps); off: plainly shuffled batches")
+    train: TrainConfig
+
+
+def run_reward(cfg: RewardStage, ctx: RunContext) -> dict[str, str]:
+    """Train the reward model; save it to ``<stage>/model`` (:meth:`RewardModel.save`, with the training pairs'
+    reward mean/std) and its held-out metrics to ``<stage>/eval.json``; return ``{"model", "eval"}``."""
+    from lmcycle.data.preferences import pairs_from_examples
+    from lmcycle.models.load import context_window
+
+    name = cfg.name or "reward"
+    out_dir = ctx.stage_dir(name)
+    tcfg = cfg.train.model_copy(update={"seed": cfg.train.seed if cfg.train.seed is not None else ctx.seed})
+    pairs = pairs_from_examples(ctx.dataset(cfg.data), cfg.data)
+    eval_pairs = pairs_from_examples(ctx.dataset(cfg.eval_data), cfg.eval_data)
+    source = ctx.model_path(cfg.model)
+    seed_everything(tcfg.seed)  # the fresh score head's init is part of the run
+    model, tokenizer = load_reward_backbone(source, cfg.backbone)
+    model.to(ctx.device)
+    max_len = min(cfg.max_len, context_window(model.backbone, tokenizer))
+
+    def log(**metrics) -> None:
+        ctx.log(name, **metrics)
+
+    log(event="data", train_pairs=len(pairs), eval_pairs=len(eval_pairs), max_len=max_len, kind=model.kind)
+    result = train_reward_model(model, tokenizer, pairs, tcfg, out_dir, log, margin=cfg.margin, max_len=max_len,
+                                eval_pairs=eval_pairs, group_by_length=cfg.group_by_length)
+    model.eval()
+    metrics = held_out_reward_metrics(model, pair_batches(encode_pairs(eval_pairs, tokenizer, max_len), tokenizer,
+                                                          tcfg.batch_size), cfg.margin)
+    log(event="held_out", **{f"eval_{k}": v for k, v in metrics.items()})
+    model_dir = model.save(out_dir / "model", tokenizer)
+    settings = {"model": source, "backbone": model.kind, "data": cfg.data, "eval_data": cfg.eval_data,
+                "max_len": max_len, "margin": cfg.margin, "group_by_length": cfg.group_by_length,
+                "train_pairs": len(pairs), "steps": result.step,
+                "normalisation": model.stats, "train": tcfg.model_dump(mode="json")}
+    eval_path = out_dir / "eval.json"
+    atomic_write_json(eval_path, {"kind": "reward", "metrics": metrics, "settings": settings})
+    log(event="train_end", step=result.step, wall_time=round(result.wall_time, 2),
+        tokens_per_s=round(result.tokens_per_s, 1), peak_rss_mb=round(result.peak_rss_mb, 1),
+        rss_growth_mb=round(result.rss_growth_mb, 1))
+    return {"model": str(model_dir), "eval": str(eval_path)}
+
+
+def load_reward_backbone(source: str, backbone: str = "auto"):
+    """``(RewardModel, tokenizer)`` to train, from a model folder or hub id.
+
+    ``backbone``: ``classifier`` (a sequence classifier with one label; a plain encoder such as all-MiniLM-L6-v2
+    gets a fresh one-label head), ``causal_lm`` (the decoder of a causal LM plus a fresh scalar head) or
+    ``auto`` (``causal_lm`` when the checkpoint is a ``*ForCausalLM``/``*LMHeadModel``, else ``classifier``).
+    A folder saved by :meth:`RewardModel.save` continues as the reward model it is.
+    """
+    from transformers import AutoConfig, AutoTokenizer
+
+    from lmcycle.models.load import ensure_pad_token, load_model
+
+    if (Path(source) / META_FILE).is_file():
+        model = RewardModel.load(source)
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    else:
+        try:
+            config = AutoConfig.from_pretrained(source)
+        except (OSError, ValueError) as e:
+            raise LmcycleError(f"cannot load the reward model's backbone: {str(e).splitlines()[0]}", file=source,
+                               field="model") from None
+        if backbone == "auto":
+            causal = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in config.architectures or [])
+            backbone = "causal_lm" if causal else "classifier"
+        if backbone == "causal_lm":
+            lm, tokenizer = load_model(source)
+            model = RewardModel.from_causal_lm(lm)
+        else:
+            if getattr(config, "is_encoder_decoder", False):
+                raise LmcycleError("an encoder-decoder cannot be a sequence-classifier reward model here; use a "
+                                   "decoder (backbone: causal_lm) or an encoder", file=source, field="backbone")
+            try:
+                classifier = AutoModelForSequenceClassification.from_pretrained(source, num_labels=1)
+                tokenizer = AutoTokenizer.from_pretrained(source)
+            except (OSError, ValueError) as e:
+                raise LmcycleError(f"cannot load a sequence classifier: {str(e).splitlines()[0]}", file=source,
+                                   field="model") from None
+            model = RewardModel.from_classifier(classifier)
+    ensure_pad_token(tokenizer)
+    if model.head is None and model.backbone.config.pad_token_id is None:
+        model.backbone.config.pad_token_id = tokenizer.pad_token_id  # decoder classifiers look for it
+    return model, tokenizer
+
+
+def held_out_reward_metrics(model: RewardModel, batches: list[Batch], use_margin: bool = False) -> dict[str, float]:
+    """``{"accuracy", "loss", "margin", "reward_mean", "reward_std", "n"}`` over pair batches (no gradients):
+    pair accuracy and loss as :func:`pair_metrics`, ``margin`` the mean of ``r_chosen - r_rejected``, and the
+    mean/std over every chosen and rejected reward."""
+    device = next(model.parameters()).device
+    chosen, rejected, margins = [], [], []
+    with torch.no_grad():
+        for batch in batches:
+            c, r = score_pairs(model, {k: v.to(device) for k, v in batch.items()})
+            chosen.append(c.cpu())
+            rejected.append(r.cpu())
+            margins.append(batch["margin"])
+    c, r = torch.cat(chosen), torch.cat(rejected)
+    both = torch.cat([c, r])
+    return {"accuracy": preference_accuracy(c, r),
+            "loss": float(pairwise_loss(c, r, torch.cat(margins) if use_margin else None)),
+            "margin": float((c - r).mean()), "reward_mean": float(both.mean()),
+            "reward_std": float(both.std()) if both.numel() > 1 else 0.0, "n": int(c.numel())}

@@ -13,7 +13,7 @@ import csv
 import gzip
 import io
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,7 +23,8 @@ from lmcycle.config import Config
 from lmcycle.data.examples import Example
 from lmcycle.errors import LmcycleError
 
-Format = Literal["jsonl", "csv", "parquet", "hf", "dialogsum", "gsm8k", "davidson", "xquad", "synthetic"]
+Format = Literal["jsonl", "csv", "parquet", "hf", "dialogsum", "gsm8k", "davidson", "dynahate", "xquad",
+                 "hh_rlhf", "rankings", "synthetic", "synthetic_preferences"]
 FILE_FORMATS = ("jsonl", "csv", "parquet")
 SUFFIXES = {"jsonl": (".jsonl", ".jsonl.gz", ".json", ".json.gz"), "csv": (".csv", ".csv.gz"),
             "parquet": (".parquet",)}
@@ -35,9 +36,12 @@ class DatasetConfig(Config):
     ``path`` is a file, a directory (holding ``<split>.<ext>`` for file formats, the dataset's own files for
     ``dialogsum``, ``gsm8k``, ``davidson`` and ``xquad``, or a ``save_to_disk`` dataset for ``hf``) or, for
     ``hf``, a dataset name on the Hub. Relative paths resolve against the recipe's directory. ``n`` and ``seed``
-    only apply to ``synthetic`` (the Davidson and XQuAD splits use fixed seeds of their own, so that no recipe
+    only apply to ``synthetic`` and ``synthetic_preferences`` (the built-in dialogues, and preference pairs over
+    them: :func:`lmcycle.data.synthetic.synthetic_preferences`) (the Davidson and XQuAD splits use fixed seeds of their own, so that no recipe
     seed can move a test example into training). ``keep_calculator`` only applies to ``gsm8k``: keep the
-    ``<<expr=value>>`` annotations in the training target.
+    ``<<expr=value>>`` annotations in the training target. ``hh_rlhf`` and ``rankings`` are preference pairs
+    (a file, or a folder with one ``.jsonl[.gz]``), split ``train``/``test``/``all`` by prompt with 15% of the
+    prompts in test (:func:`lmcycle.data.preferences.load_preference_examples`).
     """
 
     format: Format
@@ -51,10 +55,12 @@ class DatasetConfig(Config):
     n: int = Field(default=200, ge=1)
     seed: int = 0
     keep_calculator: bool = False
+    prompt_words: int | None = Field(default=None, ge=1, description="keep only the first N words of each "
+                                     "input: continuation prompts, as RealToxicityPrompts cuts texts")
 
     @model_validator(mode="after")
     def _path_given(self) -> DatasetConfig:
-        if self.format != "synthetic" and not self.path:
+        if not self.format.startswith("synthetic") and not self.path:
             raise ValueError(f"'path' is required for format '{self.format}'")
         if self.keep_calculator and self.format != "gsm8k":
             raise ValueError("'keep_calculator' only applies to format 'gsm8k'")
@@ -95,11 +101,20 @@ def read_records(path: str | Path, format: str, split: str = "train") -> list[So
 
 
 def load_examples(cfg: DatasetConfig, base_dir: Path = Path(".")) -> list[Example]:
-    """Load the examples ``cfg`` describes; the first ``cfg.limit`` of them when a limit is set."""
-    if cfg.format == "synthetic":
-        from lmcycle.data.synthetic import synthetic_dialogues
+    """Load the examples ``cfg`` describes; the first ``cfg.limit`` of them when a limit is set; with
+    ``prompt_words``, each input cut to its first words."""
+    examples = _load_examples(cfg, base_dir)
+    if cfg.prompt_words:
+        examples = [replace(ex, input=" ".join(ex.input.split()[: cfg.prompt_words])) for ex in examples]
+    return examples
 
-        examples = synthetic_dialogues(min(cfg.n, cfg.limit or cfg.n), cfg.seed)
+
+def _load_examples(cfg: DatasetConfig, base_dir: Path) -> list[Example]:
+    if cfg.format.startswith("synthetic"):
+        from lmcycle.data.synthetic import synthetic_dialogues, synthetic_preferences
+
+        make = synthetic_preferences if cfg.format == "synthetic_preferences" else synthetic_dialogues
+        examples = make(min(cfg.n, cfg.limit or cfg.n), cfg.seed)
         return _with_task(examples, cfg.task)
     path = _resolve(cfg.path, base_dir)
     if cfg.format in NAMED_LOADERS:
@@ -110,7 +125,7 @@ def load_examples(cfg: DatasetConfig, base_dir: Path = Path(".")) -> list[Exampl
     return [_to_example(rec, cfg) for rec in records]
 
 
-NAMED_LOADERS = ("dialogsum", "gsm8k", "davidson", "xquad")
+NAMED_LOADERS = ("dialogsum", "gsm8k", "davidson", "dynahate", "xquad", "hh_rlhf", "rankings")
 
 
 def _load_named(cfg: DatasetConfig, path: Path) -> list[Example]:
@@ -127,6 +142,14 @@ def _load_named(cfg: DatasetConfig, path: Path) -> list[Example]:
         from lmcycle.data.davidson import load_davidson
 
         return load_davidson(path, cfg.split)
+    if cfg.format == "dynahate":
+        from lmcycle.data.dynahate import load_dynahate
+
+        return load_dynahate(path, cfg.split)
+    if cfg.format in ("hh_rlhf", "rankings"):
+        from lmcycle.data.preferences import load_preference_examples
+
+        return load_preference_examples(path, cfg.format, cfg.split)
     from lmcycle.data.xquad import load_xquad
 
     return load_xquad(path, cfg.split)

@@ -17,12 +17,18 @@ Rules (the same everywhere in this module):
 
 :func:`load_hh_rlhf` reads Anthropic HH-RLHF rows (``{"chosen": transcript, "rejected": transcript}``) as pairs.
 The texts of that dataset are offensive: never print them in tests or logs.
+
+In a recipe, formats ``hh_rlhf`` and ``rankings`` (:func:`load_preference_examples`) load pairs as
+:class:`~lmcycle.data.examples.Example` objects (``meta["rejected"]``; :func:`pairs_from_examples` turns them back),
+split ``train``/``test``/``all`` by prompt with a fixed seed (15% of the prompts are test); pairs with an empty
+reply are left out there, with a logged count.
 """
 
 from __future__ import annotations
 
 import hashlib
 import itertools
+import logging
 import math
 import random
 from collections import Counter
@@ -30,9 +36,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lmcycle.data.examples import Example
 from lmcycle.data.loaders import SourceRecord, read_records, text_field
 from lmcycle.errors import LmcycleError
 
+logger = logging.getLogger(__name__)
 SPECIAL_LABELS = ("not_rankable", "unsafe")  # the usual ones; any non-empty string is accepted
 ASSISTANT_TAG = "\n\nAssistant:"
 
@@ -246,7 +254,8 @@ def load_hh_rlhf(path: str | Path) -> list[PreferencePair]:
     the last Assistant turn; in the few rows whose transcripts diverge earlier, the responses are the
     multi-turn continuations from the divergence's Assistant turn, still a valid preference for that context.
     A response may be empty: the data has rows where the preferred reply is the assistant saying nothing
-    (4 ``chosen`` replies in the shared harmless-base test file), a real preference, so they are kept.
+    (4 ``chosen`` replies in the shared harmless-base test file), a real preference, so they are kept here
+    (recipe datasets leave them out: :func:`drop_empty_replies`).
     ``prompt_id`` is ``hh-`` plus a hash of the prompt, so rows with the same prompt stay together;
     ``margin`` is 1.0.
     """
@@ -271,3 +280,88 @@ def _shared_prompt_end(chosen: str, rejected: str) -> int:
                   min(len(chosen), len(rejected)))
     end = chosen.rfind(ASSISTANT_TAG, 0, common)
     return end + len(ASSISTANT_TAG) if end >= 0 else -1
+
+
+# -- preference pairs as recipe datasets ---------------------------------------------------------------------------
+#
+# A recipe dataset is a list of Examples. A pair is ``Example(input=prompt, targets=[chosen], id=prompt_id,
+# meta={"rejected": ..., "margin": ..., "labeler": ...})``, so the chosen replies double as SFT targets and the
+# prompts + chosen replies as pre-training text.
+
+PREFERENCE_SPLITS = ("train", "test", "all")
+PREFERENCE_TEST_FRACTION = 0.15  # of the distinct prompts; the rest is train
+PREFERENCE_SPLIT_SEED = 0  # a constant, not the recipe's seed: a split that moved could leak test prompts
+
+
+def preference_split(pairs: list[PreferencePair], split: str, fraction: float = PREFERENCE_TEST_FRACTION,
+                     seed: int = PREFERENCE_SPLIT_SEED) -> list[PreferencePair]:
+    """The ``train`` or ``test`` side of :func:`split_by_prompt` (``fraction`` of the prompts go to test, fixed
+    seed), or ``all`` pairs; each side keeps file order and no prompt is on both sides."""
+    if split not in PREFERENCE_SPLITS:
+        raise LmcycleError(f"unknown split '{split}' for preference data (known: {', '.join(PREFERENCE_SPLITS)})",
+                           field="split")
+    if split == "all":
+        return list(pairs)
+    train, test = split_by_prompt(pairs, fraction, seed)
+    return train if split == "train" else test
+
+
+def drop_empty_replies(pairs: list[PreferencePair]) -> tuple[list[PreferencePair], int]:
+    """``(pairs whose chosen and rejected replies both have text, how many were dropped)``.
+
+    A pair with an empty reply is left out of recipe datasets: its chosen reply would be an empty SFT target,
+    and a preference for saying nothing tells a reward model or DPO about the end-of-text token only.
+    """
+    kept = [p for p in pairs if p.chosen.strip() and p.rejected.strip()]
+    return kept, len(pairs) - len(kept)
+
+
+def load_preference_examples(path: str | Path, format: str, split: str) -> list[Example]:
+    """Recipe examples of a preference file: ``format`` ``hh_rlhf`` (:func:`load_hh_rlhf`) or ``rankings``
+    (:func:`load_rankings` then :func:`rankings_to_pairs`); ``split`` ``train``/``test``/``all``
+    (:func:`preference_split`). Pairs with an empty reply are dropped and counted in a log warning
+    (:func:`drop_empty_replies`). ``path`` is the file, or a folder holding exactly one ``*.jsonl[.gz]``."""
+    file = _preference_file(Path(path))
+    pairs = load_hh_rlhf(file) if format == "hh_rlhf" else rankings_to_pairs(load_rankings(file))
+    kept, dropped = drop_empty_replies(preference_split(pairs, split))
+    if dropped:
+        logger.warning("%s (%s split): left out %d preference pair(s) with an empty reply", file.name, split,
+                       dropped)
+    return examples_from_pairs(kept)
+
+
+def _preference_file(path: Path) -> Path:
+    if not path.is_dir():
+        return path  # read_records names a missing file
+    files = sorted(p for p in path.iterdir() if p.name.endswith((".jsonl", ".jsonl.gz")))
+    if len(files) != 1:
+        found = ", ".join(p.name for p in files) or "none"
+        raise LmcycleError(f"expected exactly one .jsonl or .jsonl.gz file in the folder (found: {found}); "
+                           "give the file itself", file=path)
+    return files[0]
+
+
+def examples_from_pairs(pairs: list[PreferencePair]) -> list[Example]:
+    """Each pair as ``Example(input=prompt, targets=[chosen], task="preference", id=prompt_id,
+    meta={"rejected", "margin", "labeler"})``; the inverse of :func:`pairs_from_examples`."""
+    return [Example(input=p.prompt, targets=[p.chosen], task="preference", id=p.prompt_id,
+                    meta={"rejected": p.rejected, "margin": p.margin, "labeler": p.labeler}) for p in pairs]
+
+
+def pairs_from_examples(examples: list[Example], dataset: str = "") -> list[PreferencePair]:
+    """The preference pairs of a recipe dataset (see :func:`examples_from_pairs`).
+
+    A dataset whose examples have no ``meta["rejected"]`` is not preference data: :class:`LmcycleError` naming
+    ``dataset`` (use format ``hh_rlhf`` or ``rankings``)."""
+    if not examples:
+        raise LmcycleError(f"dataset '{dataset}' has no examples", field="data")
+    pairs = []
+    for ex in examples:
+        rejected = ex.meta.get("rejected")
+        if not isinstance(rejected, str):
+            raise LmcycleError(f"dataset '{dataset}' is not preference data: example '{ex.id}' has no rejected "
+                               "reply (load chosen/rejected pairs with format hh_rlhf or rankings)", field="data")
+        margin = ex.meta.get("margin", 1.0)
+        pairs.append(PreferencePair(ex.id, ex.input, ex.target, rejected, str(ex.meta.get("labeler") or ""),
+                                    float(margin if margin is not None else 1.0)))
+    return pairs

@@ -57,6 +57,28 @@ def synthetic_dialogues(n: int, seed: int) -> list[Example]:
     return examples
 
 
+def synthetic_preferences(n: int, seed: int, template: str = "summarize") -> list[Example]:
+    """Preference pairs on the first ``n`` built-in dialogues, as recipe examples (see
+    :func:`lmcycle.data.preferences.examples_from_pairs`).
+
+    The prompt is the dialogue rendered with ``template`` (as the SFT and PPO stages render it); chosen is its own
+    summary, rejected the summary of another dialogue of the same scenario: the right template with the wrong
+    names, times or places, so a reward model must read the dialogue to tell them apart.
+    """
+    from lmcycle.data.templates import get_template
+
+    dialogues = synthetic_dialogues(n, seed)
+    render = get_template(template).render
+    out = []
+    for i, ex in enumerate(dialogues):
+        rng = random.Random(f"lmcycle-synthetic-preference:{seed}:{i}")
+        same_kind = [d for d in dialogues if d.meta["scenario"] == ex.meta["scenario"] and d.target != ex.target]
+        rejected = rng.choice(same_kind or [d for d in dialogues if d.target != ex.target]).target
+        out.append(Example(input=render(ex, []), targets=[" " + ex.target], task="preference", id=ex.id,
+                           meta={"rejected": " " + rejected, "margin": 1.0, "labeler": "synthetic"}))
+    return out
+
+
 def _capitalize(text: str) -> str:
     return text[:1].upper() + text[1:]
 

@@ -9,6 +9,11 @@ best gold answer), ``gsm8k_accuracy`` (the final number of a worked solution). P
 zero-shot prompt (decoders: prompt + target with the prompt masked; encoder-decoders: target given prompt).
 With ``baseline: extractive`` no model is loaded: the prediction is the three longest utterances.
 
+For detoxification: ``toxicity`` scores the predictions with the classifier ``toxicity_classifier`` (mean
+probability of its ``toxic`` label, :func:`lmcycle.evals.toxicity.toxicity_score`), and ``reference_model`` adds
+``reference_perplexity``: the perplexity of each generated completion given its prompt under that frozen model
+(a fluency check: a policy that games the reward with gibberish scores high here).
+
 Outputs in the stage directory: ``predictions.jsonl`` (id, prompt, prediction, references, per-example scores)
 and ``eval.json`` (``metrics`` and the ``settings`` that produced every number).
 """
@@ -19,7 +24,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, ValidationInfo, field_validator
 
 from lmcycle.atomic import atomic_write_json, atomic_write_text
 from lmcycle.config import Config
@@ -34,11 +39,12 @@ from lmcycle.evals.perplexity import conditional_perplexity, seq2seq_perplexity
 from lmcycle.evals.rouge import rouge
 from lmcycle.evals.score import Score
 from lmcycle.evals.squad import exact_match, token_f1
+from lmcycle.evals.toxicity import TextClassifier, toxicity_score
 from lmcycle.models.generate import DecodingConfig, generate
 from lmcycle.models.load import context_window, is_seq2seq, load_model
 from lmcycle.runs import RunContext
 
-Metric = Literal["rouge", "bleu", "accuracy", "macro_f1", "exact_match", "token_f1", "gsm8k_accuracy"]
+Metric = Literal["rouge", "bleu", "accuracy", "macro_f1", "exact_match", "token_f1", "gsm8k_accuracy", "toxicity"]
 
 # Each metric's function and the key of its per-example value in predictions.jsonl (None: it has none).
 METRICS = {
@@ -50,6 +56,14 @@ METRICS = {
     "token_f1": (token_f1, "token_f1"),
     "gsm8k_accuracy": (gsm8k_accuracy, "gsm8k_accuracy"),
 }
+# Scores computed with a second model (they need more than predictions and references): metric name ->
+# {key in the Score's values: key in eval.json's metrics and in predictions.jsonl}.
+MODEL_SCORES = {
+    "toxicity": {"toxicity": "toxicity", "toxic_fraction": "toxic_fraction"},
+    "perplexity": {"perplexity": "perplexity"},
+    "reference_perplexity": {"perplexity": "reference_perplexity"},
+}
+PER_EXAMPLE_KEYS = {"toxicity": "toxicity", "perplexity": "perplexity", "reference_perplexity": "perplexity"}
 
 
 class EvalStage(Config):
@@ -67,6 +81,24 @@ class EvalStage(Config):
     metrics: list[Metric] = ["rouge", "bleu"]
     perplexity: bool = True
     baseline: Literal["extractive"] | None = None
+    toxicity_classifier: str | None = Field(None, validate_default=True,
+                                            description="classifier stage name or path (metric 'toxicity')")
+    reference_model: str | None = Field(None, description="frozen model for reference_perplexity of completions")
+
+    @field_validator("toxicity_classifier")
+    @classmethod
+    def _classifier_for_toxicity(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None and "toxicity" in (info.data.get("metrics") or []):
+            raise ValueError("metric 'toxicity' needs a classifier: set it to a classifier stage's name or a path")
+        return value
+
+    @field_validator("reference_model")
+    @classmethod
+    def _reference_needs_a_model(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None and info.data.get("baseline") is not None:
+            raise ValueError("reference_perplexity scores a model's completions given its prompts; a baseline "
+                             "has no prompts")
+        return value
 
 
 @dataclass
@@ -75,7 +107,7 @@ class _Outputs:
 
     prompts: list[str | None]
     predictions: list[str]
-    perplexity: Score | None = None
+    model_scores: dict[str, Score] = field(default_factory=dict)  # keys of MODEL_SCORES
     settings: dict[str, Any] = field(default_factory=dict)
 
 
@@ -85,7 +117,10 @@ def run_eval(cfg: EvalStage, ctx: RunContext) -> dict[str, str]:
     examples = _examples(ctx, cfg)
     references = [list(ex.targets) for ex in examples]
     out = _run_baseline(examples) if cfg.baseline is not None else _run_model(cfg, ctx, examples)
-    metrics, settings, per_example = _score(cfg.metrics, out.predictions, references, out.perplexity)
+    if "toxicity" in cfg.metrics:
+        classifier = TextClassifier.load(ctx.model_path(cfg.toxicity_classifier), device=ctx.device)
+        out.model_scores["toxicity"] = toxicity_score(classifier, out.predictions)
+    metrics, settings, per_example = _score(cfg.metrics, out.predictions, references, out.model_scores)
 
     # A baseline uses no prompt, so model, template, shots and decoding do not apply to it.
     settings.update({
@@ -113,12 +148,15 @@ def run_eval(cfg: EvalStage, ctx: RunContext) -> dict[str, str]:
     return {"eval": str(eval_path), "predictions": str(pred_path)}
 
 
-def _score(which: list[str], predictions: list[str], references: list[list[str]], ppl: Score | None):
-    """(metrics, settings per metric, per-example values) for the requested metrics and the perplexity."""
+def _score(which: list[str], predictions: list[str], references: list[list[str]], model_scores: dict[str, Score]):
+    """(metrics, settings per metric, per-example values) for the requested metrics and the scores computed
+    with a model (toxicity, perplexity, reference perplexity)."""
     metrics: dict[str, Any] = {}
     settings: dict[str, Any] = {}
     per_example: list[dict[str, Any]] = [{} for _ in predictions]
     for metric in dict.fromkeys(which):  # a metric listed twice is scored once
+        if metric in MODEL_SCORES:
+            continue
         fn, per_example_key = METRICS[metric]
         score = fn(predictions, references)
         metrics.update(score.values)
@@ -127,11 +165,14 @@ def _score(which: list[str], predictions: list[str], references: list[list[str]]
             continue
         for row, values in zip(per_example, score.per_example, strict=True):
             row[per_example_key] = values[per_example_key]
-    if ppl is not None:
-        metrics["perplexity"] = ppl.values["perplexity"]
-        settings["perplexity"] = ppl.settings
-        for row, values in zip(per_example, ppl.per_example, strict=True):
-            row["perplexity"] = values["perplexity"]
+    for name in MODEL_SCORES:  # a fixed order, so eval.json's keys do not depend on the order of computing
+        if name not in model_scores:
+            continue
+        score = model_scores[name]
+        metrics.update({out: score.values[key] for key, out in MODEL_SCORES[name].items()})
+        settings[name] = score.settings
+        for row, values in zip(per_example, score.per_example, strict=True):
+            row[name] = values[PER_EXAMPLE_KEYS[name]]
     metrics["n"] = len(predictions)
     return metrics, settings, per_example
 
@@ -169,9 +210,13 @@ def _run_model(cfg: EvalStage, ctx: RunContext, examples: list) -> _Outputs:
              for i, ex in enumerate(examples)]
     prompts = [b.text for b in built]
     raw = generate(model, tokenizer, prompts, cfg.decoding, progress=True)
-    ppl = None
+    scores = {}
     if cfg.perplexity:
-        ppl = _reference_perplexity(model, tokenizer, template, examples, seq2seq, window, cfg.decoding.batch_size)
+        scores["perplexity"] = _reference_perplexity(model, tokenizer, template, examples, seq2seq, window,
+                                                     cfg.decoding.batch_size)
+    if cfg.reference_model is not None:
+        scores["reference_perplexity"] = _completion_perplexity(ctx.model_path(cfg.reference_model), prompts, raw,
+                                                                ctx.device, cfg.decoding.batch_size)
     settings = {
         "model": str(model_path),
         "template_fields": template.model_dump(),
@@ -182,7 +227,7 @@ def _run_model(cfg: EvalStage, ctx: RunContext, examples: list) -> _Outputs:
         "seed": ctx.seed,
         "prediction_postprocess": "generated text cut at the first stop string, then stripped of whitespace",
     }
-    return _Outputs(prompts, [text.strip() for text in raw], ppl, settings)
+    return _Outputs(prompts, [text.strip() for text in raw], scores, settings)
 
 
 def _reference_perplexity(model, tokenizer, template, examples, seq2seq: bool, window: int, batch_size: int):
@@ -193,3 +238,20 @@ def _reference_perplexity(model, tokenizer, template, examples, seq2seq: bool, w
     # The target as fine-tuning shows it after the prompt (template.render_target: ' ' + target).
     targets = [template.render_target(ex) for ex in examples]
     return conditional_perplexity(model, tokenizer, prompts, targets, batch_size=batch_size, max_len=window)
+
+
+def _completion_perplexity(reference: str, prompts: list[str], completions: list[str], device: str,
+                           batch_size: int) -> Score:
+    """Perplexity of each generated completion (as generated, before stripping) given its prompt, under the
+    frozen ``reference`` model; an empty completion has no value."""
+    model, tokenizer = load_model(reference, device=device)
+    window = context_window(model, tokenizer)
+    if is_seq2seq(model):
+        score = seq2seq_perplexity(model, tokenizer, prompts, completions, batch_size=batch_size, max_len=window)
+    elif not any(completions):
+        raise LmcycleError("reference_perplexity: every generated completion is empty", field="reference_model")
+    else:
+        score = conditional_perplexity(model, tokenizer, prompts, completions, batch_size=batch_size, max_len=window)
+    score.settings.update({"reference_model": str(reference), "scored": "each generated completion (before "
+                           "stripping) given its prompt"})
+    return score

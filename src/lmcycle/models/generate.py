@@ -154,7 +154,7 @@ def _seq2seq_stream(model: PreTrainedModel, rows: list[list[int]], pad_id: int) 
     input_ids = torch.tensor([r + [pad_id] * (width - len(r)) for r in rows], device=model.device)
     mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=model.device)
     encoded = model.get_encoder()(input_ids=input_ids, attention_mask=mask)
-    start = _decoder_start_id(model, pad_id)
+    start = decoder_start_id(model, pad_id)
     tokens = torch.full((len(rows), 1), start, device=model.device)
     out = model(encoder_outputs=encoded, attention_mask=mask, decoder_input_ids=tokens, use_cache=True)
     while True:
@@ -168,7 +168,8 @@ def logit_stream(model: PreTrainedModel, rows: list[list[int]], pad_id: int) -> 
     return (_seq2seq_stream if is_seq2seq(model) else _decoder_only_stream)(model, rows, pad_id)
 
 
-def _decoder_start_id(model: PreTrainedModel, pad_id: int) -> int:
+def decoder_start_id(model: PreTrainedModel, pad_id: int) -> int:
+    """The token an encoder-decoder's decoder starts from (its config's, else ``pad_id`` as T5 uses)."""
     for source in (model.generation_config, model.config):
         value = getattr(source, "decoder_start_token_id", None)
         if value is not None:
@@ -176,7 +177,8 @@ def _decoder_start_id(model: PreTrainedModel, pad_id: int) -> int:
     return pad_id
 
 
-def _eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[int]:
+def eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[int]:
+    """Every id that ends generation: the tokenizer's EOS and those of the model's configs."""
     ids = {tokenizer.eos_token_id}
     for value in (model.generation_config.eos_token_id, model.config.eos_token_id):
         ids.update(value if isinstance(value, list) else [value])
@@ -227,32 +229,48 @@ def generate_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pro
                  progress: bool = False) -> list[list[int]]:
     """The new token ids of every prompt (EOS excluded; generation of a row ends at EOS or a stop string)."""
     rows = encode_prompts(model, tokenizer, prompts, cfg, max_input_tokens)
+    return decode_rows(model, tokenizer, rows, cfg, progress=progress)[0]
+
+
+Ending = Literal["eos", "stop", "length"]
+
+
+@torch.no_grad()
+def decode_rows(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, rows: list[list[int]],
+                cfg: DecodingConfig, *, progress: bool = False, keep_eos: bool = False
+                ) -> tuple[list[list[int]], list[Ending]]:
+    """Continue already-encoded prompts (see :func:`encode_prompts`): the new ids of each row and why it ended:
+    ``"eos"``, ``"stop"`` (a stop string) or ``"length"`` (``max_new_tokens`` ran out). The EOS token that
+    ended a row is left out, or kept as its last id with ``keep_eos`` (RL scores that choice too)."""
     pad_id = pad_id_of(tokenizer)
-    eos = _eos_ids(model, tokenizer)
+    eos = eos_ids(model, tokenizer)
     # A stop string is at most len(bytes) tokens long; a little margin covers tokenizers that drop a
     # leading space when decoding a fragment.
     window = max((len(s.encode("utf-8")) for s in cfg.stop), default=0) + 4
-    results: list[list[int]] = [[] for _ in prompts]
+    results: list[list[int]] = [[] for _ in rows]
+    endings: list[Ending] = ["length"] * len(rows)
     was_training = model.training
     model.eval()
     try:
-        with tqdm(total=len(prompts), desc="generate", unit="prompt", disable=not progress) as bar:
+        with tqdm(total=len(rows), desc="generate", unit="prompt", disable=not progress) as bar:
             for batch in _batches(rows, cfg.batch_size):
-                new = _decode_batch(model, [rows[i] for i in batch], [prompt_generator(cfg.seed, i) for i in batch],
-                                    cfg, pad_id, eos, tokenizer, window)
-                for i, ids in zip(batch, new, strict=True):
-                    results[i] = ids
+                new, ends = _decode_batch(model, [rows[i] for i in batch],
+                                          [prompt_generator(cfg.seed, i) for i in batch],
+                                          cfg, pad_id, eos, tokenizer, window, keep_eos)
+                for i, ids, end in zip(batch, new, ends, strict=True):
+                    results[i], endings[i] = ids, end
                 bar.update(len(batch))
     finally:
         model.train(was_training)
-    return results
+    return results, endings
 
 
 def _decode_batch(model, rows, generators, cfg: DecodingConfig, pad_id: int, eos: set[int], tokenizer,
-                  window: int) -> list[list[int]]:
+                  window: int, keep_eos: bool = False) -> tuple[list[list[int]], list[Ending]]:
     stream = logit_stream(model, rows, pad_id)
     logits = next(stream)
     new: list[list[int]] = [[] for _ in rows]
+    ends: list[Ending] = ["length"] * len(rows)
     done = [False] * len(rows)
     for step in range(cfg.max_new_tokens):
         tokens = choose_next_tokens(logits, cfg, generators)
@@ -260,18 +278,20 @@ def _decode_batch(model, rows, generators, cfg: DecodingConfig, pad_id: int, eos
             if done[i]:
                 continue
             if token in eos:
-                done[i] = True
+                done[i], ends[i] = True, "eos"
+                if keep_eos:
+                    new[i].append(token)
                 continue
             new[i].append(token)
             if cfg.stop and _stop_hit(tokenizer, new[i], cfg.stop, window):
-                done[i] = True
+                done[i], ends[i] = True, "stop"
         if all(done) or step == cfg.max_new_tokens - 1:
             break
         # Finished rows keep being fed (their outputs are ignored) so the batch stays rectangular.
         finished = torch.tensor(done, device=tokens.device)
         logits = stream.send(tokens.masked_fill(finished, pad_id))
     stream.close()
-    return new
+    return new, ends
 
 
 def cut_at_stop(text: str, stop: list[str]) -> str:

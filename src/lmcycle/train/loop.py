@@ -51,6 +51,11 @@ Batch = dict[str, torch.Tensor]
 LossFn = Callable[[nn.Module, Batch], tuple[torch.Tensor, int]]
 
 
+class StopTraining(Exception):
+    """Raised by ``batch_at`` to end training early (e.g. an RL guard's alarm): the loop checkpoints the steps
+    done so far and returns normally. The message is the reason."""
+
+
 class TrainConfig(Config):
     """How to optimise: steps, batch, AdamW, warmup+cosine schedule, clipping, eval/save/log cadence."""
 
@@ -102,13 +107,21 @@ def train(model: nn.Module, batch_at: Callable[[int], list[Batch]], loss_fn: Los
     rss_start = peak_rss_mb()
 
     last_eval: dict[str, float] = {}
-    tokens_seen, started, window = 0, time.perf_counter(), []
+    tokens_seen, started, window, end = 0, time.perf_counter(), [], cfg.max_steps
     with tqdm(total=cfg.max_steps, initial=start, desc=desc, disable=None if is_main() else True,
               file=sys.stderr, dynamic_ncols=True) as bar:
         for step in range(start, cfg.max_steps):
             lr = set_lr(optimizer, lr_at(step, lr=cfg.lr, max_steps=cfg.max_steps, warmup_steps=cfg.warmup_steps,
                                          min_lr_ratio=cfg.min_lr_ratio))
-            loss, n_tokens = compute_gradients(model, batch_at(step), loss_fn, params, bf16=cfg.bf16)
+            try:
+                micro_batches = batch_at(step)
+            except StopTraining:
+                end = step
+                if is_main() and step > start:
+                    save_checkpoint(out_dir, step, model, optimizer, {"losses": losses, "lr": lr},
+                                    keep=cfg.keep_checkpoints)
+                break
+            loss, n_tokens = compute_gradients(model, micro_batches, loss_fn, params, bf16=cfg.bf16)
             grad_norm = clip_gradients(params, cfg.max_grad_norm)
             check_finite(step, loss, grad_norm, cfg, out_dir)
             optimizer.step()
@@ -135,7 +148,7 @@ def train(model: nn.Module, batch_at: Callable[[int], list[Batch]], loss_fn: Los
     barrier()  # no rank returns before rank 0 has written the final checkpoint
 
     wall = time.perf_counter() - started
-    return TrainResult(step=max(start, cfg.max_steps),
+    return TrainResult(step=max(start, end),
                        losses=losses, wall_time=wall, tokens_per_s=tokens_seen / max(wall, 1e-9),
                        peak_rss_mb=peak_rss_mb(), rss_growth_mb=peak_rss_mb() - rss_start, eval=last_eval)
 
@@ -296,6 +309,56 @@ def micro_batch_indices(n_items: int, step: int, batch_size: int, grad_accum: in
 def _epoch_order(n_items: int, epoch: int, seed: int) -> list[int]:
     gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     return torch.randperm(n_items, generator=gen).tolist()
+
+
+def grouped_batch_indices(lengths: list[int], step: int, batch_size: int, grad_accum: int, seed: int,
+                          group: int = 50) -> list[list[int]]:
+    """Like :func:`micro_batch_indices`, but each global batch holds items of similar length (less padding).
+
+    ``lengths[i]`` is item ``i``'s length (what its batch is padded to). Each epoch starts from the same seeded
+    permutation as :func:`micro_batch_indices`, cut into mega-batches of ``group`` global batches; each
+    mega-batch is sorted by length (longest first) and cut into global batches, which then come in a seeded
+    shuffled order within their mega-batch (the idea of Hugging Face's ``group_by_length``). Every item still
+    comes once per epoch, the batches stay random in which lengths they get, and the result depends on
+    ``step`` only, so a resumed run is exact. Ranks and micro-batches split a global batch as in
+    :func:`micro_batch_indices`. ``group=1`` gives the same global batches as :func:`micro_batch_indices`.
+    The one step that straddles two epochs (when ``len(lengths)`` is not a multiple of the global batch) is not
+    grouped; the grouping keeps its alignment with the steps in every epoch.
+    """
+    if group < 1:
+        raise LmcycleError(f"group must be at least 1, got {group}", field="group")
+    n_items = len(lengths)
+    if n_items <= 0:
+        raise LmcycleError("there is no training data (0 examples after encoding)")
+    world, me = world_size(), rank()
+    global_batch = batch_size * grad_accum * world
+    first = step * global_batch
+    key = tuple(int(x) for x in lengths)
+    order = [_grouped_epoch_order(key, p // n_items, seed, global_batch, group)[p % n_items]
+             for p in range(first, first + global_batch)]
+    return [order[(m * world + me) * batch_size:(m * world + me + 1) * batch_size] for m in range(grad_accum)]
+
+
+@functools.lru_cache(maxsize=4)
+def _grouped_epoch_order(lengths: tuple[int, ...], epoch: int, seed: int, global_batch: int,
+                         group: int) -> list[int]:
+    n = len(lengths)
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    perm = torch.randperm(n, generator=gen).tolist()  # = _epoch_order(n, epoch, seed)
+    # When n is not a multiple of the global batch, a step straddles two epochs. The first `head` items of this
+    # epoch complete that step and the last `tail` items start the next one; everything between is whole
+    # steps, so the grouped batches stay aligned with the steps in every epoch.
+    head = min(-epoch * n % global_batch, n)
+    tail = (n - head) % global_batch
+    order = perm[:head]
+    body = perm[head:n - tail]
+    mega = global_batch * group
+    for start in range(0, len(body), mega):
+        chunk = sorted(body[start:start + mega], key=lambda i: -lengths[i])  # stable: ties keep perm order
+        batches = [chunk[b:b + global_batch] for b in range(0, len(chunk), global_batch)]
+        for b in torch.randperm(len(batches), generator=gen).tolist():
+            order.extend(batches[b])
+    return order + perm[n - tail:]
 
 
 def scored_logits(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
