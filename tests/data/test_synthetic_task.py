@@ -73,3 +73,19 @@ def test_slot_values_in_the_summary_are_in_the_dialogue():
         for key, value in ex.meta["slots"].items():
             if value and key not in flags and value in ex.targets[0]:
                 assert value.lower() in ex.input.lower(), (key, value)
+
+
+def test_synthetic_preferences_pair_each_summary_with_another_dialogues():
+    from lmcycle.data.preferences import pairs_from_examples
+    from lmcycle.data.synthetic import synthetic_dialogues, synthetic_preferences
+
+    dialogues = synthetic_dialogues(200, seed=4)
+    pairs = pairs_from_examples(synthetic_preferences(200, seed=4))
+    assert pairs_from_examples(synthetic_preferences(200, seed=4)) == pairs  # deterministic
+    summaries = {d.target: d.meta["scenario"] for d in dialogues}
+    same_topic = 0
+    for d, p in zip(dialogues, pairs, strict=True):
+        assert p.chosen == " " + d.target and p.rejected != p.chosen and d.input in p.prompt
+        assert p.rejected.strip() in summaries  # a real summary, of another dialogue
+        same_topic += summaries[p.rejected.strip()] == d.meta["scenario"]
+    assert 0.3 < same_topic / len(pairs) < 0.7  # half need the dialogue's details, half only its topic

@@ -62,8 +62,9 @@ def synthetic_preferences(n: int, seed: int, template: str = "summarize") -> lis
     :func:`lmcycle.data.preferences.examples_from_pairs`).
 
     The prompt is the dialogue rendered with ``template`` (as the SFT and PPO stages render it); chosen is its own
-    summary, rejected the summary of another dialogue of the same scenario: the right template with the wrong
-    names, times or places, so a reward model must read the dialogue to tell them apart.
+    summary, rejected the summary of another dialogue: for half the pairs one of another scenario (the wrong
+    topic), for the other half one of the same scenario (the right template with the wrong names, times or
+    places, so a reward model must read the dialogue to tell them apart).
     """
     from lmcycle.data.templates import get_template
 
@@ -72,8 +73,10 @@ def synthetic_preferences(n: int, seed: int, template: str = "summarize") -> lis
     out = []
     for i, ex in enumerate(dialogues):
         rng = random.Random(f"lmcycle-synthetic-preference:{seed}:{i}")
-        same_kind = [d for d in dialogues if d.meta["scenario"] == ex.meta["scenario"] and d.target != ex.target]
-        rejected = rng.choice(same_kind or [d for d in dialogues if d.target != ex.target]).target
+        same_kind = rng.random() < 0.5
+        others = [d for d in dialogues if (d.meta["scenario"] == ex.meta["scenario"]) == same_kind
+                  and d.target != ex.target]
+        rejected = rng.choice(others or [d for d in dialogues if d.target != ex.target]).target
         out.append(Example(input=render(ex, []), targets=[" " + ex.target], task="preference", id=ex.id,
                            meta={"rejected": " " + rejected, "margin": 1.0, "labeler": "synthetic"}))
     return out
