@@ -167,7 +167,8 @@ def ppo_sections(run_dir: Path, rows: list[dict]) -> str:
         plot = _ppo_plot(run_dir, stage, rollouts)
         if plot:
             lines += ["", f"![PPO curves of {stage}]({plot})"]
-        lines += ["", f"Sample responses: `{stage}/samples/` (files only: they can be offensive)."]
+        lines += ["", f"Sample responses: `{stage}/samples/` (kept in files, not shown here: RL samples can be "
+                      "offensive)."]
         parts.append("\n".join(lines) + "\n")
     return "\n".join(parts)
 
