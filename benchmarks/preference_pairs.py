@@ -233,6 +233,21 @@ def common_arguments(description: str, size: str) -> argparse.ArgumentParser:
     return parser
 
 
+def run_comparison(doc: str, script: str, run_ours: Callable, run_trl: Callable, prepare: Callable,
+                   names: dict[str, str], what: str) -> None:
+    """What each comparison script's ``__main__`` does: one side when called as a child, else both and a table."""
+    parser = common_arguments(doc, size="10m")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.side:
+        run_side(args.side, args.workdir, args, {"ours": run_ours, "trl": run_trl})
+        return
+    summary = run_both(script, args, CHILD_KEYS, lambda workdir: prepare(workdir, args))
+    print(table(summary, names, what))
+    if args.json:
+        Path(args.json).write_text(json.dumps(summary, indent=2), encoding="utf-8")
+
+
 CHILD_KEYS = ("size", "batch", "max_len", "warmup", "steps", "threads", "lr", "examples", "seed", "data")
 
 

@@ -24,21 +24,16 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
 from measure import Clock, trainer_clock
 from preference_pairs import (
     ADAM,
-    CHILD_KEYS,
     build_model_dir,
-    common_arguments,
     held_out_pairs,
     length_facts,
     memory_before_training,
     pairs,
-    run_both,
-    run_side,
+    run_comparison,
     step_order,
-    table,
     total_steps,
 )
 
@@ -152,20 +147,5 @@ def run_trl(workdir: Path, args: argparse.Namespace, clock: Clock, out_dir: Path
                     "eval_loss_after": held_out_loss(trainer.model, tokenizer, args)}
 
 
-def main() -> None:
-    parser = common_arguments(__doc__, size="10m")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    if args.side:
-        run_side(args.side, args.workdir, args, {"ours": run_ours, "trl": run_trl})
-        return
-    summary = run_both(__file__, args, CHILD_KEYS, lambda workdir: prepare(workdir, args))
-    print(table(summary, NAMES, "Reward model (pairwise loss)"))
-    if args.json:
-        import json
-
-        Path(args.json).write_text(json.dumps(summary, indent=2), encoding="utf-8")
-
-
 if __name__ == "__main__":
-    main()
+    run_comparison(__doc__, __file__, run_ours, run_trl, prepare, NAMES, "Reward model (pairwise loss)")
