@@ -37,6 +37,7 @@ from lmcycle.config import Config
 from lmcycle.data.preferences import PreferencePair
 from lmcycle.data.sft import IGNORE, collate_sft, prompt_completion_item
 from lmcycle.errors import LmcycleError
+from lmcycle.models.load import eval_mode
 from lmcycle.runs import RunContext
 from lmcycle.train.distributed import is_main
 from lmcycle.train.loop import Batch, TrainConfig, TrainResult, scored_logits, train
@@ -125,13 +126,8 @@ def adapter_disabled(model: nn.Module) -> Iterator[None]:
 @contextlib.contextmanager
 def _frozen_eval(model: nn.Module) -> Iterator[None]:
     # The reference is a fixed function: no dropout, no gradients, and the caller's mode comes back.
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        model.train(was_training)
+    with eval_mode(model), torch.no_grad():
+        yield
 
 
 def reference_logps(model: nn.Module, batch: Batch, ref_model: nn.Module | None = None) -> torch.Tensor:

@@ -33,8 +33,7 @@ boundaries and hold β, so a resumed run regenerates the next rollout exactly (s
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -43,6 +42,7 @@ from pydantic import Field
 from torch import nn
 
 from lmcycle.config import Config
+from lmcycle.models.load import eval_mode
 
 Tensor = torch.Tensor
 
@@ -139,12 +139,34 @@ def adaptive_beta(beta: float, kl: float, target: float, episodes: int, horizon:
 
 
 # -- policy with a value head -----------------------------------------------------------------------------------
+def response_logits(model: nn.Module, query: Tensor, query_mask: Tensor, response: Tensor, response_mask: Tensor,
+                    hidden: bool = False) -> tuple[Tensor, Tensor | None]:
+    """The logits [B, R, V] that predict each response token and, with ``hidden``, the last hidden state [B, R, H]
+    each token is chosen in. Decoder queries are left-padded, encoder-decoder queries right-padded; responses are
+    right-padded."""
+    if getattr(model.config, "is_encoder_decoder", False):
+        from lmcycle.models.generate import decoder_start_id
+
+        start = decoder_start_id(model, int(model.config.pad_token_id or 0))
+        decoder_in = torch.cat([response.new_full((len(response), 1), start), response[:, :-1]], dim=1)
+        out = model(input_ids=query, attention_mask=query_mask, decoder_input_ids=decoder_in,
+                    output_hidden_states=hidden, use_cache=False)
+        return out.logits, out.decoder_hidden_states[-1] if hidden else None
+    ids = torch.cat([query, response], dim=1)
+    mask = torch.cat([query_mask, response_mask], dim=1)
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    p, r = query.size(1), response.size(1)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False,
+                output_hidden_states=hidden, **_last_logits(model, r + 1))
+    logits = out.logits[:, -(r + 1):-1]  # position t predicts token t + 1
+    return logits, out.hidden_states[-1][:, p - 1:p + r - 1] if hidden else None
+
+
 class PolicyWithValue(nn.Module):
     """The policy LM and a scalar value head on its last hidden state; ``kl_beta`` rides in the checkpoint.
 
     ``forward(query [B, P], query_mask, response [B, R], response_mask) -> (logits [B, R, V], values [B, R])``:
-    the logits that predict each response token and the value of the state each token is chosen in. Decoder
-    queries are left-padded, encoder-decoder queries right-padded; responses are right-padded.
+    :func:`response_logits` of the policy and the value of the state each response token is chosen in.
     """
 
     def __init__(self, policy: nn.Module, beta: float):
@@ -158,24 +180,7 @@ class PolicyWithValue(nn.Module):
 
     def forward(self, query: Tensor, query_mask: Tensor, response: Tensor, response_mask: Tensor
                 ) -> tuple[Tensor, Tensor]:
-        if self.seq2seq:
-            from lmcycle.models.generate import decoder_start_id
-
-            start = decoder_start_id(self.policy, int(self.policy.config.pad_token_id or 0))
-            decoder_in = torch.cat([response.new_full((len(response), 1), start), response[:, :-1]], dim=1)
-            out = self.policy(input_ids=query, attention_mask=query_mask, decoder_input_ids=decoder_in,
-                              output_hidden_states=True, use_cache=False)
-            hidden = out.decoder_hidden_states[-1]
-            logits = out.logits
-        else:
-            ids = torch.cat([query, response], dim=1)
-            mask = torch.cat([query_mask, response_mask], dim=1)
-            positions = (mask.cumsum(1) - 1).clamp(min=0)
-            p, r = query.size(1), response.size(1)
-            out = self.policy(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False,
-                              output_hidden_states=True, **_last_logits(self.policy, r + 1))
-            logits = out.logits[:, -(r + 1):-1]  # position t predicts token t + 1
-            hidden = out.hidden_states[-1][:, p - 1:p + r - 1]
+        logits, hidden = response_logits(self.policy, query, query_mask, response, response_mask, hidden=True)
         values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)
         return logits, values.float()
 
@@ -184,17 +189,6 @@ def _last_logits(model: nn.Module, k: int) -> dict:
     from lmcycle.models.load import forward_accepts
 
     return {"logits_to_keep": k} if forward_accepts(type(model), "logits_to_keep") else {}
-
-
-@contextlib.contextmanager
-def no_dropout(model: nn.Module) -> Iterator[None]:
-    """Eval mode inside the block (PPO's ratio must be 1 before any update), the caller's mode afterwards."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
 
 
 # -- rollouts ----------------------------------------------------------------------------------------------------
@@ -256,7 +250,7 @@ def score_tokens(agent: PolicyWithValue, query: Tensor, query_mask: Tensor, resp
     """Old log-probs, values, entropies and reference log-probs [N, R] of a rollout, in no-grad chunks."""
     parts: dict[str, list[Tensor]] = {"logp": [], "values": [], "entropy": [], "ref_logp": []}
     device = agent.value_head.weight.device
-    with no_dropout(agent):
+    with eval_mode(agent):
         for s in range(0, len(query), batch_size):
             q, qm, r, rm = (t[s:s + batch_size].to(device) for t in (query, query_mask, response, response_mask))
             logits, values = agent(q, qm, r, rm)
@@ -270,22 +264,20 @@ def score_tokens(agent: PolicyWithValue, query: Tensor, query_mask: Tensor, resp
 
 def reference_scorer(agent: PolicyWithValue, ref_model: nn.Module | None, temperature: float
                      ) -> Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]:
-    """Reference log-probs of the response tokens: ``ref_model``'s, or the policy's with its LoRA adapter off."""
+    """Reference log-probs of the response tokens: ``ref_model``'s, or the policy's with its LoRA adapter off.
+    Only logits: no hidden states, no value head."""
     from lmcycle.align.dpo import adapter_disabled
 
     if ref_model is not None:
-        ref_agent = PolicyWithValue(ref_model, 0.0).eval()
+        ref_model.requires_grad_(False).eval()  # a fixed function: no dropout, no gradients
 
-        def ref_copy(q, qm, r, rm):
-            return token_logprobs(ref_agent(q, qm, r, rm)[0], r, temperature)
-
-        return ref_copy
-
-    def ref_base(q, qm, r, rm):
+    def ref(q, qm, r, rm):
+        if ref_model is not None:
+            return token_logprobs(response_logits(ref_model, q, qm, r, rm)[0], r, temperature)
         with adapter_disabled(agent.policy):
-            return token_logprobs(agent(q, qm, r, rm)[0], r, temperature)
+            return token_logprobs(response_logits(agent.policy, q, qm, r, rm)[0], r, temperature)
 
-    return ref_base
+    return ref
 
 
 def finish_scores(scores: Tensor, endings: list[str], cfg: PpoSettings) -> Tensor:
@@ -311,7 +303,7 @@ def make_rollout(agent: PolicyWithValue, tokenizer, prompts: list[str], decoding
 
     policy = agent.policy
     rows = encode_prompts(policy, tokenizer, prompts, decoding, max_input_tokens)
-    with no_dropout(agent):
+    with eval_mode(agent):
         # The EOS the policy chose is an action too: it is scored, and it carries the sequence's reward.
         responses, endings = decode_rows(policy, tokenizer, rows, decoding, keep_eos=True)
     new_ids = [ids[:-1] if end == "eos" else ids for ids, end in zip(responses, endings, strict=True)]
@@ -388,7 +380,7 @@ def ppo_loss(agent: PolicyWithValue, batch: dict[str, Tensor], cfg: PpoSettings,
     ``L = policy loss + c1·value loss − c2·entropy`` (per token; the loop divides by the token count).
     """
     mask = batch["response_mask"].float()
-    with no_dropout(agent):
+    with eval_mode(agent):
         logits, values = agent(batch["query"], batch["query_mask"], batch["response"], batch["response_mask"])
     logp, entropy = logprobs_and_entropy(logits, batch["response"], temperature,
                                          entropy_grad=cfg.entropy_coef > 0)

@@ -187,7 +187,6 @@ def run_ppo(cfg: PpoStage, ctx: RunContext) -> dict[str, str]:
         add_peft_for_training(stage, cfg.peft)
     else:
         ref_model, _ = load_model(ctx.model_path(cfg.model), device=ctx.device)
-        ref_model.requires_grad_(False).eval()
     agent = PolicyWithValue(stage.model, cfg.ppo.beta).to(stage.model.device)
     ref = reference_scorer(agent, ref_model, cfg.generation.temperature)
     stage.log(event="ppo_setup", prompts=len(prompts), rollouts=cfg.rollouts, steps_per_rollout=steps,

@@ -33,7 +33,7 @@ from lmcycle.atomic import atomic_dir, atomic_write_json
 from lmcycle.config import Config
 from lmcycle.data.preferences import PreferencePair
 from lmcycle.errors import LmcycleError
-from lmcycle.models.load import forward_accepts
+from lmcycle.models.load import eval_mode, forward_accepts
 from lmcycle.runs import RunContext
 from lmcycle.train.loop import (
     Batch,
@@ -287,14 +287,9 @@ def pair_step_indices(lengths: list[int], step: int, cfg: TrainConfig, seed: int
 def reward_stats(model: RewardModel, batches: list[Batch]) -> dict[str, float]:
     """``{"mean", "std"}`` of the rewards of every row of ``batches`` (chosen and rejected), in eval mode."""
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            rewards = torch.cat([model(b["input_ids"].to(device), b["attention_mask"].to(device)).cpu()
-                                 for b in batches])
-    finally:
-        model.train(was_training)
+    with eval_mode(model), torch.no_grad():
+        rewards = torch.cat([model(b["input_ids"].to(device), b["attention_mask"].to(device)).cpu()
+                             for b in batches])
     std = float(rewards.std()) if rewards.numel() > 1 else 0.0
     return {"mean": float(rewards.mean()), "std": std}
 
@@ -402,9 +397,7 @@ def load_reward_backbone(source: str, backbone: str = "auto"):
                 raise LmcycleError(f"cannot load a sequence classifier: {str(e).splitlines()[0]}", file=source,
                                    field="model") from None
             model = RewardModel.from_classifier(classifier)
-    ensure_pad_token(tokenizer)
-    if model.head is None and model.backbone.config.pad_token_id is None:
-        model.backbone.config.pad_token_id = tokenizer.pad_token_id  # decoder classifiers look for it
+    ensure_pad_token(tokenizer, model.backbone if model.head is None else None)
     return model, tokenizer
 
 

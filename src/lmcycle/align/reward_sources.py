@@ -153,11 +153,11 @@ def model_reward(path: str, normalise: bool = True, text: str = "full", max_len:
 
     from lmcycle.align.reward import RewardModel
     from lmcycle.align.reward import normalise as normalise_scores
+    from lmcycle.models.load import ensure_pad_token
 
     model = RewardModel.load(path).eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    ensure_pad_token(tokenizer)
     if normalise and not model.stats:
         raise LmcycleError(f"reward model {path} has no saved mean/std; set normalise: false",
                            field="reward.normalise")

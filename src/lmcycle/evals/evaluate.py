@@ -57,13 +57,13 @@ METRICS = {
     "gsm8k_accuracy": (gsm8k_accuracy, "gsm8k_accuracy"),
 }
 # Scores computed with a second model (they need more than predictions and references): metric name ->
-# {key in the Score's values: key in eval.json's metrics and in predictions.jsonl}.
+# {key in the Score's values: key in eval.json's metrics}. The first key is also the Score's per-example value,
+# written to predictions.jsonl under the metric's name.
 MODEL_SCORES = {
     "toxicity": {"toxicity": "toxicity", "toxic_fraction": "toxic_fraction"},
     "perplexity": {"perplexity": "perplexity"},
     "reference_perplexity": {"perplexity": "reference_perplexity"},
 }
-PER_EXAMPLE_KEYS = {"toxicity": "toxicity", "perplexity": "perplexity", "reference_perplexity": "perplexity"}
 
 
 class EvalStage(Config):
@@ -172,7 +172,7 @@ def _score(which: list[str], predictions: list[str], references: list[list[str]]
         metrics.update({out: score.values[key] for key, out in MODEL_SCORES[name].items()})
         settings[name] = score.settings
         for row, values in zip(per_example, score.per_example, strict=True):
-            row[name] = values[PER_EXAMPLE_KEYS[name]]
+            row[name] = values[next(iter(MODEL_SCORES[name]))]
     metrics["n"] = len(predictions)
     return metrics, settings, per_example
 

@@ -35,6 +35,7 @@ from lmcycle.config import Config
 from lmcycle.errors import LmcycleError
 from lmcycle.evals.classification import accuracy, macro_f1
 from lmcycle.evals.score import Score
+from lmcycle.models.load import ensure_pad_token, eval_mode
 from lmcycle.runs import RunContext
 from lmcycle.train.loop import Batch, TrainConfig, micro_batch_indices, seed_everything, train
 from lmcycle.train.stage import TrainingStage, finish_training_stage
@@ -72,7 +73,7 @@ class TextClassifier:
         except (OSError, ValueError) as e:
             first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise LmcycleError(f"cannot load a sequence classifier: {first_line}", file=source) from None
-        _ensure_padding(model, tokenizer)
+        ensure_pad_token(tokenizer, model)
         model.to(device).eval()
         labels = [str(model.config.id2label[i]) for i in range(model.config.num_labels)]
         return cls(model=model, tokenizer=tokenizer, labels=labels, path=source)
@@ -91,17 +92,12 @@ class TextClassifier:
         order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
         out = torch.empty(len(encoded), len(self.labels))
         device = next(self.model.parameters()).device
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            with torch.no_grad():
-                for start in range(0, len(order), batch_size):
-                    rows = order[start:start + batch_size]
-                    batch = collate([encoded[i] for i in rows], self.tokenizer.pad_token_id)
-                    logits = self.model(**{k: v.to(device) for k, v in batch.items()}).logits
-                    out[rows] = torch.softmax(logits.float(), dim=-1).cpu()
-        finally:
-            self.model.train(was_training)
+        with eval_mode(self.model), torch.no_grad():
+            for start in range(0, len(order), batch_size):
+                rows = order[start:start + batch_size]
+                batch = collate([encoded[i] for i in rows], self.tokenizer.pad_token_id)
+                logits = self.model(**{k: v.to(device) for k, v in batch.items()}).logits
+                out[rows] = torch.softmax(logits.float(), dim=-1).cpu()
         return out
 
     def predict(self, texts: Sequence[str], batch_size: int = 64, max_len: int = 128) -> list[str]:
@@ -122,15 +118,6 @@ def collate(rows: list[list[int]], pad_id: int, labels: list[int] | None = None)
     if labels is not None:
         batch["labels"] = torch.tensor(labels, dtype=torch.long)
     return batch
-
-
-def _ensure_padding(model, tokenizer) -> None:
-    from lmcycle.models.load import ensure_pad_token
-
-    ensure_pad_token(tokenizer)
-    # Decoder classifiers (GPT-2 style) find each row's last token through the pad id.
-    if getattr(model.config, "pad_token_id", None) is None:
-        model.config.pad_token_id = tokenizer.pad_token_id
 
 
 # -- the toxicity score --------------------------------------------------------------------------------------------
@@ -248,7 +235,7 @@ def load_for_training(source: str, labels: list[str], device: str = "cpu"):
     except (OSError, ValueError) as e:
         first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise LmcycleError(f"cannot load a classifier base: {first_line}", file=source, field="model") from None
-    _ensure_padding(model, tokenizer)
+    ensure_pad_token(tokenizer, model)
     return model.to(device), tokenizer
 
 

@@ -31,7 +31,7 @@ from lmcycle.models.generate import (
     pad_id_of,
     prompt_generator,
 )
-from lmcycle.models.load import load_model
+from lmcycle.models.load import eval_mode, load_model
 from lmcycle.runs import RunContext
 
 
@@ -50,15 +50,11 @@ def default_settings() -> list[DecodingConfig]:
 @torch.no_grad()
 def next_token_logits(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompt: str) -> torch.Tensor:
     """The model's logits ``(vocab,)`` for the token that follows ``prompt`` (first decoder token for T5)."""
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         rows = encode_prompts(model, tokenizer, [prompt], DecodingConfig(max_new_tokens=1))
         stream = logit_stream(model, rows, pad_id_of(tokenizer))
         logits = next(stream)[0]
         stream.close()
-    finally:
-        model.train(was_training)
     return logits
 
 

@@ -30,7 +30,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from lmcycle.atomic import atomic_write_text
 from lmcycle.config import Config
 from lmcycle.errors import LmcycleError
-from lmcycle.models.load import context_window, is_seq2seq, load_model
+from lmcycle.models.load import context_window, eval_mode, is_seq2seq, load_model
 from lmcycle.runs import RunContext
 
 
@@ -249,19 +249,13 @@ def decode_rows(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, rows
     window = max((len(s.encode("utf-8")) for s in cfg.stop), default=0) + 4
     results: list[list[int]] = [[] for _ in rows]
     endings: list[Ending] = ["length"] * len(rows)
-    was_training = model.training
-    model.eval()
-    try:
-        with tqdm(total=len(rows), desc="generate", unit="prompt", disable=not progress) as bar:
-            for batch in _batches(rows, cfg.batch_size):
-                new, ends = _decode_batch(model, [rows[i] for i in batch],
-                                          [prompt_generator(cfg.seed, i) for i in batch],
-                                          cfg, pad_id, eos, tokenizer, window, keep_eos)
-                for i, ids, end in zip(batch, new, ends, strict=True):
-                    results[i], endings[i] = ids, end
-                bar.update(len(batch))
-    finally:
-        model.train(was_training)
+    with eval_mode(model), tqdm(total=len(rows), desc="generate", unit="prompt", disable=not progress) as bar:
+        for batch in _batches(rows, cfg.batch_size):
+            new, ends = _decode_batch(model, [rows[i] for i in batch], [prompt_generator(cfg.seed, i) for i in batch],
+                                      cfg, pad_id, eos, tokenizer, window, keep_eos)
+            for i, ids, end in zip(batch, new, ends, strict=True):
+                results[i], endings[i] = ids, end
+            bar.update(len(batch))
     return results, endings
 
 

@@ -12,12 +12,15 @@ inputs), and training code pads its own batches on the right with the loss maske
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from torch import nn
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -63,13 +66,28 @@ def load_model(
     return model, tokenizer
 
 
-def ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> None:
-    """Give a tokenizer without a pad token its EOS token as pad (padded positions are always masked)."""
-    if tokenizer.pad_token is not None:
-        return
-    if tokenizer.eos_token is None:
-        raise LmcycleError("the tokenizer has neither a pad token nor an EOS token; add one of them")
-    tokenizer.pad_token = tokenizer.eos_token
+def ensure_pad_token(tokenizer: PreTrainedTokenizerBase, model: nn.Module | None = None) -> None:
+    """Give a tokenizer without a pad token its EOS token as pad (padded positions are always masked), and a
+    ``model`` whose config has no pad id the tokenizer's (decoder sequence classifiers find each row's last
+    token through it)."""
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise LmcycleError("the tokenizer has neither a pad token nor an EOS token; add one of them")
+        tokenizer.pad_token = tokenizer.eos_token
+    if model is not None and getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """``model.eval()`` inside the block (no dropout: generation, scoring, references), and the caller's mode
+    (training or not) back afterwards, also when the block raises."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
 
 
 @functools.cache
