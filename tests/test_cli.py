@@ -48,3 +48,24 @@ def test_single_stage_errors_name_the_field(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 1 and "field 'stages.0.size': unknown size 'huge'" in err and "1m" in err
     assert not (tmp_path / "x").exists()
+
+
+def test_quantize_then_compare_from_the_command_line(tmp_path, capsys):
+    from tiny_lm import examples, make_tokenizer, save_tiny, tiny_llama
+
+    tok = make_tokenizer()
+    original = save_tiny(tiny_llama(tok, seed=3), tok, tmp_path / "original")
+    data = tmp_path / "dev.jsonl"
+    data.write_text("".join(json.dumps({"input": ex.input, "target": ex.targets[0]}) + "\n"
+                            for ex in examples(8, seed=4)))
+    assert main(["quantize", f"model={original}", "method=bf16", "--out", str(tmp_path / "q")]) == 0
+    quantized = json.loads((tmp_path / "q" / "artifacts.json").read_text())["quantize"]["model"]
+    assert main(["compare", f"models=[{original}, {quantized}]", "labels=[fp32, bf16]", "eval_data=[dev]",
+                 "max_len=32", "latency_runs=5", "warmup=1", "batch_size=4", "throughput_batches=1", "threads=1",
+                 "--data", f"dev={data}", "--out", str(tmp_path / "c")]) == 0
+    result = json.loads((tmp_path / "c" / "compare" / "compare.json").read_text())
+    fp32, bf16 = result["rows"]
+    assert (fp32["label"], bf16["label"]) == ("fp32", "bf16")
+    assert bf16["size_ratio"] == pytest.approx(0.5, abs=0.02)  # two bytes a weight instead of four
+    assert bf16["quality"]["dev.perplexity"] == pytest.approx(fp32["quality"]["dev.perplexity"], rel=0.02)
+    assert "## Optimization" in (tmp_path / "c" / "report.md").read_text()

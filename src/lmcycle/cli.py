@@ -15,7 +15,8 @@ from pathlib import Path
 
 from lmcycle.errors import LmcycleError
 
-SINGLE_STAGES = ("build", "pretrain", "sft", "generate", "explore", "eval", "rm", "dpo", "ppo", "classifier")
+SINGLE_STAGES = ("build", "pretrain", "sft", "generate", "explore", "eval", "rm", "dpo", "ppo", "classifier",
+                 "distill", "quantize", "prune", "compare")
 STAGE_OF_COMMAND = {"rm": "reward"}  # commands named differently from their stage type
 
 

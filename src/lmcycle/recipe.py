@@ -49,6 +49,10 @@ STAGES: dict[str, tuple[str, str, str]] = {
     "dpo": ("lmcycle.align.dpo", "DpoStage", "run_dpo"),
     "classifier": ("lmcycle.evals.toxicity", "ClassifierStage", "run_classifier"),
     "ppo": ("lmcycle.align.ppo_stage", "PpoStage", "run_ppo"),
+    "distill": ("lmcycle.optimize.distill", "DistillStage", "run_distill"),
+    "quantize": ("lmcycle.optimize.quantize", "QuantizeStage", "run_quantize"),
+    "prune": ("lmcycle.optimize.prune", "PruneStage", "run_prune"),
+    "compare": ("lmcycle.optimize.compare", "CompareStage", "run_compare"),
     "report": ("lmcycle.report", "ReportStage", "run_report"),
 }
 DATA_PARALLEL_STAGES = {"pretrain", "sft"}

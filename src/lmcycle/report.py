@@ -64,15 +64,19 @@ def write_report(run_dir: str | os.PathLike, title: str | None = None,
     if artifacts is None:
         artifacts = _read_json(run_dir / "artifacts.json") or {}
     from lmcycle.report_alignment import alignment_section, alignment_stages, ppo_sections
+    from lmcycle.report_optimize import OPTIMIZE_KINDS, optimize_section
 
     aligned = alignment_stages(config, rows)
-    # Alignment stages write eval.json too; they get their own section, not a row among the generation evals.
-    evals = [e for e in _load_evals(run_dir, artifacts) if e["stage"] not in aligned]
+    optimized = stages_of_kinds(config, rows, OPTIMIZE_KINDS)
+    # Alignment and optimization stages write eval.json too; they get their own sections, not rows among the
+    # generation evals.
+    evals = [e for e in _load_evals(run_dir, artifacts) if e["stage"] not in aligned and e["stage"] not in optimized]
 
     parts = [_header(run_dir, config, rows, title), _stage_times(rows, config),
              _evaluation(run_dir, evals), _by_model_and_dataset(run_dir, evals),
              _finetuning(run_dir, config, rows, artifacts, evals),
              alignment_section(run_dir, aligned, rows, artifacts), ppo_sections(run_dir, rows),
+             optimize_section(run_dir, optimized, rows, artifacts),
              _training(run_dir, rows), _explore(run_dir, artifacts),
              _examples(evals), _settings(evals)]
     path = run_dir / "report.md"
@@ -134,6 +138,16 @@ def _load_evals(run_dir: Path, artifacts: dict[str, dict[str, str]]) -> list[dic
 
 
 # -- sections ----------------------------------------------------------------------------------------------
+
+def stages_of_kinds(config: dict, rows: list[dict], kinds) -> dict[str, str]:
+    """Stage name -> kind of every stage of the run whose type is in ``kinds``, in recipe order."""
+    found = {s.get("name") or s.get("type"): s.get("type") for s in config.get("stages") or []
+             if s.get("type") in kinds}
+    for r in rows:  # a config.yaml without stages still has the runner's stage_end rows
+        if r.get("event") == "stage_end" and r.get("type") in kinds:
+            found.setdefault(str(r.get("stage")), r["type"])
+    return found
+
 
 def _pending_stages(run_dir: Path, config: dict) -> list[str]:
     """Stages of the recipe, other than reports, that have not produced their artifacts yet."""

@@ -17,17 +17,13 @@ from lmcycle.report import (
     _read_json,
     _save_png,
     resolve,
+    stages_of_kinds,
 )
 
 
 def alignment_stages(config: dict, rows: list[dict]) -> dict[str, str]:
     """Stage name -> kind of every alignment stage of the run, in recipe order."""
-    found = {s.get("name") or s.get("type"): s.get("type") for s in config.get("stages") or []
-             if s.get("type") in ALIGNMENT_TABLES}
-    for r in rows:  # a config.yaml without stages still has the runner's stage_end rows
-        if r.get("event") == "stage_end" and r.get("type") in ALIGNMENT_TABLES:
-            found.setdefault(str(r.get("stage")), r["type"])
-    return found
+    return stages_of_kinds(config, rows, ALIGNMENT_TABLES)
 
 
 def alignment_section(run_dir: Path, aligned: dict[str, str], rows: list[dict],

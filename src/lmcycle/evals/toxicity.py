@@ -61,7 +61,14 @@ class TextClassifier:
         """
         from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
+        from lmcycle.optimize.quantize import is_quantized_dir, load_quantized
+
         source = str(path_or_name)
+        if is_quantized_dir(source):
+            model, tokenizer = load_quantized(source, device=device)
+            ensure_pad_token(tokenizer, model)
+            labels = [str(model.config.id2label[i]) for i in range(model.config.num_labels)]
+            return cls(model=model, tokenizer=tokenizer, labels=labels, path=source)
         try:
             config = AutoConfig.from_pretrained(source)
             architectures = config.architectures or []

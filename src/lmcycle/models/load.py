@@ -45,13 +45,20 @@ def load_model(
 
     The tokenizer always has a pad token afterwards (its EOS token when it had none).
     A PEFT-format adapter folder (LoRA, QLoRA or a soft prompt) loads its base model with the adapter on it
-    (:func:`lmcycle.adapt.adapters.load_adapted`).
+    (:func:`lmcycle.adapt.adapters.load_adapted`); a quantized folder loads quantized
+    (:func:`lmcycle.optimize.quantize.load_quantized`).
     Raises :class:`LmcycleError` for a missing local path, or a Hub id while the Hub is unreachable.
     """
     from lmcycle.adapt.adapters import is_adapter_dir, load_adapted
 
     if is_adapter_dir(Path(name_or_path).expanduser()):
         return load_adapted(Path(name_or_path).expanduser(), device=device, dtype=dtype)
+    from lmcycle.optimize.quantize import is_quantized_dir, load_quantized
+
+    if is_quantized_dir(Path(name_or_path).expanduser()):  # its dtype is the quantization's, not ``dtype``
+        model, tokenizer = load_quantized(Path(name_or_path).expanduser(), device=device)
+        ensure_pad_token(tokenizer)
+        return model, tokenizer
     source = _resolve_source(str(name_or_path))
     try:
         config = AutoConfig.from_pretrained(source)

@@ -1,0 +1,353 @@
+"""The deployer's table: a model and its optimized variants side by side.
+
+For every model (the original first, then its distilled / quantized / pruned variants) one row:
+
+- task quality: macro-F1 and accuracy per eval dataset (sequence classifiers), or perplexity (language models);
+- size on disk of the weight files, and the parameter count (with the share of zeros, which pruning creates);
+- peak memory: the peak resident memory of a fresh process that loads the model, scores it and times it, minus
+  that process's memory before loading (so the ~400 MB of Python + torch is not counted 6 times);
+- latency at batch 1 (p50 / p95 over real eval texts, one forward pass each) and throughput at batch 32.
+
+Each model is measured in its own child process (``python -m lmcycle.optimize.compare SPEC OUT``): peak memory
+is then that model's alone, and one variant's ``torch.compile`` or allocator state cannot leak into the next.
+Every ratio is against the first model, measured in the same run on the same threads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field
+
+from lmcycle.atomic import atomic_write_json
+from lmcycle.config import Config
+from lmcycle.errors import LmcycleError
+from lmcycle.runs import RunContext
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+class CompareStage(Config):
+    """Measure a model and its optimized variants on the same data and threads; write compare.json."""
+
+    type: Literal["compare"] = "compare"
+    name: str | None = None
+    models: list[str] = Field(min_length=1, description="earlier stages, paths or hub ids; the first is the "
+                                                        "reference of every ratio")
+    labels: list[str] | None = Field(None, description="row names (default: the entries of 'models')")
+    eval_data: list[str] = Field(min_length=1, description="datasets scored for quality; their inputs are timed")
+    label_map: dict[str, str] | None = Field(None, description="classifiers: dataset label -> class name "
+                                                               "(default: the dataset's labels as they are)")
+    max_len: int = Field(128, ge=8, description="tokens per text, for scoring and timing")
+    n_eval: int | None = Field(None, ge=1, description="at most this many examples per eval dataset")
+    latency_runs: int = Field(100, ge=5, description="batch-1 forward passes timed (after the warm-up)")
+    warmup: int = Field(10, ge=1)
+    batch_size: int = Field(32, ge=1, description="the throughput batch")
+    throughput_batches: int = Field(8, ge=1)
+    threads: int | None = Field(None, ge=1, description="torch threads (default: torch's, i.e. the cores)")
+    compile: bool = Field(False, description="torch.compile every model before timing (torchao's int8 kernels "
+                                             "need it to be fast); the warm-up absorbs the compile")
+
+
+def run_compare(cfg: CompareStage, ctx: RunContext) -> dict[str, str]:
+    """Measure every model in its own process; write ``<stage>/compare.json``; return ``{"compare": path}``."""
+    name = cfg.name or "compare"
+    out_dir = ctx.stage_dir(name)
+    labels = cfg.labels or list(cfg.models)
+    if len(labels) != len(cfg.models):
+        raise LmcycleError(f"'labels' has {len(labels)} names for {len(cfg.models)} models",
+                           file=ctx.recipe_file, field="labels")
+    data = {ds: [_example_dict(ex) for ex in ctx.dataset(ds)[:cfg.n_eval]] for ds in cfg.eval_data}
+    rows = []
+    for label, ref in zip(labels, cfg.models, strict=True):
+        path = ctx.model_path(ref)
+        row = measure_in_child(path, data, cfg)
+        rows.append({"label": label, "model": str(path), **row})
+        ctx.log(name, kind="compare", model=label, **{k: v for k, v in row.items() if _is_scalar(v)})
+    result = {"rows": with_ratios(rows), "settings": settings(cfg)}
+    path = out_dir / "compare.json"
+    atomic_write_json(path, result)
+    return {"compare": str(path)}
+
+
+def settings(cfg: CompareStage) -> dict[str, Any]:
+    """How the table was measured (the report prints it under the table)."""
+    import platform
+
+    import torch
+
+    return {"threads": cfg.threads or torch.get_num_threads(), "max_len": cfg.max_len,
+            "latency": f"batch 1, one forward pass per eval input (cut to {cfg.max_len} tokens), {cfg.warmup} "
+                       f"warm-up + {cfg.latency_runs} timed; p50/p95 of the timed passes",
+            "throughput": f"batch {cfg.batch_size}, {cfg.throughput_batches} batches of eval inputs (after one "
+                          "warm-up batch), examples per second",
+            "peak_memory": "peak RSS of a fresh process that loads, scores and times the model, minus its RSS "
+                           "before loading",
+            "size": f"bytes of the weight files ({', '.join(WEIGHT_SUFFIXES)})",
+            "compile": cfg.compile, "n_eval": cfg.n_eval, "eval_data": cfg.eval_data, "label_map": cfg.label_map,
+            "device": "cpu", "cpu": platform.processor() or platform.machine(), "torch": torch.__version__}
+
+
+def with_ratios(rows: list[dict]) -> list[dict]:
+    """Add ``size_ratio``, ``params_ratio``, ``memory_ratio`` (variant / first) and ``speedup_b1``,
+    ``speedup_throughput`` (first's latency / variant's; higher is faster) to every row."""
+    ref = rows[0]
+    for row in rows:
+        row["size_ratio"] = _ratio(row.get("size_bytes"), ref.get("size_bytes"))
+        row["params_ratio"] = _ratio(row.get("params"), ref.get("params"))
+        row["memory_ratio"] = _ratio(row.get("peak_memory_mb"), ref.get("peak_memory_mb"))
+        row["speedup_b1"] = _ratio(ref.get("latency_p50_ms"), row.get("latency_p50_ms"))
+        row["speedup_throughput"] = _ratio(row.get("throughput"), ref.get("throughput"))
+    return rows
+
+
+def _ratio(a: Any, b: Any) -> float | None:
+    return round(a / b, 4) if _is_scalar(a) and _is_scalar(b) and b else None
+
+
+def _is_scalar(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _example_dict(ex: Any) -> dict:
+    return {"input": ex.input, "targets": list(ex.targets), "id": ex.id}
+
+
+# -- the parent: one child process per model ----------------------------------------------------------------------
+
+
+def measure_in_child(model_path: str, data: dict[str, list[dict]], cfg: CompareStage) -> dict[str, Any]:
+    """Run :func:`measure` for one model in a fresh Python process; its JSON result."""
+    with tempfile.TemporaryDirectory(prefix="lmcycle-compare-") as tmp:
+        spec, out = Path(tmp) / "spec.json", Path(tmp) / "out.json"
+        spec.write_text(json.dumps({"model": str(model_path), "data": data, "cfg": cfg.model_dump(mode="json")}))
+        env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+        proc = subprocess.run([sys.executable, "-m", "lmcycle.optimize.compare", str(spec), str(out)],
+                              env=env, capture_output=True, text=True)
+        if proc.returncode != 0 or not out.exists():
+            tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+            raise LmcycleError(f"measuring this model failed: {tail}", file=str(model_path), field="models")
+        return json.loads(out.read_text())
+
+
+# -- the child: load, score, time -----------------------------------------------------------------------------------
+
+
+def measure(model_path: str, data: dict[str, list[dict]], cfg: CompareStage, prepare=None) -> dict[str, Any]:
+    """Load the model at ``model_path`` and return its quality, size, parameters, memory and speed.
+
+    ``prepare(model) -> (model, size_bytes)``, when given, transforms the loaded model first (the benchmarks use
+    it to apply a peer library's method in the same process); its size replaces the folder's.
+    """
+    import torch
+
+    from lmcycle.models.load import eval_mode
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    import_architecture(model_path)
+    rss_before = _rss_mb()
+    start = time.perf_counter()
+    model, tokenizer, kind, classifier = load_for_compare(model_path)
+    size = weight_bytes(model_path)
+    if prepare is not None:
+        model, size = prepare(model)
+        if classifier is not None:
+            classifier.model = model
+    load_s = time.perf_counter() - start
+    params, zeros = count_parameters(model)
+    row: dict[str, Any] = {"kind": kind, "params": params, "zero_params": zeros, "size_bytes": size,
+                           "load_s": round(load_s, 2)}
+    with eval_mode(model), torch.inference_mode():
+        row["quality"] = score_quality(kind, model, tokenizer, classifier, data, cfg)
+        forward = timed_forward(kind, model, cfg.compile)
+        inputs = [ex["input"] for rows in data.values() for ex in rows]
+        row.update(time_latency(forward, tokenizer, inputs, cfg))
+        row.update(time_throughput(forward, tokenizer, inputs, cfg))
+    row["peak_memory_mb"] = round(_peak_rss_mb() - rss_before, 1)
+    row["threads"] = torch.get_num_threads()
+    return row
+
+
+def import_architecture(model_path: str) -> None:
+    """Import the model's transformers classes (lazy modules, ~100 MB) so that they are not counted as its memory."""
+    import transformers
+    from transformers import AutoConfig
+
+    try:
+        architectures = AutoConfig.from_pretrained(model_path).architectures or []
+    except (OSError, ValueError):
+        return
+    for name in architectures:
+        getattr(transformers, name, None)
+
+
+def load_for_compare(model_path: str):
+    """``(model, tokenizer, kind, classifier)``: kind is ``classifier``, ``causal_lm`` or ``seq2seq``."""
+    from transformers import AutoConfig
+
+    from lmcycle.evals.toxicity import TextClassifier
+    from lmcycle.models.load import is_seq2seq, load_model
+
+    try:
+        architectures = AutoConfig.from_pretrained(model_path).architectures or []
+    except (OSError, ValueError):
+        architectures = []
+    if any(a.endswith("ForSequenceClassification") for a in architectures):
+        clf = TextClassifier.load(model_path)
+        return clf.model, clf.tokenizer, "classifier", clf
+    model, tokenizer = load_model(model_path)
+    return model, tokenizer, "seq2seq" if is_seq2seq(model) else "causal_lm", None
+
+
+def count_parameters(model) -> tuple[int, int | None]:
+    """(parameters, of which exactly zero). Quantized weights count their logical elements; their zeros are not
+    counted (None) because a zero int8 code is not a pruned weight."""
+    import torch
+
+    total, zeros, exact = 0, 0, True
+    for p in model.parameters():
+        total += p.numel()
+        if type(p.data) is torch.Tensor and p.dtype.is_floating_point:
+            zeros += int((p.data == 0).sum())
+        else:
+            exact = False
+    return total, zeros if exact else None
+
+
+def weight_bytes(model_path: str) -> int | None:
+    """Bytes of the weight files in a model folder (None for a hub id)."""
+    folder = Path(model_path)
+    if not folder.is_dir():
+        return None
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file() and f.name.endswith(WEIGHT_SUFFIXES))
+
+
+def score_quality(kind: str, model, tokenizer, classifier, data: dict[str, list[dict]],
+                  cfg: CompareStage) -> dict[str, float]:
+    """``{"<dataset>.macro_f1": .., "<dataset>.accuracy": ..}`` for a classifier, ``{"<dataset>.perplexity"}``
+    for a language model (each input and each target is one text, as pre-training saw them)."""
+    from lmcycle.evals.perplexity import perplexity, seq2seq_perplexity
+    from lmcycle.evals.toxicity import score_labels
+
+    quality: dict[str, float] = {}
+    for name, rows in data.items():
+        if kind == "classifier":
+            label_map = cfg.label_map or {}
+            gold = [label_map.get(r["targets"][0], r["targets"][0]) for r in rows]
+            unknown = sorted(set(gold) - set(classifier.labels))
+            if unknown:
+                raise LmcycleError(f"dataset '{name}' has labels {unknown} the classifier does not have "
+                                   f"({', '.join(classifier.labels)}); set label_map", field="label_map")
+            predicted = classifier.predict([r["input"] for r in rows], max_len=cfg.max_len)
+            metrics = score_labels(predicted, gold)["metrics"]
+            quality.update({f"{name}.{k}": v for k, v in metrics.items() if k in ("macro_f1", "accuracy")})
+        elif kind == "seq2seq":
+            score = seq2seq_perplexity(model, tokenizer, [r["input"] for r in rows], [r["targets"][0] for r in rows],
+                                       max_len=cfg.max_len)
+            quality[f"{name}.perplexity"] = score.values["perplexity"]
+        else:
+            texts = [t for r in rows for t in (r["input"], *r["targets"]) if t.strip()]
+            quality[f"{name}.perplexity"] = perplexity(model, tokenizer, texts, max_len=cfg.max_len).values["perplexity"]
+    return quality
+
+
+def timed_forward(kind: str, model, compile_model: bool):
+    """``forward(batch)``: one forward pass of the model as a deployment would run it (logits only)."""
+    import torch
+
+    run = torch.compile(model) if compile_model else model
+
+    def forward(batch: dict) -> None:
+        if kind == "seq2seq":
+            run(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                decoder_input_ids=batch["input_ids"][:, :1])
+        elif kind == "causal_lm":
+            run(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+        else:
+            run(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+
+    return forward
+
+
+def _batch(tokenizer, texts: list[str], max_len: int) -> dict:
+    return dict(tokenizer(texts, truncation=True, max_length=max_len, padding=True, return_tensors="pt"))
+
+
+def time_latency(forward, tokenizer, inputs: list[str], cfg: CompareStage) -> dict[str, float]:
+    """p50 / p95 / mean milliseconds of one forward pass at batch 1, cycling through ``inputs``."""
+    batches = [_batch(tokenizer, [inputs[i % len(inputs)]], cfg.max_len)
+               for i in range(cfg.warmup + cfg.latency_runs)]
+    times = []
+    for i, batch in enumerate(batches):
+        start = time.perf_counter()
+        forward(batch)
+        if i >= cfg.warmup:
+            times.append((time.perf_counter() - start) * 1000)
+    times.sort()
+    return {"latency_p50_ms": round(statistics.median(times), 3),
+            "latency_p95_ms": round(times[min(len(times) - 1, int(0.95 * len(times)))], 3),
+            "latency_mean_ms": round(statistics.fmean(times), 3)}
+
+
+def time_throughput(forward, tokenizer, inputs: list[str], cfg: CompareStage) -> dict[str, float]:
+    """Examples per second at batch ``cfg.batch_size`` (padded to the batch's longest input)."""
+    n = cfg.batch_size
+    batches = [_batch(tokenizer, [inputs[(b * n + i) % len(inputs)] for i in range(n)], cfg.max_len)
+               for b in range(cfg.throughput_batches + 1)]
+    forward(batches[0])
+    start = time.perf_counter()
+    for batch in batches[1:]:
+        forward(batch)
+    seconds = time.perf_counter() - start
+    return {"throughput": round(n * cfg.throughput_batches / seconds, 2), "batch_size": n}
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _child_main(spec_path: str, out_path: str) -> int:
+    import importlib.util
+
+    from transformers.utils import logging as hf_logging
+
+    # Import every library any variant needs before measuring, so that "memory before loading" is the same
+    # base for all rows and the table compares the models, not their imports.
+    import lmcycle.evals.perplexity  # noqa: F401
+    import lmcycle.evals.toxicity  # noqa: F401
+    import lmcycle.models.load  # noqa: F401
+
+    if importlib.util.find_spec("torchao") is not None:
+        import torchao  # noqa: F401
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    spec = json.loads(Path(spec_path).read_text())
+    row = measure(spec["model"], spec["data"], CompareStage.model_validate(spec["cfg"]))
+    Path(out_path).write_text(json.dumps(row))
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(_child_main(*sys.argv[1:3]))
+    except LmcycleError as e:
+        print(f"lmcycle: error: {e}", file=sys.stderr)
+        sys.exit(1)
