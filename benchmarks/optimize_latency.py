@@ -139,13 +139,13 @@ def print_table(rows: list[dict], args: argparse.Namespace, max_load: float) -> 
           f"{version('torchao')}; {args.threads} threads; {'torch.compile' if args.compile else 'eager'}; "
           f"max_len {args.max_len}; batch-1 latency over {args.runs} eval texts, throughput at batch {args.batch}; "
           f"best of {args.repeats}; max 1-min load average {max_load:.2f}\n")
-    print("| model | " + " | ".join(metrics) + " | params | size MB | × size | peak MB | p50 ms | p95 ms | × speed b1 "
+    print("| model | " + " | ".join(metrics) + " | params | size MB | × size | loaded MB | peak MB | p50 ms | p95 ms | × speed b1 "
           "| ex/s b32 | × throughput |")
-    print("|---|" + "---:|" * (len(metrics) + 9))
+    print("|---|" + "---:|" * (len(metrics) + 10))
     for r in rows:
         q = " | ".join(f"{r['quality'][m]:.2f}" for m in metrics)
         print(f"| {r['label']} | {q} | {r['params'] / 1e6:.2f}M | {r['size_bytes'] / 1e6:.1f} | {r['size_ratio']:.2f} "
-              f"| {r['peak_memory_mb']:.0f} | {r['latency_p50_ms']:.2f} | {r['latency_p95_ms']:.2f} "
+              f"| {r['loaded_memory_mb']:.0f} | {r['peak_memory_mb']:.0f} | {r['latency_p50_ms']:.2f} | {r['latency_p95_ms']:.2f} "
               f"| {r['speedup_b1']:.2f} | {r['throughput']:.0f} | {r['speedup_throughput']:.2f} |")
 
 

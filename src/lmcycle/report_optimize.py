@@ -114,7 +114,7 @@ def quality_columns(rows: list[dict]) -> list[str]:
 def _compare_table(run_dir: Path, stage: str, data: dict) -> str:
     rows, settings = data["rows"], data.get("settings") or {}
     metrics = quality_columns(rows)
-    head = ["Model", *[_md(m) for m in metrics], "Params", "Zeros", "Size (MB)", "× size", "Peak mem. (MB)",
+    head = ["Model", *[_md(m) for m in metrics], "Params", "Zeros", "Size (MB)", "× size", "Loaded (MB)", "Peak serving (MB)",
             "p50 ms (b=1)", "p95 ms", "× speed (b=1)", f"Examples/s (b={rows[0].get('batch_size', '?')})",
             "× throughput"]
     lines = [f"### {_md(stage)}", "",
@@ -124,14 +124,15 @@ def _compare_table(run_dir: Path, stage: str, data: dict) -> str:
         quality = r.get("quality") or {}
         cells = [_md(str(r.get("label"))), *[_num(quality.get(m), 2) for m in metrics],
                  _millions(r.get("params")), _share(r.get("zero_params"), r.get("params")),
-                 _mb(r.get("size_bytes")), _times(r.get("size_ratio")), _num(r.get("peak_memory_mb"), 0),
+                 _mb(r.get("size_bytes")), _times(r.get("size_ratio")), _num(r.get("loaded_memory_mb"), 0), _num(r.get("peak_memory_mb"), 0),
                  _num(r.get("latency_p50_ms"), 2), _num(r.get("latency_p95_ms"), 2), _times(r.get("speedup_b1")),
                  _num(r.get("throughput"), 1), _times(r.get("speedup_throughput"))]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", f"Measured with {settings.get('threads', '?')} thread(s), torch {settings.get('torch', '?')}"
                   f"{', torch.compile' if settings.get('compile') else ', eager'}. Latency: "
-                  f"{settings.get('latency', '?')}. Throughput: {settings.get('throughput', '?')}. Peak memory: "
-                  f"{settings.get('peak_memory', '?')}. Size: {settings.get('size', '?')}.", ""]
+                  f"{settings.get('latency', '?')}. Throughput: {settings.get('throughput', '?')}. Loaded: "
+                  f"{settings.get('loaded_memory', '?')}. Peak serving: {settings.get('peak_memory', '?')}. Size: "
+                  f"{settings.get('size', '?')}.", ""]
     plot = _quality_latency_plot(run_dir, stage, rows, metrics[0] if metrics else None)
     if plot:
         lines += [f"![quality against latency]({plot})", ""]

@@ -4,8 +4,9 @@ For every model (the original first, then its distilled / quantized / pruned var
 
 - task quality: macro-F1 and accuracy per eval dataset (sequence classifiers), or perplexity (language models);
 - size on disk of the weight files, and the parameter count (with the share of zeros, which pruning creates);
-- peak memory: the peak resident memory of a fresh process that loads the model, scores it and times it, minus
-  that process's memory before loading (so the ~400 MB of Python + torch is not counted 6 times);
+- memory: the resident memory the loaded model adds to a fresh process, and the peak while it serves the timed
+  batches (batch 1, then batch 32), both minus that process's memory before loading (so the ~400 MB of Python +
+  torch is not counted in every row);
 - latency at batch 1 (p50 / p95 over real eval texts, one forward pass each) and throughput at batch 32.
 
 Each model is measured in its own child process (``python -m lmcycle.optimize.compare SPEC OUT``): peak memory
@@ -56,6 +57,8 @@ class CompareStage(Config):
     threads: int | None = Field(None, ge=1, description="torch threads (default: torch's, i.e. the cores)")
     compile: bool = Field(False, description="torch.compile every model before timing (torchao's int8 kernels "
                                              "need it to be fast); the warm-up absorbs the compile")
+    score: bool = Field(True, description="score quality (false: size, memory and speed only, e.g. for a second "
+                                          "table of the same models compiled)")
 
 
 def run_compare(cfg: CompareStage, ctx: RunContext) -> dict[str, str]:
@@ -90,8 +93,9 @@ def settings(cfg: CompareStage) -> dict[str, Any]:
                        f"warm-up + {cfg.latency_runs} timed; p50/p95 of the timed passes",
             "throughput": f"batch {cfg.batch_size}, {cfg.throughput_batches} batches of eval inputs (after one "
                           "warm-up batch), examples per second",
-            "peak_memory": "peak RSS of a fresh process that loads, scores and times the model, minus its RSS "
-                           "before loading",
+            "peak_memory": "peak RSS of a fresh process that loads the model and runs the timed batches, minus "
+                           "its RSS before loading (quality is scored afterwards)",
+            "loaded_memory": "RSS the loaded model adds to that process",
             "size": f"bytes of the weight files ({', '.join(WEIGHT_SUFFIXES)})",
             "compile": cfg.compile, "n_eval": cfg.n_eval, "eval_data": cfg.eval_data, "label_map": cfg.label_map,
             "device": "cpu", "cpu": platform.processor() or platform.machine(), "torch": torch.__version__}
@@ -166,14 +170,15 @@ def measure(model_path: str, data: dict[str, list[dict]], cfg: CompareStage, pre
     load_s = time.perf_counter() - start
     params, zeros = count_parameters(model)
     row: dict[str, Any] = {"kind": kind, "params": params, "zero_params": zeros, "size_bytes": size,
-                           "load_s": round(load_s, 2)}
+                           "load_s": round(load_s, 2), "loaded_memory_mb": round(_rss_mb() - rss_before, 1)}
     with eval_mode(model), torch.inference_mode():
-        row["quality"] = score_quality(kind, model, tokenizer, classifier, data, cfg)
+        # Timing first: the peak is then the model serving batch 1 and batch cfg.batch_size, not the scoring.
         forward = timed_forward(kind, model, cfg.compile)
         inputs = [ex["input"] for rows in data.values() for ex in rows]
         row.update(time_latency(forward, tokenizer, inputs, cfg))
         row.update(time_throughput(forward, tokenizer, inputs, cfg))
-    row["peak_memory_mb"] = round(_peak_rss_mb() - rss_before, 1)
+        row["peak_memory_mb"] = round(_peak_rss_mb() - rss_before, 1)
+        row["quality"] = score_quality(kind, model, tokenizer, classifier, data, cfg) if cfg.score else {}
     row["threads"] = torch.get_num_threads()
     return row
 
