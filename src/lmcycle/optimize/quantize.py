@@ -35,7 +35,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
-import logging
 import os
 import random
 from dataclasses import asdict, dataclass
@@ -75,23 +74,9 @@ class ActivationRange:
         return float(torch.tensor(scale, dtype=torch.float32)), zero_point
 
 
-@contextlib.contextmanager
-def _quiet_torchao():
-    """torchao logs a warning per optional CUDA extension it cannot load on import; none is needed here."""
-    loggers = [logging.getLogger(n) for n in ("torchao", "torch.utils._pytree")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        for lg, level in zip(loggers, levels, strict=True):
-            lg.setLevel(level)
-
-
 def _torchao():
-    with _quiet_torchao():
-        import torchao.quantization as tq
+    import torchao.quantization as tq  # imported late: it is heavy (its import warnings: lmcycle/__init__.py)
+
     return tq
 
 
@@ -313,12 +298,10 @@ def quantize_model(model: nn.Module, method: str, *, calibration: dict[str, Acti
     emb = embedding_targets(q) if embeddings else []
     tq = _torchao()
     modules = dict(q.named_modules())
-    with _quiet_torchao():
-        for name, cfg in per_module.items():
-            tq.quantize_(modules[name], cfg)
-        for name in emb:
-            tq.quantize_(modules[name], tq.Int8WeightOnlyConfig(),
-                         filter_fn=lambda m, _fqn: isinstance(m, nn.Embedding))
+    for name, cfg in per_module.items():
+        tq.quantize_(modules[name], cfg)
+    for name in emb:
+        tq.quantize_(modules[name], tq.Int8WeightOnlyConfig(), filter_fn=lambda m, _fqn: isinstance(m, nn.Embedding))
     _attach_hf_quantizer(q, saved_cfg, targets, emb)
     record.update(dtype=str(next(p.dtype for p in q.parameters())).removeprefix("torch."), linears=targets,
                   embeddings=emb)
@@ -388,7 +371,7 @@ def save_quantized(model: nn.Module, tokenizer, out_dir: str | os.PathLike,
     if not record or record.get("method") not in QUANT_METHODS:
         raise LmcycleError("no quantization record: pass the model quantize_model() returned", field="record")
     out = Path(out_dir)
-    with atomic_dir(out) as tmp, _quiet_torchao(), _static_scales_detached(model):
+    with atomic_dir(out) as tmp, _static_scales_detached(model):
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -427,8 +410,7 @@ def load_quantized(path: str | os.PathLike, device: str = "cpu") -> tuple[nn.Mod
     record = read_record(path)
     dtype = getattr(torch, record.get("dtype") or "float32")
     try:
-        with _quiet_torchao():
-            model = _model_class(path).from_pretrained(path, dtype=dtype, device_map=device)
+        model = _model_class(path).from_pretrained(path, dtype=dtype, device_map=device)
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError, RuntimeError) as e:
         first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
@@ -459,9 +441,10 @@ def maybe_compile(model: nn.Module, record: dict[str, Any] | None = None) -> nn.
 
 
 def weights_mb(path: str | os.PathLike) -> float:
-    """Size in MB of the weight files (``*.safetensors``, else ``*.bin``) in a model folder."""
-    files = list(Path(path).glob("*.safetensors")) or list(Path(path).glob("*.bin"))
-    return sum(f.stat().st_size for f in files) / 1e6
+    """Size in MB of the weight files in a model folder."""
+    from lmcycle.optimize.compare import weight_bytes
+
+    return (weight_bytes(str(path)) or 0) / 1e6
 
 
 # -- the stage ---------------------------------------------------------------------------------------------------
