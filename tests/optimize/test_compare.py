@@ -103,3 +103,13 @@ def test_bad_input_names_the_field(tmp_path):
     with pytest.raises(LmcycleError, match="label_map") as info:
         run_compare(CompareStage(models=[original], eval_data=["toy"], **FAST), ctx)
     assert info.value.field == "models" and "original" in str(info.value)
+
+
+def test_peak_memory_is_the_child_s_own_not_its_parent_s(tmp_path):
+    ctx = _ctx(tmp_path)
+    original = _classifier(tmp_path, "original", seed=0)
+    ballast = torch.ones(200 * 2**20)  # 800 MB in this (parent) process: Linux carries ru_maxrss over fork + exec
+    cfg = CompareStage(models=[original], eval_data=["toy"], label_map=LABEL_MAP, max_len=16, **FAST)
+    row = json.loads(open(run_compare(cfg, ctx)["compare"]).read())["rows"][0]
+    del ballast
+    assert 0 <= row["loaded_memory_mb"] <= row["peak_memory_mb"] < 300  # a tiny BERT serving batches of 4

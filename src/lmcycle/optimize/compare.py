@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -317,16 +316,22 @@ def time_throughput(forward, tokenizer, inputs: list[str], cfg: CompareStage) ->
     return {"throughput": round(n * cfg.throughput_batches / seconds, 2), "batch_size": n}
 
 
-def _rss_mb() -> float:
+def _status_mb(field: str) -> float:
     with open("/proc/self/status", encoding="ascii") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     return 0.0
 
 
+def _rss_mb() -> float:
+    return _status_mb("VmRSS")
+
+
 def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """This process's peak RSS. Not ``getrusage``'s ``ru_maxrss``: Linux carries that over fork and exec, so a
+    child of a large parent would report the parent's size; ``VmHWM`` belongs to the child's own memory."""
+    return _status_mb("VmHWM")
 
 
 def _child_main(spec_path: str, out_path: str) -> int:
