@@ -1,0 +1,209 @@
+"""The HTTP layer (FastAPI): OpenAI-compatible routes over an :class:`lmcycle.serve.engine.Engine`.
+
+Routes: ``GET /health`` (open even with an API key: it says only "ok"), ``GET /v1/models``,
+``POST /v1/completions``, ``POST /v1/chat/completions`` (``"stream": true`` answers with server-sent events,
+``data: {...}`` chunks then ``data: [DONE]``). Every error is OpenAI's object
+``{"error": {"message", "type", "param", "code"}}`` with a 4xx/5xx status.
+
+Semantics shared with ``generate``: ``temperature`` 0 is greedy, otherwise sampling with ``top_p``/``top_k``;
+``seed`` (default 0) seeds choice ``j`` like prompt ``j`` of ``generate``; ``max_tokens`` defaults to 16 as in
+OpenAI's completions API. Chat prompts use the tokenizer's chat template, or when it has none the fallback
+``"<role>: <content>\\n"`` per message followed by ``"assistant:"``.
+
+Streaming is not yet incremental: the chunks are sent once the whole choice is decoded (one chunk per token).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from lmcycle.models.generate import DecodingConfig
+from lmcycle.serve.engine import Choice, Engine, Job, QueueFull
+from lmcycle.serve.protocol import ChatRequest, CompletionRequest, error_body
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 type_: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.type_ = status, message, param, code, type_
+
+
+def create_app(model_dir: str, adapters: dict[str, str] | None = None, api_key: str | None = None, *,
+               device: str = "cpu", max_batch: int = 8, batch_wait_s: float = 0.01, max_queue: int = 64,
+               request_timeout_s: float = 300.0, max_body_bytes: int = 1_000_000,
+               engine: Engine | None = None) -> FastAPI:
+    """The ASGI app serving ``model_dir`` with LoRA ``adapters`` (name -> PEFT folder) selectable by ``model``."""
+    engine = engine or Engine(model_dir, adapters, device=device, max_batch=max_batch,
+                              batch_wait_s=batch_wait_s, max_queue=max_queue)
+    app = FastAPI(title="lmcycle", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.engine = engine
+    app.router.add_event_handler("shutdown", engine.close)
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        if api_key is not None and request.url.path != "/health":
+            given = request.headers.get("authorization", "")
+            if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+                return JSONResponse(error_body("invalid or missing API key", "authentication_error",
+                                               code="invalid_api_key"), status_code=401)
+        size = request.headers.get("content-length")
+        if size is not None and size.isdigit() and int(size) > max_body_bytes:
+            return JSONResponse(error_body(f"request body larger than {max_body_bytes} bytes"), status_code=413)
+        return await call_next(request)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_, e: ApiError):
+        return JSONResponse(error_body(e.message, e.type_, e.param, e.code), status_code=e.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_, e: RequestValidationError):
+        first = e.errors()[0] if e.errors() else {}
+        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+        param = ".".join(loc) or None
+        message = first.get("msg", "invalid request")
+        if first.get("type") == "json_invalid":
+            message, param = "the request body is not valid JSON", None
+        return JSONResponse(error_body(f"{param + ': ' if param else ''}{message}", param=param), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_, e: StarletteHTTPException):
+        return JSONResponse(error_body(str(e.detail), "invalid_request_error"), status_code=e.status_code)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    async def models():
+        now = int(time.time())
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": now, "owned_by": "lmcycle"}
+                                           for name in engine.model_names()]}
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        return await _serve(engine, body, body.prompt, body.max_tokens or 16, "text_completion", request,
+                            request_timeout_s)
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatRequest, request: Request):
+        prompt = chat_prompt(engine.tokenizer, [m.model_dump(include={"role", "content"}) for m in body.messages])
+        limit = body.max_completion_tokens or body.max_tokens
+        return await _serve(engine, body, prompt, limit, "chat.completion", request, request_timeout_s)
+
+    return app
+
+
+def chat_prompt(tokenizer, messages: list[dict]) -> str:
+    """The prompt text of a conversation: the tokenizer's chat template, else ``role: content`` lines."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+
+
+def _adapter_of(engine: Engine, model: str) -> str | None:
+    if model == engine.base_name:
+        return None
+    if model in engine.adapters:
+        return model
+    raise ApiError(404, f"the model '{model}' does not exist", param="model", code="model_not_found")
+
+
+def _job(engine: Engine, body, prompt: str, max_tokens: int | None) -> Job:
+    adapter = _adapter_of(engine, body.model)
+    ids = list(engine.tokenizer(prompt)["input_ids"])
+    if not ids:
+        start = engine.tokenizer.bos_token_id
+        ids = [start if start is not None else engine.tokenizer.eos_token_id]
+    room = engine.window - len(ids)
+    if room < 1:
+        raise ApiError(400, f"the prompt has {len(ids)} tokens; the model's context window is {engine.window}",
+                       param="messages" if isinstance(body, ChatRequest) else "prompt",
+                       code="context_length_exceeded")
+    if max_tokens is None:
+        max_tokens = room
+    if len(ids) + max_tokens > engine.window:
+        raise ApiError(400, f"prompt ({len(ids)} tokens) plus max_tokens ({max_tokens}) exceeds the model's "
+                       f"context window of {engine.window} tokens", param="max_tokens",
+                       code="context_length_exceeded")
+    cfg = DecodingConfig(do_sample=body.temperature > 0, temperature=body.temperature or 1.0, top_p=body.top_p,
+                         top_k=body.top_k, max_new_tokens=max_tokens, stop=body.stop_list(), seed=body.seed or 0)
+    return Job(ids=ids, n=body.n, adapter=adapter, cfg=cfg)
+
+
+async def _serve(engine: Engine, body, prompt: str, max_tokens: int | None, kind: str, request: Request,
+                 timeout_s: float):
+    job = _job(engine, body, prompt, max_tokens)
+    try:
+        future = engine.submit(job)
+    except QueueFull:
+        raise ApiError(429, "the server is busy (request queue full); retry later", type_="server_error",
+                       code="queue_full") from None
+    rid = f"{'cmpl' if kind == 'text_completion' else 'chatcmpl'}-{uuid.uuid4().hex[:24]}"
+    created = int(time.time())
+    try:
+        choices = await asyncio.wait_for(asyncio.wrap_future(future), timeout_s)
+    except TimeoutError:
+        job.cancelled.set()
+        raise ApiError(503, f"the request took longer than {timeout_s:g}s", type_="server_error",
+                       code="timeout") from None
+    except asyncio.CancelledError:  # the client went away
+        job.cancelled.set()
+        raise
+    usage = {"prompt_tokens": len(job.ids), "completion_tokens": sum(len(c.ids) for c in choices),
+             "total_tokens": len(job.ids) + sum(len(c.ids) for c in choices)}
+    if body.stream:
+        return StreamingResponse(_sse(engine, choices, kind, rid, created, body.model, usage),
+                                 media_type="text/event-stream")
+    if kind == "text_completion":
+        out = [{"index": i, "text": c.text, "logprobs": None, "finish_reason": c.finish_reason}
+               for i, c in enumerate(choices)]
+    else:
+        out = [{"index": i, "message": {"role": "assistant", "content": c.text}, "logprobs": None,
+                "finish_reason": c.finish_reason} for i, c in enumerate(choices)]
+    return {"id": rid, "object": kind, "created": created, "model": body.model, "choices": out, "usage": usage}
+
+
+def _deltas(engine: Engine, choice: Choice) -> list[str]:
+    """The choice's text split at token boundaries (pieces that join to exactly ``choice.text``)."""
+    pieces, sent = [], ""
+    for k in range(1, len(choice.ids) + 1):
+        text = engine.tokenizer.decode(choice.ids[:k], skip_special_tokens=True)[: len(choice.text)]
+        if len(text) > len(sent) and choice.text.startswith(text):
+            pieces.append(text[len(sent):])
+            sent = text
+    if sent != choice.text:
+        pieces.append(choice.text[len(sent):])
+    return pieces
+
+
+async def _sse(engine: Engine, choices: list[Choice], kind: str, rid: str, created: int, model: str,
+               usage: dict) -> AsyncIterator[str]:
+    chunk_kind = "text_completion" if kind == "text_completion" else "chat.completion.chunk"
+
+    def event(index: int, piece: str | None, finish: str | None, first: bool = False) -> str:
+        if kind == "text_completion":
+            choice = {"index": index, "text": piece or "", "logprobs": None, "finish_reason": finish}
+        else:
+            delta = ({"role": "assistant", "content": ""} if first else {}) | ({"content": piece} if piece else {})
+            choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+        data = {"id": rid, "object": chunk_kind, "created": created, "model": model, "choices": [choice]}
+        return f"data: {json.dumps(data)}\n\n"
+
+    for i, c in enumerate(choices):
+        if kind != "text_completion":
+            yield event(i, None, None, first=True)
+        for piece in _deltas(engine, c):
+            yield event(i, piece, None)
+        yield event(i, None, c.finish_reason)
+    yield "data: [DONE]\n\n"

@@ -1,0 +1,154 @@
+"""The model side of the server: one base model with its LoRA adapters, driven by one worker thread.
+
+Requests go into a bounded queue. The worker takes the first waiting request, then whatever else arrives
+within ``batch_wait_s`` (up to ``max_batch`` sequences), groups them by adapter and decoding setting and runs
+one batched decode per group (:func:`lmcycle.models.generate._decode_batch`, the loop behind ``generate``).
+The LoRA layers hold every adapter at once and apply one of them per forward pass, so a mixed-adapter batch
+becomes one forward pass per adapter group, each with the right adapter active.
+
+Choice ``j`` of a request samples from ``prompt_generator(seed, j)``, exactly like prompt ``j`` of
+``generate([prompt] * n, cfg)``: the output does not depend on which other requests share the batch.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections import defaultdict
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from lmcycle.errors import LmcycleError
+from lmcycle.models.generate import (
+    DecodingConfig,
+    Ending,
+    _decode_batch,
+    cut_at_stop,
+    eos_ids,
+    pad_id_of,
+    prompt_generator,
+)
+from lmcycle.models.load import context_window, load_model
+
+
+class QueueFull(Exception):
+    """The request queue is at its bound: the server answers 429."""
+
+
+@dataclass
+class Job:
+    """One request: ``rows`` (its prompt's token ids, once per choice), with the adapter (None = base)."""
+
+    ids: list[int]
+    n: int
+    adapter: str | None
+    cfg: DecodingConfig
+    future: Future = field(default_factory=Future)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+
+@dataclass
+class Choice:
+    text: str
+    ids: list[int]
+    finish_reason: str  # "stop" (EOS or a stop string) | "length"
+
+
+class Engine:
+    """Loads the base and adapters once; ``submit`` a :class:`Job`, wait on its future for its choices."""
+
+    def __init__(self, model_dir: str, adapters: dict[str, str] | None = None, *, device: str = "cpu",
+                 max_batch: int = 8, batch_wait_s: float = 0.01, max_queue: int = 64):
+        from lmcycle.adapt.lora import load_lora, set_active_adapter
+
+        self.model, self.tokenizer = load_model(model_dir, device=device)
+        self.base_name = Path(model_dir).name or str(model_dir)
+        self.adapters = dict(adapters or {})
+        for name, path in self.adapters.items():
+            if name == self.base_name:
+                raise LmcycleError(f"adapter name '{name}' is the base model's name", field="adapter")
+            load_lora(self.model, path, name=name)
+        self._set_adapter = set_active_adapter
+        self.model.eval()
+        self.window = context_window(self.model, self.tokenizer)
+        self.eos = eos_ids(self.model, self.tokenizer)
+        self.pad_id = pad_id_of(self.tokenizer)
+        self.max_batch, self.batch_wait_s = max_batch, batch_wait_s
+        self.queue: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
+        self.batches_run = 0  # forward groups decoded (tests check batching with it)
+        self._worker = threading.Thread(target=self._loop, name="lmcycle-serve-engine", daemon=True)
+        self._worker.start()
+
+    def model_names(self) -> list[str]:
+        return [self.base_name, *self.adapters]
+
+    def submit(self, job: Job) -> Future:
+        try:
+            self.queue.put_nowait(job)
+        except queue.Full:
+            raise QueueFull from None
+        return job.future
+
+    def close(self) -> None:
+        self.queue.put(None)
+        self._worker.join(timeout=10)
+
+    # -- worker ---------------------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            first = self.queue.get()
+            if first is None:
+                return
+            jobs, rows = [first], first.n
+            deadline = time.monotonic() + self.batch_wait_s
+            while rows < self.max_batch:
+                try:
+                    job = self.queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    break
+                if job is None:
+                    self.queue.put(None)  # stop after this batch
+                    break
+                jobs.append(job)
+                rows += job.n
+            self._run(jobs)
+
+    def _run(self, jobs: list[Job]) -> None:
+        groups: dict[tuple, list[Job]] = defaultdict(list)
+        for job in jobs:
+            if job.cancelled.is_set() or not job.future.set_running_or_notify_cancel():
+                continue
+            settings = job.cfg.model_dump(exclude={"seed", "batch_size"})
+            groups[(job.adapter, repr(sorted(settings.items())))].append(job)
+        for group in groups.values():
+            try:
+                results = self._decode(group)
+            except Exception as e:  # a failure answers this group's requests; the worker keeps serving
+                for job in group:
+                    job.future.set_exception(e)
+                continue
+            for job, choices in zip(group, results, strict=True):
+                job.future.set_result(choices)
+
+    @torch.no_grad()
+    def _decode(self, group: list[Job]) -> list[list[Choice]]:
+        cfg = group[0].cfg
+        self._set_adapter(self.model, group[0].adapter) if self.adapters else None
+        rows = [job.ids for job in group for _ in range(job.n)]
+        generators = [prompt_generator(job.cfg.seed, j) for job in group for j in range(job.n)]
+        window = max((len(s.encode("utf-8")) for s in cfg.stop), default=0) + 4
+        new, ends = _decode_batch(self.model, rows, generators, cfg, self.pad_id, self.eos, self.tokenizer, window)
+        self.batches_run += 1
+        out, k = [], 0
+        for job in group:
+            out.append([self._choice(new[k + j], ends[k + j], cfg.stop) for j in range(job.n)])
+            k += job.n
+        return out
+
+    def _choice(self, ids: list[int], end: Ending, stop: list[str]) -> Choice:
+        text = cut_at_stop(self.tokenizer.decode(ids, skip_special_tokens=True), stop)
+        return Choice(text=text, ids=ids, finish_reason="length" if end == "length" else "stop")

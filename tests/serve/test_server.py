@@ -1,0 +1,192 @@
+"""The server against the official ``openai`` client on loopback: a tiny Llama base plus two LoRA adapters."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import httpx2 as httpx  # the HTTP library the openai client itself uses
+import openai
+import pytest
+import torch
+import uvicorn
+from tiny_lm import make_tokenizer, save_tiny, tiny_llama
+
+from lmcycle.adapt.lora import LoraConfig, add_lora, lora_layers, save_lora
+from lmcycle.models.generate import DecodingConfig, generate
+from lmcycle.models.load import load_model
+from lmcycle.serve.app import create_app
+
+KEY = "sk-test-123"
+PROMPTS = ["the cat sees", "red green", "the dog sees the moon and"]
+
+
+def _adapter(base_dir, out_dir, seed: int) -> str:
+    model, _ = load_model(base_dir)
+    add_lora(model, LoraConfig(r=4, alpha=8))
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            layer.lora_B["default"].weight.normal_(0, 2.0)  # B != 0: the adapter changes the outputs
+    return str(save_lora(model, "default", out_dir, base_model_name_or_path=base_dir))
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve")
+    tok = make_tokenizer()
+    base = save_tiny(tiny_llama(tok), tok, root / "base")
+    adapters = {"ad1": _adapter(base, root / "ad1", 1), "ad2": _adapter(base, root / "ad2", 2)}
+    app = create_app(base, adapters, api_key=KEY, batch_wait_s=0.05)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    for _ in range(200):
+        if server.started:
+            break
+        time.sleep(0.05)
+    url = f"http://127.0.0.1:{port}"
+    client = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+    yield {"url": url, "client": client, "base": base, "adapters": adapters, "app": app}
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+def _in_process(path, prompts, max_tokens, adapter=None):
+    from lmcycle.adapt.adapters import load_adapted
+
+    model, tok = load_adapted(adapter, path) if adapter else load_model(path)
+    return generate(model, tok, prompts, DecodingConfig(max_new_tokens=max_tokens))
+
+
+def test_models_lists_base_and_adapters(served):
+    ids = [m.id for m in served["client"].models.list()]
+    assert ids == ["base", "ad1", "ad2"]
+
+
+def test_completion_equals_in_process_generate_for_base_and_adapters(served):
+    c = served["client"]
+    for name, adapter in (("base", None), *served["adapters"].items()):
+        want = _in_process(served["base"], PROMPTS, 8, adapter)
+        got = [c.completions.create(model=name, prompt=p, max_tokens=8, temperature=0).choices[0].text
+               for p in PROMPTS]
+        assert got == want, name
+    base = _in_process(served["base"], PROMPTS, 8)
+    assert base != _in_process(served["base"], PROMPTS, 8, served["adapters"]["ad1"])
+
+
+def test_concurrent_mixed_adapter_requests_are_batched_and_correct(served):
+    c, engine = served["client"], served["app"].state.engine
+    want = {name: _in_process(served["base"], PROMPTS, 6, ad) for name, ad in
+            (("base", None), *served["adapters"].items())}
+    jobs = [(name, i) for name in want for i in range(len(PROMPTS))]
+    results: dict = {}
+
+    def call(name, i):
+        r = c.completions.create(model=name, prompt=PROMPTS[i], max_tokens=6, temperature=0)
+        results[(name, i)] = r.choices[0].text
+
+    before = engine.batches_run
+    threads = [threading.Thread(target=call, args=j) for j in jobs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert {j: want[j[0]][j[1]] for j in jobs} == results
+    assert engine.batches_run - before < len(jobs)  # some requests shared a forward pass
+
+
+def test_usage_and_finish_reason(served):
+    r = served["client"].completions.create(model="base", prompt="the cat sees", max_tokens=5, temperature=0)
+    tok = make_tokenizer()
+    prompt_tokens = len(tok("the cat sees")["input_ids"])
+    assert r.usage.prompt_tokens == prompt_tokens
+    assert r.usage.total_tokens == prompt_tokens + r.usage.completion_tokens
+    assert r.choices[0].finish_reason in ("stop", "length")
+    if r.choices[0].finish_reason == "length":
+        assert r.usage.completion_tokens == 5
+
+
+def test_seeded_sampling_n_choices_match_generate(served):
+    r = served["client"].completions.create(model="ad1", prompt="the cat sees", max_tokens=6, temperature=0.9,
+                                            top_p=0.95, seed=7, n=3)
+    from lmcycle.adapt.adapters import load_adapted
+
+    model, tok = load_adapted(served["adapters"]["ad1"], served["base"])
+    want = generate(model, tok, ["the cat sees"] * 3,
+                    DecodingConfig(do_sample=True, temperature=0.9, top_p=0.95, max_new_tokens=6, seed=7))
+    assert [ch.text for ch in sorted(r.choices, key=lambda ch: ch.index)] == want
+
+
+def test_chat_uses_fallback_template(served):
+    msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "the cat"}]
+    r = served["client"].chat.completions.create(model="ad2", messages=msgs, max_tokens=6, temperature=0)
+    prompt = "system: be brief\nuser: the cat\nassistant:"
+    assert r.choices[0].message.content == _in_process(served["base"], [prompt], 6, served["adapters"]["ad2"])[0]
+    assert r.choices[0].message.role == "assistant"
+
+
+def test_streaming_completion_and_chat_join_to_the_full_text(served):
+    c = served["client"]
+    full = c.completions.create(model="ad1", prompt="the dog", max_tokens=8, temperature=0).choices[0].text
+    chunks = list(c.completions.create(model="ad1", prompt="the dog", max_tokens=8, temperature=0, stream=True))
+    assert "".join(ch.choices[0].text for ch in chunks) == full
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+    msgs = [{"role": "user", "content": "the dog"}]
+    full = c.chat.completions.create(model="base", messages=msgs, max_tokens=8, temperature=0)
+    chunks = list(c.chat.completions.create(model="base", messages=msgs, max_tokens=8, temperature=0, stream=True))
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == full.choices[0].message.content
+
+
+def _post(served, path, **kw):
+    headers = {"Authorization": f"Bearer {KEY}", **kw.pop("headers", {})}
+    return httpx.post(served["url"] + path, headers=headers, timeout=30, **kw)
+
+
+@pytest.mark.parametrize("body, status, param", [
+    (b"{not json", 400, None),
+    ({"model": "nope", "prompt": "x"}, 404, "model"),
+    ({"model": "base", "prompt": "x", "max_tokens": -3}, 400, "max_tokens"),
+    ({"model": "base", "prompt": "x", "temperature": "hot"}, 400, "temperature"),
+    ({"model": "base", "prompt": ["a", 3]}, 400, "prompt"),
+    ({"model": "base", "prompt": "the cat sees " * 100}, 400, "prompt"),
+    ({"model": "base", "prompt": "x", "max_tokens": 500}, 400, "max_tokens"),
+    ({"model": "base", "prompt": "x" * 2_000_000}, 413, None),
+])
+def test_bad_input_gets_openai_error_and_server_keeps_serving(served, body, status, param):
+    r = _post(served, "/v1/completions", content=body, headers={"Content-Type": "application/json"}) \
+        if isinstance(body, bytes) else _post(served, "/v1/completions", json=body)
+    assert r.status_code == status
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    assert err["param"] == param or (param and err["param"].startswith(param))
+    ok = served["client"].completions.create(model="base", prompt="the cat", max_tokens=2, temperature=0)
+    assert ok.choices
+
+
+def test_client_sees_not_found_error_for_unknown_model(served):
+    with pytest.raises(openai.NotFoundError):
+        served["client"].completions.create(model="missing", prompt="x", max_tokens=2)
+
+
+def test_api_key_required_and_nothing_leaks(served):
+    bad = openai.OpenAI(base_url=served["url"] + "/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()
+    for path in ("/v1/models", "/v1/completions"):
+        r = httpx.request("GET" if "models" in path else "POST", served["url"] + path, json={"model": "ad1"})
+        assert r.status_code == 401
+        assert "ad1" not in r.text and "base" not in r.text
+        assert r.json()["error"]["type"] == "authentication_error"
+    assert httpx.get(served["url"] + "/health").json() == {"status": "ok"}
+
+
+def test_cli_serve_rejects_a_malformed_adapter_option(served, capsys):
+    from lmcycle.cli import main
+
+    assert main(["serve", "--model", served["base"], "--adapter", "no-equals-sign"]) == 1
+    assert "NAME=DIR" in capsys.readouterr().err
