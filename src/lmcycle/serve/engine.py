@@ -2,7 +2,9 @@
 
 Requests go into a bounded queue. The worker takes the first waiting request, then whatever else arrives
 within ``batch_wait_s`` (up to ``max_batch`` sequences), groups them by adapter and decoding setting and runs
-one batched decode per group (:func:`lmcycle.models.generate._decode_batch`, the loop behind ``generate``).
+one batched decode per group, step by step with the pieces of ``generate`` (``logit_stream``,
+``choose_next_tokens``), so that each new token can be streamed (``Job.on_token``) and a cancelled request
+stops taking part in the batch at the next step.
 The LoRA layers hold every adapter at once and apply one of them per forward pass, so a mixed-adapter batch
 becomes one forward pass per adapter group, each with the right adapter active.
 
@@ -16,6 +18,7 @@ import queue
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,9 +29,11 @@ from lmcycle.errors import LmcycleError
 from lmcycle.models.generate import (
     DecodingConfig,
     Ending,
-    _decode_batch,
+    _stop_hit,
+    choose_next_tokens,
     cut_at_stop,
     eos_ids,
+    logit_stream,
     pad_id_of,
     prompt_generator,
 )
@@ -41,12 +46,17 @@ class QueueFull(Exception):
 
 @dataclass
 class Job:
-    """One request: ``rows`` (its prompt's token ids, once per choice), with the adapter (None = base)."""
+    """One request: its prompt's token ids, decoded ``n`` times with ``cfg`` and the adapter (None = base).
+
+    ``on_token(choice_index, token_id)`` is called from the worker thread for every new token (EOS excluded).
+    Setting ``cancelled`` stops the request's decoding; its future then holds the choices so far.
+    """
 
     ids: list[int]
     n: int
     adapter: str | None
     cfg: DecodingConfig
+    on_token: Callable[[int, int], None] | None = None
     future: Future = field(default_factory=Future)
     cancelled: threading.Event = field(default_factory=threading.Event)
 
@@ -136,12 +146,39 @@ class Engine:
 
     @torch.no_grad()
     def _decode(self, group: list[Job]) -> list[list[Choice]]:
+        """Decode every choice of ``group`` (same adapter and settings) as one batch: ``rows`` (batch, prompt)."""
         cfg = group[0].cfg
-        self._set_adapter(self.model, group[0].adapter) if self.adapters else None
-        rows = [job.ids for job in group for _ in range(job.n)]
-        generators = [prompt_generator(job.cfg.seed, j) for job in group for j in range(job.n)]
+        if self.adapters:
+            self._set_adapter(self.model, group[0].adapter)
+        owners = [(job, j) for job in group for j in range(job.n)]
+        rows = [job.ids for job, _ in owners]
+        generators = [prompt_generator(job.cfg.seed, j) for job, j in owners]
         window = max((len(s.encode("utf-8")) for s in cfg.stop), default=0) + 4
-        new, ends = _decode_batch(self.model, rows, generators, cfg, self.pad_id, self.eos, self.tokenizer, window)
+        new: list[list[int]] = [[] for _ in rows]
+        ends: list[Ending] = ["length"] * len(rows)
+        done = [False] * len(rows)
+        stream = logit_stream(self.model, rows, self.pad_id)
+        logits = next(stream)
+        for step in range(cfg.max_new_tokens):
+            tokens = choose_next_tokens(logits, cfg, generators)
+            for i, token in enumerate(tokens.tolist()):
+                job, j = owners[i]
+                if done[i] or job.cancelled.is_set():
+                    done[i] = True
+                    continue
+                if token in self.eos:
+                    done[i], ends[i] = True, "eos"
+                    continue
+                new[i].append(token)
+                if job.on_token is not None:
+                    job.on_token(j, token)
+                if cfg.stop and _stop_hit(self.tokenizer, new[i], cfg.stop, window):
+                    done[i], ends[i] = True, "stop"
+            if all(done) or step == cfg.max_new_tokens - 1:
+                break
+            # Finished rows keep being fed (their outputs are ignored) so the batch stays rectangular.
+            logits = stream.send(tokens.masked_fill(torch.tensor(done, device=tokens.device), self.pad_id))
+        stream.close()
         self.batches_run += 1
         out, k = [], 0
         for job in group:
