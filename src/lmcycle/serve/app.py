@@ -10,7 +10,9 @@ Semantics shared with ``generate``: ``temperature`` 0 is greedy, otherwise sampl
 OpenAI's completions API. Chat prompts use the tokenizer's chat template, or when it has none the fallback
 ``"<role>: <content>\\n"`` per message followed by ``"assistant:"``.
 
-Streaming is not yet incremental: the chunks are sent once the whole choice is decoded (one chunk per token).
+Streaming sends each token's text as soon as the worker decodes it, holding back a tail that could be the
+start of a stop string (or an incomplete UTF-8 character), so the chunks join to exactly the non-streamed
+text. A streaming client that disconnects cancels its request: the worker drops its rows at the next step.
 """
 
 from __future__ import annotations
@@ -27,8 +29,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from lmcycle.models.generate import DecodingConfig
-from lmcycle.serve.engine import Choice, Engine, Job, QueueFull
+from lmcycle.models.generate import DecodingConfig, cut_at_stop
+from lmcycle.serve.engine import Engine, Job, QueueFull
 from lmcycle.serve.protocol import ChatRequest, CompletionRequest, error_body
 
 
@@ -144,27 +146,27 @@ def _job(engine: Engine, body, prompt: str, max_tokens: int | None) -> Job:
 async def _serve(engine: Engine, body, prompt: str, max_tokens: int | None, kind: str, request: Request,
                  timeout_s: float):
     job = _job(engine, body, prompt, max_tokens)
-    try:
-        future = engine.submit(job)
-    except QueueFull:
-        raise ApiError(429, "the server is busy (request queue full); retry later", type_="server_error",
-                       code="queue_full") from None
     rid = f"{'cmpl' if kind == 'text_completion' else 'chatcmpl'}-{uuid.uuid4().hex[:24]}"
     created = int(time.time())
+    if body.stream:
+        loop = asyncio.get_running_loop()
+        tokens: asyncio.Queue = asyncio.Queue()
+        job.on_token = lambda j, token: loop.call_soon_threadsafe(tokens.put_nowait, (j, token))
+        _submit(engine, job)
+        stream = _sse(engine, job, tokens, kind, rid, created, body.model, timeout_s)
+        return StreamingResponse(stream, media_type="text/event-stream")
+    future = _submit(engine, job)
     try:
         choices = await asyncio.wait_for(asyncio.wrap_future(future), timeout_s)
     except TimeoutError:
         job.cancelled.set()
-        raise ApiError(503, f"the request took longer than {timeout_s:g}s", type_="server_error",
-                       code="timeout") from None
+        raise _timeout(timeout_s) from None
     except asyncio.CancelledError:  # the client went away
         job.cancelled.set()
         raise
-    usage = {"prompt_tokens": len(job.ids), "completion_tokens": sum(len(c.ids) for c in choices),
-             "total_tokens": len(job.ids) + sum(len(c.ids) for c in choices)}
-    if body.stream:
-        return StreamingResponse(_sse(engine, choices, kind, rid, created, body.model, usage),
-                                 media_type="text/event-stream")
+    completion = sum(len(c.ids) for c in choices)
+    usage = {"prompt_tokens": len(job.ids), "completion_tokens": completion,
+             "total_tokens": len(job.ids) + completion}
     if kind == "text_completion":
         out = [{"index": i, "text": c.text, "logprobs": None, "finish_reason": c.finish_reason}
                for i, c in enumerate(choices)]
@@ -174,24 +176,34 @@ async def _serve(engine: Engine, body, prompt: str, max_tokens: int | None, kind
     return {"id": rid, "object": kind, "created": created, "model": body.model, "choices": out, "usage": usage}
 
 
-def _deltas(engine: Engine, choice: Choice) -> list[str]:
-    """The choice's text split at token boundaries (pieces that join to exactly ``choice.text``)."""
-    pieces, sent = [], ""
-    for k in range(1, len(choice.ids) + 1):
-        text = engine.tokenizer.decode(choice.ids[:k], skip_special_tokens=True)[: len(choice.text)]
-        if len(text) > len(sent) and choice.text.startswith(text):
-            pieces.append(text[len(sent):])
-            sent = text
-    if sent != choice.text:
-        pieces.append(choice.text[len(sent):])
-    return pieces
+def _submit(engine: Engine, job: Job):
+    try:
+        return engine.submit(job)
+    except QueueFull:
+        raise ApiError(429, "the server is busy (request queue full); retry later", type_="server_error",
+                       code="queue_full") from None
 
 
-async def _sse(engine: Engine, choices: list[Choice], kind: str, rid: str, created: int, model: str,
-               usage: dict) -> AsyncIterator[str]:
+def _timeout(timeout_s: float) -> ApiError:
+    return ApiError(503, f"the request took longer than {timeout_s:g}s", type_="server_error", code="timeout")
+
+
+def _safe_prefix(text: str, stop: list[str]) -> str:
+    """The part of ``text`` that can be sent now: before any stop string, less a tail that may begin one
+    (or an incomplete character, which the byte-level decoder shows as U+FFFD)."""
+    text = cut_at_stop(text, stop)
+    hold = max((k for s in stop for k in range(1, min(len(s), len(text)) + 1) if text.endswith(s[:k])), default=0)
+    text = text[: len(text) - hold]
+    return text.rstrip("\ufffd")
+
+
+async def _sse(engine: Engine, job: Job, tokens: asyncio.Queue, kind: str, rid: str, created: int,
+               model: str, timeout_s: float) -> AsyncIterator[str]:
+    """Server-sent events of a streaming request: a chunk per piece of new text, a final chunk per choice
+    with its ``finish_reason``, then ``[DONE]``. Leaving early (client gone) cancels the request."""
     chunk_kind = "text_completion" if kind == "text_completion" else "chat.completion.chunk"
 
-    def event(index: int, piece: str | None, finish: str | None, first: bool = False) -> str:
+    def event(index: int, piece: str | None, finish: str | None = None, first: bool = False) -> str:
         if kind == "text_completion":
             choice = {"index": index, "text": piece or "", "logprobs": None, "finish_reason": finish}
         else:
@@ -200,10 +212,36 @@ async def _sse(engine: Engine, choices: list[Choice], kind: str, rid: str, creat
         data = {"id": rid, "object": chunk_kind, "created": created, "model": model, "choices": [choice]}
         return f"data: {json.dumps(data)}\n\n"
 
-    for i, c in enumerate(choices):
+    done = asyncio.wrap_future(job.future)
+    ids: list[list[int]] = [[] for _ in range(job.n)]
+    sent = [""] * job.n
+    deadline = time.monotonic() + timeout_s
+    try:
         if kind != "text_completion":
-            yield event(i, None, None, first=True)
-        for piece in _deltas(engine, c):
-            yield event(i, piece, None)
-        yield event(i, None, c.finish_reason)
-    yield "data: [DONE]\n\n"
+            for j in range(job.n):
+                yield event(j, None, first=True)
+        while not (done.done() and tokens.empty()):
+            getter = asyncio.ensure_future(tokens.get())
+            finished, _ = await asyncio.wait({getter, done}, timeout=max(0.0, deadline - time.monotonic()),
+                                             return_when=asyncio.FIRST_COMPLETED)
+            if not finished:
+                getter.cancel()
+                raise _timeout(timeout_s)
+            if getter not in finished:
+                getter.cancel()
+                continue
+            j, token = getter.result()
+            ids[j].append(token)
+            text = _safe_prefix(engine.tokenizer.decode(ids[j], skip_special_tokens=True), job.cfg.stop)
+            if len(text) > len(sent[j]) and text.startswith(sent[j]):
+                yield event(j, text[len(sent[j]):])
+                sent[j] = text
+        choices = done.result()
+        for j, c in enumerate(choices):
+            rest = c.text[len(sent[j]):] if c.text.startswith(sent[j]) else ""
+            yield event(j, rest or None, c.finish_reason)
+        yield "data: [DONE]\n\n"
+    except ApiError as e:  # headers are sent already: report the error in the stream, as OpenAI does
+        yield f"data: {json.dumps(error_body(e.message, e.type_, e.param, e.code))}\n\n"
+    finally:
+        job.cancelled.set()  # no-op when finished; stops the decoding when the client left
