@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
@@ -39,21 +40,29 @@ def served(tmp_path_factory):
     base = save_tiny(tiny_llama(tok), tok, root / "base")
     adapters = {"ad1": _adapter(base, root / "ad1", 1), "ad2": _adapter(base, root / "ad2", 2)}
     app = create_app(base, adapters, api_key=KEY, batch_wait_s=0.05)
+    with _running(app) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+        yield {"url": url, "client": client, "base": base, "adapters": adapters, "app": app}
+
+
+@contextlib.contextmanager
+def _running(app):
+    """Serve ``app`` with uvicorn on a free loopback port in a background thread; yields its URL."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    for _ in range(200):
+    for _ in range(400):
         if server.started:
             break
         time.sleep(0.05)
-    url = f"http://127.0.0.1:{port}"
-    client = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=60)
-    yield {"url": url, "client": client, "base": base, "adapters": adapters, "app": app}
-    server.should_exit = True
-    thread.join(timeout=10)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
 
 
 def _in_process(path, prompts, max_tokens, adapter=None):
@@ -190,3 +199,68 @@ def test_cli_serve_rejects_a_malformed_adapter_option(served, capsys):
 
     assert main(["serve", "--model", served["base"], "--adapter", "no-equals-sign"]) == 1
     assert "NAME=DIR" in capsys.readouterr().err
+
+
+def test_streaming_with_stop_strings_and_n_matches_the_full_response(served):
+    c = served["client"]
+    kw = dict(model="ad2", prompt="the cat sees", max_tokens=12, temperature=0.8, seed=3, n=2)
+    full = c.completions.create(**kw)
+    stops = [full.choices[0].text[3:5]] if len(full.choices[0].text) > 5 else ["e"]
+    full = c.completions.create(**kw, stop=stops)
+    pieces = {0: "", 1: ""}
+    finish = {}
+    for chunk in c.completions.create(**kw, stop=stops, stream=True):
+        ch = chunk.choices[0]
+        pieces[ch.index] += ch.text
+        if ch.finish_reason:
+            finish[ch.index] = ch.finish_reason
+    assert pieces == {ch.index: ch.text for ch in full.choices}
+    assert finish == {ch.index: ch.finish_reason for ch in full.choices}
+    assert all(s not in t for s in stops for t in pieces.values())
+
+
+def _engine_job(engine, prompt, max_tokens, **kw):
+    from lmcycle.serve.engine import Job
+
+    ids = engine.tokenizer(prompt)["input_ids"]
+    return Job(ids=ids, n=1, adapter=None, cfg=DecodingConfig(max_new_tokens=max_tokens), **kw)
+
+
+def test_cancelling_a_job_stops_its_decoding(served):
+    engine = served["app"].state.engine
+    full = engine.submit(_engine_job(engine, "the", 40)).result(timeout=30)[0]
+    assert len(full.ids) > 3  # the uncancelled run goes on (the check below could fail)
+    job = _engine_job(engine, "the", 40)
+    job.on_token = lambda j, token: job.cancelled.set() if len(seen) >= 1 else seen.append(token)
+    seen: list[int] = []
+    partial = engine.submit(job).result(timeout=30)[0]
+    assert partial.ids == full.ids[:2]
+
+
+def test_full_queue_answers_429_and_slow_requests_503(served):
+    app = create_app(served["base"], max_queue=1, request_timeout_s=0.3)
+    engine = app.state.engine
+    started, release = threading.Event(), threading.Event()
+
+    def block(j, token):
+        started.set()
+        release.wait(timeout=30)
+
+    busy = engine.submit(_engine_job(engine, "the", 3, on_token=block))
+    assert started.wait(timeout=30)  # the worker is now stuck inside a decode step
+    with _running(app) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=30)
+        with pytest.raises(openai.InternalServerError) as slow:  # waits in the queue past its timeout
+            client.completions.create(model="base", prompt="x", max_tokens=2)
+        assert slow.value.status_code == 503 and slow.value.body["code"] == "timeout"
+        with pytest.raises(openai.RateLimitError) as full:  # the timed-out job still holds the one slot
+            client.completions.create(model="base", prompt="x", max_tokens=2)
+        assert full.value.body["code"] == "queue_full"
+        release.set()
+        busy.result(timeout=30)
+        for _ in range(100):  # the worker drops the cancelled job, freeing the slot
+            if engine.queue.empty():
+                break
+            time.sleep(0.02)
+        ok = client.completions.create(model="base", prompt="x", max_tokens=2, temperature=0)
+        assert ok.choices[0].finish_reason in ("stop", "length")

@@ -88,7 +88,8 @@ class Engine:
         self.eos = eos_ids(self.model, self.tokenizer)
         self.pad_id = pad_id_of(self.tokenizer)
         self.max_batch, self.batch_wait_s = max_batch, batch_wait_s
-        self.queue: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
+        self.queue: queue.Queue[Job] = queue.Queue(maxsize=max_queue)
+        self._stop = threading.Event()
         self.batches_run = 0  # forward groups decoded (tests check batching with it)
         self._worker = threading.Thread(target=self._loop, name="lmcycle-serve-engine", daemon=True)
         self._worker.start()
@@ -104,24 +105,23 @@ class Engine:
         return job.future
 
     def close(self) -> None:
-        self.queue.put(None)
+        """Stop the worker after its current batch (waiting requests are not answered)."""
+        self._stop.set()
         self._worker.join(timeout=10)
 
     # -- worker ---------------------------------------------------------------------------------------------
     def _loop(self) -> None:
-        while True:
-            first = self.queue.get()
-            if first is None:
-                return
+        while not self._stop.is_set():
+            try:
+                first = self.queue.get(timeout=0.1)
+            except queue.Empty:
+                continue
             jobs, rows = [first], first.n
             deadline = time.monotonic() + self.batch_wait_s
             while rows < self.max_batch:
                 try:
                     job = self.queue.get(timeout=max(0.0, deadline - time.monotonic()))
                 except queue.Empty:
-                    break
-                if job is None:
-                    self.queue.put(None)  # stop after this batch
                     break
                 jobs.append(job)
                 rows += job.n
