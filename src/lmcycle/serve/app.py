@@ -82,6 +82,10 @@ def create_app(model_dir: str, adapters: dict[str, str] | None = None, api_key: 
     async def _http(_, e: StarletteHTTPException):
         return JSONResponse(error_body(str(e.detail), "invalid_request_error"), status_code=e.status_code)
 
+    @app.exception_handler(Exception)
+    async def _internal(_, e: Exception):  # the message only: no traceback or path reaches the client
+        return JSONResponse(error_body(f"internal error: {type(e).__name__}", "server_error"), status_code=500)
+
     @app.get("/health")
     async def health():
         return {"status": "ok"}
@@ -123,7 +127,7 @@ def _adapter_of(engine: Engine, model: str) -> str | None:
 
 def _job(engine: Engine, body, prompt: str, max_tokens: int | None) -> Job:
     adapter = _adapter_of(engine, body.model)
-    ids = list(engine.tokenizer(prompt)["input_ids"])
+    ids = engine.encode(prompt)
     if not ids:
         start = engine.tokenizer.bos_token_id
         ids = [start if start is not None else engine.tokenizer.eos_token_id]
@@ -232,7 +236,7 @@ async def _sse(engine: Engine, job: Job, tokens: asyncio.Queue, kind: str, rid: 
                 continue
             j, token = getter.result()
             ids[j].append(token)
-            text = _safe_prefix(engine.tokenizer.decode(ids[j], skip_special_tokens=True), job.cfg.stop)
+            text = _safe_prefix(engine.decode(ids[j]), job.cfg.stop)
             if len(text) > len(sent[j]) and text.startswith(sent[j]):
                 yield event(j, text[len(sent[j]):])
                 sent[j] = text

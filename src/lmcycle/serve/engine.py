@@ -29,7 +29,6 @@ from lmcycle.errors import LmcycleError
 from lmcycle.models.generate import (
     DecodingConfig,
     Ending,
-    _stop_hit,
     choose_next_tokens,
     cut_at_stop,
     eos_ids,
@@ -90,9 +89,21 @@ class Engine:
         self.max_batch, self.batch_wait_s = max_batch, batch_wait_s
         self.queue: queue.Queue[Job] = queue.Queue(maxsize=max_queue)
         self._stop = threading.Event()
+        # The worker and the event loop both use the tokenizer; a Rust tokenizer used from two threads at once
+        # can fail ("Already borrowed"), so every use goes through encode/decode under this lock.
+        self._tokenizer_lock = threading.Lock()
         self.batches_run = 0  # forward groups decoded (tests check batching with it)
         self._worker = threading.Thread(target=self._loop, name="lmcycle-serve-engine", daemon=True)
         self._worker.start()
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text`` as ``generate`` encodes a prompt (special tokens the tokenizer adds included)."""
+        with self._tokenizer_lock:
+            return list(self.tokenizer(text)["input_ids"])
+
+    def decode(self, ids: list[int]) -> str:
+        with self._tokenizer_lock:
+            return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def model_names(self) -> list[str]:
         return [self.base_name, *self.adapters]
@@ -130,7 +141,10 @@ class Engine:
     def _run(self, jobs: list[Job]) -> None:
         groups: dict[tuple, list[Job]] = defaultdict(list)
         for job in jobs:
-            if job.cancelled.is_set() or not job.future.set_running_or_notify_cancel():
+            if job.cancelled.is_set():
+                job.future.cancel()
+                continue
+            if not job.future.set_running_or_notify_cancel():
                 continue
             settings = job.cfg.model_dump(exclude={"seed", "batch_size"})
             groups[(job.adapter, repr(sorted(settings.items())))].append(job)
@@ -172,7 +186,7 @@ class Engine:
                 new[i].append(token)
                 if job.on_token is not None:
                     job.on_token(j, token)
-                if cfg.stop and _stop_hit(self.tokenizer, new[i], cfg.stop, window):
+                if cfg.stop and any(stop in self.decode(new[i][-window:]) for stop in cfg.stop):
                     done[i], ends[i] = True, "stop"
             if all(done) or step == cfg.max_new_tokens - 1:
                 break
@@ -187,5 +201,5 @@ class Engine:
         return out
 
     def _choice(self, ids: list[int], end: Ending, stop: list[str]) -> Choice:
-        text = cut_at_stop(self.tokenizer.decode(ids, skip_special_tokens=True), stop)
+        text = cut_at_stop(self.decode(ids), stop)
         return Choice(text=text, ids=ids, finish_reason="length" if end == "length" else "stop")
