@@ -264,3 +264,32 @@ def test_full_queue_answers_429_and_slow_requests_503(served):
             time.sleep(0.02)
         ok = client.completions.create(model="base", prompt="x", max_tokens=2, temperature=0)
         assert ok.choices[0].finish_reason in ("stop", "length")
+
+
+def test_streaming_client_that_leaves_cancels_its_request(served):
+    engine = served["app"].state.engine
+    slow = engine.model.register_forward_pre_hook(lambda *_: time.sleep(0.02))  # ~2 s for 100 tokens
+    try:
+        before = engine.cancelled_jobs
+        body = {"model": "base", "prompt": "the", "max_tokens": 100, "temperature": 0, "stream": True}
+        with httpx.stream("POST", served["url"] + "/v1/completions", json=body, timeout=30,
+                          headers={"Authorization": f"Bearer {KEY}"}) as r:
+            assert r.status_code == 200
+            next(r.iter_lines())  # one event, then hang up
+        for _ in range(200):
+            if engine.cancelled_jobs > before:
+                break
+            time.sleep(0.02)
+        assert engine.cancelled_jobs == before + 1
+    finally:
+        slow.remove()
+
+
+def test_chat_prompt_uses_the_tokenizers_template_when_it_has_one():
+    from lmcycle.serve.app import chat_prompt
+
+    tok = make_tokenizer()
+    msgs = [{"role": "user", "content": "hi"}]
+    assert chat_prompt(tok, msgs) == "user: hi\nassistant:"
+    tok.chat_template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}<assistant>"
+    assert chat_prompt(tok, msgs) == "<user>hi<assistant>"

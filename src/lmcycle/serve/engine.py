@@ -93,6 +93,7 @@ class Engine:
         # can fail ("Already borrowed"), so every use goes through encode/decode under this lock.
         self._tokenizer_lock = threading.Lock()
         self.batches_run = 0  # forward groups decoded (tests check batching with it)
+        self.cancelled_jobs = 0  # requests whose decoding stopped because they were cancelled
         self._worker = threading.Thread(target=self._loop, name="lmcycle-serve-engine", daemon=True)
         self._worker.start()
 
@@ -177,8 +178,11 @@ class Engine:
             tokens = choose_next_tokens(logits, cfg, generators)
             for i, token in enumerate(tokens.tolist()):
                 job, j = owners[i]
-                if done[i] or job.cancelled.is_set():
+                if done[i]:
+                    continue
+                if job.cancelled.is_set():
                     done[i] = True
+                    self.cancelled_jobs += j == 0  # once per job
                     continue
                 if token in self.eos:
                     done[i], ends[i] = True, "eos"
