@@ -293,3 +293,14 @@ def test_chat_prompt_uses_the_tokenizers_template_when_it_has_one():
     assert chat_prompt(tok, msgs) == "user: hi\nassistant:"
     tok.chat_template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}<assistant>"
     assert chat_prompt(tok, msgs) == "<user>hi<assistant>"
+
+
+def test_stream_usage_and_model_retrieve(served):
+    c = served["client"]
+    full = c.completions.create(model="ad1", prompt="the cat", max_tokens=6, temperature=0)
+    chunks = list(c.completions.create(model="ad1", prompt="the cat", max_tokens=6, temperature=0, stream=True,
+                                       stream_options={"include_usage": True}))
+    assert chunks[-1].choices == [] and chunks[-1].usage == full.usage
+    assert c.models.retrieve("ad2").id == "ad2"
+    with pytest.raises(openai.NotFoundError):
+        c.models.retrieve("nope")

@@ -92,9 +92,12 @@ def create_app(model_dir: str, adapters: dict[str, str] | None = None, api_key: 
 
     @app.get("/v1/models")
     async def models():
-        now = int(time.time())
-        return {"object": "list", "data": [{"id": name, "object": "model", "created": now, "owned_by": "lmcycle"}
-                                           for name in engine.model_names()]}
+        return {"object": "list", "data": [_model_card(name) for name in engine.model_names()]}
+
+    @app.get("/v1/models/{name}")
+    async def model(name: str):
+        _adapter_of(engine, name)  # 404 for an unknown name
+        return _model_card(name)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
@@ -108,6 +111,10 @@ def create_app(model_dir: str, adapters: dict[str, str] | None = None, api_key: 
         return await _serve(engine, body, prompt, limit, "chat.completion", request, request_timeout_s)
 
     return app
+
+
+def _model_card(name: str) -> dict:
+    return {"id": name, "object": "model", "created": int(time.time()), "owned_by": "lmcycle"}
 
 
 def chat_prompt(tokenizer, messages: list[dict]) -> str:
@@ -157,7 +164,8 @@ async def _serve(engine: Engine, body, prompt: str, max_tokens: int | None, kind
         tokens: asyncio.Queue = asyncio.Queue()
         job.on_token = lambda j, token: loop.call_soon_threadsafe(tokens.put_nowait, (j, token))
         _submit(engine, job)
-        stream = _sse(engine, job, tokens, kind, rid, created, body.model, timeout_s)
+        usage = bool(body.stream_options and body.stream_options.include_usage)
+        stream = _sse(engine, job, tokens, kind, rid, created, body.model, timeout_s, usage)
         return StreamingResponse(stream, media_type="text/event-stream")
     future = _submit(engine, job)
     try:
@@ -168,9 +176,7 @@ async def _serve(engine: Engine, body, prompt: str, max_tokens: int | None, kind
     except asyncio.CancelledError:  # the client went away
         job.cancelled.set()
         raise
-    completion = sum(len(c.ids) for c in choices)
-    usage = {"prompt_tokens": len(job.ids), "completion_tokens": completion,
-             "total_tokens": len(job.ids) + completion}
+    usage = _usage(job, choices)
     if kind == "text_completion":
         out = [{"index": i, "text": c.text, "logprobs": None, "finish_reason": c.finish_reason}
                for i, c in enumerate(choices)]
@@ -178,6 +184,11 @@ async def _serve(engine: Engine, body, prompt: str, max_tokens: int | None, kind
         out = [{"index": i, "message": {"role": "assistant", "content": c.text}, "logprobs": None,
                 "finish_reason": c.finish_reason} for i, c in enumerate(choices)]
     return {"id": rid, "object": kind, "created": created, "model": body.model, "choices": out, "usage": usage}
+
+
+def _usage(job: Job, choices: list) -> dict:
+    completion = sum(len(c.ids) for c in choices)
+    return {"prompt_tokens": len(job.ids), "completion_tokens": completion, "total_tokens": len(job.ids) + completion}
 
 
 def _submit(engine: Engine, job: Job):
@@ -202,7 +213,7 @@ def _safe_prefix(text: str, stop: list[str]) -> str:
 
 
 async def _sse(engine: Engine, job: Job, tokens: asyncio.Queue, kind: str, rid: str, created: int,
-               model: str, timeout_s: float) -> AsyncIterator[str]:
+               model: str, timeout_s: float, include_usage: bool = False) -> AsyncIterator[str]:
     """Server-sent events of a streaming request: a chunk per piece of new text, a final chunk per choice
     with its ``finish_reason``, then ``[DONE]``. Leaving early (client gone) cancels the request."""
     chunk_kind = "text_completion" if kind == "text_completion" else "chat.completion.chunk"
@@ -244,6 +255,10 @@ async def _sse(engine: Engine, job: Job, tokens: asyncio.Queue, kind: str, rid: 
         for j, c in enumerate(choices):
             rest = c.text[len(sent[j]):] if c.text.startswith(sent[j]) else ""
             yield event(j, rest or None, c.finish_reason)
+        if include_usage:
+            data = {"id": rid, "object": chunk_kind, "created": created, "model": model, "choices": [],
+                    "usage": _usage(job, choices)}
+            yield f"data: {json.dumps(data)}\n\n"
         yield "data: [DONE]\n\n"
     except ApiError as e:  # headers are sent already: report the error in the stream, as OpenAI does
         yield f"data: {json.dumps(error_body(e.message, e.type_, e.param, e.code))}\n\n"

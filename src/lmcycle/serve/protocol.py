@@ -11,6 +11,12 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    include_usage: bool = False  # a last chunk with empty choices and the usage counts
+
+
 class _Request(BaseModel):
     model_config = ConfigDict(extra="allow")
 
@@ -23,6 +29,7 @@ class _Request(BaseModel):
     seed: int | None = Field(default=None, ge=0)
     n: int = Field(default=1, ge=1, le=16)
     stream: bool = False
+    stream_options: StreamOptions | None = None
 
     def stop_list(self) -> list[str]:
         """``stop`` as a list without empty strings (OpenAI accepts a string or up to 4 strings)."""
