@@ -304,3 +304,13 @@ def test_stream_usage_and_model_retrieve(served):
     assert c.models.retrieve("ad2").id == "ad2"
     with pytest.raises(openai.NotFoundError):
         c.models.retrieve("nope")
+
+
+def test_a_list_of_prompts_samples_like_generate_over_the_list(served):
+    r = served["client"].completions.create(model="base", prompt=PROMPTS[:2], max_tokens=5, temperature=1.2,
+                                            seed=11, n=2, extra_body={"top_k": 20})
+    model, tok = load_model(served["base"])
+    want = generate(model, tok, [PROMPTS[0]] * 2 + [PROMPTS[1]] * 2,
+                    DecodingConfig(do_sample=True, temperature=1.2, top_k=20, max_new_tokens=5, seed=11))
+    assert [ch.text for ch in sorted(r.choices, key=lambda ch: ch.index)] == want
+    assert r.usage.prompt_tokens == sum(len(tok(p)["input_ids"]) for p in PROMPTS[:2])

@@ -154,9 +154,15 @@ def _job(engine: Engine, body, prompt: str, max_tokens: int | None) -> Job:
     return Job(ids=ids, n=body.n, adapter=adapter, cfg=cfg)
 
 
-async def _serve(engine: Engine, body, prompt: str, max_tokens: int | None, kind: str, request: Request,
-                 timeout_s: float):
-    job = _job(engine, body, prompt, max_tokens)
+async def _serve(engine: Engine, body, prompt: str | list[str], max_tokens: int | None, kind: str,
+                 request: Request, timeout_s: float):
+    prompts = [prompt] if isinstance(prompt, str) else prompt
+    if body.stream and len(prompts) > 1:
+        raise ApiError(400, "streaming takes one prompt, not a list", param="prompt")
+    jobs = [_job(engine, body, p, max_tokens) for p in prompts]
+    for i, job in enumerate(jobs):
+        job.first_index = i * body.n  # the choices sample like generate(prompts repeated n times each)
+    job = jobs[0]
     rid = f"{'cmpl' if kind == 'text_completion' else 'chatcmpl'}-{uuid.uuid4().hex[:24]}"
     created = int(time.time())
     if body.stream:
@@ -167,16 +173,18 @@ async def _serve(engine: Engine, body, prompt: str, max_tokens: int | None, kind
         usage = bool(body.stream_options and body.stream_options.include_usage)
         stream = _sse(engine, job, tokens, kind, rid, created, body.model, timeout_s, usage)
         return StreamingResponse(stream, media_type="text/event-stream")
-    future = _submit(engine, job)
+    futures = []
     try:
-        choices = await asyncio.wait_for(asyncio.wrap_future(future), timeout_s)
+        for j in jobs:
+            futures.append(asyncio.wrap_future(_submit(engine, j)))
+        results = await asyncio.wait_for(asyncio.gather(*futures), timeout_s)
     except TimeoutError:
-        job.cancelled.set()
         raise _timeout(timeout_s) from None
-    except asyncio.CancelledError:  # the client went away
-        job.cancelled.set()
-        raise
-    usage = _usage(job, choices)
+    finally:  # a no-op for finished jobs; frees the worker from the rest on a timeout, a 429 or a client gone
+        for j in jobs:
+            j.cancelled.set()
+    choices = [c for r in results for c in r]
+    usage = _usage(jobs, choices)
     if kind == "text_completion":
         out = [{"index": i, "text": c.text, "logprobs": None, "finish_reason": c.finish_reason}
                for i, c in enumerate(choices)]
@@ -186,9 +194,10 @@ async def _serve(engine: Engine, body, prompt: str, max_tokens: int | None, kind
     return {"id": rid, "object": kind, "created": created, "model": body.model, "choices": out, "usage": usage}
 
 
-def _usage(job: Job, choices: list) -> dict:
+def _usage(jobs: list[Job], choices: list) -> dict:
+    prompt = sum(len(j.ids) for j in jobs)
     completion = sum(len(c.ids) for c in choices)
-    return {"prompt_tokens": len(job.ids), "completion_tokens": completion, "total_tokens": len(job.ids) + completion}
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
 def _submit(engine: Engine, job: Job):
@@ -257,7 +266,7 @@ async def _sse(engine: Engine, job: Job, tokens: asyncio.Queue, kind: str, rid: 
             yield event(j, rest or None, c.finish_reason)
         if include_usage:
             data = {"id": rid, "object": chunk_kind, "created": created, "model": model, "choices": [],
-                    "usage": _usage(job, choices)}
+                    "usage": _usage([job], choices)}
             yield f"data: {json.dumps(data)}\n\n"
         yield "data: [DONE]\n\n"
     except ApiError as e:  # headers are sent already: report the error in the stream, as OpenAI does

@@ -56,6 +56,7 @@ class Job:
     adapter: str | None
     cfg: DecodingConfig
     on_token: Callable[[int, int], None] | None = None
+    first_index: int = 0  # choice j samples like prompt first_index + j of generate (a list of prompts)
     future: Future = field(default_factory=Future)
     cancelled: threading.Event = field(default_factory=threading.Event)
 
@@ -167,7 +168,7 @@ class Engine:
             self._set_adapter(self.model, group[0].adapter)
         owners = [(job, j) for job in group for j in range(job.n)]
         rows = [job.ids for job, _ in owners]
-        generators = [prompt_generator(job.cfg.seed, j) for job, j in owners]
+        generators = [prompt_generator(job.cfg.seed, job.first_index + j) for job, j in owners]
         window = max((len(s.encode("utf-8")) for s in cfg.stop), default=0) + 4
         new: list[list[int]] = [[] for _ in rows]
         ends: list[Ending] = ["length"] * len(rows)

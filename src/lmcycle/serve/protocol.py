@@ -38,9 +38,9 @@ class _Request(BaseModel):
 
 
 class CompletionRequest(_Request):
-    """``POST /v1/completions``: one prompt string (a list of prompts is not supported yet)."""
+    """``POST /v1/completions``: a prompt string or a list of them (token-id prompts are not supported)."""
 
-    prompt: str
+    prompt: str | list[str] = Field(min_length=1)
 
 
 class ChatMessage(BaseModel):
