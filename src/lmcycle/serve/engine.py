@@ -29,12 +29,12 @@ from lmcycle.errors import LmcycleError
 from lmcycle.models.generate import (
     DecodingConfig,
     Ending,
-    choose_next_tokens,
     cut_at_stop,
+    decode_batch,
     eos_ids,
-    logit_stream,
     pad_id_of,
     prompt_generator,
+    stop_window,
 )
 from lmcycle.models.load import context_window, load_model
 
@@ -169,35 +169,24 @@ class Engine:
         owners = [(job, j) for job in group for j in range(job.n)]
         rows = [job.ids for job, _ in owners]
         generators = [prompt_generator(job.cfg.seed, job.first_index + j) for job, j in owners]
-        window = max((len(s.encode("utf-8")) for s in cfg.stop), default=0) + 4
-        new: list[list[int]] = [[] for _ in rows]
-        ends: list[Ending] = ["length"] * len(rows)
-        done = [False] * len(rows)
-        stream = logit_stream(self.model, rows, self.pad_id)
-        logits = next(stream)
-        for step in range(cfg.max_new_tokens):
-            tokens = choose_next_tokens(logits, cfg, generators)
-            for i, token in enumerate(tokens.tolist()):
-                job, j = owners[i]
-                if done[i]:
-                    continue
-                if job.cancelled.is_set():
-                    done[i] = True
-                    self.cancelled_jobs += j == 0  # once per job
-                    continue
-                if token in self.eos:
-                    done[i], ends[i] = True, "eos"
-                    continue
-                new[i].append(token)
-                if job.on_token is not None:
-                    job.on_token(j, token)
-                if cfg.stop and any(stop in self.decode(new[i][-window:]) for stop in cfg.stop):
-                    done[i], ends[i] = True, "stop"
-            if all(done) or step == cfg.max_new_tokens - 1:
-                break
-            # Finished rows keep being fed (their outputs are ignored) so the batch stays rectangular.
-            logits = stream.send(tokens.masked_fill(torch.tensor(done, device=tokens.device), self.pad_id))
-        stream.close()
+        cancelled_jobs = set()
+
+        def cancelled(i: int) -> bool:
+            job = owners[i][0]
+            if job.cancelled.is_set():
+                if id(job) not in cancelled_jobs:
+                    cancelled_jobs.add(id(job))
+                    self.cancelled_jobs += 1
+                return True
+            return False
+
+        def on_token(i: int, token: int) -> None:
+            job, j = owners[i]
+            if job.on_token is not None:
+                job.on_token(j, token)
+
+        new, ends = decode_batch(self.model, rows, generators, cfg, self.pad_id, self.eos, self.decode,
+                                 stop_window(cfg.stop), on_token=on_token, cancelled=cancelled)
         self.batches_run += 1
         out, k = [], 0
         for job in group:
