@@ -80,12 +80,8 @@ def _prune_table(run_dir: Path, stages: list[str], rows: list[dict], artifacts: 
 
 
 def _quantize_table(stages: list[str], rows: list[dict]) -> str:
-    events = [(s, r) for s in stages for r in rows[::-1] if r.get("stage") == s and r.get("event") == "quantize"][:]
-    seen, found = set(), []
-    for stage, row in events:
-        if stage not in seen:
-            seen.add(stage)
-            found.append((stage, row))
+    last = {r["stage"]: r for r in rows if r.get("event") == "quantize" and r.get("stage") in stages}
+    found = [(s, last[s]) for s in stages if s in last]  # a resumed stage logs again: its last row counts
     if not found:
         return ""
     lines = ["### Quantization", "", "| Stage | Method | Weights before (MB) | After (MB) | Linear layers | "

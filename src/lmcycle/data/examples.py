@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,3 +24,9 @@ class Example:
     @property
     def target(self) -> str:
         return self.targets[0]
+
+
+def plain_texts(examples: Iterable[Example]) -> list[str]:
+    """Every non-blank input and target of ``examples``, each one text: how pre-training reads a corpus, and how
+    pruning, distillation and ``compare`` score or train a language model on a dataset."""
+    return [t for ex in examples for t in (ex.input, *ex.targets) if t.strip()]

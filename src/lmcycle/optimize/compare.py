@@ -240,6 +240,7 @@ def score_quality(kind: str, model, tokenizer, classifier, data: dict[str, list[
                   cfg: CompareStage) -> dict[str, float]:
     """``{"<dataset>.macro_f1": .., "<dataset>.accuracy": ..}`` for a classifier, ``{"<dataset>.perplexity"}``
     for a language model (each input and each target is one text, as pre-training saw them)."""
+    from lmcycle.data.examples import Example, plain_texts
     from lmcycle.evals.perplexity import perplexity, seq2seq_perplexity
     from lmcycle.evals.toxicity import score_labels
 
@@ -260,7 +261,7 @@ def score_quality(kind: str, model, tokenizer, classifier, data: dict[str, list[
                                        max_len=cfg.max_len)
             quality[f"{name}.perplexity"] = score.values["perplexity"]
         else:
-            texts = [t for r in rows for t in (r["input"], *r["targets"]) if t.strip()]
+            texts = plain_texts(Example(input=r["input"], targets=r["targets"]) for r in rows)
             quality[f"{name}.perplexity"] = perplexity(model, tokenizer, texts, max_len=cfg.max_len).values["perplexity"]
     return quality
 

@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 
 from lmcycle.atomic import atomic_write_bytes, atomic_write_json
 from lmcycle.config import Config
+from lmcycle.data.examples import plain_texts
 from lmcycle.errors import LmcycleError
 from lmcycle.evals.toxicity import TextClassifier, class_names, collate, labelled_texts, score_labels
 from lmcycle.models.load import eval_mode
@@ -418,7 +419,7 @@ def lm_items(examples: list, tokenizer, template, max_len: int) -> list[dict]:
         from lmcycle.data.templates import get_template
 
         return encode_sft(examples, get_template(template), tokenizer, max_len, seq2seq=False)
-    texts = [t for ex in examples for t in (ex.input, *ex.targets) if t.strip()]
+    texts = plain_texts(examples)
     ids = tokenizer(texts, truncation=True, max_length=max_len, verbose=False)["input_ids"]
     return [{"input_ids": list(i), "labels": list(i)} for i in ids if len(i) > 1]
 

@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 from lmcycle.adapt.lora import LoraConfig, add_lora, merge_and_unload
 from lmcycle.atomic import atomic_write_json
 from lmcycle.config import Config
+from lmcycle.data.examples import plain_texts
 from lmcycle.errors import LmcycleError
 from lmcycle.runs import RunContext
 from lmcycle.train.loop import (
@@ -497,12 +498,11 @@ def example_texts(ctx: RunContext, names: Sequence[str], field: str) -> list[str
     """Every non-blank input and target of the named datasets (as pre-training reads a corpus)."""
     texts = []
     for name in names:
-        for i, ex in enumerate(ctx.dataset(name)):
-            for t in (ex.input, *ex.targets):
-                if not isinstance(t, str):
-                    raise LmcycleError(f"dataset '{name}' item {i} is not text", file=ctx.recipe_file, field=field)
-                if t.strip():
-                    texts.append(t)
+        examples = ctx.dataset(name)
+        for i, ex in enumerate(examples):
+            if not all(isinstance(t, str) for t in (ex.input, *ex.targets)):
+                raise LmcycleError(f"dataset '{name}' item {i} is not text", file=ctx.recipe_file, field=field)
+        texts += plain_texts(examples)
     if not texts:
         raise LmcycleError(f"datasets {list(names)} have no text", file=ctx.recipe_file, field=field)
     return texts

@@ -19,6 +19,7 @@ import torch
 from pydantic import Field
 
 from lmcycle.config import Config
+from lmcycle.data.examples import plain_texts
 from lmcycle.data.packing import pack_sequences
 from lmcycle.data.sft import collate_sft
 from lmcycle.data.span_corruption import span_corrupt
@@ -84,7 +85,7 @@ def run_pretrain(cfg: PretrainStage, ctx: RunContext) -> dict[str, str]:
 
 def corpus_texts(cfg: PretrainStage, ctx: RunContext) -> list[str]:
     """Every input and target of the ``corpus`` datasets, then the content of each file in ``files``."""
-    texts = [t for name in cfg.corpus for ex in ctx.dataset(name) for t in (ex.input, *ex.targets)]
+    texts = plain_texts(ex for name in cfg.corpus for ex in ctx.dataset(name))
     base = Path(ctx.recipe_file).parent
     for i, f in enumerate(cfg.files):
         path = base / f
