@@ -61,9 +61,13 @@ def _add_serve_parser(sub) -> None:
 def _serve(args) -> int:
     import os
 
-    import uvicorn
+    try:
+        import uvicorn
 
-    from lmcycle.serve.app import create_app
+        from lmcycle.serve.app import create_app
+    except ImportError as e:
+        raise LmcycleError(f"lmcycle serve needs the serve extra ({e.name} is missing): "
+                           "pip install 'lmcycle[serve]'") from None
 
     adapters = {}
     for item in args.adapter:

@@ -12,7 +12,7 @@ import openai
 import pytest
 import torch
 import uvicorn
-from tiny_lm import make_tokenizer, save_tiny, tiny_llama
+from tiny_lm import make_tokenizer, save_tiny, tiny_llama, tiny_t5
 
 from lmcycle.adapt.lora import LoraConfig, add_lora, lora_layers, save_lora
 from lmcycle.models.generate import DecodingConfig, generate
@@ -70,6 +70,29 @@ def _in_process(path, prompts, max_tokens, adapter=None):
 
     model, tok = load_adapted(adapter, path) if adapter else load_model(path)
     return generate(model, tok, prompts, DecodingConfig(max_new_tokens=max_tokens))
+
+
+def test_an_encoder_decoder_with_mixed_adapters_serves_what_generate_gives(tmp_path):
+    tok = make_tokenizer(seq2seq=True)
+    base = save_tiny(tiny_t5(tok), tok, tmp_path / "t5")
+    adapters = {"t5ad": _adapter(base, tmp_path / "t5ad", 3)}
+    want = {name: _in_process(base, PROMPTS, 6, adapters.get(name)) for name in ("t5", "t5ad")}
+    assert want["t5"] != want["t5ad"]
+    app = create_app(base, adapters, batch_wait_s=0.1)
+    with _running(app) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=60)
+        got: dict = {}
+
+        def call(name, i):
+            got[(name, i)] = client.completions.create(model=name, prompt=PROMPTS[i], max_tokens=6,
+                                                       temperature=0).choices[0].text
+
+        threads = [threading.Thread(target=call, args=(n, i)) for n in want for i in range(len(PROMPTS))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert got == {(n, i): want[n][i] for n in want for i in range(len(PROMPTS))}
 
 
 def test_models_lists_base_and_adapters(served):
@@ -177,6 +200,20 @@ def test_bad_input_gets_openai_error_and_server_keeps_serving(served, body, stat
     assert ok.choices
 
 
+def test_oversized_chunked_body_without_content_length_gets_413(served):
+    def chunks():  # a generator body is sent chunked: the size is only known by reading it
+        yield b'{"model": "base", "prompt": "'
+        for _ in range(40):
+            yield b"x" * 50_000
+        yield b'"}'
+
+    r = _post(served, "/v1/completions", content=chunks(), headers={"Content-Type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
+    ok = _post(served, "/v1/completions", content=iter([b'{"model": "base", ', b'"prompt": "the", "max_tokens": 2}']),
+               headers={"Content-Type": "application/json"})
+    assert ok.status_code == 200 and ok.json()["choices"]
+
+
 def test_client_sees_not_found_error_for_unknown_model(served):
     with pytest.raises(openai.NotFoundError):
         served["client"].completions.create(model="missing", prompt="x", max_tokens=2)
@@ -199,6 +236,8 @@ def test_cli_serve_rejects_a_malformed_adapter_option(served, capsys):
 
     assert main(["serve", "--model", served["base"], "--adapter", "no-equals-sign"]) == 1
     assert "NAME=DIR" in capsys.readouterr().err
+    assert main(["serve", "--model", served["base"], "--max-batch", "0"]) == 1
+    assert "max_batch must be at least 1" in capsys.readouterr().err
 
 
 def test_streaming_with_stop_strings_and_n_matches_the_full_response(served):
@@ -224,6 +263,26 @@ def _engine_job(engine, prompt, max_tokens, **kw):
 
     ids = engine.tokenizer(prompt)["input_ids"]
     return Job(ids=ids, n=1, adapter=None, cfg=DecodingConfig(max_new_tokens=max_tokens), **kw)
+
+
+def test_a_mixed_adapter_batch_is_one_decode_with_each_rows_adapter(served):
+    engine = served["app"].state.engine
+    names = [None, "ad1", "ad2", "ad1", None]
+    want = {name: _in_process(served["base"], PROMPTS[:1], 6, served["adapters"].get(name)) for name in set(names)}
+    assert len(set(map(tuple, want.values()))) == 3  # the three models really differ on this prompt
+    started, gate = threading.Event(), threading.Event()
+    blocker = engine.submit(_engine_job(engine, "the", 1, on_token=lambda j, t: started.set() or gate.wait(30)))
+    assert started.wait(timeout=30)  # the worker is inside the blocker's decode: the next jobs wait together
+    jobs = [_engine_job(engine, PROMPTS[0], 6) for _ in names]
+    for job, name in zip(jobs, names, strict=True):
+        job.adapter = name
+        engine.submit(job)
+    before = engine.batches_run
+    gate.set()  # the worker finishes the blocker and then finds all five waiting: one batch
+    blocker.result(timeout=30)
+    got = [job.future.result(timeout=30)[0].text for job in jobs]
+    assert got == [want[name][0] for name in names]
+    assert engine.batches_run - before == 2  # the blocker's decode, then one for all five
 
 
 def test_cancelling_a_job_stops_its_decoding(served):

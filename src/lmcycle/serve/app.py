@@ -34,6 +34,43 @@ from lmcycle.serve.engine import Engine, Job, QueueFull
 from lmcycle.serve.protocol import ChatRequest, CompletionRequest, error_body
 
 
+class BodyLimit:
+    """ASGI middleware: read the whole request body first and answer 413 once it passes ``limit`` bytes.
+
+    A chunked upload has no Content-Length, so the size is only known by reading; the body is then handed to
+    the app in one message (the API's JSON bodies are small, so buffering them costs nothing).
+    """
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        size = dict(scope["headers"]).get(b"content-length", b"")
+        if size.isdigit() and int(size) > self.limit:  # refused without reading it
+            return await _too_large(self.limit)(scope, receive, send)
+        body, more = b"", True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":  # the client left
+                return
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > self.limit:
+                return await _too_large(self.limit)(scope, receive, send)
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()  # the app waits for a disconnect (streaming responses do)
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+
 class ApiError(Exception):
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
                  type_: str = "invalid_request_error"):
@@ -59,10 +96,9 @@ def create_app(model_dir: str, adapters: dict[str, str] | None = None, api_key: 
             if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
                 return JSONResponse(error_body("invalid or missing API key", "authentication_error",
                                                code="invalid_api_key"), status_code=401)
-        size = request.headers.get("content-length")
-        if size is not None and size.isdigit() and int(size) > max_body_bytes:
-            return JSONResponse(error_body(f"request body larger than {max_body_bytes} bytes"), status_code=413)
         return await call_next(request)
+
+    app.add_middleware(BodyLimit, limit=max_body_bytes)
 
     @app.exception_handler(ApiError)
     async def _api_error(_, e: ApiError):
@@ -111,6 +147,11 @@ def create_app(model_dir: str, adapters: dict[str, str] | None = None, api_key: 
         return await _serve(engine, body, prompt, limit, "chat.completion", request, request_timeout_s)
 
     return app
+
+
+def _too_large(limit: int) -> JSONResponse:
+    return JSONResponse(error_body(f"request body larger than {limit} bytes", code="body_too_large"),
+                        status_code=413)
 
 
 def _model_card(name: str) -> dict:

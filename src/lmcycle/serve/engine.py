@@ -1,12 +1,12 @@
 """The model side of the server: one base model with its LoRA adapters, driven by one worker thread.
 
 Requests go into a bounded queue. The worker takes the first waiting request, then whatever else arrives
-within ``batch_wait_s`` (up to ``max_batch`` sequences), groups them by adapter and decoding setting and runs
-one batched decode per group, step by step with the pieces of ``generate`` (``logit_stream``,
-``choose_next_tokens``), so that each new token can be streamed (``Job.on_token``) and a cancelled request
-stops taking part in the batch at the next step.
-The LoRA layers hold every adapter at once and apply one of them per forward pass, so a mixed-adapter batch
-becomes one forward pass per adapter group, each with the right adapter active.
+within ``batch_wait_s`` (up to ``max_batch`` sequences), groups them by decoding setting and runs one batched
+decode per group (``generate.decode_batch``), so that each new token can be streamed (``Job.on_token``) and a
+cancelled request stops taking part in the batch at the next step.
+The LoRA layers hold every adapter at once. A batch may mix adapters (and the base): with
+``lora.per_row_adapters`` each row gets its own adapter's update inside one forward pass, the base weights
+running once for the whole batch.
 
 Choice ``j`` of a request samples from ``prompt_generator(seed, j)``, exactly like prompt ``j`` of
 ``generate([prompt] * n, cfg)``: the output does not depend on which other requests share the batch.
@@ -20,6 +20,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable
 from concurrent.futures import Future
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -73,7 +74,11 @@ class Engine:
 
     def __init__(self, model_dir: str, adapters: dict[str, str] | None = None, *, device: str = "cpu",
                  max_batch: int = 8, batch_wait_s: float = 0.01, max_queue: int = 64):
-        from lmcycle.adapt.lora import load_lora, set_active_adapter
+        from lmcycle.adapt.lora import load_lora, per_row_adapters, set_active_adapter
+
+        for value, name in ((max_batch, "max_batch"), (max_queue, "max_queue")):
+            if value < 1:
+                raise LmcycleError(f"{name} must be at least 1, got {value}", field=name)
 
         self.model, self.tokenizer = load_model(model_dir, device=device)
         self.base_name = Path(model_dir).name or str(model_dir)
@@ -82,7 +87,9 @@ class Engine:
             if name == self.base_name:
                 raise LmcycleError(f"adapter name '{name}' is the base model's name", field="adapter")
             load_lora(self.model, path, name=name)
-        self._set_adapter = set_active_adapter
+        if self.adapters:
+            set_active_adapter(self.model, None)
+        self._row_adapters = per_row_adapters
         self.model.eval()
         self.window = context_window(self.model, self.tokenizer)
         self.eos = eos_ids(self.model, self.tokenizer)
@@ -149,7 +156,7 @@ class Engine:
             if not job.future.set_running_or_notify_cancel():
                 continue
             settings = job.cfg.model_dump(exclude={"seed", "batch_size"})
-            groups[(job.adapter, repr(sorted(settings.items())))].append(job)
+            groups[repr(sorted(settings.items()))].append(job)
         for group in groups.values():
             try:
                 results = self._decode(group)
@@ -162,11 +169,11 @@ class Engine:
 
     @torch.no_grad()
     def _decode(self, group: list[Job]) -> list[list[Choice]]:
-        """Decode every choice of ``group`` (same adapter and settings) as one batch: ``rows`` (batch, prompt)."""
+        """Decode every choice of ``group`` (same settings, any adapters) as one batch: ``rows`` (batch, prompt)."""
         cfg = group[0].cfg
-        if self.adapters:
-            self._set_adapter(self.model, group[0].adapter)
-        owners = [(job, j) for job in group for j in range(job.n)]
+        # Rows sorted by adapter: each adapter's LoRA update then runs on a contiguous slice of the batch.
+        order = sorted(group, key=lambda job: job.adapter or "")
+        owners = [(job, j) for job in order for j in range(job.n)]
         rows = [job.ids for job, _ in owners]
         generators = [prompt_generator(job.cfg.seed, job.first_index + j) for job, j in owners]
         cancelled_jobs = set()
@@ -185,14 +192,17 @@ class Engine:
             if job.on_token is not None:
                 job.on_token(j, token)
 
-        new, ends = decode_batch(self.model, rows, generators, cfg, self.pad_id, self.eos, self.decode,
-                                 stop_window(cfg.stop), on_token=on_token, cancelled=cancelled)
+        adapters = [job.adapter for job, _ in owners]
+        with self._row_adapters(self.model, adapters) if self.adapters else nullcontext():
+            new, ends = decode_batch(self.model, rows, generators, cfg, self.pad_id, self.eos, self.decode,
+                                     stop_window(cfg.stop), on_token=on_token, cancelled=cancelled)
         self.batches_run += 1
-        out, k = [], 0
-        for job in group:
-            out.append([self._choice(new[k + j], ends[k + j], cfg.stop) for j in range(job.n)])
+        choices: dict[int, list[Choice]] = {}
+        k = 0
+        for job in order:
+            choices[id(job)] = [self._choice(new[k + j], ends[k + j], cfg.stop) for j in range(job.n)]
             k += job.n
-        return out
+        return [choices[id(job)] for job in group]
 
     def _choice(self, ids: list[int], end: Ending, stop: list[str]) -> Choice:
         text = cut_at_stop(self.decode(ids), stop)
