@@ -40,7 +40,48 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("--title")
     _add_adapters_parser(sub)
     _add_plan_parser(sub)
+    _add_serve_parser(sub)
     return p
+
+
+def _add_serve_parser(sub) -> None:
+    sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server for a model and its LoRA adapters")
+    sv.add_argument("--model", required=True, help="base model folder")
+    sv.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
+                    help="a LoRA adapter (PEFT folder) served as model NAME; repeat for more")
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $LMCYCLE_API_KEY, else none)")
+    sv.add_argument("--device", default="cpu")
+    sv.add_argument("--max-batch", type=int, default=8, help="most sequences decoded together")
+    sv.add_argument("--max-queue", type=int, default=64, help="waiting requests before answering 429")
+    sv.add_argument("--timeout", type=float, default=300.0, help="seconds per request before a 503")
+
+
+def _serve(args) -> int:
+    import os
+
+    try:
+        import uvicorn
+
+        from lmcycle.serve.app import create_app
+    except ImportError as e:
+        raise LmcycleError(f"lmcycle serve needs the serve extra ({e.name} is missing): "
+                           "pip install 'lmcycle[serve]'") from None
+
+    adapters = {}
+    for item in args.adapter:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise LmcycleError(f"--adapter takes NAME=DIR, got '{item}'", field="adapter")
+        if name in adapters:
+            raise LmcycleError(f"adapter name '{name}' is given twice", field="adapter")
+        adapters[name] = path
+    app = create_app(args.model, adapters, api_key=args.api_key or os.environ.get("LMCYCLE_API_KEY") or None,
+                     device=args.device, max_batch=args.max_batch, max_queue=args.max_queue,
+                     request_timeout_s=args.timeout)
+    uvicorn.run(app, host=args.host, port=args.port)
+    return 0
 
 
 def _add_adapters_parser(sub) -> None:
@@ -162,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     if stray:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     if extra:
-        if args.command in ("report", "adapters"):
+        if args.command in ("report", "adapters", "serve"):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         getattr(args, "overrides" if args.command == "run" else "fields").extend(extra)
     try:
@@ -187,6 +228,8 @@ def _dispatch(args) -> int:
 
     if args.command == "adapters":
         return _adapters(args)
+    if args.command == "serve":
+        return _serve(args)
     if args.command == "report":
         from lmcycle.report import write_report
 

@@ -25,6 +25,7 @@ from lmcycle.adapt.lora import (
     load_lora,
     lora_layers,
     merge_lora,
+    per_row_adapters,
     save_lora,
     set_active_adapter,
     unmerge_lora,
@@ -48,9 +49,9 @@ def tiny(kind: str) -> nn.Module:
     return m.eval()
 
 
-def logits(model: nn.Module) -> torch.Tensor:
+def logits(model: nn.Module, rows: int = 2) -> torch.Tensor:
     g = torch.Generator().manual_seed(1)
-    ids = torch.randint(3, VOCAB, (2, 7), generator=g)
+    ids = torch.randint(3, VOCAB, (rows, 7), generator=g)
     with torch.no_grad():
         if getattr(model.config, "is_encoder_decoder", False):
             return model(input_ids=ids, decoder_input_ids=ids[:, :5]).logits
@@ -139,6 +140,31 @@ def test_two_adapters_switch_and_disable():
     assert torch.equal(logits(model), translate_logits)
     with pytest.raises(LmcycleError, match="no LoRA adapter named 'chat'"):
         set_active_adapter(model, "chat")
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "t5"])
+def test_per_row_adapters_give_each_row_its_adapters_output(kind):
+    model = tiny(kind)
+    add_lora(model, LoraConfig(r=4), name="a")
+    add_lora(model, LoraConfig(r=2), name="b")
+    randomise_b(model, seed=3)
+    alone = {}
+    for name in ("a", "b", None):
+        set_active_adapter(model, name)
+        alone[name] = logits(model, 3)  # (3, T, vocab)
+    set_active_adapter(model, "a")
+    # Contiguous rows per adapter (slices) and scattered ones (gather / scatter-add).
+    for names in (["b", None, None], [None, "a", "a"], ["b", "b", "b"], ["a", None, "a"], ["b", "a", "b"]):
+        with per_row_adapters(model, names):
+            mixed = logits(model, 3)
+        for row, name in enumerate(names):
+            assert torch.allclose(mixed[row], alone[name][row], atol=1e-5), (names, row)
+    assert torch.equal(logits(model, 3), alone["a"])  # the active adapter is back after the block
+    with pytest.raises(LmcycleError, match=r"no LoRA adapter named \['c'\]"), per_row_adapters(model, ["a", "c"]):
+        pass
+    with pytest.raises(LmcycleError, match="set for 3 rows, the batch has 2"), per_row_adapters(model, ["a"] * 3):
+        logits(model)
+    assert all(layer.row_groups is None for layer in lora_layers(model).values())
 
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2", "t5"])

@@ -2,7 +2,8 @@
 
 A frozen weight ``W`` (out × in) gets a trainable update ``ΔW = B @ A · scaling`` with ``A`` (r × in) and ``B``
 (out × r); ``B`` starts at zero so the adapted model starts exactly equal to the base. Several named adapters can
-live on one base, one active at a time (or none: the base itself). ``merge_lora`` folds the active adapter into
+live on one base, one active at a time (or none: the base itself), or one per batch row (:func:`per_row_adapters`,
+for a server batching requests that ask for different adapters). ``merge_lora`` folds the active adapter into
 the base weights for fast serving; ``unmerge_lora`` takes it back out. The base layers may also be quantized
 (:class:`lmcycle.adapt.qlora.QuantLinear`, for QLoRA); adapters are never merged into those.
 
@@ -15,6 +16,8 @@ from __future__ import annotations
 import math
 import os
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -70,6 +73,8 @@ class LoraLinear(nn.Module):
 
     ``forward(x)``: x (..., in) -> (..., out) = base(x) + scaling · B(A(dropout(x))) for the active adapter,
     unless that adapter is merged into the base weight (then the base alone already includes it).
+    With ``row_groups`` set (x (batch, ..., in)), each adapter's update is added to its own rows of the batch
+    instead: the base runs once for the whole batch and each adapter only on its rows.
     """
 
     def __init__(self, base: nn.Linear | Conv1D | QuantLinear):
@@ -84,6 +89,8 @@ class LoraLinear(nn.Module):
         self.scaling: dict[str, float] = {}
         self.active: str | None = None
         self.merged: str | None = None
+        self.row_groups: list[tuple[str, slice | torch.Tensor]] | None = None  # (adapter, its rows)
+        self.batch_rows = 0
 
     @property
     def weight(self) -> torch.Tensor | None:
@@ -124,14 +131,25 @@ class LoraLinear(nn.Module):
         w.copy_((w.float() - self.delta_weight(self.merged)).to(w.dtype))
         self.merged = None
 
+    def _update(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.lora_A[name], self.lora_B[name]
+        return b(a(self.lora_dropout[name](x.to(a.weight.dtype)))) * self.scaling[name]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
+        if self.row_groups is not None:
+            if x.shape[0] != self.batch_rows:
+                raise LmcycleError(f"per-row adapters were set for {self.batch_rows} rows, the batch has {x.shape[0]}")
+            for name, rows in self.row_groups:
+                if isinstance(rows, slice):  # contiguous rows: views, no gather/scatter (much faster on CPU)
+                    out[rows] += self._update(name, x[rows]).to(out.dtype)
+                else:
+                    out = out.index_add(0, rows, self._update(name, x.index_select(0, rows)).to(out.dtype))
+            return out
         name = self.active
         if name is None or self.merged is not None:
             return out
-        a, b = self.lora_A[name], self.lora_B[name]
-        update = b(a(self.lora_dropout[name](x.to(a.weight.dtype)))) * self.scaling[name]
-        return out + update.to(out.dtype)
+        return out + self._update(name, x).to(out.dtype)
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoraLinear]:
@@ -141,7 +159,7 @@ def lora_layers(model: nn.Module) -> dict[str, LoraLinear]:
 
 def default_targets(model: nn.Module) -> list[str]:
     """The attention projections LoRA adapts by default: Llama q_proj/v_proj, GPT-2 c_attn, T5 q/v."""
-    leaves = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, LINEAR_TYPES)}
+    leaves = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, (*LINEAR_TYPES, LoraLinear))}
     for names in (["q_proj", "v_proj"], ["c_attn"], ["q", "v"]):
         if set(names) <= leaves:
             return names
@@ -228,6 +246,43 @@ def set_active_adapter(model: nn.Module, name: str | None) -> None:
         raise LmcycleError("cannot switch adapters while one is merged; unmerge_lora first")
     for layer in layers.values():
         layer.active = name if name in layer.lora_A else None
+
+
+def _rows(rows: list[int], device: torch.device) -> slice | torch.Tensor:
+    if rows == list(range(rows[0], rows[-1] + 1)):
+        return slice(rows[0], rows[-1] + 1)
+    return torch.tensor(rows, device=device)
+
+
+@contextmanager
+def per_row_adapters(model: nn.Module, names: list[str | None]) -> Iterator[None]:
+    """Inside the block, row i of every forward batch uses adapter ``names[i]`` (None: the base alone).
+
+    One forward pass serves a batch of requests for different adapters (the base weights run once; each
+    adapter's B @ A only on its rows), so a server need not split a mixed batch by adapter. The batch must
+    keep ``len(names)`` rows (decoding with a KV cache does). The single active adapter is back afterwards.
+    Rows sorted by adapter are fastest: each adapter then works on a slice of the batch.
+    """
+    layers = lora_layers(model)
+    known = {n for layer in layers.values() for n in layer.lora_A}
+    unknown = sorted({n for n in names if n is not None and n not in known})
+    if unknown:
+        raise LmcycleError(f"no LoRA adapter named {unknown} (the model has {sorted(known)})")
+    if any(layer.merged is not None for layer in layers.values()):
+        raise LmcycleError("cannot use per-row adapters while one is merged; unmerge_lora first")
+    for layer in layers.values():
+        device = layer.lora_B[next(iter(layer.lora_B))].weight.device
+        groups = {}
+        for i, name in enumerate(names):
+            if name in layer.lora_A:
+                groups.setdefault(name, []).append(i)
+        layer.row_groups = [(n, _rows(rows, device)) for n, rows in groups.items()]
+        layer.batch_rows = len(names)
+    try:
+        yield
+    finally:
+        for layer in layers.values():
+            layer.row_groups, layer.batch_rows = None, 0
 
 
 def merge_lora(model: nn.Module) -> None:

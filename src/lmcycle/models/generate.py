@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import inspect
 import json
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
 from typing import Literal
 
 import numpy as np
@@ -212,10 +212,16 @@ def _batches(rows: list[list[int]], batch_size: int) -> Iterator[list[int]]:
         yield order[b : b + batch_size]
 
 
-def _stop_hit(tokenizer, new_ids: list[int], stop: list[str], window: int) -> bool:
+def _stop_hit(decode: Callable[[list[int]], str], new_ids: list[int], stop: list[str], window: int) -> bool:
     """Whether the end of the new text contains a stop string; decodes only the last ``window`` tokens."""
-    tail = tokenizer.decode(new_ids[-window:], skip_special_tokens=True)
+    tail = decode(new_ids[-window:])
     return any(s in tail for s in stop)
+
+
+def stop_window(stop: list[str]) -> int:
+    """Tokens to decode when looking for a stop string at the end of the new text: a stop string is at most
+    len(bytes) tokens long; a little margin covers tokenizers that drop a leading space in a fragment."""
+    return max((len(s.encode("utf-8")) for s in stop), default=0) + 4
 
 
 def pad_id_of(tokenizer: PreTrainedTokenizerBase) -> int:
@@ -244,23 +250,30 @@ def decode_rows(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, rows
     ended a row is left out, or kept as its last id with ``keep_eos`` (RL scores that choice too)."""
     pad_id = pad_id_of(tokenizer)
     eos = eos_ids(model, tokenizer)
-    # A stop string is at most len(bytes) tokens long; a little margin covers tokenizers that drop a
-    # leading space when decoding a fragment.
-    window = max((len(s.encode("utf-8")) for s in cfg.stop), default=0) + 4
+    window = stop_window(cfg.stop)
     results: list[list[int]] = [[] for _ in rows]
     endings: list[Ending] = ["length"] * len(rows)
     with eval_mode(model), tqdm(total=len(rows), desc="generate", unit="prompt", disable=not progress) as bar:
         for batch in _batches(rows, cfg.batch_size):
-            new, ends = _decode_batch(model, [rows[i] for i in batch], [prompt_generator(cfg.seed, i) for i in batch],
-                                      cfg, pad_id, eos, tokenizer, window, keep_eos)
+            new, ends = decode_batch(model, [rows[i] for i in batch], [prompt_generator(cfg.seed, i) for i in batch],
+                                     cfg, pad_id, eos, lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
+                                     window, keep_eos)
             for i, ids, end in zip(batch, new, ends, strict=True):
                 results[i], endings[i] = ids, end
             bar.update(len(batch))
     return results, endings
 
 
-def _decode_batch(model, rows, generators, cfg: DecodingConfig, pad_id: int, eos: set[int], tokenizer,
-                  window: int, keep_eos: bool = False) -> tuple[list[list[int]], list[Ending]]:
+def decode_batch(model, rows, generators, cfg: DecodingConfig, pad_id: int, eos: set[int],
+                 decode: Callable[[list[int]], str], window: int, keep_eos: bool = False,
+                 on_token: Callable[[int, int], None] | None = None,
+                 cancelled: Callable[[int], bool] | None = None) -> tuple[list[list[int]], list[Ending]]:
+    """Decode one rectangular batch of prompts ``rows`` step by step: the new ids of each row and its ending.
+
+    ``generators[i]`` samples row i; ``decode(ids) -> text`` looks for stop strings in the last ``window`` new
+    tokens. A server streams with ``on_token(i, token)`` (called for every kept token) and drops rows whose
+    client left with ``cancelled(i)`` (checked before each of the row's tokens; the row ends as ``length``).
+    """
     stream = logit_stream(model, rows, pad_id)
     logits = next(stream)
     new: list[list[int]] = [[] for _ in rows]
@@ -271,13 +284,18 @@ def _decode_batch(model, rows, generators, cfg: DecodingConfig, pad_id: int, eos
         for i, token in enumerate(tokens.tolist()):
             if done[i]:
                 continue
+            if cancelled is not None and cancelled(i):
+                done[i] = True
+                continue
             if token in eos:
                 done[i], ends[i] = True, "eos"
                 if keep_eos:
                     new[i].append(token)
                 continue
             new[i].append(token)
-            if cfg.stop and _stop_hit(tokenizer, new[i], cfg.stop, window):
+            if on_token is not None:
+                on_token(i, token)
+            if cfg.stop and _stop_hit(decode, new[i], cfg.stop, window):
                 done[i], ends[i] = True, "stop"
         if all(done) or step == cfg.max_new_tokens - 1:
             break
