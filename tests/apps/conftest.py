@@ -3,29 +3,9 @@ backends have their own tests in test_llm.py), and a tiny real model folder."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import pytest
+from scripted import ScriptedLLM
 from tiny_lm import make_tokenizer, save_tiny, tiny_llama
-
-
-class ScriptedLLM:
-    """Answers from a list of replies (in order) or a function of the prompt; records every prompt."""
-
-    def __init__(self, replies: list[str] | Callable[[str], str], context_window: int = 100_000):
-        self.replies, self.prompts, self.configs = replies, [], []
-        self.name, self.context_window = "scripted", context_window
-
-    def complete(self, prompts, cfg):
-        out = []
-        for p in prompts:
-            self.prompts.append(p)
-            self.configs.append(cfg)
-            out.append(self.replies(p) if callable(self.replies) else self.replies.pop(0))
-        return out
-
-    def count_tokens(self, text: str) -> int:
-        return len(text.split())
 
 
 @pytest.fixture
@@ -37,3 +17,12 @@ def scripted():
 def tiny_model_dir(tmp_path_factory):
     tok = make_tokenizer()
     return save_tiny(tiny_llama(tok), tok, tmp_path_factory.mktemp("tiny") / "llama")
+
+
+@pytest.fixture(scope="session")
+def wide_model_dir(tmp_path_factory):
+    """A tiny Llama with a 2,048-token window: room for RAG, ReAct and PAL prompts."""
+    tok = make_tokenizer()
+    model = tiny_llama(tok)
+    model.config.max_position_embeddings = 2048  # rotary positions: only the config limit changes
+    return save_tiny(model, tok, tmp_path_factory.mktemp("wide") / "llama")

@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scripted import ScriptedLLM
 
 from lmcycle.apps.react import ParseError, Step, as_observation, parse_step, run_agent
 from lmcycle.apps.tools import tool
@@ -92,3 +95,24 @@ def test_observations_are_marked_data_that_cannot_close_their_section(scripted):
     assert shown.count("</observation>") == 1 and shown.index("</observation>") > shown.index("HACKED")
     assert result.answer == "Paris"  # the injected 'Final Answer' in the tool output was not taken as the answer
     assert as_observation("x" * 50, 10).startswith("<observation>xxxxxxxxxx ... [cut at 10 characters]")
+
+
+LABELS = st.sampled_from(["Thought:", "Action:", "Action Input:", "Final Answer:", "Observation:", "**Action:**",
+                          "action:", "calculator", "search[", "]", "(", ")", "```", "{", "}", "\n", " "])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.one_of(LABELS, st.text(max_size=12)), max_size=20).map("".join))
+def test_any_model_output_parses_or_is_a_parse_error(text):
+    try:
+        step = parse_step(text, TOOLS)
+    except ParseError:
+        return
+    assert (step.action in TOOLS) != (step.final_answer is not None)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.one_of(LABELS, st.text(max_size=12)), min_size=3, max_size=3).map(lambda parts: parts))
+def test_an_agent_never_crashes_on_garbage(parts):
+    result = run_agent(ScriptedLLM(list(parts)), "q", [calculator], max_steps=3)
+    assert result.stopped in ("final_answer", "max_steps") and result.steps <= 3

@@ -10,8 +10,6 @@ import os
 
 from lmcycle.errors import LmcycleError
 
-COMMANDS = ("rag", "agent", "pal", "harness")
-
 
 def _backend_options(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--backend", required=required, metavar="SPEC",

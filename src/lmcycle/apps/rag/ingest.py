@@ -13,9 +13,6 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import lxml.etree
-import lxml.html
-
 from lmcycle.errors import LmcycleError
 
 TEXT_SUFFIXES = (".txt", ".text", ".md", ".markdown", ".rst")
@@ -68,6 +65,11 @@ def html_to_text(html: str, file: str | Path | None = None) -> str:
     """The visible text of an HTML page: blocks on their own lines, at most one blank line in a row."""
     if not html.strip():
         return ""
+    try:
+        import lxml.etree
+        import lxml.html
+    except ImportError:
+        raise LmcycleError("reading HTML needs lxml: pip install 'lmcycle[apps]'", file=file) from None
     try:
         root = lxml.html.document_fromstring(_drop_xml_declaration(html))
     except (lxml.etree.ParserError, ValueError) as e:
