@@ -96,14 +96,18 @@ def majority(answers: list[str | None]) -> tuple[str | None, dict[str, int]]:
     return winner, dict(counts)
 
 
-def self_consistency(llm, prompt: str, n: int, cfg: DecodingConfig,
-                     extract: Callable[[str], str | None] = extract_cot_answer) -> Vote:
-    """Sample ``n`` completions of ``prompt`` (``cfg.do_sample`` must be on) and majority-vote their answers."""
+def check_self_consistency(n: int, cfg: DecodingConfig) -> None:
     if n < 1:
         raise LmcycleError(f"self-consistency needs n >= 1, got {n}", field="n")
     if n > 1 and not cfg.do_sample:
         raise LmcycleError("self-consistency with n > 1 needs sampling (do_sample: true); greedy paths are all "
                            "the same", field="do_sample")
+
+
+def self_consistency(llm, prompt: str, n: int, cfg: DecodingConfig,
+                     extract: Callable[[str], str | None] = extract_cot_answer) -> Vote:
+    """Sample ``n`` completions of ``prompt`` (``cfg.do_sample`` must be on) and majority-vote their answers."""
+    check_self_consistency(n, cfg)
     samples = llm.complete([prompt] * n, cfg)  # prompt j samples with its own generator: n different paths
     answer, votes = majority([extract(s) for s in samples])
     return Vote(answer, votes, samples)

@@ -19,8 +19,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from lmcycle.apps.cot import COT_EXEMPLARS, cot_prompt, extract_cot_answer, self_consistency
-from lmcycle.apps.pal import answer_with_program
+from lmcycle.apps.cot import COT_EXEMPLARS, check_self_consistency, cot_prompt, extract_cot_answer, majority
+from lmcycle.apps.cot import STOP as COT_STOP
+from lmcycle.apps.pal import STOP as PAL_STOP
+from lmcycle.apps.pal import pal_prompt, run_program
 from lmcycle.apps.sandbox import SandboxConfig
 from lmcycle.data.examples import Example
 from lmcycle.errors import LmcycleError
@@ -37,6 +39,15 @@ def _same_number(answer: str | None, gold) -> bool:
     return value is not None and value == gold
 
 
+def _complete_all(llm, prompts: list[str], cfg: DecodingConfig, desc: str, progress: bool) -> list[str]:
+    """Every prompt's completion, sent in groups of ``CHUNK`` (a local model batches them; an OpenAI-compatible
+    server gets one request per group), with a progress bar over the groups."""
+    out: list[str] = []
+    for i in tqdm(range(0, len(prompts), CHUNK), desc=desc, disable=not progress):
+        out += llm.complete(prompts[i:i + CHUNK], cfg)
+    return out
+
+
 def gsm8k_harness(llm, examples: list[Example], method: str = "cot", *, cfg: DecodingConfig | None = None,
                   shots: list[Example] | None = None, n: int = 5, sandbox: SandboxConfig | None = None,
                   progress: bool = True) -> dict:
@@ -49,28 +60,38 @@ def gsm8k_harness(llm, examples: list[Example], method: str = "cot", *, cfg: Dec
     if method not in GSM8K_METHODS:
         raise LmcycleError(f"unknown GSM8K method '{method}' (known: {', '.join(GSM8K_METHODS)})", field="method")
     cfg = cfg or DecodingConfig(max_new_tokens=256)
+    if method == "self_consistency":
+        check_self_consistency(n, cfg)
     shots = COT_EXEMPLARS if shots is None else shots
-    records = []
-    for ex in tqdm(examples, desc=f"gsm8k {method}", disable=not progress):
-        gold = extract_answer(ex.target)
+    golds = [extract_answer(ex.target) for ex in examples]
+    for ex, gold in zip(examples, golds, strict=True):
         if gold is None:
             raise LmcycleError(f"GSM8K example '{ex.id}' has no gold answer", field="targets")
-        record: dict = {"id": ex.id, "gold": str(gold)}
-        if method == "pal":
-            result = answer_with_program(llm, ex.input, cfg, sandbox)
-            record |= {"prediction": result.answer, "program": result.program,
-                       "error": result.result.error.kind if result.result and result.result.error else None}
-        elif method == "self_consistency":
-            vote = self_consistency(llm, cot_prompt(ex.input, shots), n, cfg.model_copy(update={"stop": _STOP}))
-            record |= {"prediction": vote.answer, "votes": vote.votes}
-        else:
-            prompt = (cot_prompt(ex.input, shots) if method == "cot"
-                      else cot_prompt(ex.input, shots).rsplit("A:", 1)[0] + "A: The answer is")
-            completion = llm.complete([prompt], cfg.model_copy(update={"stop": _STOP}))[0]
-            answer = extract_cot_answer(completion if method == "cot" else f"The answer is {completion}")
-            record |= {"prediction": answer, "completion": completion}
-        record["correct"] = _same_number(record["prediction"], gold)
-        records.append(record)
+    if method == "pal":
+        prompts = [pal_prompt(ex.input) for ex in examples]
+        completions = _complete_all(llm, prompts, cfg.model_copy(update={"stop": PAL_STOP}), "gsm8k pal", progress)
+        results = [run_program(c, sandbox) for c in completions]
+        records = [{"prediction": r.answer, "program": r.program, "completion": c,
+                    "error": r.result.error.kind if r.result and r.result.error else None}
+                   for r, c in zip(results, completions, strict=True)]
+    else:
+        prompts = [cot_prompt(ex.input, shots) for ex in examples]
+        if method == "direct":
+            prompts = [p.rsplit("A:", 1)[0] + "A: The answer is" for p in prompts]
+        copies = n if method == "self_consistency" else 1
+        completions = _complete_all(llm, [p for p in prompts for _ in range(copies)],
+                                    cfg.model_copy(update={"stop": COT_STOP}), f"gsm8k {method}", progress)
+        records = []
+        for i in range(len(examples)):
+            paths = completions[i * copies:(i + 1) * copies]
+            if method == "self_consistency":
+                answer, votes = majority([extract_cot_answer(c) for c in paths])
+                records.append({"prediction": answer, "votes": votes})
+            else:
+                text = paths[0] if method == "cot" else f"The answer is {paths[0]}"
+                records.append({"prediction": extract_cot_answer(text), "completion": paths[0]})
+    for ex, gold, record in zip(examples, golds, records, strict=True):
+        record |= {"id": ex.id, "gold": str(gold), "correct": _same_number(record["prediction"], gold)}
     return _scored("gsm8k_accuracy", records, {
         "method": method, "shots": len(shots), "decoding": describe(cfg), "max_new_tokens": cfg.max_new_tokens,
         "self_consistency_n": n if method == "self_consistency" else None,
@@ -78,7 +99,7 @@ def gsm8k_harness(llm, examples: list[Example], method: str = "cot", *, cfg: Dec
         "comparison": "numeric equality with the gold '#### N'", "backend": getattr(llm, "name", "?")})
 
 
-_STOP = ["\nQ:", "\n\nQ:"]
+CHUNK = 16
 LETTERS = "ABCDEFGHIJKLMNOP"
 
 
@@ -124,16 +145,23 @@ def truthfulqa_mc1(llm, items: list[dict], mode: str = "letter", *, seed: int = 
                            field="mode")
     cfg = cfg or DecodingConfig(max_new_tokens=4)
     rng = random.Random(seed)
-    records = []
-    for i, item in enumerate(tqdm(items, desc=f"truthfulqa {mode}", disable=not progress)):
+    shown = []
+    for item in items:
         options = item["options"][:len(LETTERS)]
         rng.shuffle(options)  # the true option is listed first in the data
-        if mode == "letter":
-            reply = llm.complete([_letter_prompt(item["question"], options)], cfg)[0]
-            choice = first_letter(reply, len(options))
-        else:
+        shown.append(options)
+    if mode == "letter":
+        replies = _complete_all(llm, [_letter_prompt(it["question"], o) for it, o in zip(items, shown, strict=True)],
+                                cfg, "truthfulqa letter", progress)
+        choices = [first_letter(r, len(o)) for r, o in zip(replies, shown, strict=True)]
+    else:
+        replies = [None] * len(items)
+        choices = []
+        for item, options in zip(tqdm(items, desc="truthfulqa likelihood", disable=not progress), shown, strict=True):
             scores = llm.continuation_logprobs(f"Q: {item['question']}\nA:", [f" {o}" for o in options])
-            choice, reply = max(range(len(options)), key=scores.__getitem__), None
+            choices.append(max(range(len(options)), key=scores.__getitem__))
+    records = []
+    for i, (item, options, choice, reply) in enumerate(zip(items, shown, choices, replies, strict=True)):
         chosen = options[choice] if choice is not None else None
         records.append({"id": i, "prediction": chosen, "reply": reply, "gold": item["correct"],
                         "correct": chosen == item["correct"]})

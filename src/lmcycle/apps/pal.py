@@ -91,7 +91,11 @@ def answer_with_program(llm, question: str, cfg: DecodingConfig | None = None,
                         sandbox: SandboxConfig | None = None) -> PalAnswer:
     """Ask ``llm`` for a program, run it in the sandbox, return its value (or why there is none)."""
     cfg = (cfg or DecodingConfig(max_new_tokens=256)).model_copy(update={"stop": STOP})
-    completion = llm.complete([pal_prompt(question)], cfg)[0]
+    return run_program(llm.complete([pal_prompt(question)], cfg)[0], sandbox)
+
+
+def run_program(completion: str, sandbox: SandboxConfig | None = None) -> PalAnswer:
+    """Take the program out of a model's ``completion`` and run it in the sandbox."""
     program = extract_program(completion)
     if program is None:
         return PalAnswer(None, None, None, completion)
