@@ -31,11 +31,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from measure import load_average  # noqa: E402
+
 from lmcycle.apps.rag.store import SqliteVectorStore  # noqa: E402
-
-
-def load_average() -> float:
-    return os.getloadavg()[0]
 
 
 def threadpool_limits(n: int) -> None:
