@@ -23,7 +23,7 @@ import time
 
 from measure import load_average
 
-from lmcycle.apps.sandbox import SandboxConfig, isolation_report, run_solution
+from lmcycle.apps.sandbox import SandboxConfig, active_layers, run_solution
 
 PROGRAM = """import math
 def solution():
@@ -66,7 +66,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=40)
     args = parser.parse_args()
     cfg = SandboxConfig()
-    layers = {k: v for k, v in isolation_report().items() if v}
+    layers = active_layers()
     sides = {"sandbox": lambda: run_sandbox(cfg), "subprocess": run_subprocess, "in_process": run_in_process}
     for side in sides.values():  # warm-up: page cache, imports
         side()
@@ -78,7 +78,7 @@ def main() -> None:
         load.append(load_average())
     print(f"python {sys.version.split()[0]}, {args.runs} runs per side, 1-min load average "
           f"{statistics.mean(load):.2f}")
-    print("active sandbox layers: " + ", ".join(sorted(layers)))
+    print("active sandbox layers: " + ", ".join(layers))
     print(f"{'side':<12} {'p50 ms':>9} {'p95 ms':>9}")
     stats = {name: quantiles(ts) for name, ts in times.items()}
     for name, (p50, p95) in stats.items():

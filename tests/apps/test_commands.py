@@ -81,7 +81,8 @@ def test_agent_and_pal_commands_run_a_real_model(store, wide_model_dir, tmp_path
     assert main(["pal", "How many legs do 3 cats have?", "--backend", f"local:{wide_model_dir}",
                  "--max-tokens", "12"]) == 0
     out = capsys.readouterr().out
-    assert "answer: " in out and "sandbox layers active: separate_process" in out
+    layers = next(line for line in out.splitlines() if line.startswith("sandbox layers active: "))
+    assert "answer: " in out and "separate_process" in layers and "empty_env" in layers
 
 
 def test_harness_commands(wide_model_dir, tmp_path, capsys):

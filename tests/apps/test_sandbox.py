@@ -12,6 +12,7 @@ from lmcycle.apps.sandbox import (
     DEFAULT_IMPORTS,
     SandboxConfig,
     SandboxViolation,
+    active_layers,
     calculate,
     check_program,
     isolation_report,
@@ -156,6 +157,10 @@ def test_isolation_report_matches_what_the_child_applied():
         assert child["uid"] == 65534 and report["dropped_privileges"] == "uid 65534"
     if not report["landlock_filesystem"]:
         assert "no filesystem isolation" in report["filesystem_read"]
+    active = active_layers()
+    assert {"separate_process", "empty_env"} <= set(active) and "pid_namespace" not in active
+    assert ("landlock_filesystem" in active) == bool(report["landlock_filesystem"])
+    assert ("filesystem_read" in active) == bool(report["landlock_filesystem"])
 
 
 def test_child_runs_as_nobody_when_parent_is_root():

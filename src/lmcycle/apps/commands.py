@@ -158,14 +158,13 @@ def _agent(args) -> int:
 
 def _pal(args) -> int:
     from lmcycle.apps.pal import answer_with_program
-    from lmcycle.apps.sandbox import SandboxConfig, isolation_report
+    from lmcycle.apps.sandbox import SandboxConfig, active_layers
 
     result = answer_with_program(_backend(args), args.question, _decoding(args), SandboxConfig(timeout_s=args.timeout))
     print(result.program or f"(no solution() in the model's output)\n{result.completion}")
     if result.result is not None and not result.result.ok:
         print(f"sandbox: {result.result.error.kind}: {result.result.error.message}")
-    active = [name for name, on in isolation_report().items() if on is True]
-    print(f"answer: {result.answer}\nsandbox layers active: {', '.join(active)}")
+    print(f"answer: {result.answer}\nsandbox layers active: {', '.join(active_layers())}")
     return 0
 
 

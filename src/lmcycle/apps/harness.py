@@ -21,8 +21,8 @@ from tqdm import tqdm
 
 from lmcycle.apps.cot import COT_EXEMPLARS, check_self_consistency, cot_prompt, extract_cot_answer, majority
 from lmcycle.apps.cot import STOP as COT_STOP
+from lmcycle.apps.pal import PAL_EXEMPLARS, pal_prompt, run_program
 from lmcycle.apps.pal import STOP as PAL_STOP
-from lmcycle.apps.pal import pal_prompt, run_program
 from lmcycle.apps.sandbox import SandboxConfig
 from lmcycle.data.examples import Example
 from lmcycle.errors import LmcycleError
@@ -93,7 +93,7 @@ def gsm8k_harness(llm, examples: list[Example], method: str = "cot", *, cfg: Dec
     for ex, gold, record in zip(examples, golds, records, strict=True):
         record |= {"id": ex.id, "gold": str(gold), "correct": _same_number(record["prediction"], gold)}
     return _scored("gsm8k_accuracy", records, {
-        "method": method, "shots": len(shots), "decoding": describe(cfg), "max_new_tokens": cfg.max_new_tokens,
+        "method": method, "shots": len(PAL_EXEMPLARS) if method == "pal" else len(shots), "decoding": describe(cfg), "max_new_tokens": cfg.max_new_tokens,
         "self_consistency_n": n if method == "self_consistency" else None,
         "extraction": "'The answer is N', else '#### N', else the last number (pal: the returned value)",
         "comparison": "numeric equality with the gold '#### N'", "backend": getattr(llm, "name", "?")})

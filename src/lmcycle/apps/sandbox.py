@@ -637,3 +637,11 @@ def isolation_report() -> dict[str, bool | str]:
             if probe.error is not None:
                 _REPORT["probe_error"] = f"{probe.error.kind}: {probe.error.message}"
         return dict(_REPORT)
+
+
+def active_layers() -> list[str]:
+    """The names of the isolation layers in effect on this host (the ones :func:`isolation_report` shows on)."""
+    report = isolation_report()
+    return sorted(name for name, value in report.items()
+                  if value and name != "probe_error"
+                  and not (name == "filesystem_read" and "no filesystem isolation" in str(value)))
