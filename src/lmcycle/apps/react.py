@@ -14,6 +14,7 @@ only inside the sandbox.
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 
@@ -129,8 +130,8 @@ def run_agent(llm, question: str, tools: list[Tool], cfg: DecodingConfig | None 
         raise LmcycleError("two tools share a name", field="tools")
     cfg = (cfg or DecodingConfig(max_new_tokens=256)).model_copy(
         update={"stop": ["\nObservation:", "\nobservation:"]})
-    descriptions = "\n".join(f"- {t.name}: {t.description} Input: {t.schema()['function']['parameters']}"
-                             for t in tools)
+    descriptions = "\n".join(f"- {t.name}: {t.description} Input: "
+                             f"{json.dumps(t.schema()['function']['parameters']['properties'])}" for t in tools)
     transcript = prompt.format(tools=descriptions, names=", ".join(by_name), question=question)
     trace = Trace()
     trace.record("question", question=question, tools=sorted(by_name), settings=cfg.model_dump())
