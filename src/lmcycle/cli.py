@@ -18,6 +18,7 @@ from lmcycle.errors import LmcycleError
 SINGLE_STAGES = ("build", "pretrain", "sft", "generate", "explore", "eval", "rm", "dpo", "ppo", "classifier",
                  "distill", "quantize", "prune", "compare")
 STAGE_OF_COMMAND = {"rm": "reward"}  # commands named differently from their stage type
+APP_COMMANDS = ("rag", "agent", "pal", "harness")  # lmcycle.apps.commands
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -41,6 +42,9 @@ def _parser() -> argparse.ArgumentParser:
     _add_adapters_parser(sub)
     _add_plan_parser(sub)
     _add_serve_parser(sub)
+    from lmcycle.apps.commands import add_parsers
+
+    add_parsers(sub)
     return p
 
 
@@ -203,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     if stray:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     if extra:
-        if args.command in ("report", "adapters", "serve"):
+        if args.command in ("report", "adapters", "serve", *APP_COMMANDS):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         getattr(args, "overrides" if args.command == "run" else "fields").extend(extra)
     try:
@@ -230,6 +234,10 @@ def _dispatch(args) -> int:
         return _adapters(args)
     if args.command == "serve":
         return _serve(args)
+    if args.command in APP_COMMANDS:
+        from lmcycle.apps.commands import dispatch
+
+        return dispatch(args)
     if args.command == "report":
         from lmcycle.report import write_report
 

@@ -53,6 +53,8 @@ STAGES: dict[str, tuple[str, str, str]] = {
     "quantize": ("lmcycle.optimize.quantize", "QuantizeStage", "run_quantize"),
     "prune": ("lmcycle.optimize.prune", "PruneStage", "run_prune"),
     "compare": ("lmcycle.optimize.compare", "CompareStage", "run_compare"),
+    "retrieval": ("lmcycle.apps.stages", "RetrievalStage", "run_retrieval"),
+    "harness": ("lmcycle.apps.stages", "HarnessStage", "run_harness"),
     "report": ("lmcycle.report", "ReportStage", "run_report"),
 }
 DATA_PARALLEL_STAGES = {"pretrain", "sft"}

@@ -64,19 +64,22 @@ def write_report(run_dir: str | os.PathLike, title: str | None = None,
     if artifacts is None:
         artifacts = _read_json(run_dir / "artifacts.json") or {}
     from lmcycle.report_alignment import alignment_section, alignment_stages, ppo_sections
+    from lmcycle.report_apps import APP_KINDS, apps_section
     from lmcycle.report_optimize import OPTIMIZE_KINDS, optimize_section
 
     aligned = alignment_stages(config, rows)
     optimized = stages_of_kinds(config, rows, OPTIMIZE_KINDS)
-    # Alignment and optimization stages write eval.json too; they get their own sections, not rows among the
-    # generation evals.
-    evals = [e for e in _load_evals(run_dir, artifacts) if e["stage"] not in aligned and e["stage"] not in optimized]
+    applied = stages_of_kinds(config, rows, APP_KINDS)
+    # Alignment, optimization and application stages write eval.json too; they get their own sections, not rows
+    # among the generation evals.
+    own_section = {*aligned, *optimized, *applied}
+    evals = [e for e in _load_evals(run_dir, artifacts) if e["stage"] not in own_section]
 
     parts = [_header(run_dir, config, rows, title), _stage_times(rows, config),
              _evaluation(run_dir, evals), _by_model_and_dataset(run_dir, evals),
              _finetuning(run_dir, config, rows, artifacts, evals),
              alignment_section(run_dir, aligned, rows, artifacts), ppo_sections(run_dir, rows),
-             optimize_section(run_dir, optimized, rows, artifacts),
+             optimize_section(run_dir, optimized, rows, artifacts), apps_section(run_dir, applied, artifacts),
              _training(run_dir, rows), _explore(run_dir, artifacts),
              _examples(evals), _settings(evals)]
     path = run_dir / "report.md"

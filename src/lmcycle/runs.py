@@ -93,6 +93,14 @@ class RunContext:
 
         return local_copy(ref)
 
+    def recipe_path(self, path: str) -> str:
+        """A file path a stage field names: relative paths resolve against the recipe's folder, as dataset
+        paths do (from the command line, against the working directory)."""
+        p = Path(path)
+        if p.is_absolute() or not Path(self.recipe_file).is_file():
+            return str(p)
+        return os.path.normpath(Path(self.recipe_file).parent / p)
+
     def dataset(self, name: str) -> list:
         """The examples of the recipe's dataset ``name`` (loaded once, then cached)."""
         if name not in self._datasets:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import socket
 import threading
 import time
 
@@ -11,7 +9,7 @@ import httpx2 as httpx  # the HTTP library the openai client itself uses
 import openai
 import pytest
 import torch
-import uvicorn
+from loopback import running
 from tiny_lm import make_tokenizer, save_tiny, tiny_llama, tiny_t5
 
 from lmcycle.adapt.lora import LoraConfig, add_lora, lora_layers, save_lora
@@ -40,29 +38,9 @@ def served(tmp_path_factory):
     base = save_tiny(tiny_llama(tok), tok, root / "base")
     adapters = {"ad1": _adapter(base, root / "ad1", 1), "ad2": _adapter(base, root / "ad2", 2)}
     app = create_app(base, adapters, api_key=KEY, batch_wait_s=0.05)
-    with _running(app) as url:
+    with running(app) as url:
         client = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=60)
         yield {"url": url, "client": client, "base": base, "adapters": adapters, "app": app}
-
-
-@contextlib.contextmanager
-def _running(app):
-    """Serve ``app`` with uvicorn on a free loopback port in a background thread; yields its URL."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    for _ in range(400):
-        if server.started:
-            break
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
 
 
 def _in_process(path, prompts, max_tokens, adapter=None):
@@ -79,7 +57,7 @@ def test_an_encoder_decoder_with_mixed_adapters_serves_what_generate_gives(tmp_p
     want = {name: _in_process(base, PROMPTS, 6, adapters.get(name)) for name in ("t5", "t5ad")}
     assert want["t5"] != want["t5ad"]
     app = create_app(base, adapters, batch_wait_s=0.1)
-    with _running(app) as url:
+    with running(app) as url:
         client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=60)
         got: dict = {}
 
@@ -307,7 +285,7 @@ def test_full_queue_answers_429_and_slow_requests_503(served):
 
     busy = engine.submit(_engine_job(engine, "the", 3, on_token=block))
     assert started.wait(timeout=30)  # the worker is now stuck inside a decode step
-    with _running(app) as url:
+    with running(app) as url:
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=30)
         with pytest.raises(openai.InternalServerError) as slow:  # waits in the queue past its timeout
             client.completions.create(model="base", prompt="x", max_tokens=2)

@@ -1,0 +1,187 @@
+"""Benchmark harnesses that score any backend: GSM8K (direct, chain-of-thought, self-consistency, PAL) and
+TruthfulQA multiple choice (MC1).
+
+Every result carries the settings that produced it (method, shots, decoding, extraction, n) next to the score,
+and the per-question records (question id, prediction, gold, correct) so a user can see what was counted.
+
+TruthfulQA MC1 has two modes: ``letter`` works with every backend (the options are shuffled with a fixed seed,
+lettered, and the first option letter of the reply is the choice); ``likelihood`` is the paper's MC1 — the
+option with the highest summed log-probability after ``Q: ...\\nA:`` — and needs an in-process model.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+from tqdm import tqdm
+
+from lmcycle.apps.cot import COT_EXEMPLARS, check_self_consistency, cot_prompt, extract_cot_answer, majority
+from lmcycle.apps.cot import STOP as COT_STOP
+from lmcycle.apps.pal import PAL_EXEMPLARS, pal_prompt, run_program
+from lmcycle.apps.pal import STOP as PAL_STOP
+from lmcycle.apps.sandbox import SandboxConfig
+from lmcycle.data.examples import Example
+from lmcycle.errors import LmcycleError
+from lmcycle.evals.gsm8k import extract_answer
+from lmcycle.models.generate import DecodingConfig, describe
+
+GSM8K_METHODS = ("direct", "cot", "self_consistency", "pal")
+
+
+def _same_number(answer: str | None, gold) -> bool:
+    if answer is None:
+        return False
+    value = extract_answer(answer)
+    return value is not None and value == gold
+
+
+def _complete_all(llm, prompts: list[str], cfg: DecodingConfig, desc: str, progress: bool) -> list[str]:
+    """Every prompt's completion, sent in groups of ``CHUNK`` (a local model batches them; an OpenAI-compatible
+    server gets one request per group), with a progress bar over the groups."""
+    out: list[str] = []
+    for i in tqdm(range(0, len(prompts), CHUNK), desc=desc, disable=not progress):
+        out += llm.complete(prompts[i:i + CHUNK], cfg)
+    return out
+
+
+def gsm8k_harness(llm, examples: list[Example], method: str = "cot", *, cfg: DecodingConfig | None = None,
+                  shots: list[Example] | None = None, n: int = 5, sandbox: SandboxConfig | None = None,
+                  progress: bool = True) -> dict:
+    """Accuracy (x100) of ``llm`` on GSM8K ``examples`` (targets end in ``#### N``) with ``method``.
+
+    ``direct``: the question and ``A: The answer is`` (no reasoning); ``cot``: few-shot chain-of-thought (default
+    exemplars :data:`lmcycle.apps.cot.COT_EXEMPLARS`, or ``shots``); ``self_consistency``: ``n`` sampled CoT paths,
+    majority vote (``cfg`` must sample); ``pal``: a program run in the sandbox.
+    """
+    if method not in GSM8K_METHODS:
+        raise LmcycleError(f"unknown GSM8K method '{method}' (known: {', '.join(GSM8K_METHODS)})", field="method")
+    cfg = cfg or DecodingConfig(max_new_tokens=256)
+    if method == "self_consistency":
+        check_self_consistency(n, cfg)
+    shots = COT_EXEMPLARS if shots is None else shots
+    golds = [extract_answer(ex.target) for ex in examples]
+    for ex, gold in zip(examples, golds, strict=True):
+        if gold is None:
+            raise LmcycleError(f"GSM8K example '{ex.id}' has no gold answer", field="targets")
+    if method == "pal":
+        prompts = [pal_prompt(ex.input) for ex in examples]
+        completions = _complete_all(llm, prompts, cfg.model_copy(update={"stop": PAL_STOP}), "gsm8k pal", progress)
+        results = [run_program(c, sandbox) for c in completions]
+        records = [{"prediction": r.answer, "program": r.program, "completion": c,
+                    "error": r.result.error.kind if r.result and r.result.error else None}
+                   for r, c in zip(results, completions, strict=True)]
+    else:
+        prompts = [cot_prompt(ex.input, shots) for ex in examples]
+        if method == "direct":
+            prompts = [p.rsplit("A:", 1)[0] + "A: The answer is" for p in prompts]
+        copies = n if method == "self_consistency" else 1
+        completions = _complete_all(llm, [p for p in prompts for _ in range(copies)],
+                                    cfg.model_copy(update={"stop": COT_STOP}), f"gsm8k {method}", progress)
+        records = []
+        for i in range(len(examples)):
+            paths = completions[i * copies:(i + 1) * copies]
+            if method == "self_consistency":
+                answer, votes = majority([extract_cot_answer(c) for c in paths])
+                records.append({"prediction": answer, "votes": votes})
+            else:
+                text = paths[0] if method == "cot" else f"The answer is {paths[0]}"
+                records.append({"prediction": extract_cot_answer(text), "completion": paths[0]})
+    for ex, gold, record in zip(examples, golds, records, strict=True):
+        record |= {"id": ex.id, "gold": str(gold), "correct": _same_number(record["prediction"], gold)}
+    return _scored("gsm8k_accuracy", records, {
+        "method": method, "shots": len(PAL_EXEMPLARS) if method == "pal" else len(shots), "decoding": describe(cfg), "max_new_tokens": cfg.max_new_tokens,
+        "self_consistency_n": n if method == "self_consistency" else None,
+        "extraction": "'The answer is N', else '#### N', else the last number (pal: the returned value)",
+        "comparison": "numeric equality with the gold '#### N'", "backend": getattr(llm, "name", "?")})
+
+
+CHUNK = 16
+LETTERS = "ABCDEFGHIJKLMNOP"
+
+
+def load_truthfulqa_mc(path: str | Path) -> list[dict]:
+    """``mc_task.json`` items as ``{"question", "options", "correct"}`` (MC1: one true option, listed first)."""
+    file = Path(path)
+    file = file / "mc_task.json" if file.is_dir() else file
+    try:
+        items = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise LmcycleError(f"cannot read TruthfulQA: {e}", file=file) from None
+    out = []
+    for i, item in enumerate(items):
+        targets = item.get("mc1_targets") if isinstance(item, dict) else None
+        if not isinstance(targets, dict) or sorted(targets.values()).count(1) != 1:
+            raise LmcycleError(f"item {i} has no mc1_targets with exactly one true option", file=file,
+                               field="mc1_targets")
+        options = list(targets)
+        out.append({"question": item["question"], "options": options,
+                    "correct": next(o for o in options if targets[o] == 1)})
+    return out
+
+
+def _letter_prompt(question: str, options: list[str]) -> str:
+    lines = "\n".join(f"{LETTERS[i]}. {o}" for i, o in enumerate(options))
+    return (f"Choose the true answer.\n\nQuestion: {question}\n{lines}\n"
+            f"Reply with one letter ({LETTERS[0]}-{LETTERS[len(options) - 1]}).\nAnswer:")
+
+
+def first_letter(text: str, count: int) -> int | None:
+    """The index of the first option letter in ``text`` (a lone capital A.., as in 'B', '(B)', 'B.')."""
+    found = re.search(rf"\b([{LETTERS[:count]}])\b", text)
+    return LETTERS.index(found.group(1)) if found else None
+
+
+def truthfulqa_mc1(llm, items: list[dict], mode: str = "letter", *, seed: int = 0,
+                   cfg: DecodingConfig | None = None, progress: bool = True) -> dict:
+    """MC1 accuracy (x100): the share of questions where the true option is the one chosen."""
+    if mode not in ("letter", "likelihood"):
+        raise LmcycleError(f"unknown TruthfulQA mode '{mode}' (letter or likelihood)", field="mode")
+    if mode == "likelihood" and not hasattr(llm, "continuation_logprobs"):
+        raise LmcycleError("likelihood scoring needs an in-process model (local backend); use mode letter",
+                           field="mode")
+    cfg = cfg or DecodingConfig(max_new_tokens=4)
+    rng = random.Random(seed)
+    shown = []
+    for item in items:
+        options = item["options"][:len(LETTERS)]
+        rng.shuffle(options)  # the true option is listed first in the data
+        shown.append(options)
+    if mode == "letter":
+        replies = _complete_all(llm, [_letter_prompt(it["question"], o) for it, o in zip(items, shown, strict=True)],
+                                cfg, "truthfulqa letter", progress)
+        choices = [first_letter(r, len(o)) for r, o in zip(replies, shown, strict=True)]
+    else:
+        replies = [None] * len(items)
+        choices = []
+        for item, options in zip(tqdm(items, desc="truthfulqa likelihood", disable=not progress), shown, strict=True):
+            scores = llm.continuation_logprobs(f"Q: {item['question']}\nA:", [f" {o}" for o in options])
+            choices.append(max(range(len(options)), key=scores.__getitem__))
+    records = []
+    for i, (item, options, choice, reply) in enumerate(zip(items, shown, choices, replies, strict=True)):
+        chosen = options[choice] if choice is not None else None
+        records.append({"id": i, "prediction": chosen, "reply": reply, "gold": item["correct"],
+                        "correct": chosen == item["correct"]})
+    chance = sum(1 / min(len(it["options"]), len(LETTERS)) for it in items) / len(items) * 100 if items else 0.0
+    return _scored("truthfulqa_mc1", records, {
+        "mode": mode, "option_order": f"shuffled, random.Random({seed})", "chance_accuracy": round(chance, 2),
+        "decoding": describe(cfg) if mode == "letter" else None, "backend": getattr(llm, "name", "?"),
+        "extraction": "first option letter in the reply" if mode == "letter" else "highest summed log-prob"})
+
+
+def _scored(metric: str, records: list[dict], settings: dict) -> dict:
+    n = len(records)
+    accuracy = 100.0 * sum(r["correct"] for r in records) / n if n else 0.0
+    return {metric: accuracy, "n": n, "settings": settings | {"n": n}, "records": records}
+
+
+def save_result(result: dict, path: str | Path, on_disk: Callable[[dict], dict] | None = None) -> Path:
+    """Write a harness result as JSON, atomically."""
+    from lmcycle.atomic import atomic_write_text
+
+    path = Path(path)
+    atomic_write_text(path, json.dumps(on_disk(result) if on_disk else result, indent=1, ensure_ascii=False) + "\n")
+    return path

@@ -1,0 +1,95 @@
+"""The applications as recipe stages, so their scores land in the run's report beside every other stage's:
+
+- ``retrieval``: recall@1/5/10 and MRR of BM25, dense and hybrid retrieval on XQuAD-format data (the paragraphs
+  are the corpus, each question's own paragraph the gold).
+- ``harness``: GSM8K (direct, cot, self_consistency, pal) or TruthfulQA MC1 (letter, likelihood) accuracy of a
+  model of the run (``model``: latest, a stage name, a path or hub id) or of any served model (``backend``).
+
+Each writes ``eval.json`` (``metrics`` and ``settings``) and the harness also ``records.jsonl`` (per question:
+prediction, gold, correct, and the completion or program).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Literal
+
+from pydantic import Field
+
+from lmcycle.atomic import atomic_write_json, atomic_write_text
+from lmcycle.config import Config
+from lmcycle.errors import LmcycleError
+from lmcycle.models.generate import DecodingConfig
+from lmcycle.runs import RunContext
+
+HARNESS_METHODS = {"gsm8k": ("direct", "cot", "self_consistency", "pal"), "truthfulqa": ("letter", "likelihood")}
+
+
+class RetrievalStage(Config):
+    """Retrieval quality on XQuAD-format data."""
+
+    type: Literal["retrieval"] = "retrieval"
+    name: str | None = None
+    path: str = Field(description="XQuAD / SQuAD v1.1 JSON file or its folder")
+    encoder: str | None = Field(None, description="HF encoder (default all-MiniLM-L6-v2)")
+    articles: int | None = Field(None, ge=1, description="only the first N articles")
+    rrf_k: float = Field(60.0, gt=0)
+
+
+def run_retrieval(cfg: RetrievalStage, ctx: RunContext) -> dict[str, str]:
+    from lmcycle.apps.rag.encoder import Encoder
+    from lmcycle.apps.rag.xquad_eval import evaluate_xquad_retrieval
+
+    name = cfg.name or "retrieval"
+    data = ctx.recipe_path(cfg.path)
+    result = evaluate_xquad_retrieval(data, Encoder(cfg.encoder) if cfg.encoder else None,
+                                      articles=cfg.articles, rrf_k=cfg.rrf_k)
+    metrics = {f"{mode}.{k}": v for mode in ("bm25", "dense", "hybrid") for k, v in result[mode].items()}
+    metrics |= {"n": result["n_questions"], "paragraphs": result["n_paragraphs"],
+                "paragraphs_truncated": result["n_truncated"]}
+    path = ctx.stage_dir(name) / "eval.json"
+    atomic_write_json(path, {"metrics": metrics, "settings": result["settings"] | {"data": data}})
+    ctx.log(name, **{k: v for k, v in metrics.items() if k.startswith("hybrid.")})
+    return {"eval": str(path)}
+
+
+class HarnessStage(Config):
+    """A benchmark harness over a model of the run or any OpenAI-compatible server."""
+
+    type: Literal["harness"] = "harness"
+    name: str | None = None
+    benchmark: Literal["gsm8k", "truthfulqa"]
+    path: str = Field(description="GSM8K folder / test jsonl, or TruthfulQA folder / mc_task.json")
+    method: str = Field("cot", description="gsm8k: direct|cot|self_consistency|pal; truthfulqa: letter|likelihood")
+    model: str | None = Field(None, description="latest, a stage name, a path or a hub id")
+    backend: str | None = Field(None, description="openai:BASE_URL#MODEL instead of an in-process model")
+    limit: int | None = Field(None, ge=1)
+    n: int = Field(5, ge=1, description="self-consistency samples")
+    decoding: DecodingConfig = DecodingConfig(max_new_tokens=256)
+
+
+def run_harness(cfg: HarnessStage, ctx: RunContext) -> dict[str, str]:
+    from lmcycle.apps.harness import gsm8k_harness, load_truthfulqa_mc, truthfulqa_mc1
+    from lmcycle.apps.llm import LocalLLM, backend_from_spec
+
+    name = cfg.name or "harness"
+    if cfg.method not in HARNESS_METHODS[cfg.benchmark]:
+        raise LmcycleError(f"{cfg.benchmark} has no method '{cfg.method}' (known: "
+                           f"{', '.join(HARNESS_METHODS[cfg.benchmark])})", file=ctx.recipe_file, field="method")
+    llm = backend_from_spec(cfg.backend) if cfg.backend else LocalLLM(ctx.model_path(cfg.model), device=ctx.device)
+    data = ctx.recipe_path(cfg.path)
+    if cfg.benchmark == "gsm8k":
+        from lmcycle.data.gsm8k import load_gsm8k
+
+        result = gsm8k_harness(llm, load_gsm8k(data, "test")[: cfg.limit], cfg.method, cfg=cfg.decoding, n=cfg.n)
+    else:
+        result = truthfulqa_mc1(llm, load_truthfulqa_mc(data)[: cfg.limit], cfg.method, cfg=cfg.decoding)
+    metric = next(iter(result))
+    out = ctx.stage_dir(name)
+    atomic_write_text(out / "records.jsonl",
+                      "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in result["records"]))
+    settings = result["settings"] | {"benchmark": cfg.benchmark, "data": data, "model": llm.name}
+    atomic_write_json(out / "eval.json", {"metrics": {metric: result[metric], "n": result["n"]},
+                                          "settings": settings})
+    ctx.log(name, **{metric: result[metric], "n": result["n"]})
+    return {"eval": str(out / "eval.json"), "records": str(out / "records.jsonl")}
