@@ -152,7 +152,9 @@ def _agent(args) -> int:
             print(f"[{step['step']} {step['tool']}] {step['input']!r} -> {step['observation'][:200]!r}")
         elif step["step"] == "parse_error":
             print(f"[unreadable step] {step['error']}")
-    print(f"answer: {result.answer}" if result.answer is not None else f"no answer (stopped: {result.stopped})")
+    why = {"max_steps": f"the step cap of {args.max_steps} was reached",
+           "context_window": f"the transcript outgrew the model's context window ({result.steps} steps done)"}
+    print(f"answer: {result.answer}" if result.answer is not None else f"no answer: {why[result.stopped]}")
     return 0
 
 

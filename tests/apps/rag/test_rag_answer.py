@@ -44,5 +44,8 @@ def test_sources_that_do_not_fit_are_dropped_lowest_first(retriever):
                              cfg=DecodingConfig(max_new_tokens=16))
     assert [s.key for s in fitted.sources] == [s.key for s in full.sources][: len(fitted.sources)]
     assert 1 <= len(fitted.sources) < len(full.sources)
-    with pytest.raises(LmcycleError, match="the question alone does not fit"):
-        answer_question(ScriptedLLM(["x"], context_window=10), retriever, "Etna", k=2, mode="bm25")
+    with pytest.raises(LmcycleError, match="not even the best passage fits the model's context window of 60"):
+        answer_question(ScriptedLLM(["x"], context_window=60), retriever, "Etna", k=2, mode="bm25")
+    empty = Retriever(SqliteVectorStore(None), encoder=None)
+    with pytest.raises(LmcycleError, match="no passages"):
+        answer_question(big, empty, "Etna", mode="bm25")

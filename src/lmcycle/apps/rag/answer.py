@@ -34,16 +34,19 @@ class RagAnswer:
 
 def answer_question(llm, retriever: Retriever, question: str, *, k: int = 5, mode: str = "hybrid",
                     cfg: DecodingConfig | None = None) -> RagAnswer:
-    """Retrieve, prompt with numbered sources (as many as fit), answer, check the citations."""
+    """Retrieve, prompt with numbered sources (as many as fit, at least one), answer, check the citations."""
     cfg = cfg or DecodingConfig(max_new_tokens=128)
     sources = sources_from_hits(retriever.retrieve(question, k, mode))
+    if not sources:
+        raise LmcycleError("the store returned no passages (is it empty?)", field="store")
     while True:
         prompt = build_prompt(question, sources)
         if llm.count_tokens(prompt) + cfg.max_new_tokens <= llm.context_window:
             break
-        if not sources:
-            raise LmcycleError(f"the question alone does not fit the model's context window of "
-                               f"{llm.context_window} tokens with {cfg.max_new_tokens} new tokens", field="question")
+        if len(sources) == 1:  # an answer without any source would be exactly what RAG is meant to prevent
+            raise LmcycleError(f"not even the best passage fits the model's context window of {llm.context_window} "
+                               f"tokens with {cfg.max_new_tokens} new tokens: use smaller chunks (rag ingest "
+                               "--chunk-tokens), fewer new tokens, or a model with a longer window", field="question")
         sources = sources[:-1]  # the lowest-ranked source goes first
     answer = llm.complete([prompt], cfg)[0].strip()
     return RagAnswer(question, answer, sources, check_citations(answer, sources), prompt)
