@@ -165,7 +165,7 @@ def test_isolation_report_matches_what_the_child_applied():
 
 def test_child_runs_as_nobody_when_parent_is_root():
     if os.geteuid() != 0:
-        pytest.skip("only meaningful when the tests run as root")
+        pytest.skip(reason="only meaningful when the tests run as root")
     r = run_solution(POSIX + "def solution():\n    return [posix.getuid(), posix.geteuid(), posix.getgid()]\n", RAW)
     assert r.ok and r.value == [65534, 65534, 65534]
 

@@ -84,7 +84,7 @@ def _kernel(*layers: str):
     """Skip unless at least one of ``layers`` is active here: the test is about that layer, not a pretence."""
     report = isolation_report()
     if not any(report.get(layer) for layer in layers):
-        pytest.skip(f"none of {layers} is active on this host (see isolation_report())")
+        pytest.skip(reason=f"none of {layers} is active on this host (see isolation_report())")
 
 
 # ------------------------------------------------------------------ caught by the pre-filter (default config)
