@@ -171,21 +171,18 @@ def _pal(args) -> int:
 
 
 def _harness(args) -> int:
-    from lmcycle.apps.harness import gsm8k_harness, load_truthfulqa_mc, save_result, truthfulqa_mc1
+    from lmcycle.apps.harness import run_benchmark
+    from lmcycle.atomic import atomic_write_json
 
     llm, cfg = _backend(args), _decoding(args)
-    if args.benchmark == "gsm8k":
-        from lmcycle.data.gsm8k import load_gsm8k
-
-        if args.method == "self_consistency":  # sampled paths, as in Wang et al. (T = 0.7)
-            cfg = cfg.model_copy(update={"do_sample": True, "temperature": 0.7})
-        examples = load_gsm8k(args.data, "test")
-        result = gsm8k_harness(llm, examples[: args.limit], args.method, cfg=cfg, n=args.n)
-    else:
-        items = load_truthfulqa_mc(args.data)[: args.limit]
-        result = truthfulqa_mc1(llm, items, args.method, cfg=cfg.model_copy(update={"max_new_tokens": 4}))
+    if args.method == "self_consistency":  # sampled paths, as in Wang et al. (T = 0.7)
+        cfg = cfg.model_copy(update={"do_sample": True, "temperature": 0.7})
+    if args.benchmark == "truthfulqa":  # a letter is all a reply needs
+        cfg = cfg.model_copy(update={"max_new_tokens": 4})
+    result = run_benchmark(llm, args.benchmark, args.data, args.method, cfg, limit=args.limit, n=args.n)
     metric = next(iter(result))
     print(f"{metric}: {result[metric]:.2f} (n={result['n']})  settings: {json.dumps(result['settings'])}")
     if args.out:
-        print(f"written: {save_result(result, args.out)}")
+        atomic_write_json(args.out, result)
+        print(f"written: {args.out}")
     return 0

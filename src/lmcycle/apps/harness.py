@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import random
 import re
-from collections.abc import Callable
 from pathlib import Path
 
 from tqdm import tqdm
@@ -30,6 +29,7 @@ from lmcycle.evals.gsm8k import extract_answer
 from lmcycle.models.generate import DecodingConfig, describe
 
 GSM8K_METHODS = ("direct", "cot", "self_consistency", "pal")
+METHODS = {"gsm8k": GSM8K_METHODS, "truthfulqa": ("letter", "likelihood")}
 
 
 def _same_number(answer: str | None, gold) -> bool:
@@ -178,10 +178,15 @@ def _scored(metric: str, records: list[dict], settings: dict) -> dict:
     return {metric: accuracy, "n": n, "settings": settings | {"n": n}, "records": records}
 
 
-def save_result(result: dict, path: str | Path, on_disk: Callable[[dict], dict] | None = None) -> Path:
-    """Write a harness result as JSON, atomically."""
-    from lmcycle.atomic import atomic_write_text
+def run_benchmark(llm, benchmark: str, path: str | Path, method: str, cfg: DecodingConfig, *,
+                  limit: int | None = None, n: int = 5) -> dict:
+    """Load ``benchmark``'s test data from ``path`` (its first ``limit`` questions) and score ``llm`` with
+    ``method``: what ``lmcycle harness`` and the ``harness`` stage both run."""
+    if method not in METHODS.get(benchmark, ()):
+        raise LmcycleError(f"{benchmark} has no method '{method}' (known: {', '.join(METHODS.get(benchmark, ()))})",
+                           field="method")
+    if benchmark == "gsm8k":
+        from lmcycle.data.gsm8k import load_gsm8k
 
-    path = Path(path)
-    atomic_write_text(path, json.dumps(on_disk(result) if on_disk else result, indent=1, ensure_ascii=False) + "\n")
-    return path
+        return gsm8k_harness(llm, load_gsm8k(path, "test")[:limit], method, cfg=cfg, n=n)
+    return truthfulqa_mc1(llm, load_truthfulqa_mc(path)[:limit], method, cfg=cfg)

@@ -96,17 +96,21 @@ class SummaryMemory(BufferMemory):
     def messages(self) -> list[Message]:
         """A system message with the summary (when there is one), then the newest messages that fit with it."""
         self._fold()
-        shown = [Message("system", f"Summary of the earlier conversation: {self.summary}")] if self.summary else []
-        room = self.max_tokens - sum(self.count_tokens(m.render()) for m in shown)
-        return shown + self._newest_within(self.history[self.summarised:], max(room, 0))
+        shown = self._summary_message()
+        return shown + self._newest_within(self.history[self.summarised:], max(self._room(), 0))
+
+    def _summary_message(self) -> list[Message]:
+        return [Message("system", f"Summary of the earlier conversation: {self.summary}")] if self.summary else []
+
+    def _room(self) -> int:
+        """Tokens left for recent messages beside the summary."""
+        return self.max_tokens - sum(self.count_tokens(m.render()) for m in self._summary_message())
 
     def _fold(self) -> None:
         """Summarise every message that no longer fits beside the current summary."""
         while True:
-            shown = f"system: Summary of the earlier conversation: {self.summary}\n" if self.summary else ""
-            room = self.max_tokens - (self.count_tokens(shown) if shown else 0)
             recent = self.history[self.summarised:]
-            dropped = len(recent) - len(self._newest_within(recent, room))
+            dropped = len(recent) - len(self._newest_within(recent, self._room()))
             if dropped == 0 or self.llm is None:
                 return
             lines = "".join(m.render() for m in recent[:dropped])

@@ -18,11 +18,8 @@ from pydantic import Field
 
 from lmcycle.atomic import atomic_write_json, atomic_write_text
 from lmcycle.config import Config
-from lmcycle.errors import LmcycleError
 from lmcycle.models.generate import DecodingConfig
 from lmcycle.runs import RunContext
-
-HARNESS_METHODS = {"gsm8k": ("direct", "cot", "self_consistency", "pal"), "truthfulqa": ("letter", "likelihood")}
 
 
 class RetrievalStage(Config):
@@ -69,21 +66,13 @@ class HarnessStage(Config):
 
 
 def run_harness(cfg: HarnessStage, ctx: RunContext) -> dict[str, str]:
-    from lmcycle.apps.harness import gsm8k_harness, load_truthfulqa_mc, truthfulqa_mc1
+    from lmcycle.apps.harness import run_benchmark
     from lmcycle.apps.llm import LocalLLM, backend_from_spec
 
     name = cfg.name or "harness"
-    if cfg.method not in HARNESS_METHODS[cfg.benchmark]:
-        raise LmcycleError(f"{cfg.benchmark} has no method '{cfg.method}' (known: "
-                           f"{', '.join(HARNESS_METHODS[cfg.benchmark])})", file=ctx.recipe_file, field="method")
-    llm = backend_from_spec(cfg.backend) if cfg.backend else LocalLLM(ctx.model_path(cfg.model), device=ctx.device)
     data = ctx.recipe_path(cfg.path)
-    if cfg.benchmark == "gsm8k":
-        from lmcycle.data.gsm8k import load_gsm8k
-
-        result = gsm8k_harness(llm, load_gsm8k(data, "test")[: cfg.limit], cfg.method, cfg=cfg.decoding, n=cfg.n)
-    else:
-        result = truthfulqa_mc1(llm, load_truthfulqa_mc(data)[: cfg.limit], cfg.method, cfg=cfg.decoding)
+    llm = backend_from_spec(cfg.backend) if cfg.backend else LocalLLM(ctx.model_path(cfg.model), device=ctx.device)
+    result = run_benchmark(llm, cfg.benchmark, data, cfg.method, cfg.decoding, limit=cfg.limit, n=cfg.n)
     metric = next(iter(result))
     out = ctx.stage_dir(name)
     atomic_write_text(out / "records.jsonl",

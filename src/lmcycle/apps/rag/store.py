@@ -98,10 +98,8 @@ class SqliteVectorStore:
         return [r[0] for r in self._db.execute("SELECT key FROM chunks WHERE source = ? ORDER BY rowid", (source,))]
 
     def get(self, key: str) -> dict[str, Any]:
-        row = self._db.execute("SELECT source, start, end, text, meta FROM chunks WHERE key = ?", (key,)).fetchone()
-        if row is None:
-            raise KeyError(key)
-        return _metadata(row)
+        """The chunk's metadata (a copy), from memory: it mirrors what the last commit wrote."""
+        return dict(self._meta[self._row[key]])
 
     def items(self) -> Iterator[tuple[str, dict[str, Any]]]:
         """(key, metadata) of every chunk, in matrix order."""
