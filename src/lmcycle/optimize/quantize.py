@@ -410,7 +410,8 @@ def load_quantized(path: str | os.PathLike, device: str = "cpu") -> tuple[nn.Mod
     record = read_record(path)
     dtype = getattr(torch, record.get("dtype") or "float32")
     try:
-        model = _model_class(path).from_pretrained(path, dtype=dtype, device_map=device)
+        # No device_map: transformers needs accelerate for one, which is not a dependency of ours.
+        model = _model_class(path).from_pretrained(path, dtype=dtype).to(device)
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError, RuntimeError) as e:
         first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
