@@ -375,7 +375,8 @@ def test_a_small_request_behind_a_huge_one_is_not_starved(served):
     gets into the next batch and is answered long before the big one, which still samples as generate does."""
     app = create_app(served["base"], max_batch=4, batch_wait_s=0.01)
     engine = app.state.engine
-    slow = engine.model.register_forward_pre_hook(lambda *_: time.sleep(0.01))  # ~3 s for the big request
+    decoding = threading.Event()
+    slow = engine.model.register_forward_pre_hook(lambda *_: decoding.set() or time.sleep(0.01))  # ~3 s for big
     prompts = ["the cat", "red", "the dog sees", "green", "moon", "the", "sees the", "cat"]
     big_kw = dict(model="base", prompt=prompts, n=4, max_tokens=40, temperature=1.0, seed=5)
     done: dict = {}
@@ -389,11 +390,7 @@ def test_a_small_request_behind_a_huge_one_is_not_starved(served):
 
             thread = threading.Thread(target=big)
             thread.start()
-            for _ in range(500):  # until the worker has taken the big request's first batch
-                if 0 < engine.waiting() <= 28:
-                    break
-                time.sleep(0.01)
-            assert engine.waiting() >= 24  # most of it still waits
+            assert decoding.wait(timeout=30)  # the worker is inside the big request's first batch
             small = client.completions.create(model="base", prompt="the cat", max_tokens=2, temperature=0)
             small_at = time.monotonic()
             thread.join(timeout=60)
