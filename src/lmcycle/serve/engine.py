@@ -49,7 +49,8 @@ class Job:
     """One request: its prompt's token ids, decoded ``n`` times with ``cfg`` and the adapter (None = base).
 
     ``on_token(choice_index, token_id)`` is called from the worker thread for every new token (EOS excluded).
-    Setting ``cancelled`` stops the request's decoding; its future then holds the choices so far.
+    Setting ``cancelled`` stops the request's decoding; its future then holds the choices so far (those that
+    never reached a batch are empty, ``length``).
     """
 
     ids: list[int]
@@ -89,7 +90,7 @@ class Engine:
     """Loads the base and adapters once; ``submit`` a :class:`Job`, wait on its future for its choices."""
 
     def __init__(self, model_dir: str, adapters: dict[str, str] | None = None, *, device: str = "cpu",
-                 max_batch: int = 8, batch_wait_s: float = 0.01, max_queue: int = 64):
+                 max_batch: int = 8, batch_wait_s: float = 0.01, max_queue: int = 256):
         from lmcycle.adapt.lora import load_lora, per_row_adapters, set_active_adapter
 
         for value, name in ((max_batch, "max_batch"), (max_queue, "max_queue")):
