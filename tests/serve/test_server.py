@@ -229,6 +229,8 @@ def test_cli_serve_rejects_a_malformed_adapter_option(served, capsys):
     assert "NAME=DIR" in capsys.readouterr().err
     assert main(["serve", "--model", served["base"], "--max-batch", "0"]) == 1
     assert "max_batch must be at least 1" in capsys.readouterr().err
+    assert main(["serve", "--model", served["base"], "--max-request-tokens", "0"]) == 1
+    assert "max_request_tokens must be at least 1" in capsys.readouterr().err
 
 
 def test_streaming_with_stop_strings_and_n_matches_the_full_response(served):
