@@ -167,8 +167,8 @@ def _post(served, path, **kw):
     ({"model": "base", "prompt": "the cat sees " * 100}, 400, "prompt"),
     ({"model": "base", "prompt": "x", "max_tokens": 500}, 400, "max_tokens"),
     ({"model": "base", "prompt": "x" * 2_000_000}, 413, None),
-    # 60 prompts x n 16 x 100 tokens would hold the engine for minutes: over the per-request budget
-    ({"model": "base", "prompt": ["the cat"] * 60, "n": 16, "max_tokens": 100}, 400, "max_tokens"),
+    # the 438-byte request, 60 prompts x n 16 x 240 tokens, held the engine for a minute
+    ({"model": "base", "prompt": ["the cat"] * 60, "n": 16, "max_tokens": 240}, 400, "n"),
     ({"model": "base", "prompt": ["x"] * 300, "max_tokens": 1}, 400, "n"),  # more sequences than the queue
     (b'{"model": "base", "prompt": "the \\ud800 cat"}', 400, "prompt"),  # a lone surrogate: not text
     (b'{"model": "base", "prompt": ["ok", "\\udc00"]}', 400, "prompt.1"),
@@ -441,7 +441,8 @@ def test_chat_without_max_tokens_stays_within_the_request_budget(served):
         assert any(ch.finish_reason == "length" for ch in r.choices)
         with pytest.raises(openai.BadRequestError) as big:
             client.completions.create(model="base", prompt="the", n=2, max_tokens=7)
-        assert big.value.body["code"] == "request_too_large" and "at most 12" in big.value.body["message"]
+        assert big.value.body["code"] == "request_too_large" and big.value.body["param"] == "max_tokens"
+        assert "is 14 new tokens" in big.value.body["message"]
 
 
 def test_too_many_or_too_large_headers_get_431_and_uvicorn_bounds_the_head(served):

@@ -66,8 +66,10 @@ class RequestLimits:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = scope["headers"]
-        if len(headers) > self.max_headers or sum(len(k) + len(v) for k, v in headers) > self.max_header_bytes:
-            message = f"more than {self.max_headers} headers or {self.max_header_bytes} bytes of them"
+        count, size = len(headers), sum(len(k) + len(v) for k, v in headers)
+        if count > self.max_headers or size > self.max_header_bytes:
+            message = (f"{count} headers of {size} bytes; this server takes at most {self.max_headers} headers "
+                       f"of {self.max_header_bytes} bytes in all")
             return await JSONResponse(error_body(message, code="headers_too_large"),
                                       status_code=431)(scope, receive, send)
         size = dict(headers).get(b"content-length", b"")
@@ -232,17 +234,18 @@ def _job(engine: Engine, body, prompt: str, max_tokens: int | None, default_cap:
     return Job(ids=ids, n=body.n, adapter=adapter, cfg=cfg)
 
 
-def _check_size(engine: Engine, jobs: list[Job], max_request_tokens: int) -> None:
-    """400 for a request that would hold the engine too long, or that the queue could never take."""
-    rows = sum(job.n for job in jobs)
-    tokens = sum(job.n * job.cfg.max_new_tokens for job in jobs)
-    if tokens > max_request_tokens:
-        raise ApiError(400, f"{len(jobs)} prompt(s) x n={jobs[0].n} x max_tokens={jobs[0].cfg.max_new_tokens} "
-                       f"asks for up to {tokens} new tokens; this server takes at most {max_request_tokens} "
-                       "per request", param="max_tokens", code="request_too_large")
+def _check_size(engine: Engine, prompts: int, n: int, max_tokens: int | None, max_request_tokens: int) -> None:
+    """400 for a request the queue could never take, or whose prompts x n x max_tokens would hold the engine
+    too long; checked before encoding the prompts (a 1 MB body holds many)."""
+    rows = prompts * n
     if rows > engine.max_queue:
-        raise ApiError(400, f"{len(jobs)} prompt(s) x n={jobs[0].n} is {rows} sequences; this server queues at "
-                       f"most {engine.max_queue}", param="n", code="request_too_large")
+        raise ApiError(400, f"{prompts} prompt(s) x n={n} is {rows} sequences; this server queues at most "
+                       f"{engine.max_queue}", param="n", code="request_too_large")
+    tokens = rows * (max_tokens or 1)  # without max_tokens a chat gets its share of the budget, at least 1
+    if tokens > max_request_tokens:
+        raise ApiError(400, f"{prompts} prompt(s) x n={n} x max_tokens={max_tokens or 1} is {tokens} new tokens; "
+                       f"this server takes at most {max_request_tokens} per request", param="max_tokens",
+                       code="request_too_large")
 
 
 async def _serve(engine: Engine, body, prompt: str | list[str], max_tokens: int | None, kind: str,
@@ -253,9 +256,9 @@ async def _serve(engine: Engine, body, prompt: str | list[str], max_tokens: int 
     name = unsupported(body)
     if name is not None:
         raise ApiError(400, f"{name}: not supported by this server", param=name, code="unsupported_parameter")
-    cap = max(1, max_request_tokens // (len(prompts) * body.n))
+    _check_size(engine, len(prompts), body.n, max_tokens, max_request_tokens)
+    cap = max_request_tokens // (len(prompts) * body.n)  # what a chat without max_tokens may decode
     jobs = [_job(engine, body, p, max_tokens, cap) for p in prompts]
-    _check_size(engine, jobs, max_request_tokens)
     for i, job in enumerate(jobs):
         job.first_index = i * body.n  # the choices sample like generate(prompts repeated n times each)
     job = jobs[0]
