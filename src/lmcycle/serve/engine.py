@@ -2,7 +2,7 @@
 
 A request (one or more :class:`Job`) waits in a queue bounded in sequences (``max_queue`` choices in all). The
 worker waits ``batch_wait_s`` after the first arrival, then fills a batch of up to ``max_batch`` sequences
-round-robin over the waiting requests, a few choices from each in turn, so a small request that arrives behind
+round-robin over the waiting requests, one choice from each in turn, so a small request that arrives behind
 a huge one gets into the next batch instead of waiting for all of it. The batch's rows are grouped by decoding
 setting, one batched decode per group (``generate.decode_batch``), so that each new token can be streamed
 (``Job.on_token``) and a cancelled request stops taking part in the batch at the next step.
