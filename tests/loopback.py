@@ -11,12 +11,12 @@ import uvicorn
 
 
 @contextlib.contextmanager
-def running(app):
-    """Serve ``app`` in a background thread; yields its URL."""
+def running(app, **options):
+    """Serve ``app`` in a background thread (``options``: more ``uvicorn.Config`` settings); yields its URL."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", **options))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     for _ in range(400):

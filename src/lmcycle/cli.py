@@ -58,7 +58,10 @@ def _add_serve_parser(sub) -> None:
     sv.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $LMCYCLE_API_KEY, else none)")
     sv.add_argument("--device", default="cpu")
     sv.add_argument("--max-batch", type=int, default=8, help="most sequences decoded together")
-    sv.add_argument("--max-queue", type=int, default=64, help="waiting requests before answering 429")
+    sv.add_argument("--max-queue", type=int, default=256,
+                    help="waiting sequences (prompts x n) before answering 429")
+    sv.add_argument("--max-request-tokens", type=int, default=65_536,
+                    help="most prompts x n x max_tokens in one request (400 beyond)")
     sv.add_argument("--timeout", type=float, default=300.0, help="seconds per request before a 503")
 
 
@@ -68,7 +71,7 @@ def _serve(args) -> int:
     try:
         import uvicorn
 
-        from lmcycle.serve.app import create_app
+        from lmcycle.serve.app import create_app, uvicorn_options
     except ImportError as e:
         raise LmcycleError(f"lmcycle serve needs the serve extra ({e.name} is missing): "
                            "pip install 'lmcycle[serve]'") from None
@@ -83,8 +86,8 @@ def _serve(args) -> int:
         adapters[name] = path
     app = create_app(args.model, adapters, api_key=args.api_key or os.environ.get("LMCYCLE_API_KEY") or None,
                      device=args.device, max_batch=args.max_batch, max_queue=args.max_queue,
-                     request_timeout_s=args.timeout)
-    uvicorn.run(app, host=args.host, port=args.port)
+                     request_timeout_s=args.timeout, max_request_tokens=args.max_request_tokens)
+    uvicorn.run(app, host=args.host, port=args.port, **uvicorn_options())
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 
@@ -166,6 +167,18 @@ def _post(served, path, **kw):
     ({"model": "base", "prompt": "the cat sees " * 100}, 400, "prompt"),
     ({"model": "base", "prompt": "x", "max_tokens": 500}, 400, "max_tokens"),
     ({"model": "base", "prompt": "x" * 2_000_000}, 413, None),
+    # the issue's 438-byte request, 60 prompts x n 16 x 240 tokens, held the engine for a minute
+    ({"model": "base", "prompt": ["the cat"] * 60, "n": 16, "max_tokens": 240}, 400, "n"),
+    ({"model": "base", "prompt": ["x"] * 300, "max_tokens": 1}, 400, "n"),  # more sequences than the queue
+    (b'{"model": "base", "prompt": "the \\ud800 cat"}', 400, "prompt"),  # a lone surrogate: not text
+    (b'{"model": "base", "prompt": ["ok", "\\udc00"]}', 400, "prompt.1"),
+    (b'{"model": "base", "prompt": "x", "stop": ["\\ud800"]}', 400, "stop.0"),
+    (b'{"model": "b\\ud800", "prompt": "x"}', 400, "model"),
+    ({"model": "base", "prompt": "x", "logprobs": 1}, 400, "logprobs"),
+    ({"model": "base", "prompt": "x", "logprobs": 0}, 400, "logprobs"),  # 0 asks for the chosen token's
+    ({"model": "base", "prompt": "x", "echo": True}, 400, "echo"),
+    ({"model": "base", "prompt": "x", "best_of": 3}, 400, "best_of"),
+    ({"model": "base", "prompt": "x", "presence_penalty": 0.5}, 400, "presence_penalty"),
 ])
 def test_bad_input_gets_openai_error_and_server_keeps_serving(served, body, status, param):
     r = _post(served, "/v1/completions", content=body, headers={"Content-Type": "application/json"}) \
@@ -216,6 +229,8 @@ def test_cli_serve_rejects_a_malformed_adapter_option(served, capsys):
     assert "NAME=DIR" in capsys.readouterr().err
     assert main(["serve", "--model", served["base"], "--max-batch", "0"]) == 1
     assert "max_batch must be at least 1" in capsys.readouterr().err
+    assert main(["serve", "--model", served["base"], "--max-request-tokens", "0"]) == 1
+    assert "max_request_tokens must be at least 1" in capsys.readouterr().err
 
 
 def test_streaming_with_stop_strings_and_n_matches_the_full_response(served):
@@ -275,7 +290,7 @@ def test_cancelling_a_job_stops_its_decoding(served):
 
 
 def test_full_queue_answers_429_and_slow_requests_503(served):
-    app = create_app(served["base"], max_queue=1, request_timeout_s=0.3)
+    app = create_app(served["base"], max_queue=2, request_timeout_s=0.3)
     engine = app.state.engine
     started, release = threading.Event(), threading.Event()
 
@@ -290,15 +305,19 @@ def test_full_queue_answers_429_and_slow_requests_503(served):
         with pytest.raises(openai.InternalServerError) as slow:  # waits in the queue past its timeout
             client.completions.create(model="base", prompt="x", max_tokens=2)
         assert slow.value.status_code == 503 and slow.value.body["code"] == "timeout"
-        with pytest.raises(openai.RateLimitError) as full:  # the timed-out job still holds the one slot
+        assert engine.waiting() == 0  # the timed-out request gave its place back
+        waiting = _engine_job(engine, "the", 2)
+        waiting.n = 2
+        engine.submit(waiting)  # the queue counts sequences: these two choices fill it
+        with pytest.raises(openai.RateLimitError) as full:
             client.completions.create(model="base", prompt="x", max_tokens=2)
         assert full.value.body["code"] == "queue_full"
+        with pytest.raises(openai.BadRequestError) as never:  # could never fit: 400, not "retry later"
+            client.completions.create(model="base", prompt="x", max_tokens=2, n=3)
+        assert never.value.body["code"] == "request_too_large"
         release.set()
         busy.result(timeout=30)
-        for _ in range(100):  # the worker drops the cancelled job, freeing the slot
-            if engine.queue.empty():
-                break
-            time.sleep(0.02)
+        assert len(waiting.future.result(timeout=30)) == 2
         ok = client.completions.create(model="base", prompt="x", max_tokens=2, temperature=0)
         assert ok.choices[0].finish_reason in ("stop", "length")
 
@@ -351,3 +370,95 @@ def test_a_list_of_prompts_samples_like_generate_over_the_list(served):
                     DecodingConfig(do_sample=True, temperature=1.2, top_k=20, max_new_tokens=5, seed=11))
     assert [ch.text for ch in sorted(r.choices, key=lambda ch: ch.index)] == want
     assert r.usage.prompt_tokens == sum(len(tok(p)["input_ids"]) for p in PROMPTS[:2])
+
+
+def test_a_small_request_behind_a_huge_one_is_not_starved(served):
+    """A request of 32 sequences x 40 tokens at 4 sequences a batch takes 8 batches; one sent after it started
+    gets into the next batch and is answered long before the big one, which still samples as generate does."""
+    app = create_app(served["base"], max_batch=4, batch_wait_s=0.01)
+    engine = app.state.engine
+    decoding = threading.Event()
+    slow = engine.model.register_forward_pre_hook(lambda *_: decoding.set() or time.sleep(0.01))  # ~3 s for big
+    prompts = ["the cat", "red", "the dog sees", "green", "moon", "the", "sees the", "cat"]
+    big_kw = dict(model="base", prompt=prompts, n=4, max_tokens=40, temperature=1.0, seed=5)
+    done: dict = {}
+    try:
+        with running(app) as url:
+            client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+            def big():
+                done["big"] = client.completions.create(**big_kw)
+                done["big_at"] = time.monotonic()
+
+            thread = threading.Thread(target=big)
+            thread.start()
+            assert decoding.wait(timeout=30)  # the worker is inside the big request's first batch
+            small = client.completions.create(model="base", prompt="the cat", max_tokens=2, temperature=0)
+            small_at = time.monotonic()
+            thread.join(timeout=60)
+    finally:
+        slow.remove()
+    assert small.choices[0].finish_reason in ("stop", "length")
+    assert done["big_at"] - small_at > 1.0  # before: the small one waited for all eight batches
+    model, tok = load_model(served["base"])
+    want = generate(model, tok, [p for p in prompts for _ in range(4)],
+                    DecodingConfig(do_sample=True, temperature=1.0, max_new_tokens=40, seed=5))
+    assert [ch.text for ch in sorted(done["big"].choices, key=lambda ch: ch.index)] == want
+
+
+def test_a_tiny_temperature_decodes_greedily_instead_of_failing(served):
+    c = served["client"]
+    greedy = c.completions.create(model="ad1", prompt="the cat sees", max_tokens=8, temperature=0).choices[0].text
+    for t in (1e-300, 1e-6):  # logits / 1e-300 overflow to inf, softmax to NaN: was a 500
+        r = c.completions.create(model="ad1", prompt="the cat sees", max_tokens=8, temperature=t, seed=1)
+        assert r.choices[0].text == greedy
+
+
+def test_harmless_values_of_unsupported_fields_pass_and_chat_refuses_the_rest(served):
+    ok = _post(served, "/v1/completions", json={"model": "base", "prompt": "the", "max_tokens": 2, "logprobs": None,
+                                                "echo": False, "best_of": 1, "presence_penalty": 0,
+                                                "frequency_penalty": 0.0, "logit_bias": {}, "user": "u1"})
+    assert ok.status_code == 200 and ok.json()["choices"]
+    msgs = [{"role": "user", "content": "the cat"}]
+    for extra, param in (({"logprobs": True}, "logprobs"), ({"top_logprobs": 2}, "top_logprobs"),
+                         ({"response_format": {"type": "json_object"}}, "response_format")):
+        r = _post(served, "/v1/chat/completions", json={"model": "base", "messages": msgs, **extra})
+        assert r.status_code == 400 and r.json()["error"]["param"] == param
+        assert r.json()["error"]["code"] == "unsupported_parameter"
+    r = _post(served, "/v1/chat/completions", content=b'{"model": "base", "messages": [{"role": "user", '
+              b'"content": "hi \\udfff"}]}', headers={"Content-Type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages.0.content"
+    assert "surrogate" in r.json()["error"]["message"]
+
+
+def test_chat_without_max_tokens_stays_within_the_request_budget(served):
+    app = create_app(served["base"], max_request_tokens=12)
+    with running(app) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        r = client.chat.completions.create(model="base", messages=[{"role": "user", "content": "the cat"}],
+                                           n=3, temperature=1.0, seed=2)
+        assert r.usage.completion_tokens <= 12  # 12 // 3 each, not the rest of the 128-token window
+        assert any(ch.finish_reason == "length" for ch in r.choices)
+        with pytest.raises(openai.BadRequestError) as big:
+            client.completions.create(model="base", prompt="the", n=2, max_tokens=7)
+        assert big.value.body["code"] == "request_too_large" and big.value.body["param"] == "max_tokens"
+        assert "is 14 new tokens" in big.value.body["message"]
+
+
+def test_too_many_or_too_large_headers_get_431_and_uvicorn_bounds_the_head(served):
+    from lmcycle.serve.app import uvicorn_options
+
+    app = create_app(served["base"], max_headers=20, max_header_bytes=4096)
+    body = {"model": "base", "prompt": "the", "max_tokens": 2}
+    with running(app, **uvicorn_options(4096)) as url:
+        many = {f"x-h{i}": "v" for i in range(30)}
+        for headers in (many, {"x-big": "v" * 5000}):
+            r = httpx.post(url + "/v1/completions", json=body, headers=headers, timeout=30)
+            assert r.status_code == 431 and r.json()["error"]["code"] == "headers_too_large"
+        # A head that never ends: past the option's bound (not h11's default 16 KiB) uvicorn stops buffering it
+        # and answers 400 itself instead of waiting for more.
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=10) as conn:
+            conn.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nx-big: " + b"v" * 14_000)
+            assert conn.recv(64).startswith(b"HTTP/1.1 400")
+        assert httpx.post(url + "/v1/completions", json=body, timeout=30).status_code == 200

@@ -5,7 +5,8 @@ Routes: ``GET /health`` (open even with an API key: it says only "ok"), ``GET /v
 ``data: {...}`` chunks then ``data: [DONE]``). Every error is OpenAI's object
 ``{"error": {"message", "type", "param", "code"}}`` with a 4xx/5xx status.
 
-Semantics shared with ``generate``: ``temperature`` 0 is greedy, otherwise sampling with ``top_p``/``top_k``;
+Semantics shared with ``generate``: ``temperature`` 0 is greedy, otherwise sampling with ``top_p``/``top_k``
+(a temperature below ``MIN_TEMPERATURE`` decodes greedily too: dividing logits by it overflows to inf/NaN);
 ``seed`` (default 0) seeds choice ``j`` like prompt ``j`` of ``generate``; ``max_tokens`` defaults to 16 as in
 OpenAI's completions API. Chat prompts use the tokenizer's chat template, or when it has none the fallback
 ``"<role>: <content>\\n"`` per message followed by ``"assistant:"``.
@@ -13,6 +14,11 @@ OpenAI's completions API. Chat prompts use the tokenizer's chat template, or whe
 Streaming sends each token's text as soon as the worker decodes it, holding back a tail that could be the
 start of a stop string (or an incomplete UTF-8 character), so the chunks join to exactly the non-streamed
 text. A streaming client that disconnects cancels its request: the worker drops its rows at the next step.
+
+Limits, each a 4xx with OpenAI's error object: prompts x ``n`` x ``max_tokens`` of one request at most
+``max_request_tokens`` and its choices at most the queue's ``max_queue`` sequences (400); the queue full (429);
+the body over ``max_body_bytes`` (413); more than ``max_headers`` headers or ``max_header_bytes`` of them (431).
+Run it with :func:`uvicorn_options` so that uvicorn itself stops buffering a request head past the limit.
 """
 
 from __future__ import annotations
@@ -29,25 +35,44 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from lmcycle.errors import LmcycleError
 from lmcycle.models.generate import DecodingConfig, cut_at_stop
 from lmcycle.serve.engine import Engine, Job, QueueFull
-from lmcycle.serve.protocol import ChatRequest, CompletionRequest, error_body
+from lmcycle.serve.protocol import ChatRequest, CompletionRequest, error_body, unsupported
+
+MIN_TEMPERATURE = 1e-5  # colder than this samples like argmax anyway, and logits / T may overflow float32
+MAX_HEADERS, MAX_HEADER_BYTES = 64, 16_384
 
 
-class BodyLimit:
-    """ASGI middleware: read the whole request body first and answer 413 once it passes ``limit`` bytes.
+def uvicorn_options(max_header_bytes: int = MAX_HEADER_BYTES) -> dict:
+    """``uvicorn.run`` options bounding what the server buffers of a request head: h11 refuses (400) a head
+    larger than this, while httptools, uvicorn's default when installed, buffers headers without a limit."""
+    return {"http": "h11", "h11_max_incomplete_event_size": max_header_bytes + 8192}  # + the request line
+
+
+class RequestLimits:
+    """ASGI middleware: answer 431 to more than ``max_headers`` headers or ``max_header_bytes`` of them, then
+    read the whole request body first and answer 413 once it passes ``limit`` bytes.
 
     A chunked upload has no Content-Length, so the size is only known by reading; the body is then handed to
     the app in one message (the API's JSON bodies are small, so buffering them costs nothing).
     """
 
-    def __init__(self, app, limit: int):
+    def __init__(self, app, limit: int, max_headers: int = MAX_HEADERS, max_header_bytes: int = MAX_HEADER_BYTES):
         self.app, self.limit = app, limit
+        self.max_headers, self.max_header_bytes = max_headers, max_header_bytes
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        size = dict(scope["headers"]).get(b"content-length", b"")
+        headers = scope["headers"]
+        count, size = len(headers), sum(len(k) + len(v) for k, v in headers)
+        if count > self.max_headers or size > self.max_header_bytes:
+            message = (f"{count} headers of {size} bytes; this server takes at most {self.max_headers} headers "
+                       f"of {self.max_header_bytes} bytes in all")
+            return await JSONResponse(error_body(message, code="headers_too_large"),
+                                      status_code=431)(scope, receive, send)
+        size = dict(headers).get(b"content-length", b"")
         if size.isdigit() and int(size) > self.limit:  # refused without reading it
             return await _too_large(self.limit)(scope, receive, send)
         body, more = b"", True
@@ -79,10 +104,18 @@ class ApiError(Exception):
 
 
 def create_app(model_dir: str, adapters: dict[str, str] | None = None, api_key: str | None = None, *,
-               device: str = "cpu", max_batch: int = 8, batch_wait_s: float = 0.01, max_queue: int = 64,
+               device: str = "cpu", max_batch: int = 8, batch_wait_s: float = 0.01, max_queue: int = 256,
                request_timeout_s: float = 300.0, max_body_bytes: int = 1_000_000,
-               engine: Engine | None = None) -> FastAPI:
-    """The ASGI app serving ``model_dir`` with LoRA ``adapters`` (name -> PEFT folder) selectable by ``model``."""
+               max_request_tokens: int = 65_536, max_headers: int = MAX_HEADERS,
+               max_header_bytes: int = MAX_HEADER_BYTES, engine: Engine | None = None) -> FastAPI:
+    """The ASGI app serving ``model_dir`` with LoRA ``adapters`` (name -> PEFT folder) selectable by ``model``.
+
+    ``max_queue`` counts waiting sequences (a prompt's ``n`` choices count ``n``); ``max_request_tokens`` bounds
+    prompts x ``n`` x ``max_tokens`` of one request.
+    """
+    if max_request_tokens < 1:
+        raise LmcycleError(f"max_request_tokens must be at least 1, got {max_request_tokens}",
+                           field="max_request_tokens")
     engine = engine or Engine(model_dir, adapters, device=device, max_batch=max_batch,
                               batch_wait_s=batch_wait_s, max_queue=max_queue)
     app = FastAPI(title="lmcycle", docs_url=None, redoc_url=None, openapi_url=None)
@@ -98,7 +131,8 @@ def create_app(model_dir: str, adapters: dict[str, str] | None = None, api_key: 
                                                code="invalid_api_key"), status_code=401)
         return await call_next(request)
 
-    app.add_middleware(BodyLimit, limit=max_body_bytes)
+    app.add_middleware(RequestLimits, limit=max_body_bytes, max_headers=max_headers,
+                       max_header_bytes=max_header_bytes)
 
     @app.exception_handler(ApiError)
     async def _api_error(_, e: ApiError):
@@ -106,8 +140,11 @@ def create_app(model_dir: str, adapters: dict[str, str] | None = None, api_key: 
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_, e: RequestValidationError):
-        first = e.errors()[0] if e.errors() else {}
-        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+        # The longest location is the most precise: for a union (a prompt string or a list of them) the
+        # list member's error names the bad item; the union members' names ("str", "list[...]") are dropped.
+        first = max(e.errors(), key=lambda err: len(err["loc"]), default={})
+        loc = [str(x) for x in first.get("loc", ()) if x != "body" and not (isinstance(x, str) and
+                                                                             (x == "str" or "[" in x))]
         param = ".".join(loc) or None
         message = first.get("msg", "invalid request")
         if first.get("type") == "json_invalid":
@@ -138,13 +175,14 @@ def create_app(model_dir: str, adapters: dict[str, str] | None = None, api_key: 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
         return await _serve(engine, body, body.prompt, body.max_tokens or 16, "text_completion", request,
-                            request_timeout_s)
+                            request_timeout_s, max_request_tokens)
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest, request: Request):
         prompt = chat_prompt(engine.tokenizer, [m.model_dump(include={"role", "content"}) for m in body.messages])
         limit = body.max_completion_tokens or body.max_tokens
-        return await _serve(engine, body, prompt, limit, "chat.completion", request, request_timeout_s)
+        return await _serve(engine, body, prompt, limit, "chat.completion", request, request_timeout_s,
+                            max_request_tokens)
 
     return app
 
@@ -173,7 +211,7 @@ def _adapter_of(engine: Engine, model: str) -> str | None:
     raise ApiError(404, f"the model '{model}' does not exist", param="model", code="model_not_found")
 
 
-def _job(engine: Engine, body, prompt: str, max_tokens: int | None) -> Job:
+def _job(engine: Engine, body, prompt: str, max_tokens: int | None, default_cap: int) -> Job:
     adapter = _adapter_of(engine, body.model)
     ids = engine.encode(prompt)
     if not ids:
@@ -184,23 +222,43 @@ def _job(engine: Engine, body, prompt: str, max_tokens: int | None) -> Job:
         raise ApiError(400, f"the prompt has {len(ids)} tokens; the model's context window is {engine.window}",
                        param="messages" if isinstance(body, ChatRequest) else "prompt",
                        code="context_length_exceeded")
-    if max_tokens is None:
-        max_tokens = room
+    if max_tokens is None:  # the rest of the window, but no more than fits in the request's token budget
+        max_tokens = min(room, default_cap)
     if len(ids) + max_tokens > engine.window:
         raise ApiError(400, f"prompt ({len(ids)} tokens) plus max_tokens ({max_tokens}) exceeds the model's "
                        f"context window of {engine.window} tokens", param="max_tokens",
                        code="context_length_exceeded")
-    cfg = DecodingConfig(do_sample=body.temperature > 0, temperature=body.temperature or 1.0, top_p=body.top_p,
+    sample = body.temperature >= MIN_TEMPERATURE
+    cfg = DecodingConfig(do_sample=sample, temperature=body.temperature if sample else 1.0, top_p=body.top_p,
                          top_k=body.top_k, max_new_tokens=max_tokens, stop=body.stop_list(), seed=body.seed or 0)
     return Job(ids=ids, n=body.n, adapter=adapter, cfg=cfg)
 
 
+def _check_size(engine: Engine, prompts: int, n: int, max_tokens: int | None, max_request_tokens: int) -> None:
+    """400 for a request the queue could never take, or whose prompts x n x max_tokens would hold the engine
+    too long; checked before encoding the prompts (a 1 MB body holds many)."""
+    rows = prompts * n
+    if rows > engine.max_queue:
+        raise ApiError(400, f"{prompts} prompt(s) x n={n} is {rows} sequences; this server queues at most "
+                       f"{engine.max_queue}", param="n", code="request_too_large")
+    tokens = rows * (max_tokens or 1)  # without max_tokens a chat gets its share of the budget, at least 1
+    if tokens > max_request_tokens:
+        raise ApiError(400, f"{prompts} prompt(s) x n={n} x max_tokens={max_tokens or 1} is {tokens} new tokens; "
+                       f"this server takes at most {max_request_tokens} per request", param="max_tokens",
+                       code="request_too_large")
+
+
 async def _serve(engine: Engine, body, prompt: str | list[str], max_tokens: int | None, kind: str,
-                 request: Request, timeout_s: float):
+                 request: Request, timeout_s: float, max_request_tokens: int):
     prompts = [prompt] if isinstance(prompt, str) else prompt
     if body.stream and len(prompts) > 1:
         raise ApiError(400, "streaming takes one prompt, not a list", param="prompt")
-    jobs = [_job(engine, body, p, max_tokens) for p in prompts]
+    name = unsupported(body)
+    if name is not None:
+        raise ApiError(400, f"{name}: not supported by this server", param=name, code="unsupported_parameter")
+    _check_size(engine, len(prompts), body.n, max_tokens, max_request_tokens)
+    cap = max_request_tokens // (len(prompts) * body.n)  # what a chat without max_tokens may decode
+    jobs = [_job(engine, body, p, max_tokens, cap) for p in prompts]
     for i, job in enumerate(jobs):
         job.first_index = i * body.n  # the choices sample like generate(prompts repeated n times each)
     job = jobs[0]
@@ -210,14 +268,12 @@ async def _serve(engine: Engine, body, prompt: str | list[str], max_tokens: int 
         loop = asyncio.get_running_loop()
         tokens: asyncio.Queue = asyncio.Queue()
         job.on_token = lambda j, token: loop.call_soon_threadsafe(tokens.put_nowait, (j, token))
-        _submit(engine, job)
+        _submit(engine, [job])
         usage = bool(body.stream_options and body.stream_options.include_usage)
         stream = _sse(engine, job, tokens, kind, rid, created, body.model, timeout_s, usage)
         return StreamingResponse(stream, media_type="text/event-stream")
-    futures = []
     try:
-        for j in jobs:
-            futures.append(asyncio.wrap_future(_submit(engine, j)))
+        futures = [asyncio.wrap_future(f) for f in _submit(engine, jobs)]
         results = await asyncio.wait_for(asyncio.gather(*futures), timeout_s)
     except TimeoutError:
         raise _timeout(timeout_s) from None
@@ -241,9 +297,9 @@ def _usage(jobs: list[Job], choices: list) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def _submit(engine: Engine, job: Job):
+def _submit(engine: Engine, jobs: list[Job]):
     try:
-        return engine.submit(job)
+        return engine.submit_request(jobs)
     except QueueFull:
         raise ApiError(429, "the server is busy (request queue full); retry later", type_="server_error",
                        code="queue_full") from None

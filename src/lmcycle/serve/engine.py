@@ -1,9 +1,11 @@
 """The model side of the server: one base model with its LoRA adapters, driven by one worker thread.
 
-Requests go into a bounded queue. The worker takes the first waiting request, then whatever else arrives
-within ``batch_wait_s`` (up to ``max_batch`` sequences), groups them by decoding setting and runs one batched
-decode per group (``generate.decode_batch``), so that each new token can be streamed (``Job.on_token``) and a
-cancelled request stops taking part in the batch at the next step.
+A request (one or more :class:`Job`) waits in a queue bounded in sequences (``max_queue`` choices in all). The
+worker waits ``batch_wait_s`` after the first arrival, then fills a batch of up to ``max_batch`` sequences
+round-robin over the waiting requests, one choice from each in turn, so a small request that arrives behind
+a huge one gets into the next batch instead of waiting for all of it. The batch's rows are grouped by decoding
+setting, one batched decode per group (``generate.decode_batch``), so that each new token can be streamed
+(``Job.on_token``) and a cancelled request stops taking part in the batch at the next step.
 The LoRA layers hold every adapter at once. A batch may mix adapters (and the base): with
 ``lora.per_row_adapters`` each row gets its own adapter's update inside one forward pass, the base weights
 running once for the whole batch.
@@ -14,10 +16,8 @@ Choice ``j`` of a request samples from ``prompt_generator(seed, j)``, exactly li
 
 from __future__ import annotations
 
-import queue
 import threading
-import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from contextlib import nullcontext
@@ -49,7 +49,8 @@ class Job:
     """One request: its prompt's token ids, decoded ``n`` times with ``cfg`` and the adapter (None = base).
 
     ``on_token(choice_index, token_id)`` is called from the worker thread for every new token (EOS excluded).
-    Setting ``cancelled`` stops the request's decoding; its future then holds the choices so far.
+    Setting ``cancelled`` stops the request's decoding; its future then holds the choices so far (those that
+    never reached a batch are empty, ``length``).
     """
 
     ids: list[int]
@@ -60,6 +61,22 @@ class Job:
     first_index: int = 0  # choice j samples like prompt first_index + j of generate (a list of prompts)
     future: Future = field(default_factory=Future)
     cancelled: threading.Event = field(default_factory=threading.Event)
+    # The worker's progress: choices handed to a batch so far, and the finished ones by index.
+    scheduled: int = field(default=0, init=False)
+    done: dict[int, Choice] = field(default_factory=dict, init=False)
+
+    def dropped(self) -> bool:
+        """Whether nobody waits for the job's remaining choices (cancelled, or its future cancelled or failed)."""
+        return self.cancelled.is_set() or self.future.done()
+
+
+@dataclass
+class Piece:
+    """Choices ``start`` to ``stop`` (exclusive) of ``job``: its share of one batch."""
+
+    job: Job
+    start: int
+    stop: int
 
 
 @dataclass
@@ -73,7 +90,7 @@ class Engine:
     """Loads the base and adapters once; ``submit`` a :class:`Job`, wait on its future for its choices."""
 
     def __init__(self, model_dir: str, adapters: dict[str, str] | None = None, *, device: str = "cpu",
-                 max_batch: int = 8, batch_wait_s: float = 0.01, max_queue: int = 64):
+                 max_batch: int = 8, batch_wait_s: float = 0.01, max_queue: int = 256):
         from lmcycle.adapt.lora import load_lora, per_row_adapters, set_active_adapter
 
         for value, name in ((max_batch, "max_batch"), (max_queue, "max_queue")):
@@ -94,8 +111,9 @@ class Engine:
         self.window = context_window(self.model, self.tokenizer)
         self.eos = eos_ids(self.model, self.tokenizer)
         self.pad_id = pad_id_of(self.tokenizer)
-        self.max_batch, self.batch_wait_s = max_batch, batch_wait_s
-        self.queue: queue.Queue[Job] = queue.Queue(maxsize=max_queue)
+        self.max_batch, self.batch_wait_s, self.max_queue = max_batch, batch_wait_s, max_queue
+        self._requests: deque[deque[Job]] = deque()  # waiting requests, the next to serve first
+        self._changed = threading.Condition()
         self._stop = threading.Event()
         # The worker and the event loop both use the tokenizer; a Rust tokenizer used from two threads at once
         # can fail ("Already borrowed"), so every use goes through encode/decode under this lock.
@@ -118,11 +136,23 @@ class Engine:
         return [self.base_name, *self.adapters]
 
     def submit(self, job: Job) -> Future:
-        try:
-            self.queue.put_nowait(job)
-        except queue.Full:
-            raise QueueFull from None
-        return job.future
+        """Queue one job as a request of its own; raises :class:`QueueFull` when its choices do not fit."""
+        return self.submit_request([job])[0]
+
+    def submit_request(self, jobs: list[Job]) -> list[Future]:
+        """Queue the jobs of one request together (all or none); raises :class:`QueueFull` when their choices
+        do not fit in the ``max_queue`` sequences still free."""
+        with self._changed:
+            if self.waiting() + sum(job.n for job in jobs) > self.max_queue:
+                raise QueueFull
+            self._requests.append(deque(jobs))
+            self._changed.notify()
+        return [job.future for job in jobs]
+
+    def waiting(self) -> int:
+        """Choices queued and not yet handed to a batch (a cancelled request's no longer count)."""
+        with self._changed:
+            return sum(job.n - job.scheduled for request in self._requests for job in request if not job.dropped())
 
     def close(self) -> None:
         """Stop the worker after its current batch (waiting requests are not answered)."""
@@ -132,48 +162,90 @@ class Engine:
     # -- worker ---------------------------------------------------------------------------------------------
     def _loop(self) -> None:
         while not self._stop.is_set():
-            try:
-                first = self.queue.get(timeout=0.1)
-            except queue.Empty:
-                continue
-            jobs, rows = [first], first.n
-            deadline = time.monotonic() + self.batch_wait_s
-            while rows < self.max_batch:
-                try:
-                    job = self.queue.get(timeout=max(0.0, deadline - time.monotonic()))
-                except queue.Empty:
-                    break
-                jobs.append(job)
-                rows += job.n
-            self._run(jobs)
+            with self._changed:
+                if not self._changed.wait_for(lambda: self._requests, timeout=0.1):
+                    continue
+                # Requests arriving within batch_wait_s of each other share the batch.
+                self._changed.wait_for(lambda: self.waiting() >= self.max_batch, timeout=self.batch_wait_s)
+                pieces = self._next_batch()
+            if pieces:
+                self._run(pieces)
 
-    def _run(self, jobs: list[Job]) -> None:
-        groups: dict[tuple, list[Job]] = defaultdict(list)
-        for job in jobs:
-            if job.cancelled.is_set():
-                job.future.cancel()
+    def _next_batch(self) -> list[Piece]:
+        """Up to ``max_batch`` choices, one at a time round-robin: one from the first waiting request, which then
+        goes to the back of the line, then one from the next, and so on."""
+        pieces: dict[int, Piece] = {}  # by id(job): a job's choices in one batch are consecutive
+        room = self.max_batch
+        while room and self._requests:
+            request = self._requests.popleft()
+            job = self._take_one(request)
+            if request:
+                self._requests.append(request)
+            if job is None:
                 continue
-            if not job.future.set_running_or_notify_cancel():
+            room -= 1
+            piece = pieces.setdefault(id(job), Piece(job, job.scheduled - 1, job.scheduled))
+            piece.stop = job.scheduled
+        return list(pieces.values())
+
+    def _take_one(self, request: deque[Job]) -> Job | None:
+        """Hand the next choice of the request's first live job to the batch; dropped jobs are finished."""
+        while request:
+            job = request[0]
+            if job.dropped() or (job.scheduled == 0 and not job.future.set_running_or_notify_cancel()):
+                request.popleft()
+                self._finish_dropped(job)
                 continue
-            settings = job.cfg.model_dump(exclude={"seed", "batch_size"})
-            groups[repr(sorted(settings.items()))].append(job)
+            job.scheduled += 1
+            if job.scheduled == job.n:
+                request.popleft()
+            return job
+        return None
+
+    def _finish_dropped(self, job: Job) -> None:
+        """A started job that was cancelled ends with the choices so far (the rest empty); others are cancelled."""
+        if job.future.done():
+            return
+        if job.scheduled == 0:
+            job.future.cancel()
+            return
+        for j in range(job.scheduled, job.n):
+            job.done[j] = Choice(text="", ids=[], finish_reason="length")
+        job.scheduled = job.n
+        self._settle(job)
+
+    def _settle(self, job: Job) -> None:
+        if len(job.done) == job.n and not job.future.done():
+            job.future.set_result([job.done[j] for j in range(job.n)])
+
+    def _run(self, pieces: list[Piece]) -> None:
+        groups: dict[str, list[Piece]] = defaultdict(list)
+        for piece in pieces:
+            settings = piece.job.cfg.model_dump(exclude={"seed", "batch_size"})
+            groups[repr(sorted(settings.items()))].append(piece)
         for group in groups.values():
             try:
                 results = self._decode(group)
             except Exception as e:  # a failure answers this group's requests; the worker keeps serving
-                for job in group:
-                    job.future.set_exception(e)
+                for piece in group:
+                    if not piece.job.future.done():
+                        piece.job.future.set_exception(e)
                 continue
-            for job, choices in zip(group, results, strict=True):
-                job.future.set_result(choices)
+            for (job, j), choice in results:
+                job.done[j] = choice
+            for piece in group:
+                if piece.job.cancelled.is_set():
+                    with self._changed:  # its choices not yet scheduled are not decoded
+                        self._finish_dropped(piece.job)
+                self._settle(piece.job)
 
     @torch.no_grad()
-    def _decode(self, group: list[Job]) -> list[list[Choice]]:
-        """Decode every choice of ``group`` (same settings, any adapters) as one batch: ``rows`` (batch, prompt)."""
-        cfg = group[0].cfg
+    def _decode(self, group: list[Piece]) -> list[tuple[tuple[Job, int], Choice]]:
+        """Decode the choices of ``group`` (same settings, any adapters) as one batch: ((job, index), choice)."""
+        cfg = group[0].job.cfg
         # Rows sorted by adapter: each adapter's LoRA update then runs on a contiguous slice of the batch.
-        order = sorted(group, key=lambda job: job.adapter or "")
-        owners = [(job, j) for job in order for j in range(job.n)]
+        order = sorted(group, key=lambda piece: piece.job.adapter or "")
+        owners = [(piece.job, j) for piece in order for j in range(piece.start, piece.stop)]
         rows = [job.ids for job, _ in owners]
         generators = [prompt_generator(job.cfg.seed, job.first_index + j) for job, j in owners]
         cancelled_jobs = set()
@@ -197,12 +269,7 @@ class Engine:
             new, ends = decode_batch(self.model, rows, generators, cfg, self.pad_id, self.eos, self.decode,
                                      stop_window(cfg.stop), on_token=on_token, cancelled=cancelled)
         self.batches_run += 1
-        choices: dict[int, list[Choice]] = {}
-        k = 0
-        for job in order:
-            choices[id(job)] = [self._choice(new[k + j], ends[k + j], cfg.stop) for j in range(job.n)]
-            k += job.n
-        return [choices[id(job)] for job in group]
+        return [(owner, self._choice(ids, end, cfg.stop)) for owner, ids, end in zip(owners, new, ends, strict=True)]
 
     def _choice(self, ids: list[int], end: Ending, stop: list[str]) -> Choice:
         text = cut_at_stop(self.decode(ids), stop)

@@ -1,14 +1,31 @@
 """OpenAI wire format: the request bodies the server accepts and the error object it answers with.
 
-Requests allow extra fields (clients send ``logprobs``, ``user``, ``presence_penalty`` ...) and ignore them;
-fields we honour are type-checked so a wrong type is a 400 with an OpenAI-style error.
+Requests allow extra fields (clients send ``user``, ``metadata`` ...) and ignore them, except OpenAI's fields
+for features the server lacks (``logprobs``, ``echo``, ``best_of`` ...): those are refused (:func:`unsupported`)
+unless they carry the value that asks for nothing. Fields we honour are type-checked so a wrong type is a 400
+with an OpenAI-style error.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic_core import PydanticCustomError
+
+
+def _encodable(text: str) -> str:
+    # JSON may escape a lone surrogate ("\ud800"): Python decodes it to a str that no tokenizer can encode.
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise PydanticCustomError("lone_surrogate", "contains a lone surrogate ({char}) at position {pos}: "
+                                  "not valid Unicode text", {"char": f"U+{ord(text[e.start]):04X}",
+                                                             "pos": e.start}) from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_encodable)]
 
 
 class StreamOptions(BaseModel):
@@ -20,12 +37,12 @@ class StreamOptions(BaseModel):
 class _Request(BaseModel):
     model_config = ConfigDict(extra="allow")
 
-    model: str
+    model: Text
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0, le=2)
     top_p: float = Field(default=1.0, gt=0, le=1)
     top_k: int = Field(default=0, ge=0)  # not in OpenAI's spec; clients pass it via extra_body
-    stop: str | list[str] | None = None
+    stop: Text | list[Text] | None = None
     seed: int | None = Field(default=None, ge=0)
     n: int = Field(default=1, ge=1, le=16)
     stream: bool = False
@@ -40,14 +57,14 @@ class _Request(BaseModel):
 class CompletionRequest(_Request):
     """``POST /v1/completions``: a prompt string or a list of them (token-id prompts are not supported)."""
 
-    prompt: str | list[str] = Field(min_length=1)
+    prompt: Text | list[Text] = Field(min_length=1)
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     role: Literal["system", "user", "assistant", "developer", "tool"]
-    content: str
+    content: Text
 
 
 class ChatRequest(_Request):
@@ -55,6 +72,28 @@ class ChatRequest(_Request):
 
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
+
+
+# OpenAI's fields for features this server does not have, with the values that ask for nothing (some clients
+# always send them). Types matter: completions' ``logprobs: 0`` asks for the sampled token's logprob.
+_NOT_IMPLEMENTED: dict[str, tuple] = {
+    "logprobs": (False,), "top_logprobs": (0,), "echo": (False,), "suffix": ("",), "logit_bias": ({},),
+    "presence_penalty": (0, 0.0), "frequency_penalty": (0, 0.0), "tools": ([],), "functions": ([],),
+    "response_format": ({"type": "text"},),
+}
+
+
+def unsupported(body: _Request) -> str | None:
+    """The first field of ``body`` asking for a feature the server does not implement, or None.
+
+    ``best_of`` is allowed only equal to ``n`` (the best of n among n is all of them).
+    """
+    extra = body.model_extra or {}
+    for name, harmless in (*_NOT_IMPLEMENTED.items(), ("best_of", (body.n,))):
+        value = extra.get(name)
+        if value is not None and not any(type(value) is type(ok) and value == ok for ok in harmless):
+            return name
+    return None
 
 
 def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None,
