@@ -218,7 +218,8 @@ def resume(out_dir: str | Path, model: nn.Module, optimizer: torch.optim.Optimiz
     """Load the newest checkpoint under ``out_dir`` if there is one and return its :class:`Progress`.
 
     Every rank loads the same checkpoint, so every rank continues from rank 0's random state too. A checkpoint
-    written with other settings (see :func:`resume_settings`) is refused unless ``cfg.force_resume``.
+    written with other settings (see :func:`resume_settings`) is refused unless ``cfg.force_resume``; only
+    ``max_steps`` may grow when the checkpoint is of a finished run.
     """
     path = latest_checkpoint(out_dir)
     if path is None:
@@ -230,7 +231,10 @@ def resume(out_dir: str | Path, model: nn.Module, optimizer: torch.optim.Optimiz
         raise LmcycleError(f"cannot resume from this checkpoint ({first_line}); it was written for another "
                            "model or settings: delete it or train into another run directory", file=path) from None
     if "settings" in state and not cfg.force_resume:  # checkpoints of older versions carry no settings
-        check_same_settings(state["settings"], resume_settings(cfg), path)
+        saved = state["settings"]
+        if int(state["step"]) >= saved["max_steps"]:  # a finished run may be extended: max_steps may grow
+            saved = {**saved, "max_steps": max(saved["max_steps"], cfg.max_steps)}
+        check_same_settings(saved, resume_settings(cfg), path)
     return Progress(int(state["step"]), [float(x) for x in state.get("losses", [])],
                     float(state.get("elapsed", 0.0)), int(state.get("tokens", 0)))
 
