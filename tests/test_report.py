@@ -154,11 +154,11 @@ def test_steps_an_older_resumed_run_logged_twice_count_once_with_the_rerun_loss(
     assert "6 logged steps, last train loss 1.4000 at step 6" in text
 
 
-def test_a_resume_row_drops_the_rows_the_interrupted_attempt_logged_after_the_checkpoint(tmp_path):
+def test_a_train_start_row_drops_the_rows_an_interrupted_attempt_logged_after_the_checkpoint(tmp_path):
     ctx = RunContext(run_dir=tmp_path / "run")
     for s in (1, 2, 3):
         ctx.log("sft", step=s, loss=1.0)
     ctx.log("other", step=9, loss=1.0)  # another stage's rows stay
-    ctx.log("sft", event="resume", step=2)
+    ctx.log("sft", event="train_start", step=2)
     assert [(r["stage"], r.get("step")) for r in ctx.read_metrics()] == [
         ("sft", 1), ("sft", 2), ("other", 9), ("sft", 2)]

@@ -49,14 +49,14 @@ class RunContext:
     def log(self, stage: str, **metrics: Any) -> None:
         """Append one event to ``metrics.jsonl`` (flushed at once so a killed run keeps what it logged).
 
-        An ``event="resume"`` row (a training loop resuming from the checkpoint of ``step`` steps) first drops the
-        stage's rows of later steps, which the interrupted attempt logged and this one logs again, so that every
-        step appears once. Under torchrun only rank 0 writes."""
+        An ``event="train_start"`` row (a training loop starting after ``step`` steps: 0, or its checkpoint's)
+        first drops the stage's rows of later steps, which an interrupted attempt logged and this one logs
+        again, so that every step appears once. Under torchrun only rank 0 writes."""
         from lmcycle.train.distributed import is_main
 
         if not is_main():
             return
-        if metrics.get("event") == "resume":
+        if metrics.get("event") == "train_start":
             self.drop_rows_after(stage, metrics["step"])
         rec = {"stage": stage, "time": round(time.time(), 3), **metrics}
         with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:

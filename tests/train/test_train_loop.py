@@ -358,15 +358,16 @@ def killed_at(step_to_die: int, batch_at):
     return batch_at_or_die
 
 
-def test_a_resumed_run_logs_each_step_once_and_the_report_counts_them_once(tok, items, tmp_path):
+@pytest.mark.parametrize("save_every", [2, 0], ids=["from-step-2", "no-checkpoint-yet"])
+def test_a_resumed_run_logs_each_step_once_and_the_report_counts_them_once(save_every, tok, items, tmp_path):
     from lmcycle.report import write_report
     from lmcycle.runs import RunContext
 
     ctx = RunContext(run_dir=tmp_path / "run")
-    cfg = TrainConfig(max_steps=6, batch_size=4, save_every=2, log_every=1, eval_every=1, seed=0)
+    cfg = TrainConfig(max_steps=6, batch_size=4, save_every=save_every, log_every=1, eval_every=1, seed=0)
     log = functools.partial(ctx.log, "sft")
     eval_fn = lambda m: {"eval_loss": 1.0}  # noqa: E731
-    with pytest.raises(Interrupted):  # steps 1-3 logged, the checkpoint holds 2
+    with pytest.raises(Interrupted):  # steps 1-3 logged; the checkpoint, if any, holds 2
         train(tiny_lm.tiny_llama(tok), killed_at(3, sft_batches(items, cfg)), lm_loss_sum, cfg,
               ctx.stage_dir("sft"), log, eval_fn=eval_fn)
     result = train(tiny_lm.tiny_llama(tok), sft_batches(items, cfg), lm_loss_sum, cfg, ctx.stage_dir("sft"), log,

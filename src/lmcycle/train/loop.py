@@ -126,7 +126,7 @@ def train(model: nn.Module, batch_at: Callable[[int], list[Batch]], loss_fn: Los
     Only rank 0 calls ``log`` and writes checkpoints. A non-finite loss or gradient norm, or a loss spike
     (see :func:`check_spike`), raises :class:`LmcycleError` before the optimizer step and without saving; the
     checkpoints written after the loss began to rise are set aside, so the newest one left is good.
-    A resumed run logs ``event="resume"`` with the checkpoint's step first (see :meth:`RunContext.log`).
+    The first row logged is ``event="train_start"`` with the steps already done (see :meth:`RunContext.log`).
     """
     params = params if params is not None else [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, cfg)
@@ -137,8 +137,8 @@ def train(model: nn.Module, batch_at: Callable[[int], list[Batch]], loss_fn: Los
         remove_unfinished_saves(out_dir)
     done_before = resume(out_dir, model, optimizer, cfg)
     start, losses = done_before.step, done_before.losses
-    if is_main() and start > 0:
-        log(event="resume", step=start)
+    if is_main():
+        log(event="train_start", step=start)
     model.train()
     reset_peak_rss()
     rss_start = peak_rss_mb()
@@ -330,7 +330,8 @@ def check_spike(step: int, loss: float, losses: list[float], cfg: TrainConfig, o
         return
     if loss > cfg.spike_factor * median and loss > median + SPIKE_MIN_RISE:
         diverged(step, f"loss {loss:.4g} is {loss / median:.0f}× the median {median:.4g} of the last "
-                       f"{cfg.spike_window} steps (spike_factor {cfg.spike_factor:g})", losses, cfg, out_dir)
+                       f"{cfg.spike_window} steps (train.spike_factor {cfg.spike_factor:g}: raise it, or set it to null, "
+                       "if such a loss is expected)", losses, cfg, out_dir)
 
 
 def running_median(losses: list[float], step: int, window: int) -> float | None:
