@@ -367,7 +367,7 @@ def divergence_advice(cfg: TrainConfig) -> str:
         f"max_grad_norm {cfg.max_grad_norm:g}" if cfg.max_grad_norm is not None else "no gradient clipping")
     tips = "try a lower learning rate or a longer warmup" + (
         " or set max_grad_norm (e.g. 1.0)" if cfg.max_grad_norm is None else "")
-    return f"{settings}: {tips} (train.force_resume: true resumes the checkpoint with the new settings)"
+    return f"{settings}: {tips}, with train.force_resume: true to resume the checkpoint with the new settings"
 
 
 def due(done: int, every: int, max_steps: int) -> bool:
