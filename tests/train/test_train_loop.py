@@ -406,17 +406,40 @@ def test_wall_time_and_throughput_of_a_resumed_run_cover_every_attempt(tok, item
     assert resumed.tokens_per_s * resumed.wall_time == pytest.approx(sum(tokens[s] for s in range(6)))
 
 
-def test_unfinished_saves_of_a_killed_run_are_removed(tok, items, tmp_path):
-    import tempfile
+KILLED_DURING_THE_SECOND_SAVE = """
+import os, signal, sys
+sys.path.insert(0, sys.argv[2])
+import tiny_lm, test_train_loop as t
+from lmcycle.train.loop import TrainConfig, lm_loss_sum, train
+tok = tiny_lm.make_tokenizer()
+model = tiny_lm.tiny_llama(tok)
+saves, state_dict = [], model.state_dict
+def state_dict_then_die(*args, **kwargs):  # safetensors reads the weights inside the checkpoint's atomic_dir
+    saves.append(1)
+    if len(saves) == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return state_dict(*args, **kwargs)
+model.state_dict = state_dict_then_die
+cfg = TrainConfig(max_steps=3, batch_size=2, save_every=1, seed=0)
+items = t.encode_sft(tiny_lm.examples(32, seed=2), t.get_template("summarize"), tok, max_len=64, seq2seq=False)
+train(model, t.sft_batches(items, cfg), lm_loss_sum, cfg, sys.argv[1], t.no_log)
+"""
 
-    cfg = TrainConfig(max_steps=3, batch_size=2, seed=0)
+
+def test_a_save_cut_by_a_kill_leaves_nothing_once_the_run_resumes(tok, items, tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    here = Path(__file__).parent
+    proc = subprocess.run([sys.executable, "-c", KILLED_DURING_THE_SECOND_SAVE, str(tmp_path), str(here)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     root = tmp_path / "checkpoints"
-    root.mkdir()
-    # What a kill during atomic_dir leaves: its temporary sibling, half-written.
-    stale = Path(tempfile.mkdtemp(prefix=".step-2.", suffix=".tmp", dir=root))
-    (stale / "model.safetensors").write_bytes(b"half")
-    train(tiny_lm.tiny_llama(tok), sft_batches(items, cfg), lm_loss_sum, cfg, tmp_path, no_log)
-    assert sorted(p.name for p in root.iterdir()) == ["step-3"]
+    assert [p.name for p in root.glob(".step-2.*.tmp")] and [s for s, _ in list_checkpoints(tmp_path)] == [1]
+    cfg = TrainConfig(max_steps=3, batch_size=2, save_every=1, seed=0)
+    assert train(tiny_lm.tiny_llama(tok), sft_batches(items, cfg), lm_loss_sum, cfg, tmp_path, no_log).step == 3
+    assert sorted(p.name for p in root.iterdir()) == ["step-2", "step-3"]
 
 
 def test_resuming_with_other_settings_is_refused_unless_forced(tok, items, tmp_path):
