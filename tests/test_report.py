@@ -142,3 +142,23 @@ def test_report_stage_uses_the_in_memory_artifacts(tmp_path):
 def test_empty_run_directory_gives_a_minimal_report(tmp_path):
     text = write_report(tmp_path).read_text(encoding="utf-8")
     assert text.startswith("# lmcycle run:") and "## Evaluation" not in text
+
+
+def test_steps_an_older_resumed_run_logged_twice_count_once_with_the_rerun_loss(tmp_path):
+    run_dir = tmp_path / "run"
+    rows = [{"stage": "sft", "step": s, "loss": 3.0 - 0.1 * s} for s in (1, 2, 3, 4)]
+    rows += [{"stage": "sft", "step": s, "loss": 2.0 - 0.1 * s} for s in (3, 4, 5, 6)]  # resumed from step 2
+    run_dir.mkdir()
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    text = write_report(run_dir).read_text()
+    assert "6 logged steps, last train loss 1.4000 at step 6" in text
+
+
+def test_a_train_start_row_drops_the_rows_an_interrupted_attempt_logged_after_the_checkpoint(tmp_path):
+    ctx = RunContext(run_dir=tmp_path / "run")
+    for s in (1, 2, 3):
+        ctx.log("sft", step=s, loss=1.0)
+    ctx.log("other", step=9, loss=1.0)  # another stage's rows stay
+    ctx.log("sft", event="train_start", step=2)
+    assert [(r["stage"], r.get("step")) for r in ctx.read_metrics()] == [
+        ("sft", 1), ("sft", 2), ("other", 9), ("sft", 2)]

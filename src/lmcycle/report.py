@@ -361,8 +361,9 @@ def _training(run_dir: Path, rows: list[dict]) -> str:
         return ""
     lines = ["## Training", ""]
     for stage, stage_rows in stages.items():
-        train = [(r["step"], r["loss"]) for r in stage_rows if _is_number(r.get("loss"))]
-        evals = [(r["step"], r["eval_loss"]) for r in stage_rows if _is_number(r.get("eval_loss"))]
+        # One point per step: a run resumed before this version logged the steps it re-ran twice (last wins).
+        train = list({r["step"]: r["loss"] for r in stage_rows if _is_number(r.get("loss"))}.items())
+        evals = list({r["step"]: r["eval_loss"] for r in stage_rows if _is_number(r.get("eval_loss"))}.items())
         facts = []
         if train:
             facts.append(f"{len(train)} logged steps, last train loss {train[-1][1]:.4f} at step {train[-1][0]}")

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lmcycle.atomic import atomic_write_text
 from lmcycle.errors import LmcycleError
 
 
@@ -48,15 +49,29 @@ class RunContext:
     def log(self, stage: str, **metrics: Any) -> None:
         """Append one event to ``metrics.jsonl`` (flushed at once so a killed run keeps what it logged).
 
-        Under torchrun only rank 0 writes."""
+        An ``event="train_start"`` row (a training loop starting after ``step`` steps: 0, or its checkpoint's)
+        first drops the stage's rows of later steps, which an interrupted attempt logged and this one logs
+        again, so that every step appears once. Under torchrun only rank 0 writes."""
         from lmcycle.train.distributed import is_main
 
         if not is_main():
             return
+        if metrics.get("event") == "train_start":
+            self.drop_rows_after(stage, metrics["step"])
         rec = {"stage": stage, "time": round(time.time(), 3), **metrics}
         with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps(rec, ensure_ascii=False, default=_json_default) + "\n")
             f.flush()
+
+    def drop_rows_after(self, stage: str, step: int) -> None:
+        """Remove from ``metrics.jsonl`` the rows of ``stage`` whose ``step`` is greater than ``step``."""
+        path = self.run_dir / "metrics.jsonl"
+        if not path.exists():
+            return
+        lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+        kept = [line for line in lines if not _after(line, stage, step)]
+        if len(kept) < len(lines):
+            atomic_write_text(path, "".join(kept))
 
     def read_metrics(self, stage: str | None = None) -> list[dict]:
         path = self.run_dir / "metrics.jsonl"
@@ -130,6 +145,15 @@ def load_datasets(data: dict[str, Any], recipe_file: str | os.PathLike) -> dict[
 
     base = Path(recipe_file).parent
     return {name: load_examples(cfg, base_dir=base) for name, cfg in data.items()}
+
+
+def _after(line: str, stage: str, step: int) -> bool:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError:
+        return False  # a line cut by a kill is left for the readers to skip, as before
+    later = isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] > step
+    return later and row.get("stage") == stage
 
 
 def _json_default(o: Any):

@@ -1,5 +1,7 @@
 import copy
+import functools
 import re
+from pathlib import Path
 
 import pytest
 import tiny_lm
@@ -291,3 +293,170 @@ def test_sft_loss_skips_the_lm_head_at_unscored_positions_without_changing_loss_
     for k, p in model.named_parameters():
         if p.grad is not None:
             assert torch.allclose(fast[k], p.grad, atol=1e-5), k
+
+
+# -- divergence: the loss-spike guard ----------------------------------------------------------------------------
+
+
+def climbing_after(start: int, items):
+    """One fixed batch (memorised, so its loss falls every step) whose loss doubles each step from ``start`` on:
+    a run that diverges gradually, finite all along."""
+    batch = collate_sft(items[:4], 0)
+
+    def batch_at(step):
+        return [{**batch, "scale": torch.tensor(2.0 ** max(0, step - start + 1))}]
+
+    def loss_fn(model, b):
+        loss, n = lm_loss_sum(model, {k: v for k, v in b.items() if k != "scale"})
+        return loss * b["scale"], n
+
+    return batch_at, loss_fn
+
+
+def test_a_loss_spike_stops_the_run_and_keeps_the_checkpoint_from_before_it(tok, items, tmp_path):
+    cfg = TrainConfig(max_steps=30, batch_size=4, lr=1e-2, save_every=1, keep_checkpoints=2, spike_window=5, seed=0)
+    batch_at, loss_fn = climbing_after(8, items)
+    with pytest.raises(LmcycleError, match=r"diverged at step 11: loss \S+ is \d+× the median") as err:
+        train(tiny_lm.tiny_llama(tok), batch_at, loss_fn, cfg, tmp_path, no_log)
+    message = str(err.value)
+    assert "began to rise at step 9" in message
+    # The advice is worded from the settings: clipping is on already, so it is not suggested.
+    assert "lr 0.01 with 0 warmup steps and max_grad_norm 1:" in message and "set max_grad_norm" not in message
+    # step-9 and step-10 were written after the rise began: set aside, and they did not evict step-8.
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [8]
+    assert f"the last good checkpoint is {tmp_path / 'checkpoints' / 'step-8'}" in message
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("diverged-*")) == ["diverged-step-10",
+                                                                                      "diverged-step-9"]
+    state = load_checkpoint(latest_checkpoint(tmp_path), tiny_lm.tiny_llama(tok, seed=5))
+    assert state["step"] == 8 and state["losses"] == sorted(state["losses"], reverse=True)  # before the climb
+
+
+def test_the_spike_check_can_be_turned_off_and_suggests_clipping_only_when_it_is_off(tok, items, tmp_path):
+    batch_at, loss_fn = climbing_after(8, items)
+    cfg = TrainConfig(max_steps=12, batch_size=4, lr=1e-2, spike_window=5, spike_factor=None, seed=0)
+    assert train(tiny_lm.tiny_llama(tok), batch_at, loss_fn, cfg, tmp_path / "off", no_log).step == 12
+    cfg = cfg.model_copy(update={"spike_factor": 4.0, "max_grad_norm": None})
+    with pytest.raises(LmcycleError, match=r"no gradient clipping: .* or set max_grad_norm"):
+        train(tiny_lm.tiny_llama(tok), batch_at, loss_fn, cfg, tmp_path / "on", no_log)
+
+
+def test_a_small_loss_that_quadruples_is_not_a_spike(tmp_path):
+    cfg = TrainConfig(max_steps=30, spike_window=5)
+    loop.check_spike(5, 0.4, [0.05] * 5, cfg, tmp_path)  # 8× the median, but only 0.35 nats above it
+    with pytest.raises(LmcycleError, match="diverged at step 6"):
+        loop.check_spike(5, 4.0, [0.9] * 5, cfg, tmp_path)
+
+
+# -- resuming ---------------------------------------------------------------------------------------------------
+
+
+def killed_at(step_to_die: int, batch_at):
+    def batch_at_or_die(step):
+        if step == step_to_die:
+            raise Interrupted
+        return batch_at(step)
+    return batch_at_or_die
+
+
+@pytest.mark.parametrize("save_every", [2, 0], ids=["from-step-2", "no-checkpoint-yet"])
+def test_a_resumed_run_logs_each_step_once_and_the_report_counts_them_once(save_every, tok, items, tmp_path):
+    from lmcycle.report import write_report
+    from lmcycle.runs import RunContext
+
+    ctx = RunContext(run_dir=tmp_path / "run")
+    cfg = TrainConfig(max_steps=6, batch_size=4, save_every=save_every, log_every=1, eval_every=1, seed=0)
+    log = functools.partial(ctx.log, "sft")
+    eval_fn = lambda m: {"eval_loss": 1.0}  # noqa: E731
+    with pytest.raises(Interrupted):  # steps 1-3 logged; the checkpoint, if any, holds 2
+        train(tiny_lm.tiny_llama(tok), killed_at(3, sft_batches(items, cfg)), lm_loss_sum, cfg,
+              ctx.stage_dir("sft"), log, eval_fn=eval_fn)
+    result = train(tiny_lm.tiny_llama(tok), sft_batches(items, cfg), lm_loss_sum, cfg, ctx.stage_dir("sft"), log,
+                   eval_fn=eval_fn)
+    rows = ctx.read_metrics("sft")
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in rows if "eval_loss" in r] == [1, 2, 3, 4, 5, 6]
+    assert [r["loss"] for r in rows if "loss" in r] == pytest.approx(result.losses)  # the resumed run's step 3
+    assert "6 logged steps" in write_report(ctx.run_dir).read_text()
+
+
+def test_wall_time_and_throughput_of_a_resumed_run_cover_every_attempt(tok, items, tmp_path):
+    import time
+
+    cfg = TrainConfig(max_steps=6, batch_size=4, save_every=2, seed=0)
+    tokens = {}
+
+    def slow(step):
+        time.sleep(0.2)
+        return sft_batches(items, cfg)(step)
+
+    def counting_loss(model, batch):
+        loss, n = lm_loss_sum(model, batch)
+        tokens[int(batch["step"])] = n
+        return loss, n
+
+    def batch_at(step):
+        return [{**b, "step": torch.tensor(step)} for b in slow(step)]
+
+    with pytest.raises(Interrupted):
+        train(tiny_lm.tiny_llama(tok), killed_at(2, batch_at), counting_loss, cfg, tmp_path, no_log)
+    first = load_checkpoint(latest_checkpoint(tmp_path), tiny_lm.tiny_llama(tok))
+    assert first["step"] == 2 and first["elapsed"] >= 0.4
+    resumed = train(tiny_lm.tiny_llama(tok), batch_at, counting_loss, cfg, tmp_path, no_log)
+    assert resumed.wall_time >= 6 * 0.2  # steps 0-1 of the first attempt and 2-5 of this one
+    assert resumed.tokens_per_s * resumed.wall_time == pytest.approx(sum(tokens[s] for s in range(6)))
+
+
+KILLED_DURING_THE_SECOND_SAVE = """
+import os, signal, sys
+sys.path.insert(0, sys.argv[2])
+import tiny_lm, test_train_loop as t
+from lmcycle.train.loop import TrainConfig, lm_loss_sum, train
+tok = tiny_lm.make_tokenizer()
+model = tiny_lm.tiny_llama(tok)
+saves, state_dict = [], model.state_dict
+def state_dict_then_die(*args, **kwargs):  # safetensors reads the weights inside the checkpoint's atomic_dir
+    saves.append(1)
+    if len(saves) == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return state_dict(*args, **kwargs)
+model.state_dict = state_dict_then_die
+cfg = TrainConfig(max_steps=3, batch_size=2, save_every=1, seed=0)
+items = t.encode_sft(tiny_lm.examples(32, seed=2), t.get_template("summarize"), tok, max_len=64, seq2seq=False)
+train(model, t.sft_batches(items, cfg), lm_loss_sum, cfg, sys.argv[1], t.no_log)
+"""
+
+
+def test_a_save_cut_by_a_kill_leaves_nothing_once_the_run_resumes(tok, items, tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    here = Path(__file__).parent
+    proc = subprocess.run([sys.executable, "-c", KILLED_DURING_THE_SECOND_SAVE, str(tmp_path), str(here)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    root = tmp_path / "checkpoints"
+    assert [p.name for p in root.glob(".step-2.*.tmp")] and [s for s, _ in list_checkpoints(tmp_path)] == [1]
+    cfg = TrainConfig(max_steps=3, batch_size=2, save_every=1, seed=0)
+    assert train(tiny_lm.tiny_llama(tok), sft_batches(items, cfg), lm_loss_sum, cfg, tmp_path, no_log).step == 3
+    assert sorted(p.name for p in root.iterdir()) == ["step-2", "step-3"]
+
+
+def test_resuming_with_other_settings_is_refused_unless_forced(tok, items, tmp_path):
+    cfg = TrainConfig(max_steps=4, batch_size=4, lr=5e-3, save_every=1, seed=0)
+    with pytest.raises(Interrupted):
+        train(tiny_lm.tiny_llama(tok), killed_at(2, sft_batches(items, cfg)), lm_loss_sum, cfg, tmp_path, no_log)
+    changed = cfg.model_copy(update={"lr": 1e-3, "max_steps": 5})
+    with pytest.raises(LmcycleError, match=r"step-2: field 'train.lr': .*train.lr 0.005 → 0.001, "
+                                           r"train.max_steps 4 → 5\).*force_resume"):
+        train(tiny_lm.tiny_llama(tok), sft_batches(items, changed), lm_loss_sum, changed, tmp_path, no_log)
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [1, 2]  # the refusal touched nothing
+    # How often it logs, evaluates or saves changes no number: that is accepted as it is.
+    cadence = cfg.model_copy(update={"log_every": 1, "keep_checkpoints": 3, "spike_factor": None})
+    with pytest.raises(Interrupted):  # resumed, trained step 3, then killed
+        train(tiny_lm.tiny_llama(tok), killed_at(3, sft_batches(items, cadence)), lm_loss_sum, cadence, tmp_path,
+              no_log)
+    assert latest_checkpoint(tmp_path).name == "step-3"
+    forced = changed.model_copy(update={"force_resume": True})
+    result = train(tiny_lm.tiny_llama(tok), sft_batches(items, forced), lm_loss_sum, forced, tmp_path, no_log)
+    assert result.step == 5 and len(result.losses) == 5

@@ -58,6 +58,8 @@ class PpoTrain(TrainConfig):
     lr: float = Field(1e-5, gt=0)
     min_lr_ratio: float = Field(1.0, ge=0, le=1, description="1.0: a constant learning rate")
     max_grad_norm: float | None = Field(1.0, gt=0)
+    spike_factor: float | None = Field(None, gt=1, description="off: a PPO loss is no cross-entropy and may "
+                                       "jump when the rewards do")
 
 
 class PpoStage(Config):

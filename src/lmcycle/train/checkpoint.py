@@ -7,6 +7,10 @@ A checkpoint is the directory ``<out_dir>/checkpoints/step-<N>`` (``N`` = optimi
 - ``rng.pt``             torch / Python / NumPy random states,
 - ``state.json``         the step, the per-step losses so far and anything else the loop records.
 
+Pruning keeps the newest ``keep`` checkpoints and also the newest *steady* one (``state.json`` ``"steady"``:
+the loop saw no rising loss when it wrote it), so that a spike noticed several saves later still finds a
+checkpoint from before it.
+
 The learning-rate schedule is a function of the step (:mod:`lmcycle.train.schedule`), so the step *is* its
 state. Each checkpoint is written with :func:`lmcycle.atomic.atomic_dir`, so a ``step-N`` directory that exists
 is complete; a run killed while saving leaves the previous checkpoint untouched.
@@ -59,9 +63,46 @@ def save_checkpoint(out_dir: str | os.PathLike, step: int, model: nn.Module, opt
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(rng_state(), tmp / "rng.pt")
         (tmp / "state.json").write_text(json.dumps({**(state or {}), "step": step}), encoding="utf-8")
-    for _, old in list_checkpoints(out_dir)[:-max(1, keep)]:
-        shutil.rmtree(old, ignore_errors=True)
+    prune_checkpoints(out_dir, keep)
     return path
+
+
+def prune_checkpoints(out_dir: str | os.PathLike, keep: int) -> None:
+    """Delete every checkpoint but the newest ``keep`` and the newest steady one."""
+    found = [p for _, p in list_checkpoints(out_dir)]
+    steady = [p for p in found if is_steady(p)]
+    for old in set(found[:-max(1, keep)]) - set(steady[-1:]):
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def is_steady(path: Path) -> bool:
+    """Whether a checkpoint was written while the loss was not rising (older checkpoints count as steady)."""
+    try:
+        return bool(json.loads((path / "state.json").read_text(encoding="utf-8")).get("steady", True))
+    except (OSError, ValueError):
+        return True
+
+
+def set_aside_checkpoints_after(out_dir: str | os.PathLike, step: int) -> list[Path]:
+    """Rename the checkpoints of more than ``step`` steps to ``diverged-step-<N>``, so that resuming does not
+    pick them up while they stay there to inspect; return their new paths."""
+    moved = []
+    for n, path in list_checkpoints(out_dir):
+        if n > step:
+            target = path.with_name(f"diverged-{path.name}")
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(path, target)
+            moved.append(target)
+    return moved
+
+
+def remove_unfinished_saves(out_dir: str | os.PathLike) -> None:
+    """Delete the ``.step-N.*.tmp`` directories of saves that a kill interrupted (never complete, never read)."""
+    root = Path(out_dir) / CHECKPOINTS
+    if root.is_dir():
+        for d in root.iterdir():
+            if d.is_dir() and d.name.startswith(".step-") and d.name.endswith(".tmp"):
+                shutil.rmtree(d, ignore_errors=True)
 
 
 def load_checkpoint(path: str | os.PathLike, model: nn.Module,

@@ -19,6 +19,7 @@ import functools
 import math
 import random
 import resource
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -35,7 +36,13 @@ from tqdm.auto import tqdm
 from lmcycle.config import Config
 from lmcycle.errors import LmcycleError
 from lmcycle.models.load import forward_accepts
-from lmcycle.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from lmcycle.train.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    remove_unfinished_saves,
+    save_checkpoint,
+    set_aside_checkpoints_after,
+)
 from lmcycle.train.distributed import (
     all_reduce_grads_,
     all_reduce_sum,
@@ -57,7 +64,8 @@ class StopTraining(Exception):
 
 
 class TrainConfig(Config):
-    """How to optimise: steps, batch, AdamW, warmup+cosine schedule, clipping, eval/save/log cadence."""
+    """How to optimise: steps, batch, AdamW, warmup+cosine schedule, clipping, eval/save/log cadence, and the
+    guards: the loss-spike check and the refusal to resume with other settings."""
 
     max_steps: int = Field(ge=1)
     batch_size: int = Field(8, ge=1, description="micro-batch size per rank")
@@ -74,17 +82,39 @@ class TrainConfig(Config):
     log_every: int = Field(10, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
     seed: int | None = None
+    spike_factor: float | None = Field(4.0, gt=1, description="stop when a loss exceeds this many times the "
+                                       "median of the last spike_window steps (null: no spike check)")
+    spike_window: int = Field(20, ge=2)
+    force_resume: bool = Field(False, description="resume even from a checkpoint written with other settings")
+
+
+# Settings that change no number the training computes: a resumed run may change them freely.
+CADENCE_FIELDS = frozenset({"eval_every", "save_every", "log_every", "keep_checkpoints", "spike_factor",
+                            "spike_window", "force_resume"})
+# A loss near zero that quadruples is noise of a nearly learned task, not divergence: a spike must also rise
+# by this many nats over the median.
+SPIKE_MIN_RISE = 1.0
 
 
 @dataclass
 class TrainResult:
     step: int  # optimizer steps done in total (including those of a resumed-from run)
     losses: list[float]  # the loss of every step 0..step-1
-    wall_time: float  # seconds spent in this call
-    tokens_per_s: float  # target tokens (the ones the loss covers, all ranks) per second in this call
+    wall_time: float  # seconds the steps 0..step-1 took, summed over the attempts of a resumed run
+    tokens_per_s: float  # target tokens (the ones the loss covers, all ranks) of those steps per second
     peak_rss_mb: float  # peak resident memory of this process during this call (Linux; else process-wide)
     rss_growth_mb: float  # peak_rss_mb minus the resident memory when training started: what training added
     eval: dict[str, float] = field(default_factory=dict)  # the last eval_fn result
+
+
+@dataclass
+class Progress:
+    """What a checkpoint carries to the next attempt besides weights, optimizer and random states."""
+
+    step: int = 0
+    losses: list[float] = field(default_factory=list)
+    elapsed: float = 0.0  # seconds the checkpoint's steps took, over all attempts
+    tokens: int = 0  # target tokens of those steps
 
 
 def train(model: nn.Module, batch_at: Callable[[int], list[Batch]], loss_fn: LossFn, cfg: TrainConfig,
@@ -93,21 +123,33 @@ def train(model: nn.Module, batch_at: Callable[[int], list[Batch]], loss_fn: Los
     """Train ``model`` in place for ``cfg.max_steps`` optimizer steps; resume from ``out_dir/checkpoints``.
 
     ``params`` restricts training to those parameters (default: every parameter that requires grad).
-    Only rank 0 calls ``log`` and writes checkpoints. A non-finite loss or gradient norm raises
-    :class:`LmcycleError` before the optimizer step and without saving, so the last checkpoint stays good.
+    Only rank 0 calls ``log`` and writes checkpoints. A non-finite loss or gradient norm, or a loss spike
+    (see :func:`check_spike`), raises :class:`LmcycleError` before the optimizer step and without saving; the
+    checkpoints written after the loss began to rise are set aside, so the newest one left is good.
+    The first row logged is ``event="train_start"`` with the steps already done (see :meth:`RunContext.log`).
     """
     params = params if params is not None else [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, cfg)
     if cfg.seed is not None:
         seed_everything(cfg.seed)
     broadcast_params_(model)
-    start, losses = resume(out_dir, model, optimizer)
+    if is_main():
+        remove_unfinished_saves(out_dir)
+    done_before = resume(out_dir, model, optimizer, cfg)
+    start, losses = done_before.step, done_before.losses
+    if is_main():
+        log(event="train_start", step=start)
     model.train()
     reset_peak_rss()
     rss_start = peak_rss_mb()
 
     last_eval: dict[str, float] = {}
     tokens_seen, started, window, end = 0, time.perf_counter(), [], cfg.max_steps
+
+    def progress(steps: int) -> Progress:
+        return Progress(steps, losses, done_before.elapsed + time.perf_counter() - started,
+                        done_before.tokens + tokens_seen)
+
     with tqdm(total=cfg.max_steps, initial=start, desc=desc, disable=None if is_main() else True,
               file=sys.stderr, dynamic_ncols=True) as bar:
         for step in range(start, cfg.max_steps):
@@ -118,12 +160,12 @@ def train(model: nn.Module, batch_at: Callable[[int], list[Batch]], loss_fn: Los
             except StopTraining:
                 end = step
                 if is_main() and step > start:
-                    save_checkpoint(out_dir, step, model, optimizer, {"losses": losses, "lr": lr},
-                                    keep=cfg.keep_checkpoints)
+                    checkpoint(out_dir, progress(step), model, optimizer, cfg, lr)
                 break
             loss, n_tokens = compute_gradients(model, micro_batches, loss_fn, params, bf16=cfg.bf16)
             grad_norm = clip_gradients(params, cfg.max_grad_norm)
-            check_finite(step, loss, grad_norm, cfg, out_dir)
+            check_finite(step, loss, grad_norm, losses, cfg, out_dir)
+            check_spike(step, loss, losses, cfg, out_dir)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
@@ -143,13 +185,12 @@ def train(model: nn.Module, batch_at: Callable[[int], list[Batch]], loss_fn: Los
                 last_eval = evaluate(model, eval_fn)
                 log(step=done, **last_eval)
             if is_main() and due(done, cfg.save_every, cfg.max_steps):
-                save_checkpoint(out_dir, done, model, optimizer, {"losses": losses, "lr": lr},
-                                keep=cfg.keep_checkpoints)
+                checkpoint(out_dir, progress(done), model, optimizer, cfg, lr)
     barrier()  # no rank returns before rank 0 has written the final checkpoint
 
-    wall = time.perf_counter() - started
-    return TrainResult(step=max(start, end),
-                       losses=losses, wall_time=wall, tokens_per_s=tokens_seen / max(wall, 1e-9),
+    total = progress(max(start, end))
+    return TrainResult(step=total.step, losses=losses, wall_time=total.elapsed,
+                       tokens_per_s=total.tokens / max(total.elapsed, 1e-9),
                        peak_rss_mb=peak_rss_mb(), rss_growth_mb=peak_rss_mb() - rss_start, eval=last_eval)
 
 
@@ -172,21 +213,60 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def resume(out_dir: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[int, list[float]]:
-    """Load the newest checkpoint under ``out_dir`` if there is one; return ``(steps done, losses so far)``.
+def resume(out_dir: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+           cfg: TrainConfig) -> Progress:
+    """Load the newest checkpoint under ``out_dir`` if there is one and return its :class:`Progress`.
 
-    Every rank loads the same checkpoint, so every rank continues from rank 0's random state too.
+    Every rank loads the same checkpoint, so every rank continues from rank 0's random state too. A checkpoint
+    written with other settings (see :func:`resume_settings`) is refused unless ``cfg.force_resume``; only
+    ``max_steps`` may grow when the checkpoint is of a finished run.
     """
     path = latest_checkpoint(out_dir)
     if path is None:
-        return 0, []
+        return Progress()
     try:
         state = load_checkpoint(path, model, optimizer)
     except (RuntimeError, ValueError, KeyError, OSError) as e:
         first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise LmcycleError(f"cannot resume from this checkpoint ({first_line}); it was written for another "
                            "model or settings: delete it or train into another run directory", file=path) from None
-    return int(state["step"]), [float(x) for x in state.get("losses", [])]
+    if "settings" in state and not cfg.force_resume:  # checkpoints of older versions carry no settings
+        saved = state["settings"]
+        if int(state["step"]) >= saved["max_steps"]:  # a finished run may be extended: max_steps may grow
+            saved = {**saved, "max_steps": max(saved["max_steps"], cfg.max_steps)}
+        check_same_settings(saved, resume_settings(cfg), path)
+    return Progress(int(state["step"]), [float(x) for x in state.get("losses", [])],
+                    float(state.get("elapsed", 0.0)), int(state.get("tokens", 0)))
+
+
+def resume_settings(cfg: TrainConfig) -> dict:
+    """The settings a resumed run must share with its checkpoint: every one that changes what is computed."""
+    return cfg.model_dump(mode="json", exclude=set(CADENCE_FIELDS))
+
+
+def check_same_settings(saved: dict, now: dict, path: Path) -> None:
+    """Refuse to continue a run with other settings than its checkpoint's, naming each change."""
+    changed = [k for k in sorted(saved.keys() | now.keys()) if saved.get(k) != now.get(k)]
+    if changed:
+        diffs = ", ".join(f"train.{k} {_setting(saved.get(k))} → {_setting(now.get(k))}" for k in changed)
+        raise LmcycleError(f"this checkpoint was written with other settings ({diffs}): restore them, train "
+                           "into another run directory, or set train.force_resume: true to continue with the "
+                           "new ones", file=path, field=f"train.{changed[0]}")
+
+
+def _setting(value) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    return "unset" if value is None else str(value)
+
+
+def checkpoint(out_dir: str | Path, progress: Progress, model: nn.Module, optimizer: torch.optim.Optimizer,
+               cfg: TrainConfig, lr: float) -> None:
+    """Save a checkpoint of ``progress.step`` steps with what :func:`resume` needs to continue from it."""
+    last = len(progress.losses) - 1
+    state = {"losses": progress.losses, "lr": lr, "elapsed": progress.elapsed, "tokens": progress.tokens,
+             "settings": resume_settings(cfg), "steady": last < 0 or not rising(progress.losses, last, cfg)}
+    save_checkpoint(out_dir, progress.step, model, optimizer, state, keep=cfg.keep_checkpoints)
 
 
 # -- one step ----------------------------------------------------------------------------------------------------
@@ -234,15 +314,60 @@ def clip_gradients(params: list[nn.Parameter], max_norm: float | None) -> float:
     return float(torch.nn.utils.clip_grad_norm_(grads, max_norm if max_norm is not None else math.inf))
 
 
-def check_finite(step: int, loss: float, grad_norm: float, cfg: TrainConfig, out_dir: str | Path) -> None:
+def check_finite(step: int, loss: float, grad_norm: float, losses: list[float], cfg: TrainConfig,
+                 out_dir: str | Path) -> None:
     """Stop on a NaN/Inf loss or gradient before it reaches the weights (nothing is saved for this step)."""
-    if math.isfinite(loss) and math.isfinite(grad_norm):
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        diverged(step, f"loss={loss}, gradient norm={grad_norm}", losses, cfg, out_dir)
+
+
+def check_spike(step: int, loss: float, losses: list[float], cfg: TrainConfig, out_dir: str | Path) -> None:
+    """Stop when ``loss`` exceeds ``spike_factor`` times the median of the last ``spike_window`` losses (and by
+    :data:`SPIKE_MIN_RISE` nats): a loss that climbs stays finite for many steps before it overflows."""
+    median = running_median(losses, step, cfg.spike_window)
+    # A median <= 0 means the loss is no cross-entropy (a PPO objective, say): ratios of it mean nothing.
+    if cfg.spike_factor is None or median is None or median <= 0:
         return
+    if loss > cfg.spike_factor * median and loss > median + SPIKE_MIN_RISE:
+        diverged(step, f"loss {loss:.4g} is {loss / median:.0f}× the median {median:.4g} of the last "
+                       f"{cfg.spike_window} steps (train.spike_factor {cfg.spike_factor:g}: raise it, or set it to null, "
+                       "if such a loss is expected)", losses, cfg, out_dir)
+
+
+def running_median(losses: list[float], step: int, window: int) -> float | None:
+    """Median of the ``window`` losses before step ``step`` (None until there are that many)."""
+    return statistics.median(losses[step - window:step]) if step >= window else None
+
+
+def rising(losses: list[float], step: int, cfg: TrainConfig) -> bool:
+    """Whether step ``step``'s loss was above its running median: the steps a spike climbs through."""
+    median = running_median(losses, step, cfg.spike_window)
+    return cfg.spike_factor is not None and median is not None and losses[step] > median
+
+
+def diverged(step: int, what: str, losses: list[float], cfg: TrainConfig, out_dir: str | Path) -> None:
+    """Raise the divergence error: set aside the checkpoints written after the loss began to rise and name the
+    newest one left, with advice worded from the run's own settings."""
+    began = step
+    while began > 0 and rising(losses, began - 1, cfg):
+        began -= 1
+    moved = set_aside_checkpoints_after(out_dir, began) if is_main() else []
     last = latest_checkpoint(out_dir)
+    where = (f"the loss began to rise at step {began + 1}; " if began < step else "") + (
+        f"{len(moved)} checkpoint(s) written since were renamed diverged-step-*; " if moved else "")
     raise LmcycleError(
-        f"training diverged at step {step + 1}: loss={loss}, gradient norm={grad_norm}; lower the learning "
-        f"rate (it is {cfg.lr:g}) or set max_grad_norm; nothing was saved for this step, the last good "
-        f"checkpoint is {last if last else 'none (no checkpoint was written yet)'}", field="train.lr")
+        f"training diverged at step {step + 1}: {what}; {divergence_advice(cfg)}; nothing was saved for this "
+        f"step, {where}the last good checkpoint is "
+        f"{last if last else 'none (no checkpoint was written before it)'}", field="train.lr")
+
+
+def divergence_advice(cfg: TrainConfig) -> str:
+    """What to change, from the settings the run had: clipping is only suggested when it is off."""
+    settings = f"lr {cfg.lr:g} with {cfg.warmup_steps} warmup steps and " + (
+        f"max_grad_norm {cfg.max_grad_norm:g}" if cfg.max_grad_norm is not None else "no gradient clipping")
+    tips = "try a lower learning rate or a longer warmup" + (
+        " or set max_grad_norm (e.g. 1.0)" if cfg.max_grad_norm is None else "")
+    return f"{settings}: {tips}, with train.force_resume: true to resume the checkpoint with the new settings"
 
 
 def due(done: int, every: int, max_steps: int) -> bool:
