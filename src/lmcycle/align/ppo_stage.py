@@ -42,7 +42,7 @@ from lmcycle.align.ppo import (
 )
 from lmcycle.align.reward_sources import RewardSpec, build_reward, describe_reward
 from lmcycle.atomic import atomic_write_text
-from lmcycle.config import Config
+from lmcycle.config import Config, DatasetName, ModelRef
 from lmcycle.errors import LmcycleError
 from lmcycle.models.generate import DecodingConfig
 from lmcycle.runs import RunContext
@@ -65,8 +65,8 @@ class PpoStage(Config):
 
     type: Literal["ppo"] = "ppo"
     name: str | None = None
-    model: str | None = None
-    prompts: str = Field(description="dataset whose example inputs are the prompts")
+    model: ModelRef | None = None
+    prompts: DatasetName = Field(description="dataset whose example inputs are the prompts")
     template: str | dict | None = Field(None, description="None: each input as it is")
     reward: RewardSpec
     judge: RewardSpec | None = Field(None, description="held-out reward: logged, never optimised")
