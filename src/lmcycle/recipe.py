@@ -20,7 +20,6 @@ interrupted from its last checkpoint.
 
 from __future__ import annotations
 
-import difflib
 import importlib
 import json
 import os
@@ -131,7 +130,7 @@ class Recipe(Config):
 def _dataset_problem(name: str, datasets: list[str]) -> str | None:
     if name in datasets:
         return None
-    return (f"unknown dataset '{name}'{_did_you_mean(name, datasets)} (the recipe's data section has: "
+    return (f"unknown dataset '{name}'{_did_you_mean(_closest(name, datasets))} (the recipe's data section has: "
             f"{', '.join(datasets) or 'nothing'})")
 
 
@@ -147,16 +146,21 @@ def _model_problem(ref: str, earlier: list[str], later: list[str]) -> str | None
                 f"{', '.join(earlier) or 'none'})")
     if "/" in ref or os.sep in ref:
         return None  # a path or an org/name Hub id
-    close = [n for n in ("latest", *earlier, *later) if _edits(ref, n) <= 2]
-    if not close:
+    close = _closest(ref, ["latest", *earlier, *later])
+    if close is None:
         return None
-    return (f"no earlier stage is named '{ref}'{_did_you_mean(ref, close)} (earlier stages: "
+    return (f"no earlier stage is named '{ref}'{_did_you_mean(close)} (earlier stages: "
             f"{', '.join(earlier) or 'none'}; a Hub id: write it as org/name)")
 
 
-def _did_you_mean(word: str, candidates: list[str]) -> str:
-    match = difflib.get_close_matches(word, candidates, n=1, cutoff=0.6)
-    return f"; did you mean '{match[0]}'?" if match else ""
+def _closest(word: str, candidates: list[str]) -> str | None:
+    """The candidate fewest edits away from ``word`` if it is at most two away (a typo), else None."""
+    best = min(candidates, key=lambda c: _edits(word, c), default=None)
+    return best if best is not None and _edits(word, best) <= 2 else None
+
+
+def _did_you_mean(match: str | None) -> str:
+    return f"; did you mean '{match}'?" if match else ""
 
 
 def _edits(a: str, b: str) -> int:

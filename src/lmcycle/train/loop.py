@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, ValidationInfo, field_validator
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -74,6 +74,15 @@ class TrainConfig(Config):
     log_every: int = Field(10, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
     seed: int | None = None
+
+    @field_validator("warmup_steps")
+    @classmethod
+    def _warmup_within_run(cls, warmup: int, info: ValidationInfo) -> int:
+        # A warmup longer than the run never reaches the configured lr: almost surely a max_steps cut short.
+        max_steps = info.data.get("max_steps")
+        if max_steps is not None and warmup > max_steps:
+            raise ValueError(f"warmup_steps ({warmup}) is more than max_steps ({max_steps})")
+        return warmup
 
 
 @dataclass
