@@ -283,3 +283,48 @@ def test_an_all_tied_rankings_file_names_the_file(tmp_path, capsys):
                         "  - {type: report}\n")
     err = run_fails_before_anything_runs(tmp_path, capsys, text)
     assert err.startswith(f"{ranks}: field 'ranks': no preference pair can be formed"), err
+
+
+DATASET_KEYS = {"corpus", "data", "eval_data", "shot_pool", "prompts", "calibration", "dataset"}
+MODEL_KEYS = {"model", "models", "teacher", "reference_model", "toxicity_classifier"}
+NOT_REFERENCES = {("GenerateStage", "prompts"), ("ModelReward", "model"), ("ClassifierReward", "model")}
+
+
+def config_fields(cls, seen=None):
+    """(class name, field name, what the field refers to) for a config class and every config nested in it;
+    a field holding nested configs (sft's ``data``) is left to their own fields."""
+    from typing import get_args
+
+    from pydantic import BaseModel
+
+    from lmcycle.config import refers_to
+
+    seen = set() if seen is None else seen
+    if cls in seen:
+        return
+    seen.add(cls)
+    for name, info in cls.model_fields.items():
+        todo, nested = [info.annotation], []
+        while todo:
+            t = todo.pop()
+            if isinstance(t, type) and issubclass(t, BaseModel):
+                nested.append(t)
+            todo.extend(get_args(t))
+        if not nested:
+            yield cls.__name__, name, refers_to(info.annotation, info.metadata)
+        for t in nested:
+            yield from config_fields(t, seen)
+
+
+def test_every_stage_field_that_names_a_dataset_or_model_is_checked():
+    from lmcycle.recipe import STAGES, stage_class
+
+    fields = [f for kind in STAGES for f in config_fields(stage_class(kind))]
+    for cls, name, refers in fields:
+        if (cls, name) in NOT_REFERENCES:
+            continue
+        if name in DATASET_KEYS:
+            assert refers == "dataset", f"{cls}.{name} names a dataset but is not a DatasetName"
+        elif name in MODEL_KEYS:
+            assert refers == "model", f"{cls}.{name} names a model but is not a ModelRef"
+    assert ("ModelReward", "path", "model") in fields and ("HealConfig", "data", "dataset") in fields

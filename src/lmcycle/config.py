@@ -46,7 +46,7 @@ def references(cfg: BaseModel, path: tuple = ()) -> Iterator[tuple[str, tuple, s
     """``(what it refers to, key path, value)`` for every :data:`DatasetName` / :data:`ModelRef` value set in
     ``cfg``, nested configs and lists included."""
     for name, info in type(cfg).model_fields.items():
-        kind = _refers(info.annotation, info.metadata)
+        kind = refers_to(info.annotation, info.metadata)
         yield from _walk(getattr(cfg, name), kind, (*path, name))
 
 
@@ -60,12 +60,12 @@ def _walk(value: Any, kind: str | None, path: tuple) -> Iterator[tuple[str, tupl
         yield kind, path, value
 
 
-def _refers(annotation: Any, metadata: list | tuple = ()) -> str | None:
+def refers_to(annotation: Any, metadata: list | tuple = ()) -> str | None:
     """The ``Refers`` kind anywhere in a type (``list[DatasetName]``, ``ModelRef | None``), else None."""
     for m in (*metadata, *getattr(annotation, "__metadata__", ())):
         if isinstance(m, Refers):
             return m.to
-    return next((kind for arg in get_args(annotation) if (kind := _refers(arg))), None)
+    return next((kind for arg in get_args(annotation) if (kind := refers_to(arg))), None)
 
 
 def _construct(node: yaml.Node, path: tuple, lines: Lines, file: str) -> Any:
