@@ -82,7 +82,7 @@ class EvalStage(Config):
     perplexity: bool = True
     baseline: Literal["extractive"] | None = None
     toxicity_classifier: ModelRef | None = Field(None, validate_default=True,
-                                            description="classifier stage name or path (metric 'toxicity')")
+                                                 description="classifier stage name or path (metric 'toxicity')")
     reference_model: ModelRef | None = Field(None, description="frozen model for reference_perplexity of completions")
 
     @field_validator("toxicity_classifier")

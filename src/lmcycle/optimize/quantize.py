@@ -458,7 +458,7 @@ class QuantizeStage(Config):
     model: ModelRef | None = Field(None, description="earlier stage, path or hub id; None = the latest language model")
     method: Literal["fp16", "bf16", "int8_weight_only", "int8_dynamic", "int8_static", "int4_weight_only"]
     calibration: DatasetName | None = Field(None, description="dataset whose texts calibrate activation ranges "
-                                                      "(required for int8_static)")
+                                                              "(required for int8_static)")
     n_calibration: int = Field(128, ge=1, description="calibration examples drawn (seeded) from the dataset")
     max_len: int = Field(128, ge=1)
     batch_size: int = Field(16, ge=1)
