@@ -328,3 +328,23 @@ def test_every_stage_field_that_names_a_dataset_or_model_is_checked():
         elif name in MODEL_KEYS:
             assert refers == "model", f"{cls}.{name} names a model but is not a ModelRef"
     assert ("ModelReward", "path", "model") in fields and ("HealConfig", "data", "dataset") in fields
+
+
+def test_ppo_warmup_longer_than_its_rollouts_is_an_error(tmp_path):
+    text = """\
+    name: t
+    data: {p: {format: synthetic, n: 40}}
+    stages:
+      - {type: build, arch: llama, size: 1m, corpus: [p], vocab_size: 300}
+      - type: ppo
+        prompts: p
+        reward: {kind: python, function: "os:getcwd"}
+        rollouts: 2
+        ppo: {rollout_size: 16, ppo_epochs: 1}
+        train: {batch_size: 8, warmup_steps: 5}
+    """
+    with pytest.raises(LmcycleError) as e:
+        load_recipe(write(tmp_path, text))
+    assert (e.value.line, e.value.field) == (10, "stages.1.train")
+    assert "warmup_steps (5) is more than the 4 optimizer steps of 2 rollouts" in e.value.message
+    assert load_recipe(write(tmp_path, text.replace("warmup_steps: 5", "warmup_steps: 4")))[1][1].train.warmup_steps == 4
