@@ -98,15 +98,16 @@ def read_records(path: str | Path, format: str, split: str = "train") -> list[So
         return _nonempty(_read_parquet(file), file, "the file has no rows")
     text = _read_text(file)
     if format == "jsonl":
-        return _nonempty(_parse_jsonl(text, str(file)), file, "no records: the file is empty")
+        return _nonempty(_parse_jsonl(text, str(file)), file, "no records: the file is empty", line=1)
     what = "no records after the header" if text.strip() else "no records: the file is empty"
-    return _nonempty(_parse_csv(text, str(file)), file, what)
+    return _nonempty(_parse_csv(text, str(file)), file, what, line=1)
 
 
-def _nonempty(records: list[SourceRecord], file: str | Path, message: str) -> list[SourceRecord]:
+def _nonempty(records: list[SourceRecord], file: str | Path, message: str, line: int | None = None
+              ) -> list[SourceRecord]:
     # An empty source would otherwise train or evaluate on nothing, or fail far from the file that caused it.
     if not records:
-        raise LmcycleError(message, file=file, line=1)
+        raise LmcycleError(message, file=file, line=line)
     return records
 
 
