@@ -163,3 +163,188 @@ def test_dialogsum_recipe_finds_the_shared_data_by_default():
                              Path(__file__).resolve().parents[1] / "recipes" / "dialogsum.yaml")
     assert len(datasets["test"]) == 500 and all(len(ex.targets) == 3 for ex in datasets["test"])
     assert len(datasets["dev"]) == recipe.data["dev"].limit
+
+
+# -- references and data checked before anything runs ---------------------------------------------------------
+
+def run_fails_before_anything_runs(tmp_path, capsys, text) -> str:
+    """Run ``text`` as a recipe; it must fail with one error line and leave no run directory behind."""
+    out = tmp_path / "run"
+    code = main(["run", str(write(tmp_path, text)), "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and len(err.splitlines()) == 1, err
+    assert not out.exists(), "a stage ran (or the run directory was created) before the error"
+    return err.removeprefix("lmcycle: error: ")
+
+
+def line_of(text: str, needle: str) -> int:
+    lines = textwrap.dedent(text).splitlines()
+    hits = [i for i, line in enumerate(lines, 1) if needle in line]
+    assert len(hits) == 1, needle
+    return hits[0]
+
+
+def test_misspelt_stage_reference_names_line_and_the_stage_meant(tmp_path, capsys):
+    text = TINY.replace("  - type: sft\n", "  - type: sft\n    model: pretrainn\n")
+    err = run_fails_before_anything_runs(tmp_path, capsys, text)
+    assert err.startswith(f"{tmp_path / 'r.yaml'}:{line_of(text, 'pretrainn')}: field 'stages.3.model': "), err
+    assert "did you mean 'pretrain'?" in err and "org/name" in err
+
+
+@pytest.mark.parametrize("ref, words", [("after_sft", "runs after this one"), ("sft", "is this stage itself"),
+                                        ("lastest", "did you mean 'latest'?")])
+def test_a_model_from_a_later_stage_or_itself_is_an_error(tmp_path, capsys, ref, words):
+    text = TINY.replace("  - type: sft\n", f"  - type: sft\n    model: {ref}\n")
+    err = run_fails_before_anything_runs(tmp_path, capsys, text)
+    assert f":{line_of(text, f'model: {ref}')}: field 'stages.3.model': " in err and words in err, err
+
+
+def test_hub_ids_and_existing_paths_are_not_taken_for_typos(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "pretrainn").mkdir()  # a local model folder one edit away from a stage name
+    for ref in ("gpt2", "org/pretrainn", "pretrainn", "build", "latest"):
+        stages = load_recipe(write(tmp_path, TINY.replace("  - type: sft\n", f"  - type: sft\n    model: {ref}\n")))[1]
+        assert stages[3].model == ref
+
+
+UNKNOWN_DATASETS = [  # (text in TINY, the same naming an unknown dataset, that name, the field named)
+    ("size: 1m, corpus: [train]", "size: 1m, corpus: [trian]", "trian", "stages.0.corpus.0"),
+    ("    corpus: [train]\n", "    corpus: [train, tset]\n", "tset", "stages.1.corpus.1"),
+    ("name: zero_shot, data: test", "name: zero_shot, data: nope", "nope", "stages.2.data"),
+    ("name: zero_shot, data: test", "name: zero_shot, data: test, shot_pool: tran", "tran", "stages.2.shot_pool"),
+    ("data: [{dataset: train}]", "data: [{dataset: train}, {dataset: missing}]", "missing", "stages.3.data.1.dataset"),
+    ("    max_len: 256\n", "    max_len: 256\n    eval_data: held\n", "held", "stages.3.eval_data"),
+]
+
+
+@pytest.mark.parametrize("old, new, name, field", UNKNOWN_DATASETS, ids=[f for *_, f in UNKNOWN_DATASETS])
+def test_unknown_dataset_names_the_key_line_and_field(tmp_path, capsys, old, new, name, field):
+    assert TINY.count(old) == 1
+    text = TINY.replace(old, new)
+    err = run_fails_before_anything_runs(tmp_path, capsys, text)
+    line = line_of(text, "eval_data: held" if name == "held" else new.strip())
+    assert err.startswith(f"{tmp_path / 'r.yaml'}:{line}: field '{field}': unknown dataset '{name}'"), err
+    assert "data section has: train, test" in err
+
+
+def test_dataset_names_nested_in_a_stage_are_checked(tmp_path):
+    text = """\
+    name: t
+    data: {train: {format: synthetic, n: 4}}
+    stages:
+      - {type: build, arch: llama, size: 1m, corpus: [train], vocab_size: 300}
+      - type: prune
+        heal:
+          data: [train, trainn]
+          train: {max_steps: 2}
+    """
+    with pytest.raises(LmcycleError) as e:
+        load_recipe(write(tmp_path, text))
+    assert (e.value.line, e.value.field) == (7, "stages.1.heal.data.1") and "did you mean 'train'?" in str(e.value)
+
+
+def test_warmup_longer_than_the_run_is_an_error_on_the_field(tmp_path, capsys):
+    text = TINY.replace("train: {max_steps: 4, batch_size: 4,", "train: {max_steps: 4, warmup_steps: 5, batch_size: 4,")
+    err = run_fails_before_anything_runs(tmp_path, capsys, text)
+    assert err.startswith(f"{tmp_path / 'r.yaml'}:{line_of(text, 'warmup_steps: 5')}: "
+                          "field 'stages.1.train.warmup_steps': warmup_steps (5) is more than max_steps (4)"), err
+    equal = TINY.replace("train: {max_steps: 4, batch_size: 4,", "train: {max_steps: 4, warmup_steps: 4, batch_size: 4,")
+    assert load_recipe(write(tmp_path, equal))[1][1].train.warmup_steps == 4
+
+
+@pytest.mark.parametrize("content, words", [("", "no records: the file is empty"),
+                                            ("input,target\n", "no records after the header")])
+def test_an_empty_build_corpus_stops_before_a_model_is_built(tmp_path, capsys, content, words):
+    corpus = tmp_path / ("corpus.jsonl" if not content else "corpus.csv")
+    corpus.write_text(content)
+    fmt = "csv" if content else "jsonl"
+    text = TINY.replace("train: {format: synthetic, n: 40, seed: 1}", f"train: {{format: {fmt}, path: {corpus}}}")
+    err = run_fails_before_anything_runs(tmp_path, capsys, text)
+    assert err == f"{corpus}:1: {words}"
+
+
+def test_an_empty_sft_file_names_the_file(tmp_path, capsys):
+    empty = tmp_path / "sft.jsonl"
+    empty.write_bytes(b"")
+    text = TINY.replace("  test: {format: synthetic, n: 4, seed: 2}\n",
+                        f"  test: {{format: synthetic, n: 4, seed: 2}}\n  chat: {{format: jsonl, path: {empty}}}\n")
+    text = text.replace("data: [{dataset: train}]", "data: [{dataset: chat}]")
+    assert run_fails_before_anything_runs(tmp_path, capsys, text) == f"{empty}:1: no records: the file is empty"
+
+
+def test_an_all_tied_rankings_file_names_the_file(tmp_path, capsys):
+    ranks = tmp_path / "ranks.jsonl"
+    ranks.write_text("".join(json.dumps({"prompt_id": f"q{i}", "prompt": f"p{i}", "completions": ["a", "b", "c"],
+                                         "ranks": [2, 2, 2]}) + "\n" for i in range(5)))
+    text = TINY.replace("  test: {format: synthetic, n: 4, seed: 2}\n",
+                        f"  test: {{format: synthetic, n: 4, seed: 2}}\n"
+                        f"  prefs: {{format: rankings, path: {ranks}, split: all}}\n")
+    text = text.replace("  - {type: report}\n", "  - {type: dpo, data: prefs, eval_data: prefs, train: {max_steps: 2}}\n"
+                        "  - {type: report}\n")
+    err = run_fails_before_anything_runs(tmp_path, capsys, text)
+    assert err.startswith(f"{ranks}: field 'ranks': no preference pair can be formed"), err
+
+
+DATASET_KEYS = {"corpus", "data", "eval_data", "shot_pool", "prompts", "calibration", "dataset"}
+MODEL_KEYS = {"model", "models", "teacher", "reference_model", "toxicity_classifier"}
+NOT_REFERENCES = {("GenerateStage", "prompts"), ("ModelReward", "model"), ("ClassifierReward", "model")}
+
+
+def config_fields(cls, seen=None):
+    """(class name, field name, what the field refers to) for a config class and every config nested in it;
+    a field holding nested configs (sft's ``data``) is left to their own fields."""
+    from typing import get_args
+
+    from pydantic import BaseModel
+
+    from lmcycle.config import refers_to
+
+    seen = set() if seen is None else seen
+    if cls in seen:
+        return
+    seen.add(cls)
+    for name, info in cls.model_fields.items():
+        todo, nested = [info.annotation], []
+        while todo:
+            t = todo.pop()
+            if isinstance(t, type) and issubclass(t, BaseModel):
+                nested.append(t)
+            todo.extend(get_args(t))
+        if not nested:
+            yield cls.__name__, name, refers_to(info.annotation, info.metadata)
+        for t in nested:
+            yield from config_fields(t, seen)
+
+
+def test_every_stage_field_that_names_a_dataset_or_model_is_checked():
+    from lmcycle.recipe import STAGES, stage_class
+
+    fields = [f for kind in STAGES for f in config_fields(stage_class(kind))]
+    for cls, name, refers in fields:
+        if (cls, name) in NOT_REFERENCES:
+            continue
+        if name in DATASET_KEYS:
+            assert refers == "dataset", f"{cls}.{name} names a dataset but is not a DatasetName"
+        elif name in MODEL_KEYS:
+            assert refers == "model", f"{cls}.{name} names a model but is not a ModelRef"
+    assert ("ModelReward", "path", "model") in fields and ("HealConfig", "data", "dataset") in fields
+
+
+def test_ppo_warmup_longer_than_its_rollouts_is_an_error(tmp_path):
+    text = """\
+    name: t
+    data: {p: {format: synthetic, n: 40}}
+    stages:
+      - {type: build, arch: llama, size: 1m, corpus: [p], vocab_size: 300}
+      - type: ppo
+        prompts: p
+        reward: {kind: python, function: "os:getcwd"}
+        rollouts: 2
+        ppo: {rollout_size: 16, ppo_epochs: 1}
+        train: {batch_size: 8, warmup_steps: 5}
+    """
+    with pytest.raises(LmcycleError) as e:
+        load_recipe(write(tmp_path, text))
+    assert (e.value.line, e.value.field) == (10, "stages.1.train")
+    assert "warmup_steps (5) is more than the 4 optimizer steps of 2 rollouts" in e.value.message
+    assert load_recipe(write(tmp_path, text.replace("warmup_steps: 5", "warmup_steps: 4")))[1][1].train.warmup_steps == 4

@@ -9,8 +9,10 @@ number``).
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -25,6 +27,45 @@ class Config(BaseModel):
     """Base of every config section: unknown keys are errors, assignments are validated."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+@dataclass(frozen=True)
+class Refers:
+    """Marks a string field whose value names another part of the recipe, so that the recipe can check it
+    before anything runs: ``"dataset"`` (a key of the recipe's ``data`` section) or ``"model"`` (``latest``, an
+    earlier stage, a path or a Hub id)."""
+
+    to: str
+
+
+DatasetName = Annotated[str, Refers("dataset")]
+ModelRef = Annotated[str, Refers("model")]
+
+
+def references(cfg: BaseModel, path: tuple = ()) -> Iterator[tuple[str, tuple, str]]:
+    """``(what it refers to, key path, value)`` for every :data:`DatasetName` / :data:`ModelRef` value set in
+    ``cfg``, nested configs and lists included."""
+    for name, info in type(cfg).model_fields.items():
+        kind = refers_to(info.annotation, info.metadata)
+        yield from _walk(getattr(cfg, name), kind, (*path, name))
+
+
+def _walk(value: Any, kind: str | None, path: tuple) -> Iterator[tuple[str, tuple, str]]:
+    if isinstance(value, BaseModel):
+        yield from references(value, path)
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            yield from _walk(item, kind, (*path, i))
+    elif isinstance(value, str) and kind:
+        yield kind, path, value
+
+
+def refers_to(annotation: Any, metadata: list | tuple = ()) -> str | None:
+    """The ``Refers`` kind anywhere in a type (``list[DatasetName]``, ``ModelRef | None``), else None."""
+    for m in (*metadata, *getattr(annotation, "__metadata__", ())):
+        if isinstance(m, Refers):
+            return m.to
+    return next((kind for arg in get_args(annotation) if (kind := refers_to(arg))), None)
 
 
 def _construct(node: yaml.Node, path: tuple, lines: Lines, file: str) -> Any:
@@ -113,7 +154,8 @@ def apply_overrides(data: dict, overrides: list[str], source: str = "command lin
     return data
 
 
-def _line_for(loc: tuple, lines: Lines) -> int | None:
+def line_for(loc: tuple, lines: Lines) -> int | None:
+    """The line of key path ``loc``, or of its nearest enclosing key that has one (a default has no line)."""
     for n in range(len(loc), -1, -1):
         if loc[:n] in lines:
             return lines[loc[:n]]
@@ -142,7 +184,7 @@ def validate(cls: type[T], data: Any, *, file: str | os.PathLike = "<config>", l
             msg = msg.removeprefix("Value error, ")
         elif err["type"] == "union_tag_invalid":
             msg = f"unknown value {err['ctx']['tag']!r} (expected one of {err['ctx']['expected_tags']})"
-        line = _line_for(full, lines or {})
+        line = line_for(full, lines or {})
         field = ".".join(map(str, full)) or None
         raise LmcycleError(msg, file=file, line=line, field=field) from None
 

@@ -31,7 +31,16 @@ from typing import Any
 from pydantic import Field
 
 from lmcycle.atomic import atomic_write_json, atomic_write_text
-from lmcycle.config import Config, Lines, apply_overrides, dump_config, load_yaml, validate
+from lmcycle.config import (
+    Config,
+    Lines,
+    apply_overrides,
+    dump_config,
+    line_for,
+    load_yaml,
+    references,
+    validate,
+)
 from lmcycle.data.loaders import DatasetConfig
 from lmcycle.errors import LmcycleError
 from lmcycle.runs import RunContext, load_datasets
@@ -100,7 +109,68 @@ class Recipe(Config):
                                    line=line, field=f"stages.{i}.name")
             seen.add(name)
             out.append(cfg)
+        self.check_references(out, file, lines or {})
         return out
+
+    def check_references(self, stages: list[Config], file: str | os.PathLike, lines: Lines) -> None:
+        """Every dataset a stage names is in the ``data`` section, and every model it names is not a misspelt
+        or later stage: a typo found here costs nothing, found at run time it costs the stages before it."""
+        names = [cfg.name or cfg.type for cfg in stages]
+        for i, cfg in enumerate(stages):
+            for kind, path, value in references(cfg):
+                if kind == "dataset":
+                    problem = _dataset_problem(value, list(self.data))
+                else:
+                    problem = _model_problem(value, earlier=names[:i], later=names[i:])
+                if problem:
+                    key = ("stages", i, *path)
+                    raise LmcycleError(problem, file=file, line=line_for(key, lines), field=".".join(map(str, key)))
+
+
+def _dataset_problem(name: str, datasets: list[str]) -> str | None:
+    if name in datasets:
+        return None
+    return (f"unknown dataset '{name}'{_did_you_mean(_closest(name, datasets))} (the recipe's data section has: "
+            f"{', '.join(datasets) or 'nothing'})")
+
+
+def _model_problem(ref: str, earlier: list[str], later: list[str]) -> str | None:
+    """Why ``ref`` cannot be the model it means, or None. A name that is no stage but within two edits of
+    one is taken for a typo rather than a Hub id (Hub ids without an organisation, like ``gpt2``, are few; the
+    message says to write ``org/name``)."""
+    if ref == "latest" or ref in earlier or Path(ref).exists():
+        return None
+    if ref in later:
+        which = "is this stage itself" if ref == later[0] else "runs after this one"
+        return (f"stage '{ref}' {which}; a model must come from an earlier stage (earlier stages: "
+                f"{', '.join(earlier) or 'none'})")
+    if "/" in ref or os.sep in ref:
+        return None  # a path or an org/name Hub id
+    close = _closest(ref, ["latest", *earlier, *later])
+    if close is None:
+        return None
+    return (f"no earlier stage is named '{ref}'{_did_you_mean(close)} (earlier stages: "
+            f"{', '.join(earlier) or 'none'}; a Hub id: write it as org/name)")
+
+
+def _closest(word: str, candidates: list[str]) -> str | None:
+    """The candidate fewest edits away from ``word`` if it is at most two away (a typo), else None."""
+    best = min(candidates, key=lambda c: _edits(word, c), default=None)
+    return best if best is not None and _edits(word, best) <= 2 else None
+
+
+def _did_you_mean(match: str | None) -> str:
+    return f"; did you mean '{match}'?" if match else ""
+
+
+def _edits(a: str, b: str) -> int:
+    """Levenshtein distance: insertions, deletions and substitutions that turn ``a`` into ``b``."""
+    row = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        prev, row[0] = row[0], i
+        for j, cb in enumerate(b, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (ca != cb))
+    return row[-1]
 
 
 def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> tuple[Recipe, list[Config]]:

@@ -293,3 +293,30 @@ def test_prompt_words_cuts_each_input_to_a_continuation_prompt(tmp_path):
     cfg = DatasetConfig(format="jsonl", path=str(tmp_path), prompt_words=3)
     assert [ex.input for ex in load_examples(cfg)] == ["one two three", "short"]
     assert [ex.targets for ex in load_examples(cfg)] == [["t"], ["u"]]
+
+
+@pytest.mark.parametrize("name, content, words", [
+    ("d.jsonl", b"", "no records: the file is empty"),
+    ("d.jsonl", b"\n  \n", "no records: the file is empty"),
+    ("d.jsonl.gz", gzip.compress(b""), "no records: the file is empty"),
+    ("d.csv", b"", "no records: the file is empty"),
+    ("d.csv", b"input,target\n", "no records after the header"),
+], ids=["jsonl", "blank-lines", "gzip", "csv", "csv-header-only"])
+def test_a_file_without_records_is_an_error_naming_it(tmp_path, name, content, words):
+    path = tmp_path / name
+    path.write_bytes(content)
+    fmt = "csv" if ".csv" in name else "jsonl"
+    with pytest.raises(LmcycleError) as e:
+        load_examples(cfg(path, fmt))
+    assert str(e.value) == f"{path}:1: {words}"
+
+
+def test_a_parquet_file_without_rows_is_an_error_naming_it(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    path = tmp_path / "d.parquet"
+    pq.write_table(pa.Table.from_pylist([], schema=pa.schema([("input", pa.string()), ("target", pa.string())])),
+                   path)
+    with pytest.raises(LmcycleError) as e:
+        load_examples(cfg(path, "parquet"))
+    assert str(e.value) == f"{path}: the file has no rows"

@@ -134,3 +134,24 @@ def test_real_hh_file_split_counts():
     assert not {e.id for e in train} & {e.id for e in test}
     n_prompts = len({e.id for e in every})
     assert abs(len({e.id for e in test}) - PREFERENCE_TEST_FRACTION * n_prompts) <= 2
+
+
+def test_rankings_that_form_no_pair_name_the_file(tmp_path):
+    f = tmp_path / "r.jsonl"
+    rows = [{"prompt_id": "q1", "prompt": "p", "completions": ["a", "b", "c"], "ranks": [1, 1, 1]},
+            {"prompt_id": "q2", "prompt": "p2", "completions": ["a", "b"], "ranks": [None, 2]},
+            {"prompt_id": "q3", "prompt": "p3", "completions": ["a", "b"], "special": "unsafe prompt"}]
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(LmcycleError, match="no preference pair can be formed") as err:
+        load("rankings", f, "all")
+    assert (err.value.file, err.value.field) == (str(f), "ranks")
+    rows[0]["ranks"] = [1, 2, 2]  # one strict pair is enough
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert len(load("rankings", f, "all")) == 2
+
+
+def test_a_split_left_without_examples_names_the_file_and_split(tmp_path):
+    f = write_hh(tmp_path / "hh.jsonl.gz", [hh_row(i, chosen="") for i in range(6)])  # every pair dropped
+    with pytest.raises(LmcycleError) as err:
+        load("hh_rlhf", f, "all")
+    assert (err.value.file, err.value.field) == (str(f), "split") and "no examples in split 'all'" in str(err.value)

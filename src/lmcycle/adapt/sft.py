@@ -32,7 +32,7 @@ from lmcycle.adapt.lora import (
 )
 from lmcycle.adapt.prompt_tuning import PromptTuningConfig, add_prompt_tuning, save_prompt_tuning
 from lmcycle.adapt.qlora import merge_qlora, quantize_model
-from lmcycle.config import Config
+from lmcycle.config import Config, DatasetName, ModelRef
 from lmcycle.data.sft import collate_sft, encode_sft, mix_tasks
 from lmcycle.runs import RunContext
 from lmcycle.train.distributed import barrier, is_main
@@ -51,7 +51,7 @@ from lmcycle.train.stage import TrainingStage, finish_training_stage, log_traini
 class SftData(Config):
     """One task of the fine-tuning data: a recipe dataset, its mixture weight and (optionally) its template."""
 
-    dataset: str
+    dataset: DatasetName
     weight: float = Field(1.0, gt=0)
     template: str | dict | None = Field(None, description="None: the stage's template")
 
@@ -89,11 +89,11 @@ class SftStage(Config):
 
     type: Literal["sft"] = "sft"
     name: str | None = None
-    model: str | None = None
+    model: ModelRef | None = None
     data: list[SftData] = Field(min_length=1)
     template: str | dict = "summarize"
     max_len: int = Field(512, ge=8)
-    eval_data: str | None = Field(None, description="dataset whose held-out loss is logged every eval_every")
+    eval_data: DatasetName | None = Field(None, description="dataset whose held-out loss is logged every eval_every")
     peft: PeftConfig | None = Field(None, description="None: full fine-tuning of every parameter")
     train: TrainConfig
 

@@ -33,7 +33,7 @@ from lmcycle.adapt.lora import lora_layers, set_active_adapter
 from lmcycle.adapt.sft import LoraPeft
 from lmcycle.align.reward import pair_step_indices
 from lmcycle.atomic import atomic_write_json
-from lmcycle.config import Config
+from lmcycle.config import Config, DatasetName, ModelRef
 from lmcycle.data.preferences import PreferencePair
 from lmcycle.data.sft import IGNORE, collate_sft, prompt_completion_item
 from lmcycle.errors import LmcycleError
@@ -300,9 +300,9 @@ class DpoStage(Config):
 
     type: Literal["dpo"] = "dpo"
     name: str | None = None
-    model: str | None = Field(None, description="the starting policy: an earlier stage, a path or a hub id")
-    data: str = Field(description="preference dataset (format hh_rlhf or rankings)")
-    eval_data: str = Field(description="held-out preference dataset: implicit-reward accuracy and margins")
+    model: ModelRef | None = Field(None, description="the starting policy: an earlier stage, a path or a hub id")
+    data: DatasetName = Field(description="preference dataset (format hh_rlhf or rankings)")
+    eval_data: DatasetName = Field(description="held-out preference dataset: implicit-reward accuracy and margins")
     beta: float = Field(0.1, gt=0)
     loss_type: Literal["sigmoid", "ipo"] = "sigmoid"
     label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="conservative DPO (sigmoid loss only)")

@@ -25,7 +25,7 @@ import json
 from typing import Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, ValidationInfo, field_validator
 
 from lmcycle.adapt.sft import LoraPeft, add_peft_for_training, finish_peft_stage
 from lmcycle.align.guard import GuardConfig, check_alarms, should_stop
@@ -42,7 +42,7 @@ from lmcycle.align.ppo import (
 )
 from lmcycle.align.reward_sources import RewardSpec, build_reward, describe_reward
 from lmcycle.atomic import atomic_write_text
-from lmcycle.config import Config
+from lmcycle.config import Config, DatasetName, ModelRef
 from lmcycle.errors import LmcycleError
 from lmcycle.models.generate import DecodingConfig
 from lmcycle.runs import RunContext
@@ -67,8 +67,8 @@ class PpoStage(Config):
 
     type: Literal["ppo"] = "ppo"
     name: str | None = None
-    model: str | None = None
-    prompts: str = Field(description="dataset whose example inputs are the prompts")
+    model: ModelRef | None = None
+    prompts: DatasetName = Field(description="dataset whose example inputs are the prompts")
     template: str | dict | None = Field(None, description="None: each input as it is")
     reward: RewardSpec
     judge: RewardSpec | None = Field(None, description="held-out reward: logged, never optimised")
@@ -81,6 +81,20 @@ class PpoStage(Config):
     samples_every: int = Field(10, ge=1, description="keep samples of rollout 0, every N-th and the last")
     save_every_rollouts: int = Field(0, ge=0, description="0: checkpoint after the last rollout only")
     train: PpoTrain = PpoTrain()
+
+    @field_validator("train")
+    @classmethod
+    def _warmup_within_run(cls, train: PpoTrain, info: ValidationInfo) -> PpoTrain:
+        # PPO's step count comes from the rollouts, so TrainConfig cannot compare warmup with it by itself.
+        ppo, rollouts = info.data.get("ppo"), info.data.get("rollouts")
+        per_step = train.batch_size * train.grad_accum
+        if ppo is None or rollouts is None or ppo.rollout_size % per_step:
+            return train  # an earlier error, or one run_ppo names (rollout_size not a multiple)
+        total = rollouts * steps_per_rollout(ppo, train.batch_size, train.grad_accum)
+        if train.warmup_steps > total:
+            raise ValueError(f"warmup_steps ({train.warmup_steps}) is more than the {total} optimizer steps of "
+                             f"{rollouts} rollouts")
+        return train
 
 
 def load_prompts(cfg: PpoStage, ctx: RunContext) -> list[str]:

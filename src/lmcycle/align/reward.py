@@ -30,7 +30,7 @@ from torch import nn
 from transformers import AutoModel, AutoModelForSequenceClassification
 
 from lmcycle.atomic import atomic_dir, atomic_write_json
-from lmcycle.config import Config
+from lmcycle.config import Config, DatasetName, ModelRef
 from lmcycle.data.preferences import PreferencePair
 from lmcycle.errors import LmcycleError
 from lmcycle.models.load import eval_mode, forward_accepts
@@ -307,11 +307,11 @@ class RewardStage(Config):
 
     type: Literal["reward"] = "reward"
     name: str | None = None
-    model: str | None = Field(None, description="backbone: an earlier stage, a path or a hub id")
+    model: ModelRef | None = Field(None, description="backbone: an earlier stage, a path or a hub id")
     backbone: Literal["auto", "classifier", "causal_lm"] = Field(
         "auto", description="auto: causal_lm for a *ForCausalLM / *LMHeadModel checkpoint, else classifier")
-    data: str = Field(description="preference dataset (format hh_rlhf or rankings)")
-    eval_data: str = Field(description="held-out preference dataset: pair accuracy, loss, reward statistics")
+    data: DatasetName = Field(description="preference dataset (format hh_rlhf or rankings)")
+    eval_data: DatasetName = Field(description="held-out preference dataset: pair accuracy, loss, reward statistics")
     max_len: int = Field(512, ge=8, description="tokens of prompt + response; the prompt's start is cut first")
     margin: bool = Field(False, description="subtract each pair's margin (rank difference) inside the loss")
     group_by_length: bool = Field(True, description="batch pairs of similar length together (less padding, "

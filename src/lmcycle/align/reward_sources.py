@@ -25,7 +25,7 @@ from typing import Annotated, Literal
 import torch
 from pydantic import Discriminator, Field, Tag
 
-from lmcycle.config import Config
+from lmcycle.config import Config, ModelRef
 from lmcycle.errors import LmcycleError
 
 RewardFn = Callable[[list[str], list[str]], torch.Tensor]
@@ -35,7 +35,7 @@ class ModelReward(Config):
     """A reward model trained by the ``reward`` stage (an earlier stage's name or its folder)."""
 
     kind: Literal["model"] = "model"
-    path: str
+    path: ModelRef
     normalise: bool = Field(True, description="subtract the saved mean, divide by the saved std")
     text: Literal["response", "full"] = "full"
     max_len: int = Field(512, ge=8)
@@ -46,7 +46,7 @@ class ClassifierReward(Config):
     """A sequence classifier: the probability (or log-odds) of ``label`` is the reward."""
 
     kind: Literal["classifier"] = "classifier"
-    path: str
+    path: ModelRef
     label: str
     output: Literal["probability", "log_odds"] = "probability"
     text: Literal["response", "full"] = "response"

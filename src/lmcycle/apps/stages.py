@@ -17,7 +17,7 @@ from typing import Literal
 from pydantic import Field
 
 from lmcycle.atomic import atomic_write_json, atomic_write_text
-from lmcycle.config import Config
+from lmcycle.config import Config, ModelRef
 from lmcycle.models.generate import DecodingConfig
 from lmcycle.runs import RunContext
 
@@ -58,7 +58,7 @@ class HarnessStage(Config):
     benchmark: Literal["gsm8k", "truthfulqa"]
     path: str = Field(description="GSM8K folder / test jsonl, or TruthfulQA folder / mc_task.json")
     method: str = Field("cot", description="gsm8k: direct|cot|self_consistency|pal; truthfulqa: letter|likelihood")
-    model: str | None = Field(None, description="latest, a stage name, a path or a hub id")
+    model: ModelRef | None = Field(None, description="latest, a stage name, a path or a hub id")
     backend: str | None = Field(None, description="openai:BASE_URL#MODEL instead of an in-process model")
     limit: int | None = Field(None, ge=1)
     n: int = Field(5, ge=1, description="self-consistency samples")

@@ -89,21 +89,35 @@ def load_records(path: str | Path, format: str, split: str = "train") -> list[di
 def read_records(path: str | Path, format: str, split: str = "train") -> list[SourceRecord]:
     """Like :func:`load_records`, but each record keeps its file and line for error messages."""
     if format == "hf":
-        return _read_hf(str(path), split)
+        return _nonempty(_read_hf(str(path), split), path, "the dataset has no rows")
     if format not in FILE_FORMATS:
         raise LmcycleError(f"unknown file format '{format}' (known: {', '.join((*FILE_FORMATS, 'hf'))})",
                            field="format")
     file = _resolve_split_file(Path(path), format, split)
     if format == "parquet":
-        return _read_parquet(file)
+        return _nonempty(_read_parquet(file), file, "the file has no rows")
     text = _read_text(file)
-    return _parse_jsonl(text, str(file)) if format == "jsonl" else _parse_csv(text, str(file))
+    if format == "jsonl":
+        return _nonempty(_parse_jsonl(text, str(file)), file, "no records: the file is empty", line=1)
+    what = "no records after the header" if text.strip() else "no records: the file is empty"
+    return _nonempty(_parse_csv(text, str(file)), file, what, line=1)
+
+
+def _nonempty(records: list[SourceRecord], file: str | Path, message: str, line: int | None = None
+              ) -> list[SourceRecord]:
+    # An empty source would otherwise train or evaluate on nothing, or fail far from the file that caused it.
+    if not records:
+        raise LmcycleError(message, file=file, line=line)
+    return records
 
 
 def load_examples(cfg: DatasetConfig, base_dir: Path = Path(".")) -> list[Example]:
     """Load the examples ``cfg`` describes; the first ``cfg.limit`` of them when a limit is set; with
     ``prompt_words``, each input cut to its first words."""
     examples = _load_examples(cfg, base_dir)
+    if not examples:
+        where = _resolve(cfg.path, base_dir) if cfg.path else None
+        raise LmcycleError(f"no examples in split '{cfg.split}'", file=where, field="split")
     if cfg.prompt_words:
         examples = [replace(ex, input=" ".join(ex.input.split()[: cfg.prompt_words])) for ex in examples]
     return examples

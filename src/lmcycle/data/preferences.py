@@ -323,6 +323,9 @@ def load_preference_examples(path: str | Path, format: str, split: str) -> list[
     (:func:`drop_empty_replies`). ``path`` is the file, or a folder holding exactly one ``*.jsonl[.gz]``."""
     file = _preference_file(Path(path))
     pairs = load_hh_rlhf(file) if format == "hh_rlhf" else rankings_to_pairs(load_rankings(file))
+    if not pairs:
+        raise LmcycleError("no preference pair can be formed: every ranking ties or leaves out its completions, "
+                           "or is special", file=file, field="ranks")
     kept, dropped = drop_empty_replies(preference_split(pairs, split))
     if dropped:
         logger.warning("%s (%s split): left out %d preference pair(s) with an empty reply", file.name, split,

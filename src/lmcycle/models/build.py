@@ -32,7 +32,7 @@ from transformers import (
 )
 
 from lmcycle.atomic import atomic_dir
-from lmcycle.config import Config
+from lmcycle.config import Config, DatasetName
 from lmcycle.errors import LmcycleError
 from lmcycle.runs import RunContext
 
@@ -185,7 +185,7 @@ class BuildStage(Config):
     name: str | None = None
     arch: Arch
     size: str
-    corpus: list[str] = Field(min_length=1)
+    corpus: list[DatasetName] = Field(min_length=1)
     vocab_size: int = 2048
     max_len: int = Field(default=512, ge=8)
 

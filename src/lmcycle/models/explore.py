@@ -18,7 +18,7 @@ from pydantic import Field, model_validator
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lmcycle.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
-from lmcycle.config import Config
+from lmcycle.config import Config, DatasetName, ModelRef
 from lmcycle.errors import LmcycleError
 from lmcycle.models.generate import (
     DecodingConfig,
@@ -237,9 +237,9 @@ class ExploreStage(Config):
 
     type: Literal["explore"] = "explore"
     name: str | None = None
-    model: str | None = None
+    model: ModelRef | None = None
     prompt: str | None = None
-    data: str | None = None  # a dataset of the recipe: the prompt is example `index` rendered with `template`
+    data: DatasetName | None = None  # a dataset of the recipe: the prompt is example `index` rendered with `template`
     index: int = Field(default=0, ge=0)
     template: str = "summarize"
     top_n: int = Field(default=20, ge=1, le=100)

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lmcycle.atomic import atomic_write_text
-from lmcycle.config import Config
+from lmcycle.config import Config, ModelRef
 from lmcycle.errors import LmcycleError
 from lmcycle.models.load import context_window, eval_mode, is_seq2seq, load_model
 from lmcycle.runs import RunContext
@@ -329,7 +329,7 @@ class GenerateStage(Config):
 
     type: Literal["generate"] = "generate"
     name: str | None = None
-    model: str | None = None
+    model: ModelRef | None = None
     prompts: list[str] = Field(min_length=1)
     decoding: DecodingConfig = DecodingConfig()
 

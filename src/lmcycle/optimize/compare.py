@@ -29,7 +29,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from lmcycle.atomic import atomic_write_json
-from lmcycle.config import Config
+from lmcycle.config import Config, DatasetName, ModelRef
 from lmcycle.errors import LmcycleError
 from lmcycle.runs import RunContext
 
@@ -41,10 +41,10 @@ class CompareStage(Config):
 
     type: Literal["compare"] = "compare"
     name: str | None = None
-    models: list[str] = Field(min_length=1, description="earlier stages, paths or hub ids; the first is the "
-                                                        "reference of every ratio")
+    models: list[ModelRef] = Field(min_length=1, description="earlier stages, paths or hub ids; the first is the "
+                                                             "reference of every ratio")
     labels: list[str] | None = Field(None, description="row names (default: the entries of 'models')")
-    eval_data: list[str] = Field(min_length=1, description="datasets scored for quality; their inputs are timed")
+    eval_data: list[DatasetName] = Field(min_length=1, description="datasets scored for quality; their inputs are timed")
     label_map: dict[str, str] | None = Field(None, description="classifiers: dataset label -> class name "
                                                                "(default: the dataset's labels as they are)")
     max_len: int = Field(128, ge=8, description="tokens per text, for scoring and timing")

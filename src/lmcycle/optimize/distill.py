@@ -36,7 +36,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lmcycle.atomic import atomic_write_bytes, atomic_write_json
-from lmcycle.config import Config
+from lmcycle.config import Config, DatasetName, ModelRef
 from lmcycle.data.examples import plain_texts
 from lmcycle.errors import LmcycleError
 from lmcycle.evals.toxicity import TextClassifier, class_names, collate, labelled_texts, score_labels
@@ -153,13 +153,13 @@ class DistillStage(Config):
 
     type: Literal["distill"] = "distill"
     name: str | None = None
-    teacher: str = Field(description="an earlier stage, a path or a hub id")
+    teacher: ModelRef = Field(description="an earlier stage, a path or a hub id")
     task: Literal["classifier", "lm"] | None = Field(None, description="None: from the teacher's config")
     student_layers: list[int] | None = Field(None, description="teacher layers to copy (None and no "
                                                                "student_config: every other layer)")
     student_config: dict[str, Any] | None = Field(None, description="config overrides: a student from scratch")
-    data: list[str] = Field(min_length=1)
-    eval_data: list[str] = Field(default_factory=list)
+    data: list[DatasetName] = Field(min_length=1)
+    eval_data: list[DatasetName] = Field(default_factory=list)
     label_map: dict[str, str] | None = Field(None, description="classifier: dataset label -> class name (None: "
                                                                "the labels are the teacher's class names)")
     template: str | dict | None = Field(None, description="lm: a prompt template (loss on the completion); "

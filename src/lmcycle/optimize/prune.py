@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from lmcycle.adapt.lora import LoraConfig, add_lora, merge_and_unload
 from lmcycle.atomic import atomic_write_json
-from lmcycle.config import Config
+from lmcycle.config import Config, DatasetName, ModelRef
 from lmcycle.data.examples import plain_texts
 from lmcycle.errors import LmcycleError
 from lmcycle.runs import RunContext
@@ -468,7 +468,7 @@ class HealConfig(Config):
     alpha: float = Field(16, gt=0)
     dropout: float = Field(0.0, ge=0, lt=1)
     target_modules: list[str] | None = Field(None, description="None: every pruned layer")
-    data: list[str] = Field(min_length=1, description="dataset names; each input and target is one text")
+    data: list[DatasetName] = Field(min_length=1, description="dataset names; each input and target is one text")
     train: TrainConfig
 
 
@@ -477,7 +477,7 @@ class PruneStage(Config):
 
     type: Literal["prune"] = "prune"
     name: str | None = None
-    model: str | None = None
+    model: ModelRef | None = None
     method: Literal["magnitude", "wanda", "nm", "structured"] = "wanda"
     sparsity: float = Field(0.5, gt=0, lt=1, description="fraction of weights zeroed per layer (magnitude, wanda)")
     n: int = Field(2, ge=1, description="nm: weights kept in every group of m")
@@ -486,10 +486,10 @@ class PruneStage(Config):
     heads: float = Field(0.0, ge=0, lt=1, description="structured: fraction of attention heads removed")
     mlp: float = Field(0.0, ge=0, lt=1, description="structured: fraction of MLP channels removed")
     layers: str | None = Field(None, description="regex: only prunable layers whose path matches")
-    calibration: str | None = Field(None, description="dataset name; each input and target is one text")
+    calibration: DatasetName | None = Field(None, description="dataset name; each input and target is one text")
     n_calibration: int = Field(128, ge=1)
     max_len: int = Field(256, ge=8)
-    eval_data: list[str] = Field(default_factory=list, description="datasets for perplexity before/after")
+    eval_data: list[DatasetName] = Field(default_factory=list, description="datasets for perplexity before/after")
     heal: HealConfig | None = None
     seed: int | None = None
 

@@ -47,7 +47,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lmcycle.atomic import atomic_dir, atomic_write_json
-from lmcycle.config import Config
+from lmcycle.config import Config, DatasetName, ModelRef
 from lmcycle.errors import LmcycleError
 from lmcycle.runs import RunContext
 
@@ -456,10 +456,10 @@ class QuantizeStage(Config):
 
     type: Literal["quantize"] = "quantize"
     name: str | None = None
-    model: str | None = Field(None, description="earlier stage, path or hub id; None = the latest language model")
+    model: ModelRef | None = Field(None, description="earlier stage, path or hub id; None = the latest language model")
     method: Literal["fp16", "bf16", "int8_weight_only", "int8_dynamic", "int8_static", "int4_weight_only"]
-    calibration: str | None = Field(None, description="dataset whose texts calibrate activation ranges "
-                                                      "(required for int8_static)")
+    calibration: DatasetName | None = Field(None, description="dataset whose texts calibrate activation ranges "
+                                                              "(required for int8_static)")
     n_calibration: int = Field(128, ge=1, description="calibration examples drawn (seeded) from the dataset")
     max_len: int = Field(128, ge=1)
     batch_size: int = Field(16, ge=1)

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, ValidationInfo, field_validator
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -94,6 +94,15 @@ CADENCE_FIELDS = frozenset({"eval_every", "save_every", "log_every", "keep_check
 # A loss near zero that quadruples is noise of a nearly learned task, not divergence: a spike must also rise
 # by this many nats over the median.
 SPIKE_MIN_RISE = 1.0
+
+    @field_validator("warmup_steps")
+    @classmethod
+    def _warmup_within_run(cls, warmup: int, info: ValidationInfo) -> int:
+        # A warmup longer than the run never reaches the configured lr: almost surely a max_steps cut short.
+        max_steps = info.data.get("max_steps")
+        if max_steps is not None and warmup > max_steps:
+            raise ValueError(f"warmup_steps ({warmup}) is more than max_steps ({max_steps})")
+        return warmup
 
 
 @dataclass

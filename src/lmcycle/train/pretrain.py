@@ -18,7 +18,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from lmcycle.config import Config
+from lmcycle.config import Config, DatasetName, ModelRef
 from lmcycle.data.examples import plain_texts
 from lmcycle.data.packing import pack_sequences
 from lmcycle.data.sft import collate_sft
@@ -36,8 +36,8 @@ class PretrainStage(Config):
 
     type: Literal["pretrain"] = "pretrain"
     name: str | None = None
-    model: str | None = None
-    corpus: list[str] = Field(default_factory=list, description="dataset names: every input and target")
+    model: ModelRef | None = None
+    corpus: list[DatasetName] = Field(default_factory=list, description="dataset names: every input and target")
     files: list[str] = Field(default_factory=list, description="text files, relative to the recipe's folder")
     seq_len: int = Field(256, ge=8)
     eval_fraction: float = Field(0.05, ge=0, lt=1)
