@@ -2,6 +2,7 @@
 isolation_report, a fresh working directory that is removed, an empty environment, several threads at once."""
 
 import os
+import tempfile
 import threading
 from decimal import Decimal
 from fractions import Fraction
@@ -24,7 +25,10 @@ from lmcycle.errors import LmcycleError
 
 CFG = SandboxConfig(timeout_s=3)
 RAW = SandboxConfig(timeout_s=3, ast_filter=False)
-POSIX = 'posix = __builtins__.__import__.__globals__["real_import"]("posix")\n'
+# The real import lives only in the guard's closure (nothing of the bootstrap's is in __main__'s globals).
+REAL_IMPORT = ('g = __builtins__.__import__\n'
+               'imp = dict(zip(g.__code__.co_freevars, [c.cell_contents for c in g.__closure__]))["real_import"]\n')
+POSIX = REAL_IMPORT + 'posix = imp("posix")\n'
 
 
 @pytest.mark.parametrize(("expr", "expected"), [
@@ -135,13 +139,13 @@ def test_environment_is_empty(monkeypatch):
     assert r.ok and set(r.value) <= {"LC_CTYPE"} and "LMCYCLE_SECRET" not in r.value
 
 
-def test_fresh_working_directory_is_removed():
-    code = POSIX + ("def solution():\n    with open('note.txt', 'w') as f:\n        f.write('x')\n"
-                    "    return [posix.getcwd(), posix.listdir('.')]\n")
+def test_fresh_working_directory_is_removed(tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the sandbox's directories go here, nowhere else
+    code = POSIX + ("def solution():\n    before = posix.listdir('.')\n    with open('note.txt', 'w') as f:\n"
+                    "        f.write('x')\n    return [before, posix.listdir('.')]\n")
     first, second = run_solution(code, RAW), run_solution(code, RAW)
-    assert first.ok and second.ok and first.value[1] == ["note.txt"] == second.value[1]
-    assert first.value[0] != second.value[0]
-    assert not os.path.exists(first.value[0]) and not os.path.exists(os.path.dirname(first.value[0]))
+    assert first.ok and second.ok and first.value == [[], ["note.txt"]] == second.value
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_isolation_report_matches_what_the_child_applied():

@@ -25,7 +25,8 @@ REPO_FILE = str(Path(__file__).resolve())
 
 # Full in-process power: real import, a fresh posix module, libc functions via _ctypes.
 GRAB = '''
-imp = __builtins__.__import__.__globals__["real_import"]
+g = __builtins__.__import__
+imp = dict(zip(g.__code__.co_freevars, [c.cell_contents for c in g.__closure__]))["real_import"]
 gc = imp("gc")
 mods = {m.__name__: m for m in gc.get_objects() if type(m).__name__ == "module"}
 machinery = imp("_frozen_importlib")
@@ -163,7 +164,9 @@ def test_raw_harness_has_full_in_process_power():
 def test_raw_read_etc_passwd():
     _kernel("landlock_filesystem")
     r = _raw("def solution():\n    fd = posix.open('/etc/passwd', posix.O_RDONLY)\n    return posix.read(fd, 99)\n")
-    assert not r.ok and "Permission denied" in r.error.message and "root:" not in str(r.value)
+    # Landlock refuses it; with an empty root the path does not even exist for the child
+    assert not r.ok and ("Permission denied" in r.error.message or "No such file" in r.error.message)
+    assert "root:" not in str(r.value)
 
 
 def test_raw_read_repo_file():
@@ -175,7 +178,8 @@ def test_raw_read_repo_file():
 def test_raw_list_root_directory():
     _kernel("landlock_filesystem")
     r = _raw("def solution():\n    return posix.listdir('/')\n")
-    assert not r.ok and r.value is None
+    # Landlock alone refuses the listing; with an empty root '/' is the child's own, empty, working directory
+    assert (r.ok, r.value) == ((True, []) if isolation_report()["empty_root"] else (False, None))
 
 
 @pytest.mark.parametrize("how", ["posix", "libc"])
