@@ -12,21 +12,28 @@ PALChain, smolagents' local executor and LlamaIndex's safe_eval were all escaped
    A trusted bootstrap (``_BOOTSTRAP``, which the child runs before any model code) sets rlimits (CPU, address
    space, open files, file size, processes, no core dumps), pre-imports the allowed modules, drops root to
    ``nobody`` (65534, so that RLIMIT_NPROC and file permissions apply), and where the kernel allows applies
-   Landlock (file system: only the working directory; TCP: nothing; signals: own domain) and a seccomp filter
-   (x86-64: no fork/clone/exec/socket/ptrace/unshare/mount ...). Where ``unshare`` works the child also gets
-   empty network and IPC namespaces and, as root, a mount namespace with a size-capped tmpfs as its working
-   directory (a disk quota).
+   Landlock (file contents: only the working directory; TCP: nothing; signals: own domain) and a seccomp
+   filter (x86-64: no fork/clone/exec/socket/ptrace/unshare/mount/chroot/name_to_handle_at ...). As root the
+   child first chroots into its working directory, so no host path exists for it, not even for ``stat``
+   (Landlock does not cover metadata). Where ``unshare`` works the child also gets empty network and IPC
+   namespaces and, as root, a mount namespace with a size-capped tmpfs as its working directory (a disk quota).
 3. In-process, the bootstrap also removes fork/exec/kill functions and refuses imports outside the allow-list:
-   defence in depth only (objects the program can reach undo it); the kernel layers are what hold.
+   defence in depth only (objects the program can reach undo it); the kernel layers are what hold. The
+   bootstrap runs inside a function, so none of its objects (the real import, the result file) is a global of
+   ``__main__``; the pre-filter bans the attribute names under which allowed modules hand out other modules
+   (``statistics.sys``, ``re.enum``), also in ``from m import x`` and ``case C(x=...)`` patterns.
 
 :func:`isolation_report` says which layers are active on this host, as measured by a probe child; tests skip,
 rather than pretend, where a layer is missing. Not provided: a PID namespace (other processes are visible in
 ``/proc`` only without Landlock) and any limit on the child's kernel-side memory beyond RLIMIT_AS.
 
-Results come back as JSON in a file the parent opened (never pickle). ``solution()``'s value is converted to
-JSON: ``bool``/``int``/``float``/``str``/``None`` as is (NaN/inf as JSON's NaN/Infinity), tuples/lists/sets as
-lists, dict keys as strings, ``Fraction`` as ``float``, ``Decimal`` as ``str`` (exact); anything else is an error
-of kind ``value``; a value over ``max_output_bytes`` as JSON is an ``output_limit`` error.
+Results come back as JSON in a file the parent opened (never pickle); anything there that does not decode to a
+well-formed report (a program that got hold of the descriptor can write anything) is a ``crashed`` result,
+never an exception. The layers come on a second descriptor that the bootstrap closes before model code runs.
+``solution()``'s value is converted to JSON: ``bool``/``int``/``float``/``str``/``None`` as is (NaN/inf as
+JSON's NaN/Infinity), tuples/lists/sets as lists, dict keys as strings, ``Fraction`` as ``float``, ``Decimal``
+as ``str`` (exact); anything else is an error of kind ``value``; a value over ``max_output_bytes`` as JSON is an
+``output_limit`` error.
 """
 
 from __future__ import annotations
@@ -699,7 +706,8 @@ def isolation_report() -> dict[str, bool | str]:
                 "rlimits": bool(got.get("rlimits")) and "cpu, address space, open files, file size, no core",
                 "dropped_privileges": f"uid {got['uid']}" if root and got.get("uid") == NOBODY else False,
                 "rlimit_nproc": bool(got.get("uid")) and "0 processes (enforced: not root)",
-                "seccomp": bool(got.get("seccomp")) and "no fork/clone/exec/socket/ptrace/unshare/mount",
+                "seccomp": bool(got.get("seccomp"))
+                and "no fork/clone/exec/socket/ptrace/unshare/mount/chroot/name_to_handle_at",
                 "no_fork": " + ".join(x for x, on in (("seccomp", got.get("seccomp")),
                                                        ("rlimit_nproc", bool(got.get("uid"))),
                                                        ("in-process removal (bypassable)", True)) if on),
@@ -713,8 +721,9 @@ def isolation_report() -> dict[str, bool | str]:
                                                               ("network_namespace", bool(_unshare_prefix())),
                                                               ("landlock_network", got.get("landlock_network")),
                                                               ("in-process removal (bypassable)", True)) if on),
-                "filesystem_read": "working directory only (landlock)" if got.get("landlock_filesystem")
-                else "whatever the child's uid may read on the host (no filesystem isolation)",
+                "filesystem_read": _filesystem_claim(got),
+                "empty_root": bool(got.get("empty_root")) and "chroot into the working directory: no host path "
+                "exists for the child, not even for stat()",
                 "pid_namespace": False,
                 "disk_quota": bool(got.get("disk_quota")) and "private tmpfs over the working directory "
                 "(max_disk_mb, 4096 files)",
@@ -724,6 +733,17 @@ def isolation_report() -> dict[str, bool | str]:
             if probe.error is not None:
                 _REPORT["probe_error"] = f"{probe.error.kind}: {probe.error.message}"
         return dict(_REPORT)
+
+
+def _filesystem_claim(got: dict) -> str:
+    # Landlock guards contents (read, write, list) but not metadata: stat() on a host path still answers unless
+    # the child's root is its own working directory.
+    if got.get("empty_root"):
+        where = "working directory only (empty root" + (", landlock)" if got.get("landlock_filesystem") else ")")
+        return f"file contents and metadata: {where}"
+    if got.get("landlock_filesystem"):
+        return "file contents: working directory only (landlock); file metadata (stat) visible on the host"
+    return "whatever the child's uid may read on the host (no filesystem isolation)"
 
 
 def active_layers() -> list[str]:
