@@ -63,6 +63,13 @@ def test_stdout_is_captured_and_value_returned():
     assert r.ok and r.value == 7 and r.stdout == "step 1\n"
 
 
+def test_non_ascii_identifiers_run_with_the_defaults():
+    r = run_solution("π = 3.14\ndef solution():\n    größe = 2\n    return π * größe\n", CFG)
+    assert r.ok and r.value == 6.28
+    s = run_snippet("ｘ = 5\nprint(x + 1)\n", CFG)  # NFKC: the fullwidth ｘ is the same name as x
+    assert s.ok and s.stdout == "6\n"
+
+
 def test_snippet_mode_returns_printed_output():
     r = run_snippet("import statistics\nprint(statistics.mean([1, 2, 3, 6]))\n", CFG)
     assert r.ok and r.stdout.strip() == "3" and r.value is None
