@@ -162,16 +162,17 @@ def test_isolation_report_matches_what_the_child_applied():
     assert bool(report["seccomp"]) == bool(child.get("seccomp"))
     assert bool(report["landlock_filesystem"]) == bool(child.get("landlock_filesystem"))
     assert bool(report["disk_quota"]) == bool(child.get("disk_quota"))
+    assert bool(report["empty_root"]) == bool(child.get("empty_root")) == (os.geteuid() == 0)
     assert report["pid_namespace"] is False  # not used: claiming it would be a lie
     if os.geteuid() == 0:
         # as root the child must have dropped to nobody, or RLIMIT_NPROC would not hold
         assert child["uid"] == 65534 and report["dropped_privileges"] == "uid 65534"
-    if not report["landlock_filesystem"]:
+    if not report["landlock_filesystem"] and not report["empty_root"]:
         assert "no filesystem isolation" in report["filesystem_read"]
     active = active_layers()
     assert {"separate_process", "empty_env"} <= set(active) and "pid_namespace" not in active
     assert ("landlock_filesystem" in active) == bool(report["landlock_filesystem"])
-    assert ("filesystem_read" in active) == bool(report["landlock_filesystem"])
+    assert ("filesystem_read" in active) == bool(report["landlock_filesystem"] or report["empty_root"])
 
 
 def test_child_runs_as_nobody_when_parent_is_root():
