@@ -148,7 +148,7 @@ class SandboxResult:
     error: SandboxError | None = None
     duration_s: float = 0.0
     pid: int | None = None  # the child's pid (its process group id too), so callers can check it is gone
-    layers: dict = field(default_factory=dict)  # what the child's bootstrap managed to apply
+    layers: dict = field(default_factory=dict)  # what the bootstrap applied, sent before any model code ran
 
 
 # --------------------------------------------------------------------------------------------- AST pre-filter
@@ -176,8 +176,9 @@ def check_program(code: str, allowed_imports: list[str] | tuple[str, ...] = DEFA
 @functools.lru_cache(maxsize=16)
 def _module_handles(allowed: tuple[str, ...]) -> frozenset[str]:
     """Attribute names that lead from an allowed module (or a class in one) to a module outside the allow-list,
-    e.g. ``sys`` (statistics, fractions, datetime) or ``enum`` (re's, which holds builtins as ``bltns``), plus :data:`INTERPRETER_MODULES`; allowed modules themselves stay reachable. Measured on this interpreter,
-    which is the one the child runs (``sys.executable``)."""
+    e.g. ``sys`` (statistics, fractions, datetime) or ``enum`` (re's, which holds builtins as ``bltns``), plus
+    :data:`INTERPRETER_MODULES`; allowed modules themselves stay reachable. Measured on this interpreter, which
+    is the one the child runs (``sys.executable``)."""
     names, seen = set(INTERPRETER_MODULES), set()
     todo = []
     for name in allowed:
@@ -334,9 +335,12 @@ def bootstrap():
         # working directory as its root no host path exists for the program at all. Without CAP_SYS_CHROOT
         # (dropped below, and chroot is in the seccomp filter) there is no way back out. Everything the
         # interpreter needs from disk is loaded by now.
-        posix.chroot(".")
-        posix.chdir("/")
-        layers["empty_root"] = True
+        try:
+            posix.chroot(".")
+            posix.chdir("/")
+            layers["empty_root"] = True
+        except OSError:  # uid 0 without CAP_SYS_CHROOT (a user namespace): the report then says metadata shows
+            pass
         posix.setgroups([])
         posix.setgid(job["uid"])
         posix.setuid(job["uid"])
