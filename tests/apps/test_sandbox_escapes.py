@@ -17,7 +17,18 @@ from pathlib import Path
 
 import pytest
 
-from lmcycle.apps.sandbox import SandboxConfig, SandboxViolation, calculate, isolation_report, run_solution
+from lmcycle.apps.harness import gsm8k_harness
+from lmcycle.apps.pal import run_program
+from lmcycle.apps.sandbox import (
+    SandboxConfig,
+    SandboxViolation,
+    calculate,
+    check_program,
+    isolation_report,
+    run_snippet,
+    run_solution,
+)
+from lmcycle.data.examples import Example
 
 FAST = SandboxConfig(timeout_s=2, cpu_s=2, memory_mb=256)
 RAW = SandboxConfig(timeout_s=2, cpu_s=2, memory_mb=256, ast_filter=False, max_file_bytes=1024 * 1024)
@@ -25,7 +36,8 @@ REPO_FILE = str(Path(__file__).resolve())
 
 # Full in-process power: real import, a fresh posix module, libc functions via _ctypes.
 GRAB = '''
-imp = __builtins__.__import__.__globals__["real_import"]
+g = __builtins__.__import__
+imp = dict(zip(g.__code__.co_freevars, [c.cell_contents for c in g.__closure__]))["real_import"]
 gc = imp("gc")
 mods = {m.__name__: m for m in gc.get_objects() if type(m).__name__ == "module"}
 machinery = imp("_frozen_importlib")
@@ -163,7 +175,9 @@ def test_raw_harness_has_full_in_process_power():
 def test_raw_read_etc_passwd():
     _kernel("landlock_filesystem")
     r = _raw("def solution():\n    fd = posix.open('/etc/passwd', posix.O_RDONLY)\n    return posix.read(fd, 99)\n")
-    assert not r.ok and "Permission denied" in r.error.message and "root:" not in str(r.value)
+    # Landlock refuses it; with an empty root the path does not even exist for the child
+    assert not r.ok and ("Permission denied" in r.error.message or "No such file" in r.error.message)
+    assert "root:" not in str(r.value)
 
 
 def test_raw_read_repo_file():
@@ -175,7 +189,8 @@ def test_raw_read_repo_file():
 def test_raw_list_root_directory():
     _kernel("landlock_filesystem")
     r = _raw("def solution():\n    return posix.listdir('/')\n")
-    assert not r.ok and r.value is None
+    # Landlock alone refuses the listing; with an empty root '/' is the child's own, empty, working directory
+    assert (r.ok, r.value) == ((True, []) if isolation_report().get("empty_root") else (False, None))
 
 
 @pytest.mark.parametrize("how", ["posix", "libc"])
@@ -354,3 +369,140 @@ def test_calculator_pow_bombs(expr):
 def test_calculator_refuses_non_arithmetic(expr):
     with pytest.raises(SandboxViolation):
         calculate(expr)
+
+
+# ------------------------------------------------------------------ issue #14: handles, result channel, metadata
+
+# Routes from allowed modules to the interpreter (modules they import, frames through class patterns). Each must
+# be refused by the default config and, with the pre-filter off, still do no harm.
+HANDLES = {
+    "statistics_sys_main": ("import statistics\ndef solution():\n"
+                            "    return statistics.sys.modules['__main__'].real_import('posix').getcwd()\n"),
+    "fractions_sys_open": ("import fractions\ndef solution():\n"
+                           "    return fractions.sys.modules['builtins'].open('/etc/passwd').read()\n"),
+    "datetime_sys_stat": ("import datetime\ndef solution():\n"
+                          f"    return datetime.sys.modules['posix'].stat({REPO_FILE!r}).st_size\n"),
+    "from_import_sys": ("from statistics import sys\ndef solution():\n"
+                        "    return sys.modules['builtins'].open('/etc/passwd').read()\n"),
+    "re_enum_bltns": "import re\ndef solution():\n    return re.enum.bltns.open('/etc/passwd').read()\n",
+    "match_class_frame": ("from collections.abc import Generator, Hashable\ndef solution():\n"
+                          "    g = (x for x in [1])\n    match g:\n"
+                          "        case Generator(gi_frame=Hashable(f_builtins=b)):\n"
+                          "            return b['open']('/etc/passwd').read()\n"),
+    "forge_via_main": ("import statistics\ndef solution():\n"
+                       "    statistics.sys.modules['__main__'].out.write('[' * 99999)\n    return 1\n"),
+}
+NEEDS_EMPTY_ROOT = {"datetime_sys_stat"}  # metadata: Landlock alone lets stat() through (the report says so)
+
+
+@pytest.mark.parametrize("code", HANDLES.values(), ids=HANDLES.keys())
+def test_module_handles_refused_with_the_defaults(code):
+    r = run_solution(code, FAST)
+    assert not r.ok and r.error.kind == "violation" and r.error.line is not None and r.pid is None
+
+
+@pytest.mark.parametrize("name", HANDLES.keys())
+def test_module_handles_harmless_without_the_prefilter(name):
+    if name in NEEDS_EMPTY_ROOT:
+        _kernel("empty_root")
+    r = run_solution(HANDLES[name], RAW)
+    assert not r.ok and r.error.kind == "runtime" and r.value is None and "root:" not in r.stdout + r.stderr
+
+
+def test_main_holds_none_of_the_bootstraps_objects():
+    r = run_solution("import statistics\ndef solution():\n    main = statistics.sys.modules['__main__']\n"
+                     "    return sorted(k for k in vars(main) if not k.startswith('__'))\n", RAW)
+    assert r.ok and r.value == []
+
+
+def test_prefilter_bans_every_module_handle_the_child_holds():
+    # Walked in the child, on the modules as the bootstrap imported them: every public attribute of an allowed
+    # module (or of a class in one) that holds a module outside the allow-list.
+    allowed = sorted(FAST.allowed_imports)
+    walk = (GRAB + f"allowed = {allowed!r}\n" + '''
+def is_allowed(name):
+    return any(name == a or name.startswith(a + ".") for a in allowed)
+def solution():
+    todo, seen, found = [mods[a] for a in allowed], set(), set()
+    while todo:
+        m = todo.pop()
+        if id(m) in seen:
+            continue
+        seen.add(id(m))
+        for holder in [vars(m)] + [vars(v) for v in vars(m).values() if isinstance(v, type)]:
+            for k, v in holder.items():
+                if type(v) is type(gc) and not k.startswith("_"):
+                    (todo.append(v) if is_allowed(v.__name__) else found.add(k))
+    return sorted(found)
+''')
+    r = _raw(walk)
+    assert r.ok and "sys" in r.value
+    for name in r.value:
+        with pytest.raises(SandboxViolation, match=f"'.{name}'"):
+            check_program(f"import math\nx = math.{name}\n")
+        with pytest.raises(SandboxViolation):
+            check_program(f"from math import {name}\n")
+
+
+def _forging(payload: str) -> str:
+    """A program (pre-filter off) that writes ``payload`` (a bytes expression) over every descriptor it holds,
+    then exits before the bootstrap can write its own report. Everything is inside solution() so that PAL's
+    extract_program keeps it."""
+    return ("def solution():\n    g = __builtins__.__import__\n"
+            "    imp = dict(zip(g.__code__.co_freevars, [c.cell_contents for c in g.__closure__]))['real_import']\n"
+            "    posix = imp('posix')\n    for fd in range(3, 32):\n        try:\n"
+            "            posix.ftruncate(fd, 0)\n            posix.lseek(fd, 0, 0)\n"
+            f"            posix.write(fd, {payload})\n        except OSError:\n            pass\n"
+            "    posix._exit(0)\n")
+
+
+FORGED = {
+    "deep_array": "b'[' * 100000 + b']' * 100000",  # RecursionError in json.loads
+    "huge_int": "b'{\"value\": ' + b'9' * 5000 + b'}'",  # ValueError: int digit limit
+    "deep_value": "b'{\"value\": ' + b'[' * 300 + b']' * 300 + b'}'",  # decodes, but deeper than the child writes
+    "unknown_kind": "b'{\"error\": {\"kind\": \"ok\", \"message\": 1}}'",
+}
+
+
+@pytest.mark.parametrize("payload", FORGED.values(), ids=FORGED.keys())
+def test_undecodable_result_is_crashed_for_every_caller(payload, scripted):
+    program = _forging(payload)
+    assert run_solution(program, RAW).error.kind == "crashed"
+    assert run_snippet(program + "solution()\n", RAW).error.kind == "crashed"
+    pal = run_program(program, RAW)
+    assert pal.answer is None and pal.result.error.kind == "crashed"
+    problem = Example("What is 2 plus 3?", ["2 + 3 = 5\n#### 5"], id="a")
+    scored = gsm8k_harness(scripted([program]), [problem], "pal", sandbox=RAW, progress=False)
+    assert scored["records"][0]["error"] == "crashed" and scored["gsm8k_accuracy"] == 0.0
+
+
+def test_raw_program_cannot_forge_its_layers():
+    clean = run_solution("def solution():\n    return 1\n", RAW)
+    forged = run_solution(_forging("b'{\"layers\": {\"seccomp\": \"forged\", \"uid\": 0}, \"value\": 1}'"), RAW)
+    assert clean.layers.get("rlimits") is True and clean.layers.get("import_guard") is True
+    assert forged.layers == clean.layers
+
+
+def test_raw_host_file_metadata_hidden():
+    _kernel("empty_root")  # Landlock does not cover metadata: see the next test for a host without empty_root
+    r = _raw(f"def solution():\n    return posix.stat({REPO_FILE!r}).st_size\n")
+    assert not r.ok and r.error.kind == "runtime" and r.value is None
+
+
+def test_raw_file_handles_refused():
+    _kernel("seccomp")
+    # the program's own directory: it exists whatever the root is, so only seccomp can refuse this
+    r = _raw("def solution():\n    handle = bytes([128, 0, 0, 0]) + bytes(128)\n"
+             "    return libc(b'name_to_handle_at', -100, b'.', handle, bytes(4), 0)\n")
+    assert not r.ok and "PermissionError" in r.error.message and r.value is None
+
+
+def test_isolation_report_is_honest_about_file_metadata():
+    r = _raw(f"def solution():\n    return posix.stat({REPO_FILE!r}).st_size\n")
+    report = isolation_report()
+    assert r.ok == (not report.get("empty_root"))
+    if r.ok:  # a host where stat() answers must not be told "working directory only" without the caveat
+        assert ("metadata (stat) visible on the host" in report["filesystem_read"]
+                or "no filesystem isolation" in report["filesystem_read"])
+    else:
+        assert "metadata" in report["filesystem_read"] and "visible" not in report["filesystem_read"]

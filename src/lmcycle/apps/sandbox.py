@@ -12,27 +12,35 @@ PALChain, smolagents' local executor and LlamaIndex's safe_eval were all escaped
    A trusted bootstrap (``_BOOTSTRAP``, which the child runs before any model code) sets rlimits (CPU, address
    space, open files, file size, processes, no core dumps), pre-imports the allowed modules, drops root to
    ``nobody`` (65534, so that RLIMIT_NPROC and file permissions apply), and where the kernel allows applies
-   Landlock (file system: only the working directory; TCP: nothing; signals: own domain) and a seccomp filter
-   (x86-64: no fork/clone/exec/socket/ptrace/unshare/mount ...). Where ``unshare`` works the child also gets
-   empty network and IPC namespaces and, as root, a mount namespace with a size-capped tmpfs as its working
-   directory (a disk quota).
+   Landlock (file contents: only the working directory; TCP: nothing; signals: own domain) and a seccomp
+   filter (x86-64: no fork/clone/exec/socket/ptrace/unshare/mount/chroot/name_to_handle_at ...). As root the
+   child first chroots into its working directory, so no host path exists for it, not even for ``stat``
+   (Landlock does not cover metadata). Where ``unshare`` works the child also gets empty network and IPC
+   namespaces and, as root, a mount namespace with a size-capped tmpfs as its working directory (a disk quota).
 3. In-process, the bootstrap also removes fork/exec/kill functions and refuses imports outside the allow-list:
-   defence in depth only (objects the program can reach undo it); the kernel layers are what hold.
+   defence in depth only (objects the program can reach undo it); the kernel layers are what hold. The
+   bootstrap runs inside a function, so none of its objects (the real import, the result file) is a global of
+   ``__main__``; the pre-filter bans the attribute names under which allowed modules hand out other modules
+   (``statistics.sys``, ``re.enum``), also in ``from m import x`` and ``case C(x=...)`` patterns.
 
 :func:`isolation_report` says which layers are active on this host, as measured by a probe child; tests skip,
 rather than pretend, where a layer is missing. Not provided: a PID namespace (other processes are visible in
 ``/proc`` only without Landlock) and any limit on the child's kernel-side memory beyond RLIMIT_AS.
 
-Results come back as JSON in a file the parent opened (never pickle). ``solution()``'s value is converted to
-JSON: ``bool``/``int``/``float``/``str``/``None`` as is (NaN/inf as JSON's NaN/Infinity), tuples/lists/sets as
-lists, dict keys as strings, ``Fraction`` as ``float``, ``Decimal`` as ``str`` (exact); anything else is an error
-of kind ``value``; a value over ``max_output_bytes`` as JSON is an ``output_limit`` error.
+Results come back as JSON in a file the parent opened (never pickle); anything there that does not decode to a
+well-formed report (a program that got hold of the descriptor can write anything) is a ``crashed`` result,
+never an exception. The layers come on a second descriptor that the bootstrap closes before model code runs.
+``solution()``'s value is converted to JSON: ``bool``/``int``/``float``/``str``/``None`` as is (NaN/inf as
+JSON's NaN/Infinity), tuples/lists/sets as lists, dict keys as strings, ``Fraction`` as ``float``, ``Decimal``
+as ``str`` (exact); anything else is an error of kind ``value``; a value over ``max_output_bytes`` as JSON is an
+``output_limit`` error.
 """
 
 from __future__ import annotations
 
 import ast
 import functools
+import importlib
 import json
 import math
 import operator
@@ -45,6 +53,7 @@ import sys
 import tempfile
 import threading
 import time
+import types
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -70,6 +79,12 @@ BANNED_ATTRIBUTES = frozenset({
     "tb_frame", "tb_next", "co_code", "co_consts", "co_names", "func_globals", "func_code", "attrgetter",
     "methodcaller",
 })
+# Modules that hand out the interpreter or the OS, banned as attribute names too (``statistics.sys``): a module an
+# allowed one happens to import is as good as an import of it. _module_handles adds what the allowed modules hold.
+INTERPRETER_MODULES = frozenset({"sys", "os", "posix", "builtins", "importlib", "gc", "io", "types", "inspect",
+                                 "ctypes", "subprocess", "socket", "signal", "threading", "marshal"})
+ERROR_KINDS = frozenset({"syntax", "violation", "timeout", "memory", "runtime", "output_limit", "value", "no_solution",
+                         "crashed"})
 NOBODY = 65534
 
 
@@ -133,7 +148,7 @@ class SandboxResult:
     error: SandboxError | None = None
     duration_s: float = 0.0
     pid: int | None = None  # the child's pid (its process group id too), so callers can check it is gone
-    layers: dict = field(default_factory=dict)  # what the child's bootstrap managed to apply
+    layers: dict = field(default_factory=dict)  # what the bootstrap applied, sent before any model code ran
 
 
 # --------------------------------------------------------------------------------------------- AST pre-filter
@@ -148,16 +163,46 @@ def check_program(code: str, allowed_imports: list[str] | tuple[str, ...] = DEFA
     except (ValueError, RecursionError, MemoryError) as e:  # NUL bytes, absurd nesting
         raise SandboxViolation(f"not a program Python can parse: {type(e).__name__}", kind="syntax") from None
     allowed = set(allowed_imports)
+    banned = BANNED_ATTRIBUTES | _module_handles(tuple(sorted(allowed)))
     for node in ast.walk(tree):
         line = getattr(node, "lineno", None)
         if getattr(node, "decorator_list", None):
             line = node.decorator_list[0].lineno  # the def's own line comes after its decorators
-        problem = _node_problem(node, allowed)
+        problem = _node_problem(node, allowed, banned)
         if problem:
             raise SandboxViolation(problem, line=line)
 
 
-def _node_problem(node: ast.AST, allowed: set[str]) -> str | None:
+@functools.lru_cache(maxsize=16)
+def _module_handles(allowed: tuple[str, ...]) -> frozenset[str]:
+    """Attribute names that lead from an allowed module (or a class in one) to a module outside the allow-list,
+    e.g. ``sys`` (statistics, fractions, datetime) or ``enum`` (re's, which holds builtins as ``bltns``), plus
+    :data:`INTERPRETER_MODULES`; allowed modules themselves stay reachable. Measured on this interpreter, which
+    is the one the child runs (``sys.executable``)."""
+    names, seen = set(INTERPRETER_MODULES), set()
+    todo = []
+    for name in allowed:
+        try:
+            todo.append(importlib.import_module(name))
+        except Exception:  # noqa: BLE001 - the child cannot import it either
+            pass
+    while todo:
+        module = todo.pop()
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        holders = [vars(module)] + [vars(v) for v in vars(module).values() if isinstance(v, type)]
+        for key, value in ((k, v) for holder in holders for k, v in holder.items()):
+            if not isinstance(value, types.ModuleType) or key.startswith("_"):
+                continue
+            if _import_allowed(value.__name__, set(allowed)):
+                todo.append(value)
+            else:
+                names.add(key)
+    return frozenset(names - {a.split(".")[0] for a in allowed})
+
+
+def _node_problem(node: ast.AST, allowed: set[str], banned: frozenset[str]) -> str | None:
     if not isinstance(node, ast.Constant):
         # Every identifier-valued field (Name.id, Attribute.attr, arg, alias, keyword, def/class names, match
         # attributes, ...) is a str or a list of str: one rule covers them all.
@@ -169,8 +214,12 @@ def _node_problem(node: ast.AST, allowed: set[str]) -> str | None:
         return "strings containing '__' are not allowed"
     if isinstance(node, ast.Name) and node.id in BANNED_NAMES:
         return f"'{node.id}' is not allowed"
-    if isinstance(node, ast.Attribute) and node.attr in BANNED_ATTRIBUTES:
+    if isinstance(node, ast.Attribute) and node.attr in banned:
         return f"attribute '.{node.attr}' is not allowed"
+    if isinstance(node, ast.MatchClass):  # `case C(gi_frame=f)` reads the attribute too
+        for attr in node.kwd_attrs:
+            if attr in banned:
+                return f"attribute '{attr}=' in a class pattern is not allowed"
     if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef) and node.decorator_list:
         return "decorators are not allowed"
     if isinstance(node, ast.ClassDef) and node.keywords:
@@ -185,7 +234,7 @@ def _node_problem(node: ast.AST, allowed: set[str]) -> str | None:
         if node.level or not node.module or not _import_allowed(node.module, allowed):
             return f"import from '{node.module}' is not allowed (allowed: {', '.join(sorted(allowed))})"
         for alias in node.names:
-            if alias.name in BANNED_NAMES | BANNED_ATTRIBUTES:
+            if alias.name in BANNED_NAMES | banned:
                 return f"importing '{alias.name}' is not allowed"
     return None
 
@@ -251,167 +300,195 @@ def _check_power(base: int | float, exp: int | float) -> None:
 
 # Read by `python -I -S -c` before any model code. Runs as root (when the parent is root) until the privilege drop.
 _BOOTSTRAP = r'''
-import sys, json, posix, resource, builtins
-job = json.loads(sys.stdin.read())
-layers = {}
-for name in job["imports"]:
+def bootstrap():
+    import sys, json, posix, resource, builtins
+    # Nothing of ours stays in __main__'s globals: the program could reach them through sys.modules["__main__"]
+    # (the real import, the result file, the layers). What the program needs later lives in this frame only.
+    for name in [n for n in globals() if not n.startswith("__")]:
+        del globals()[name]
+    job = json.loads(sys.stdin.read())
+    layers = {}
+    # unicodedata: the parser imports it to normalise non-ASCII identifiers, and later no file can be read.
+    for name in [*job["imports"], "unicodedata"]:
+        try:
+            __import__(name)
+        except Exception:
+            pass
+    import ctypes, fractions, decimal
+    lim = job["limits"]
+    for res, value in ((resource.RLIMIT_CORE, 0), (resource.RLIMIT_CPU, lim["cpu"]), (resource.RLIMIT_AS, lim["as"]),
+                       (resource.RLIMIT_FSIZE, lim["fsize"]), (resource.RLIMIT_NOFILE, lim["nofile"])):
+        resource.setrlimit(res, (value, value + 1 if res == resource.RLIMIT_CPU else value))
+    layers["rlimits"] = True
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    if job["tmpfs_kb"] and posix.getuid() == 0:
+        # We are alone in a fresh mount namespace (unshare -m, private propagation): a size-capped tmpfs over the
+        # working directory bounds what the program can write in total (RLIMIT_FSIZE bounds one file only).
+        here = posix.getcwd().encode()
+        opts = f"size={job['tmpfs_kb']}k,nr_inodes=4096,mode=0700,uid={job['uid']},gid={job['uid']}".encode()
+        if libc.mount(b"tmpfs", here, b"tmpfs", 2 | 4 | 8, opts) == 0:  # nosuid, nodev, noexec
+            posix.chdir(here)
+            layers["disk_quota"] = job["tmpfs_kb"]
+    if posix.getuid() == 0:
+        # Landlock guards file contents but not metadata (stat, name_to_handle_at work on any path): with the
+        # working directory as its root no host path exists for the program at all. Without CAP_SYS_CHROOT
+        # (dropped below, and chroot is in the seccomp filter) there is no way back out. Everything the
+        # interpreter needs from disk is loaded by now.
+        try:
+            posix.chroot(".")
+            posix.chdir("/")
+            layers["empty_root"] = True
+        except OSError:  # uid 0 without CAP_SYS_CHROOT (a user namespace): the report then says metadata shows
+            pass
+        posix.setgroups([])
+        posix.setgid(job["uid"])
+        posix.setuid(job["uid"])
+    layers["uid"] = posix.getuid()
+    resource.setrlimit(resource.RLIMIT_NPROC, (0, 0))
+    libc.prctl(38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS: required for Landlock and seccomp without privileges
+
+    def landlock():
+        abi = libc.syscall(444, None, ctypes.c_size_t(0), ctypes.c_uint32(1))
+        if abi < 1:
+            return {}
+        fs = (1 << 13) - 1 | (1 << 13 if abi >= 2 else 0) | (1 << 14 if abi >= 3 else 0) | (1 << 15 if abi >= 5 else 0)
+        attr = (ctypes.c_uint64 * 3)(fs, 3 if abi >= 4 else 0, 3 if abi >= 6 else 0)
+        size = 24 if abi >= 6 else 16 if abi >= 4 else 8
+        fd = libc.syscall(444, ctypes.byref(attr), ctypes.c_size_t(size), ctypes.c_uint32(0))
+        if fd < 0:
+            return {}
+        class PathBeneath(ctypes.Structure):
+            _pack_ = 1
+            _fields_ = [("allowed", ctypes.c_uint64), ("parent_fd", ctypes.c_int32)]
+        here = posix.open(".", posix.O_PATH | posix.O_CLOEXEC)
+        rule = PathBeneath(fs & ~1, here)  # everything but EXECUTE (bit 0) inside the working directory
+        if libc.syscall(445, ctypes.c_int(fd), ctypes.c_int(1), ctypes.byref(rule), ctypes.c_uint32(0)) != 0:
+            return {}
+        if libc.syscall(446, ctypes.c_int(fd), ctypes.c_uint32(0)) != 0:
+            return {}
+        posix.close(here)
+        posix.close(fd)
+        return {"landlock_abi": abi, "landlock_filesystem": True, "landlock_network": abi >= 4,
+                "landlock_signal_scope": abi >= 6}
+
+    def seccomp():
+        if posix.uname().machine != "x86_64":
+            return False
+        # fork vfork clone clone3 execve execveat socket socketpair ptrace unshare setns mount umount2 pivot_root
+        # chroot bpf userfaultfd perf_event_open keyctl add_key request_key io_uring_setup process_vm_readv/writev
+        # kexec_load init_module finit_module name_to_handle_at open_by_handle_at
+        deny = [57, 58, 56, 435, 59, 322, 41, 53, 101, 272, 308, 165, 166, 155, 161, 321, 323, 298, 250, 248, 249,
+                425, 310, 311, 246, 175, 313, 303, 304]
+        class Insn(ctypes.Structure):
+            _fields_ = [("code", ctypes.c_uint16), ("jt", ctypes.c_uint8), ("jf", ctypes.c_uint8),
+                        ("k", ctypes.c_uint32)]
+        class Prog(ctypes.Structure):
+            _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(Insn))]
+        n = len(deny)
+        ERRNO, ALLOW, KILL = 0x00050001, 0x7FFF0000, 0x80000000
+        code = [(0x20, 0, 0, 4), (0x15, 1, 0, 0xC000003E), (0x06, 0, 0, KILL), (0x20, 0, 0, 0),
+                (0x35, n + 1, 0, 0x40000000)]  # x32 syscalls: deny
+        for i, nr in enumerate(deny):
+            code.append((0x15, n - i, 0, nr))
+        code += [(0x06, 0, 0, ALLOW), (0x06, 0, 0, ERRNO)]
+        insns = (Insn * len(code))(*[Insn(*c) for c in code])
+        prog = Prog(len(code), insns)
+        return libc.prctl(22, 2, ctypes.byref(prog), 0, 0) == 0
+
+    layers.update(landlock())
+    layers["seccomp"] = seccomp()
+    # Defence in depth only (objects reachable from the program can undo it): no fork/exec/kill functions, no
+    # imports outside the allow-list, no socket or ctypes modules in sys.modules.
+    for mod in [posix] + [m for m in (sys.modules.get("os"),) if m is not None]:
+        for name in ("fork", "forkpty", "vfork", "system", "popen", "kill", "killpg", "execv", "execve", "execvp",
+                     "execvpe", "execl", "execle", "execlp", "execlpe", "spawnv", "spawnve", "posix_spawn",
+                     "posix_spawnp", "setuid", "setgid", "setsid", "putenv", "unsetenv"):
+            if hasattr(mod, name):
+                delattr(mod, name)
+    for name in list(sys.modules):
+        if name.split(".")[0] in ("ctypes", "_ctypes", "socket", "_socket", "subprocess", "platform", "resource"):
+            del sys.modules[name]
+    del ctypes, libc, resource, landlock, seccomp
     try:
-        __import__(name)
-    except Exception:
-        pass
-import ctypes, fractions, decimal
-lim = job["limits"]
-for res, value in ((resource.RLIMIT_CORE, 0), (resource.RLIMIT_CPU, lim["cpu"]), (resource.RLIMIT_AS, lim["as"]),
-                   (resource.RLIMIT_FSIZE, lim["fsize"]), (resource.RLIMIT_NOFILE, lim["nofile"])):
-    resource.setrlimit(res, (value, value + 1 if res == resource.RLIMIT_CPU else value))
-layers["rlimits"] = True
-libc = ctypes.CDLL(None, use_errno=True)
-libc.syscall.restype = ctypes.c_long
-if job["tmpfs_kb"] and posix.getuid() == 0:
-    # We are alone in a fresh mount namespace (unshare -m, private propagation): a size-capped tmpfs over the
-    # working directory bounds what the program can write in total (RLIMIT_FSIZE bounds one file only).
-    here = posix.getcwd().encode()
-    opts = f"size={job['tmpfs_kb']}k,nr_inodes=4096,mode=0700,uid={job['uid']},gid={job['uid']}".encode()
-    if libc.mount(b"tmpfs", here, b"tmpfs", 2 | 4 | 8, opts) == 0:  # nosuid, nodev, noexec
-        posix.chdir(here)
-        layers["disk_quota"] = job["tmpfs_kb"]
-if posix.getuid() == 0:
-    posix.setgroups([])
-    posix.setgid(job["uid"])
-    posix.setuid(job["uid"])
-layers["uid"] = posix.getuid()
-resource.setrlimit(resource.RLIMIT_NPROC, (0, 0))
-libc.prctl(38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS: required for Landlock and seccomp without privileges
+        program = compile(job["code"], "<program>", "exec")  # before the guard: parsing may import unicodedata
+    except BaseException as e:  # raised below, where the program's own errors are reported
+        program = e
+    allowed = tuple(job["imports"])
+    real_import = builtins.__import__
+    def guarded_import(name, globals=None, locals=None, fromlist=(), level=0):
+        if level or not any(name == a or name.startswith(a + ".") for a in allowed):
+            raise ImportError(f"import of '{name}' is not allowed in the sandbox")
+        return real_import(name, globals, locals, fromlist, level)
+    builtins.__import__ = guarded_import
+    layers["import_guard"] = True
+    # The layers go out, and their descriptor is closed, before any model code runs: a program that gets hold
+    # of a descriptor can forge its result, but not what the bootstrap applied.
+    with open(job["layers_fd"], "w") as f:
+        f.write(json.dumps(layers))
+    out = open(job["result_fd"], "w")
 
-def landlock():
-    abi = libc.syscall(444, None, ctypes.c_size_t(0), ctypes.c_uint32(1))
-    if abi < 1:
-        return {}
-    fs = (1 << 13) - 1 | (1 << 13 if abi >= 2 else 0) | (1 << 14 if abi >= 3 else 0) | (1 << 15 if abi >= 5 else 0)
-    attr = (ctypes.c_uint64 * 3)(fs, 3 if abi >= 4 else 0, 3 if abi >= 6 else 0)
-    size = 24 if abi >= 6 else 16 if abi >= 4 else 8
-    fd = libc.syscall(444, ctypes.byref(attr), ctypes.c_size_t(size), ctypes.c_uint32(0))
-    if fd < 0:
-        return {}
-    class PathBeneath(ctypes.Structure):
-        _pack_ = 1
-        _fields_ = [("allowed", ctypes.c_uint64), ("parent_fd", ctypes.c_int32)]
-    here = posix.open(".", posix.O_PATH | posix.O_CLOEXEC)
-    rule = PathBeneath(fs & ~1, here)  # everything but EXECUTE (bit 0) inside the working directory
-    if libc.syscall(445, ctypes.c_int(fd), ctypes.c_int(1), ctypes.byref(rule), ctypes.c_uint32(0)) != 0:
-        return {}
-    if libc.syscall(446, ctypes.c_int(fd), ctypes.c_uint32(0)) != 0:
-        return {}
-    posix.close(here)
-    posix.close(fd)
-    return {"landlock_abi": abi, "landlock_filesystem": True, "landlock_network": abi >= 4,
-            "landlock_signal_scope": abi >= 6}
+    def to_json(v, depth=0):
+        if depth > 50:
+            raise ValueError("value nested too deeply")
+        if v is None or isinstance(v, (bool, int, float, str)):
+            return v
+        if isinstance(v, fractions.Fraction):
+            return float(v)
+        if isinstance(v, decimal.Decimal):
+            return str(v)
+        if isinstance(v, (list, tuple)):
+            return [to_json(x, depth + 1) for x in v]
+        if isinstance(v, (set, frozenset)):
+            return sorted((to_json(x, depth + 1) for x in v), key=repr)
+        if isinstance(v, dict):
+            return {str(k): to_json(x, depth + 1) for k, x in v.items()}
+        raise ValueError(f"solution() returned a {type(v).__name__}, which is not JSON data")
 
-def seccomp():
-    if posix.uname().machine != "x86_64":
-        return False
-    # fork vfork clone clone3 execve execveat socket socketpair ptrace unshare setns mount umount2 pivot_root
-    # chroot bpf userfaultfd perf_event_open keyctl add_key request_key io_uring_setup process_vm_readv/writev
-    # kexec_load init_module finit_module
-    deny = [57, 58, 56, 435, 59, 322, 41, 53, 101, 272, 308, 165, 166, 155, 161, 321, 323, 298, 250, 248, 249,
-            425, 310, 311, 246, 175, 313]
-    class Insn(ctypes.Structure):
-        _fields_ = [("code", ctypes.c_uint16), ("jt", ctypes.c_uint8), ("jf", ctypes.c_uint8),
-                    ("k", ctypes.c_uint32)]
-    class Prog(ctypes.Structure):
-        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(Insn))]
-    n = len(deny)
-    ERRNO, ALLOW, KILL = 0x00050001, 0x7FFF0000, 0x80000000
-    code = [(0x20, 0, 0, 4), (0x15, 1, 0, 0xC000003E), (0x06, 0, 0, KILL), (0x20, 0, 0, 0),
-            (0x35, n + 1, 0, 0x40000000)]  # x32 syscalls: deny
-    for i, nr in enumerate(deny):
-        code.append((0x15, n - i, 0, nr))
-    code += [(0x06, 0, 0, ALLOW), (0x06, 0, 0, ERRNO)]
-    insns = (Insn * len(code))(*[Insn(*c) for c in code])
-    prog = Prog(len(code), insns)
-    return libc.prctl(22, 2, ctypes.byref(prog), 0, 0) == 0
+    def program_line(tb):
+        line = None
+        while tb is not None:
+            if tb.tb_frame.f_code.co_filename == "<program>":
+                line = tb.tb_lineno
+            tb = tb.tb_next
+        return line
 
-layers.update(landlock())
-layers["seccomp"] = seccomp()
-# Defence in depth only (objects reachable from the program can undo it): no fork/exec/kill functions, no
-# imports outside the allow-list, no socket or ctypes modules in sys.modules.
-for mod in [posix] + [m for m in (sys.modules.get("os"),) if m is not None]:
-    for name in ("fork", "forkpty", "vfork", "system", "popen", "kill", "killpg", "execv", "execve", "execvp",
-                 "execvpe", "execl", "execle", "execlp", "execlpe", "spawnv", "spawnve", "posix_spawn",
-                 "posix_spawnp", "setuid", "setgid", "setsid", "putenv", "unsetenv"):
-        if hasattr(mod, name):
-            delattr(mod, name)
-for name in list(sys.modules):
-    if name.split(".")[0] in ("ctypes", "_ctypes", "socket", "_socket", "subprocess", "platform", "resource"):
-        del sys.modules[name]
-allowed = tuple(job["imports"])
-real_import = builtins.__import__
-def guarded_import(name, globals=None, locals=None, fromlist=(), level=0):
-    if level or not any(name == a or name.startswith(a + ".") for a in allowed):
-        raise ImportError(f"import of '{name}' is not allowed in the sandbox")
-    return real_import(name, globals, locals, fromlist, level)
-builtins.__import__ = guarded_import
-layers["import_guard"] = True
-out = open(job["result_fd"], "w")
-del ctypes, libc, resource, landlock, seccomp
-
-def to_json(v, depth=0):
-    if depth > 50:
-        raise ValueError("value nested too deeply")
-    if v is None or isinstance(v, (bool, int, float, str)):
-        return v
-    if isinstance(v, fractions.Fraction):
-        return float(v)
-    if isinstance(v, decimal.Decimal):
-        return str(v)
-    if isinstance(v, (list, tuple)):
-        return [to_json(x, depth + 1) for x in v]
-    if isinstance(v, (set, frozenset)):
-        return sorted((to_json(x, depth + 1) for x in v), key=repr)
-    if isinstance(v, dict):
-        return {str(k): to_json(x, depth + 1) for k, x in v.items()}
-    raise ValueError(f"solution() returned a {type(v).__name__}, which is not JSON data")
-
-def program_line(tb):
-    line = None
-    while tb is not None:
-        if tb.tb_frame.f_code.co_filename == "<program>":
-            line = tb.tb_lineno
-        tb = tb.tb_next
-    return line
-
-report = {"layers": layers}
-try:
-    ns = {"__name__": "__sandbox__", "__builtins__": builtins}
-    exec(compile(job["code"], "<program>", "exec"), ns)
-    if job["mode"] == "solution":
-        fn = ns.get("solution")
-        if not callable(fn):
-            report["error"] = {"kind": "no_solution", "message": "the program defines no solution() function"}
-        else:
-            value = fn()
-            try:
-                report["value"] = to_json(value)
-                size = len(json.dumps(report["value"]))
-            except (ValueError, TypeError, OverflowError, RecursionError) as e:
-                report.pop("value", None)
-                report["error"] = {"kind": "value", "message": str(e)[:500]}
+    report = {}
+    try:
+        if isinstance(program, BaseException):
+            raise program
+        ns = {"__name__": "__sandbox__", "__builtins__": builtins}
+        exec(program, ns)
+        if job["mode"] == "solution":
+            fn = ns.get("solution")
+            if not callable(fn):
+                report["error"] = {"kind": "no_solution", "message": "the program defines no solution() function"}
             else:
-                if size > job["result_cap"]:
-                    del report["value"]
-                    report["error"] = {"kind": "output_limit",
-                                       "message": f"solution()'s value is over {job['result_cap']} bytes as JSON"}
-except MemoryError:
-    report["error"] = {"kind": "memory", "message": "out of memory (address-space limit)"}
-except BaseException as e:
-    report["error"] = {"kind": "runtime", "message": f"{type(e).__name__}: {e}"[:2000],
-                       "line": program_line(e.__traceback__)}
-try:
-    sys.stdout.flush()
-except BaseException:
-    pass
-out.write(json.dumps(report))
-out.flush()
+                value = fn()
+                try:
+                    report["value"] = to_json(value)
+                    size = len(json.dumps(report["value"]))
+                except (ValueError, TypeError, OverflowError, RecursionError) as e:
+                    report.pop("value", None)
+                    report["error"] = {"kind": "value", "message": str(e)[:500]}
+                else:
+                    if size > job["result_cap"]:
+                        del report["value"]
+                        report["error"] = {"kind": "output_limit",
+                                           "message": f"solution()'s value is over {job['result_cap']} bytes as JSON"}
+    except MemoryError:
+        report["error"] = {"kind": "memory", "message": "out of memory (address-space limit)"}
+    except BaseException as e:
+        report["error"] = {"kind": "runtime", "message": f"{type(e).__name__}: {e}"[:2000],
+                           "line": program_line(e.__traceback__)}
+    try:
+        sys.stdout.flush()
+    except BaseException:
+        pass
+    out.write(json.dumps(report))
+    out.flush()
+
+bootstrap()
 '''
 
 
@@ -449,12 +526,13 @@ def _run_child(code: str, mode: str, cfg: SandboxConfig) -> SandboxResult:
     timed_out = False
     try:
         with (open(os.path.join(base, "stdout"), "w+b") as out, open(os.path.join(base, "stderr"), "w+b") as err,
-              open(os.path.join(base, "result"), "w+b") as res):
-            proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=out, stderr=err, pass_fds=(res.fileno(),),
-                                    cwd=work, env={}, start_new_session=True, close_fds=True)
-            # pass_fds keeps the descriptor's number; the bootstrap learns it from the job on stdin (which it
+              open(os.path.join(base, "result"), "w+b") as res, open(os.path.join(base, "layers"), "w+b") as lay):
+            proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=out, stderr=err,
+                                    pass_fds=(res.fileno(), lay.fileno()), cwd=work, env={},
+                                    start_new_session=True, close_fds=True)
+            # pass_fds keeps the descriptors' numbers; the bootstrap learns them from the job on stdin (which it
             # reads whole before anything else, so this write cannot block on a stuck child).
-            payload = json.dumps({**job, "result_fd": res.fileno()})
+            payload = json.dumps({**job, "result_fd": res.fileno(), "layers_fd": lay.fileno()})
             try:
                 proc.stdin.write(payload.encode())
                 proc.stdin.close()
@@ -467,7 +545,9 @@ def _run_child(code: str, mode: str, cfg: SandboxConfig) -> SandboxResult:
             stderr, _ = _read_capped(err, cfg.max_output_bytes)
             res.seek(0)
             raw = res.read(cfg.max_output_bytes + 1024 * 1024)
-        return _result(proc, raw, stdout, stderr, over, timed_out, duration, cfg)
+            lay.seek(0)
+            layers = _decode(lay.read(1024 * 1024)) or {}
+        return _result(proc, raw, layers, stdout, stderr, over, timed_out, duration, cfg)
     finally:
         if proc is not None and proc.returncode is None:
             _kill_group(proc)
@@ -513,17 +593,35 @@ def _read_capped(f, cap: int) -> tuple[str, bool]:
     return f.read(cap).decode("utf-8", "replace"), size > cap
 
 
-def _result(proc, raw: bytes, stdout: str, stderr: str, over: bool, timed_out: bool, duration: float,
-            cfg: SandboxConfig) -> SandboxResult:
-    common = {"stdout": stdout, "stderr": stderr, "duration_s": duration, "pid": proc.pid}
+_MAX_REPORT_DEPTH = 64  # the child's to_json stops at 50 levels; anything deeper was not written by it
+
+
+def _decode(raw: bytes) -> dict | None:
+    """A JSON object the child wrote, or None for anything else. A program that reaches the descriptor can write
+    whatever it likes there (deep nesting, 5000-digit numbers, ...): no input may make the caller raise."""
     try:
         report = json.loads(raw.decode("utf-8")) if raw else None
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        report = None
-    if not isinstance(report, dict):
-        report = None
-    layers = report.get("layers", {}) if report and isinstance(report.get("layers"), dict) else {}
-    common["layers"] = layers
+    except Exception:  # noqa: BLE001 - RecursionError, ValueError (int digit limit), MemoryError, decode errors
+        return None
+    return report if isinstance(report, dict) and _depth_within(report, _MAX_REPORT_DEPTH) else None
+
+
+def _depth_within(value: Any, limit: int) -> bool:
+    todo = [(value, 1)]  # iterative: the value's depth must not cost the parent its stack
+    while todo:
+        v, depth = todo.pop()
+        if depth > limit:
+            return False
+        if isinstance(v, dict | list):
+            todo.extend((x, depth + 1) for x in (v.values() if isinstance(v, dict) else v))
+    return True
+
+
+def _result(proc, raw: bytes, layers: dict, stdout: str, stderr: str, over: bool, timed_out: bool,
+            duration: float, cfg: SandboxConfig) -> SandboxResult:
+    # layers come from their own descriptor, closed before the program ran; the result channel's are ignored
+    common = {"stdout": stdout, "stderr": stderr, "duration_s": duration, "pid": proc.pid, "layers": layers}
+    report = _decode(raw)
     if timed_out:
         return SandboxResult(False, error=SandboxError("timeout", f"wall-clock limit of {cfg.timeout_s}s"), **common)
     rc = proc.returncode
@@ -538,8 +636,8 @@ def _result(proc, raw: bytes, stdout: str, stderr: str, over: bool, timed_out: b
     err = report.get("error")
     if isinstance(err, dict):
         line = err.get("line") if isinstance(err.get("line"), int) else None
-        return SandboxResult(False, error=SandboxError(str(err.get("kind", "runtime")), str(err.get("message", "")),
-                                                       line), **common)
+        kind = err.get("kind") if err.get("kind") in ERROR_KINDS else "crashed"
+        return SandboxResult(False, error=SandboxError(kind, str(err.get("message", ""))[:2000], line), **common)
     return SandboxResult(True, value=report.get("value"), **common)
 
 
@@ -612,7 +710,8 @@ def isolation_report() -> dict[str, bool | str]:
                 "rlimits": bool(got.get("rlimits")) and "cpu, address space, open files, file size, no core",
                 "dropped_privileges": f"uid {got['uid']}" if root and got.get("uid") == NOBODY else False,
                 "rlimit_nproc": bool(got.get("uid")) and "0 processes (enforced: not root)",
-                "seccomp": bool(got.get("seccomp")) and "no fork/clone/exec/socket/ptrace/unshare/mount",
+                "seccomp": bool(got.get("seccomp"))
+                and "no fork/clone/exec/socket/ptrace/unshare/mount/chroot/name_to_handle_at",
                 "no_fork": " + ".join(x for x, on in (("seccomp", got.get("seccomp")),
                                                        ("rlimit_nproc", bool(got.get("uid"))),
                                                        ("in-process removal (bypassable)", True)) if on),
@@ -626,8 +725,9 @@ def isolation_report() -> dict[str, bool | str]:
                                                               ("network_namespace", bool(_unshare_prefix())),
                                                               ("landlock_network", got.get("landlock_network")),
                                                               ("in-process removal (bypassable)", True)) if on),
-                "filesystem_read": "working directory only (landlock)" if got.get("landlock_filesystem")
-                else "whatever the child's uid may read on the host (no filesystem isolation)",
+                "filesystem_read": _filesystem_claim(got),
+                "empty_root": bool(got.get("empty_root")) and "chroot into the working directory: no host path "
+                "exists for the child, not even for stat()",
                 "pid_namespace": False,
                 "disk_quota": bool(got.get("disk_quota")) and "private tmpfs over the working directory "
                 "(max_disk_mb, 4096 files)",
@@ -637,6 +737,17 @@ def isolation_report() -> dict[str, bool | str]:
             if probe.error is not None:
                 _REPORT["probe_error"] = f"{probe.error.kind}: {probe.error.message}"
         return dict(_REPORT)
+
+
+def _filesystem_claim(got: dict) -> str:
+    # Landlock guards contents (read, write, list) but not metadata: stat() on a host path still answers unless
+    # the child's root is its own working directory.
+    if got.get("empty_root"):
+        where = "working directory only (empty root" + (", landlock)" if got.get("landlock_filesystem") else ")")
+        return f"file contents and metadata: {where}"
+    if got.get("landlock_filesystem"):
+        return "file contents: working directory only (landlock); file metadata (stat) visible on the host"
+    return "whatever the child's uid may read on the host (no filesystem isolation)"
 
 
 def active_layers() -> list[str]:
