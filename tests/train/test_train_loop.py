@@ -316,35 +316,46 @@ def climbing_after(start: int, items):
 def test_a_loss_spike_stops_the_run_and_keeps_the_checkpoint_from_before_it(tok, items, tmp_path):
     cfg = TrainConfig(max_steps=30, batch_size=4, lr=1e-2, save_every=1, keep_checkpoints=2, spike_window=5, seed=0)
     batch_at, loss_fn = climbing_after(8, items)
-    with pytest.raises(LmcycleError, match=r"diverged at step 11: loss \S+ is \d+× the median") as err:
+    # It climbs from step 9 and is over 4× its median from step 11: three such steps (spike_patience) stop it.
+    with pytest.raises(LmcycleError, match=r"diverged at step 13: loss \S+ is \d+× the median") as err:
         train(tiny_lm.tiny_llama(tok), batch_at, loss_fn, cfg, tmp_path, no_log)
     message = str(err.value)
     assert "began to rise at step 9" in message
     # The advice is worded from the settings: clipping is on already, so it is not suggested.
     assert "lr 0.01 with 0 warmup steps and max_grad_norm 1:" in message and "set max_grad_norm" not in message
-    # step-9 and step-10 were written after the rise began: set aside, and they did not evict step-8.
+    # step-9 .. step-12 were written after the rise began: the two newest set aside, and none evicted step-8.
     assert [s for s, _ in list_checkpoints(tmp_path)] == [8]
     assert f"the last good checkpoint is {tmp_path / 'checkpoints' / 'step-8'}" in message
-    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("diverged-*")) == ["diverged-step-10",
-                                                                                      "diverged-step-9"]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("diverged-*")) == ["diverged-step-11",
+                                                                                      "diverged-step-12"]
     state = load_checkpoint(latest_checkpoint(tmp_path), tiny_lm.tiny_llama(tok, seed=5))
     assert state["step"] == 8 and state["losses"] == sorted(state["losses"], reverse=True)  # before the climb
 
 
 def test_the_spike_check_can_be_turned_off_and_suggests_clipping_only_when_it_is_off(tok, items, tmp_path):
     batch_at, loss_fn = climbing_after(8, items)
-    cfg = TrainConfig(max_steps=12, batch_size=4, lr=1e-2, spike_window=5, spike_factor=None, seed=0)
-    assert train(tiny_lm.tiny_llama(tok), batch_at, loss_fn, cfg, tmp_path / "off", no_log).step == 12
+    cfg = TrainConfig(max_steps=16, batch_size=4, lr=1e-2, spike_window=5, spike_factor=None, seed=0)
+    assert train(tiny_lm.tiny_llama(tok), batch_at, loss_fn, cfg, tmp_path / "off", no_log).step == 16
     cfg = cfg.model_copy(update={"spike_factor": 4.0, "max_grad_norm": None})
     with pytest.raises(LmcycleError, match=r"no gradient clipping: .* or set max_grad_norm"):
         train(tiny_lm.tiny_llama(tok), batch_at, loss_fn, cfg, tmp_path / "on", no_log)
 
 
 def test_a_small_loss_that_quadruples_is_not_a_spike(tmp_path):
-    cfg = TrainConfig(max_steps=30, spike_window=5)
+    cfg = TrainConfig(max_steps=30, spike_window=5, spike_patience=1)
     loop.check_spike(5, 0.4, [0.05] * 5, cfg, tmp_path)  # 8× the median, but only 0.35 nats above it
     with pytest.raises(LmcycleError, match="diverged at step 6"):
         loop.check_spike(5, 4.0, [0.9] * 5, cfg, tmp_path)
+
+
+def test_one_outlier_batch_is_not_a_spike_but_a_lasting_climb_is(tmp_path):
+    cfg = TrainConfig(max_steps=30, spike_window=5)  # spike_patience 3
+    normal = [0.3] * 5
+    loop.check_spike(5, 3.0, normal, cfg, tmp_path)  # a reward model's bad batch: 10× the median, once
+    loop.check_spike(7, 0.3, [*normal, 3.0, 0.3], cfg, tmp_path)
+    loop.check_spike(7, 3.0, [*normal, 3.0, 0.3], cfg, tmp_path)  # two high steps of three: not yet
+    with pytest.raises(LmcycleError, match="diverged at step 8: .* for 3 steps"):
+        loop.check_spike(7, 3.0, [*normal, 2.5, 2.8], cfg, tmp_path)
 
 
 # -- resuming ---------------------------------------------------------------------------------------------------

@@ -85,15 +85,10 @@ class TrainConfig(Config):
     spike_factor: float | None = Field(4.0, gt=1, description="stop when a loss exceeds this many times the "
                                        "median of the last spike_window steps (null: no spike check)")
     spike_window: int = Field(20, ge=2)
+    spike_patience: int = Field(3, ge=1, description="consecutive spiking steps before the run stops: one bad "
+                                "batch of a noisy loss (a classifier's, a reward model's) is no divergence")
     force_resume: bool = Field(False, description="resume even from a checkpoint written with other settings")
 
-
-# Settings that change no number the training computes: a resumed run may change them freely.
-CADENCE_FIELDS = frozenset({"eval_every", "save_every", "log_every", "keep_checkpoints", "spike_factor",
-                            "spike_window", "force_resume"})
-# A loss near zero that quadruples is noise of a nearly learned task, not divergence: a spike must also rise
-# by this many nats over the median.
-SPIKE_MIN_RISE = 1.0
 
     @field_validator("warmup_steps")
     @classmethod
@@ -103,6 +98,14 @@ SPIKE_MIN_RISE = 1.0
         if max_steps is not None and warmup > max_steps:
             raise ValueError(f"warmup_steps ({warmup}) is more than max_steps ({max_steps})")
         return warmup
+
+
+# Settings that change no number the training computes: a resumed run may change them freely.
+CADENCE_FIELDS = frozenset({"eval_every", "save_every", "log_every", "keep_checkpoints", "spike_factor",
+                            "spike_window", "spike_patience", "force_resume"})
+# A loss near zero that quadruples is noise of a nearly learned task, not divergence: a spike must also rise
+# by this many nats over the median.
+SPIKE_MIN_RISE = 1.0
 
 
 @dataclass
@@ -331,16 +334,20 @@ def check_finite(step: int, loss: float, grad_norm: float, losses: list[float], 
 
 
 def check_spike(step: int, loss: float, losses: list[float], cfg: TrainConfig, out_dir: str | Path) -> None:
-    """Stop when ``loss`` exceeds ``spike_factor`` times the median of the last ``spike_window`` losses (and by
-    :data:`SPIKE_MIN_RISE` nats): a loss that climbs stays finite for many steps before it overflows."""
-    median = running_median(losses, step, cfg.spike_window)
+    """Stop when the last ``spike_patience`` losses (``loss`` the last of them) all exceed ``spike_factor`` times
+    the median of the ``spike_window`` losses before them, and by :data:`SPIKE_MIN_RISE` nats: a loss that
+    climbs stays finite for many steps before it overflows, while one bad batch is soon forgotten."""
+    first = step - cfg.spike_patience + 1  # the spike must last spike_patience steps, this one included
+    median = running_median(losses, first, cfg.spike_window) if first >= 0 else None
     # A median <= 0 means the loss is no cross-entropy (a PPO objective, say): ratios of it mean nothing.
     if cfg.spike_factor is None or median is None or median <= 0:
         return
-    if loss > cfg.spike_factor * median and loss > median + SPIKE_MIN_RISE:
-        diverged(step, f"loss {loss:.4g} is {loss / median:.0f}× the median {median:.4g} of the last "
-                       f"{cfg.spike_window} steps (train.spike_factor {cfg.spike_factor:g}: raise it, or set it to null, "
-                       "if such a loss is expected)", losses, cfg, out_dir)
+    low = min([*losses[first:step], loss])
+    if low > cfg.spike_factor * median and low > median + SPIKE_MIN_RISE:
+        diverged(step, f"loss {loss:.4g} is {loss / median:.0f}× the median {median:.4g} of the "
+                       f"{cfg.spike_window} steps before it began (above {cfg.spike_factor:g}× for "
+                       f"{cfg.spike_patience} steps: raise train.spike_factor, or set it to null, if such a loss "
+                       "is expected)", losses, cfg, out_dir)
 
 
 def running_median(losses: list[float], step: int, window: int) -> float | None:
