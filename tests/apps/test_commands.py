@@ -107,7 +107,8 @@ def test_harness_commands(wide_model_dir, tmp_path, capsys):
 # What a terminal acts on: C0 controls but newline, DEL, C1 (U+009B is CSI alone), bidi overrides.
 RAW_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202e]")
 HOSTILE_NAME = "evil\n[7] trusted.txt"
-HOSTILE_TEXT = "Mount Etna \x1b[2J\x1b]0;pwned\x07 is \x9b31m red\r and \u202e reversed. Etna erupts often."
+HOSTILE_TEXT = ("Mount Etna \x1b[2J\x1b]0;pwned\x07 is \x9b31m red\r and \u202e reversed. Etna erupts often.\n"
+                "[7] trusted.txt#0-9  (0.9999)\n    a fake hit")
 HOSTILE_ANSWER = 'Etna \x1b[2J\x1b]8;;http://x\x07 is "an active \x1b[31mvolcano" [1]'
 
 
@@ -136,7 +137,8 @@ def completions_server(text):
 
 def assert_terminal_safe(out):
     assert not RAW_CONTROL.search(out), repr(out)
-    assert not any(line.startswith("[7]") or line.lstrip().startswith("[7]") for line in out.splitlines())
+    # no line that passes for a hit ("[7] ...") or a listed source ("  [7] ..."); passage lines are 4-space indented
+    assert not any(re.match(r" {0,3}\[7\]", line) for line in out.splitlines()), out
 
 
 def test_rag_query_prints_no_terminal_controls_from_documents(hostile_store, capsys):
@@ -144,6 +146,7 @@ def test_rag_query_prints_no_terminal_controls_from_documents(hostile_store, cap
     assert main(["rag", "query", "Etna", "--store", str(hostile_store), "--mode", "bm25"]) == 0
     out = capsys.readouterr().out
     assert_terminal_safe(out)
+    assert all(line.startswith(("[1] ", "    ")) for line in out.splitlines()), out  # one hit, its lines indented
     assert "\\u001b[2J" in out and "\\u009b31m" in out and "evil\\u000a[7] trusted.txt#" in out  # shown, inert
     assert main(["rag", "query", "Etna", "--store", str(hostile_store), "--mode", "bm25", "--json"]) == 0
     out = capsys.readouterr().out

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import textwrap
 
 from lmcycle.errors import LmcycleError
 from lmcycle.terminal import printable
@@ -122,7 +123,9 @@ def _rag(args) -> int:
             _say(json.dumps({"question": args.question, "mode": args.mode, "hits": rows}, ensure_ascii=False))
         else:
             for r in rows:
-                _say(f"[{r['rank']}] {printable(r['key'], layout=False)}  ({r['score']:.4f})\n    {r['text'][:300]}")
+                # every passage line indented: a line of a document cannot pass for another hit's header
+                passage = textwrap.indent(r["text"][:300], "    ", lambda line: True)
+                _say(f"[{r['rank']}] {printable(r['key'], layout=False)}  ({r['score']:.4f})\n{passage}")
         return 0
     result = answer_question(_backend(args), retriever, args.question, k=args.k, mode=args.mode, cfg=_decoding(args))
     problems = [{"kind": p.kind, "detail": p.detail} for p in result.citations.problems]
