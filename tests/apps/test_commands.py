@@ -174,3 +174,18 @@ def test_error_messages_print_no_terminal_controls(tmp_path, capsys):
     assert main(["rag", "query", "x", "--store", str(tmp_path / "\x1b]0;pwned\x07\x1b[2J")]) == 1
     err = capsys.readouterr().err
     assert "not a store folder" in err and "\\u001b[2J" in err and not RAW_CONTROL.search(err)
+
+
+def test_agent_and_pal_print_no_terminal_controls(capsys):
+    answer = "Thought: done\nFinal Answer: Etna \x1b[2J\x9b31m is a volcano"
+    with running(completions_server(answer)) as url:
+        capsys.readouterr()
+        assert main(["agent", "Where is Etna?", "--backend", f"openai:{url}/v1#m", "--api-key", "k"]) == 0
+        out = capsys.readouterr().out
+    assert not RAW_CONTROL.search(out) and out.splitlines()[-1] == "answer: Etna \\u001b[2J\\u009b31m is a volcano"
+    program = "def solution():\n    # \x1b]0;pwned\x07\n    return 'a' + chr(27) + '[2Jb'\n"
+    with running(completions_server(program)) as url:
+        assert main(["pal", "Say hi", "--backend", f"openai:{url}/v1#m", "--api-key", "k"]) == 0
+        out = capsys.readouterr().out
+    assert not RAW_CONTROL.search(out), out
+    assert "# \\u001b]0;pwned\\u0007" in out and "answer: a\\u001b[2Jb" in out

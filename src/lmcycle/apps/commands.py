@@ -158,7 +158,7 @@ def _agent(args) -> int:
         result.trace.save(args.trace)
     for step in result.trace.steps[1:]:
         if step["step"] == "action":
-            print(f"[{step['step']} {step['tool']}] {step['input']!r} -> {step['observation'][:200]!r}")
+            _say(f"[{step['step']} {step['tool']}] {step['input']!r} -> {step['observation'][:200]!r}")
         elif step["step"] == "parse_error":
             _say(f"[unreadable step] {step['error']}")
     why = {"max_steps": f"the step cap of {args.max_steps} was reached",
