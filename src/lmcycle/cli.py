@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from lmcycle.errors import LmcycleError
+from lmcycle.terminal import printable
 
 SINGLE_STAGES = ("build", "pretrain", "sft", "generate", "explore", "eval", "rm", "dpo", "ppo", "classifier",
                  "distill", "quantize", "prune", "compare")
@@ -216,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _dispatch(args)
     except LmcycleError as e:
-        print(f"lmcycle: error: {e}", file=sys.stderr)
+        print(f"lmcycle: error: {printable(str(e))}", file=sys.stderr)  # messages quote file names and values
         return 1
     except KeyboardInterrupt:
         print("lmcycle: interrupted; rerun with the same --out to resume", file=sys.stderr)
@@ -283,7 +284,7 @@ def _print_outcome(run_dir: Path, command: str) -> None:
             if "generations" in produced:
                 for line in Path(produced["generations"]).read_text(encoding="utf-8").splitlines():
                     row = json.loads(line)
-                    print(f"--- {row['prompt']!r}\n{row['output']}")
+                    print(f"--- {row['prompt']!r}\n{printable(row['output'])}")
     for produced in artifacts.values():
         for key in ("model", "eval", "plot"):
             if key in produced:

@@ -4,9 +4,11 @@ MiniLM encoder, a tiny real local model as the backend, and the real sandbox."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
+from loopback import running
 
 from lmcycle.apps.rag.answer import store_settings
 from lmcycle.cli import main
@@ -100,3 +102,90 @@ def test_harness_commands(wide_model_dir, tmp_path, capsys):
                  f"local:{wide_model_dir}", "--method", "likelihood", "--limit", "3"]) == 0
     assert "truthfulqa_mc1: " in capsys.readouterr().out
     assert main(["harness", "gsm8k", "--data", str(SHARED / "gsm8k"), "--backend", "bogus"]) == 1
+
+
+# What a terminal acts on: C0 controls but newline, DEL, C1 (U+009B is CSI alone), bidi overrides.
+RAW_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202e]")
+HOSTILE_NAME = "evil\n[7] trusted.txt"
+HOSTILE_TEXT = ("Mount Etna \x1b[2J\x1b]0;pwned\x07 is \x9b31m red\r and \u202e reversed. Etna erupts often.\n"
+                "[7] trusted.txt#0-9  (0.9999)\n    a fake hit")
+HOSTILE_ANSWER = 'Etna \x1b[2J\x1b]8;;http://x\x07 is "an active \x1b[31mvolcano" [1]'
+
+
+@pytest.fixture(scope="module")
+def hostile_store(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hostile")
+    (root / "docs").mkdir()
+    (root / "docs" / HOSTILE_NAME).write_text(HOSTILE_TEXT, encoding="utf-8", newline="")
+    assert main(["rag", "ingest", str(root / "docs"), "--store", str(root / "store"), "--chunk-tokens", "64"]) == 0
+    return root / "store"
+
+
+def completions_server(text):
+    """An OpenAI-compatible completions endpoint that answers every prompt with ``text``."""
+    from fastapi import FastAPI
+
+    app = FastAPI()
+
+    @app.post("/v1/completions")
+    def completions(body: dict):
+        return {"id": "c", "object": "text_completion", "created": 0, "model": body["model"],
+                "choices": [{"index": 0, "text": text, "finish_reason": "stop", "logprobs": None}]}
+
+    return app
+
+
+def assert_terminal_safe(out):
+    assert not RAW_CONTROL.search(out), repr(out)
+    # no line that passes for a hit ("[7] ...") or a listed source ("  [7] ..."); passage lines are 4-space indented
+    assert not any(re.match(r" {0,3}\[7\]", line) for line in out.splitlines()), out
+
+
+def test_rag_query_prints_no_terminal_controls_from_documents(hostile_store, capsys):
+    capsys.readouterr()
+    assert main(["rag", "query", "Etna", "--store", str(hostile_store), "--mode", "bm25"]) == 0
+    out = capsys.readouterr().out
+    assert_terminal_safe(out)
+    assert all(line.startswith(("[1] ", "    ")) for line in out.splitlines()), out  # one hit, its lines indented
+    assert "\\u001b[2J" in out and "\\u009b31m" in out and "evil\\u000a[7] trusted.txt#" in out  # shown, inert
+    assert main(["rag", "query", "Etna", "--store", str(hostile_store), "--mode", "bm25", "--json"]) == 0
+    out = capsys.readouterr().out
+    assert_terminal_safe(out)
+    hit = json.loads(out)["hits"][0]
+    assert hit["text"] == HOSTILE_TEXT and hit["source"].endswith(HOSTILE_NAME)  # JSON still exact
+
+
+def test_rag_answers_print_no_terminal_controls(hostile_store, capsys):
+    with running(completions_server(HOSTILE_ANSWER)) as url:
+        args = ["rag", "query", "Etna", "--store", str(hostile_store), "--mode", "bm25", "--k", "1",
+                "--backend", f"openai:{url}/v1#m", "--api-key", "k"]
+        capsys.readouterr()
+        assert main(args) == 0
+        out = capsys.readouterr().out
+        assert_terminal_safe(out)
+        assert out.splitlines()[0] == 'Etna \\u001b[2J\\u001b]8;;http://x\\u0007 is "an active \\u001b[31mvolcano" [1]'
+        assert main([*args, "--json"]) == 0
+        out = capsys.readouterr().out
+        assert_terminal_safe(out)
+        assert json.loads(out)["answer"] == HOSTILE_ANSWER
+
+
+def test_error_messages_print_no_terminal_controls(tmp_path, capsys):
+    assert main(["rag", "query", "x", "--store", str(tmp_path / "\x1b]0;pwned\x07\x1b[2J")]) == 1
+    err = capsys.readouterr().err
+    assert "not a store folder" in err and "\\u001b[2J" in err and not RAW_CONTROL.search(err)
+
+
+def test_agent_and_pal_print_no_terminal_controls(capsys):
+    answer = "Thought: done\nFinal Answer: Etna \x1b[2J\x9b31m is a volcano"
+    with running(completions_server(answer)) as url:
+        capsys.readouterr()
+        assert main(["agent", "Where is Etna?", "--backend", f"openai:{url}/v1#m", "--api-key", "k"]) == 0
+        out = capsys.readouterr().out
+    assert not RAW_CONTROL.search(out) and out.splitlines()[-1] == "answer: Etna \\u001b[2J\\u009b31m is a volcano"
+    program = "def solution():\n    # \x1b]0;pwned\x07\n    return 'a' + chr(27) + '[2Jb'\n"
+    with running(completions_server(program)) as url:
+        assert main(["pal", "Say hi", "--backend", f"openai:{url}/v1#m", "--api-key", "k"]) == 0
+        out = capsys.readouterr().out
+    assert not RAW_CONTROL.search(out), out
+    assert "# \\u001b]0;pwned\\u0007" in out and "answer: a\\u001b[2Jb" in out

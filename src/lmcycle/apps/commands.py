@@ -7,8 +7,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import textwrap
 
 from lmcycle.errors import LmcycleError
+from lmcycle.terminal import printable
 
 
 def _backend_options(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -64,6 +66,11 @@ def add_parsers(sub) -> None:
     _backend_options(hr)
 
 
+def _say(text: str) -> None:
+    """Print text that holds documents, file names or model output: its terminal controls come out escaped."""
+    print(printable(text))
+
+
 def _backend(args):
     from lmcycle.apps.llm import backend_from_spec
 
@@ -113,24 +120,26 @@ def _rag(args) -> int:
         rows = [{"rank": i, "key": h.key, "score": h.score, "source": h.metadata.get("source"),
                  "text": h.metadata.get("text", "")} for i, h in enumerate(hits, start=1)]
         if args.json:
-            print(json.dumps({"question": args.question, "mode": args.mode, "hits": rows}, ensure_ascii=False))
+            _say(json.dumps({"question": args.question, "mode": args.mode, "hits": rows}, ensure_ascii=False))
         else:
             for r in rows:
-                print(f"[{r['rank']}] {r['key']}  ({r['score']:.4f})\n    {r['text'][:300]}")
+                # every passage line indented: a line of a document cannot pass for another hit's header
+                passage = textwrap.indent(r["text"][:300], "    ", lambda line: True)
+                _say(f"[{r['rank']}] {printable(r['key'], layout=False)}  ({r['score']:.4f})\n{passage}")
         return 0
     result = answer_question(_backend(args), retriever, args.question, k=args.k, mode=args.mode, cfg=_decoding(args))
     problems = [{"kind": p.kind, "detail": p.detail} for p in result.citations.problems]
     if args.json:
-        print(json.dumps({"question": args.question, "answer": result.answer,
+        _say(json.dumps({"question": args.question, "answer": result.answer,
                           "sources": [{"number": s.number, "key": s.key} for s in result.sources],
                           "citations_ok": result.citations.ok, "problems": problems}, ensure_ascii=False))
     else:
-        print(result.answer)
+        _say(result.answer)
         print("\nsources:")
         for s in result.sources:
-            print(f"  [{s.number}] {s.key}")
-        print("citations: ok" if result.citations.ok else
-              "citations: " + "; ".join(f"{p['kind']}: {p['detail']}" for p in problems))
+            _say(f"  [{s.number}] {printable(s.key, layout=False)}")
+        _say("citations: ok" if result.citations.ok else
+             "citations: " + "; ".join(f"{p['kind']}: {p['detail']}" for p in problems))
     return 0
 
 
@@ -149,12 +158,12 @@ def _agent(args) -> int:
         result.trace.save(args.trace)
     for step in result.trace.steps[1:]:
         if step["step"] == "action":
-            print(f"[{step['step']} {step['tool']}] {step['input']!r} -> {step['observation'][:200]!r}")
+            _say(f"[{step['step']} {step['tool']}] {step['input']!r} -> {step['observation'][:200]!r}")
         elif step["step"] == "parse_error":
-            print(f"[unreadable step] {step['error']}")
+            _say(f"[unreadable step] {step['error']}")
     why = {"max_steps": f"the step cap of {args.max_steps} was reached",
            "context_window": f"the transcript outgrew the model's context window ({result.steps} steps done)"}
-    print(f"answer: {result.answer}" if result.answer is not None else f"no answer: {why[result.stopped]}")
+    _say(f"answer: {result.answer}" if result.answer is not None else f"no answer: {why[result.stopped]}")
     return 0
 
 
@@ -163,10 +172,10 @@ def _pal(args) -> int:
     from lmcycle.apps.sandbox import SandboxConfig, active_layers
 
     result = answer_with_program(_backend(args), args.question, _decoding(args), SandboxConfig(timeout_s=args.timeout))
-    print(result.program or f"(no solution() in the model's output)\n{result.completion}")
+    _say(result.program or f"(no solution() in the model's output)\n{result.completion}")
     if result.result is not None and not result.result.ok:
-        print(f"sandbox: {result.result.error.kind}: {result.result.error.message}")
-    print(f"answer: {result.answer}\nsandbox layers active: {', '.join(active_layers())}")
+        _say(f"sandbox: {result.result.error.kind}: {result.result.error.message}")
+    _say(f"answer: {result.answer}\nsandbox layers active: {', '.join(active_layers())}")
     return 0
 
 

@@ -6,7 +6,7 @@ given. Tool output is text for the model; failures come back as :class:`ToolErro
 
 from __future__ import annotations
 
-from lmcycle.apps.rag.cite import defuse
+from lmcycle.apps.rag.cite import defuse, one_line
 from lmcycle.apps.rag.retrieve import Retriever
 from lmcycle.apps.sandbox import SandboxConfig, calculate, run_snippet
 from lmcycle.apps.tools import Tool, ToolError, tool
@@ -58,7 +58,8 @@ def search_tool(retriever: Retriever, k: int = 3, mode: str = "hybrid") -> Tool:
         hits = retriever.retrieve(query, k, mode)
         if not hits:
             return "no passages found"
-        return "\n\n".join(f"[{h.metadata.get('source', h.key)}] {defuse(h.metadata.get('text', ''))}" for h in hits)
+        return "\n\n".join(f"[{one_line(h.metadata.get('source', h.key))}] {defuse(h.metadata.get('text', ''))}"
+                           for h in hits)
 
     return search
 

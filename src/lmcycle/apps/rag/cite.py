@@ -4,7 +4,10 @@ Prompt injection (OWASP LLM01): retrieved text is attacker-controllable, so it g
 :data:`BEGIN_SOURCES` and :data:`END_SOURCES`, the instruction says that what is inside is data and never
 instructions, and any ``<<<`` / ``>>>`` inside a passage (so any copy of either marker, or a lookalike) is
 defused to ``‹‹‹`` / ``›››`` before it goes in: a passage cannot close the data section early or open a fake one.
-Each passage's lines are also indented, so a passage cannot start a line that looks like another source ``[n]``.
+Lookalikes count: the text is NFKC-normalised (fullwidth ``＜`` and small-form ``﹤`` become ``<``) and loses its
+format characters (zero-width spaces and joiners, bidi controls) before the brackets are looked for.
+Each passage's lines are also indented, so a passage cannot start a line that looks like another source ``[n]``,
+and a source's name goes on its header line through :func:`one_line`, so a file name cannot start one either.
 
 Answer format: claims carry citations ``[n]`` (or ``[n, m]``); supporting quotes are ``"exact words" [n]``.
 :func:`check_citations` reports: ``no_citation`` (the answer cites nothing), ``unknown_citation`` (a number that
@@ -16,6 +19,7 @@ and the source text, original or defused); otherwise exactly, case-sensitive.
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -61,9 +65,18 @@ class CitationReport:
 
 
 def defuse(text: str) -> str:
-    """``text`` with every run of three or more angle brackets turned into guillemet-like lookalikes."""
-    text = re.sub(r"<{3,}|\uff1c{3,}", lambda m: "\u2039" * len(m.group()), text)
-    return re.sub(r">{3,}|\uff1e{3,}", lambda m: "\u203a" * len(m.group()), text)
+    """``text`` NFKC-normalised, without format characters, and with every run of three or more angle brackets
+    turned into guillemet-like lookalikes."""
+    # Both steps come first: "<\u200b<<" and "\uff1c\ufe64<" read as "<<<" (to a reader, and often to a model
+    # once tokenised) but would not match the patterns below.
+    text = unicodedata.normalize("NFKC", "".join(c for c in text if unicodedata.category(c) != "Cf"))
+    text = re.sub(r"<{3,}", lambda m: "\u2039" * len(m.group()), text)
+    return re.sub(r">{3,}", lambda m: "\u203a" * len(m.group()), text)
+
+
+def one_line(name: str) -> str:
+    """``name`` (a file name or title) defused, with every control or line-separator character as a space."""
+    return "".join(" " if unicodedata.category(c) in ("Cc", "Zl", "Zp") else c for c in defuse(name))
 
 
 def sources_from_hits(hits: Sequence[Hit]) -> list[Source]:
@@ -76,7 +89,7 @@ def build_prompt(question: str, sources: Sequence[Source], instruction: str = IN
     """The instruction, the numbered sources inside the data section, then the question."""
     blocks = []
     for s in sources:
-        origin = f" ({defuse(s.origin)})" if s.origin else ""
+        origin = f" ({one_line(s.origin)})" if s.origin else ""
         body = "\n".join("    " + line for line in defuse(s.text).splitlines())
         blocks.append(f"[{s.number}]{origin}\n{body}")
     return (f"{instruction}\n\n{BEGIN_SOURCES}\n" + "\n\n".join(blocks) + f"\n{END_SOURCES}\n\n"
