@@ -17,7 +17,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent / "train"))
 
 import tiny_lm  # noqa: E402
-from deprecations import fail_on_lmcycle_deprecations  # noqa: E402
+# Hooks found by name: they fail a test phase in which lmcycle's code triggers a deprecation.
+from deprecations import pytest_runtest_call, pytest_runtest_setup, pytest_runtest_teardown  # noqa: E402, F401
 
 tok, t5_tok = tiny_lm.tok, tiny_lm.t5_tok  # session fixtures
 
@@ -29,17 +30,3 @@ def one_torch_thread():
     yield
     torch.set_num_threads(before)
 
-
-@pytest.hookimpl(wrapper=True)
-def pytest_runtest_setup(item):
-    return (yield from fail_on_lmcycle_deprecations())
-
-
-@pytest.hookimpl(wrapper=True)
-def pytest_runtest_call(item):
-    return (yield from fail_on_lmcycle_deprecations())
-
-
-@pytest.hookimpl(wrapper=True)
-def pytest_runtest_teardown(item, nextitem):
-    return (yield from fail_on_lmcycle_deprecations())

@@ -7,7 +7,7 @@ that our call caused them. Some deprecations are not warnings at all but ``logge
 the frames that led to them can still be read: a deprecation counts when any of those frames is in lmcycle's
 source. One that a test or a third-party library causes without lmcycle on the stack is left to pytest.
 
-conftest.py installs the three hook wrappers; :data:`ALLOWED` lists deprecations raised inside third-party code
+conftest.py imports the three hook wrappers at the end of this file; :data:`ALLOWED` lists deprecations raised inside third-party code
 that lmcycle cannot avoid (none today).
 """
 
@@ -95,3 +95,18 @@ def fail_on_lmcycle_deprecations():
         pytest.fail("deprecated API used through lmcycle's code:\n  " + "\n  ".join(dict.fromkeys(found)),
                     pytrace=False)
     return result
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item):
+    return (yield from fail_on_lmcycle_deprecations())
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    return (yield from fail_on_lmcycle_deprecations())
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item, nextitem):
+    return (yield from fail_on_lmcycle_deprecations())
