@@ -17,8 +17,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent / "train"))
 
 import tiny_lm  # noqa: E402
-# Hooks found by name: they fail a test phase in which lmcycle's code triggers a deprecation.
-from deprecations import pytest_runtest_call, pytest_runtest_setup, pytest_runtest_teardown  # noqa: E402, F401
+from deprecations import (  # noqa: E402, F401  (hooks, found by name: see deprecations.py)
+    pytest_runtest_call,
+    pytest_runtest_setup,
+    pytest_runtest_teardown,
+)
 
 tok, t5_tok = tiny_lm.tok, tiny_lm.t5_tok  # session fixtures
 
