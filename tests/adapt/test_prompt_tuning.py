@@ -21,6 +21,7 @@ from lmcycle.adapt.prompt_tuning import (
 from lmcycle.config import validate
 from lmcycle.errors import LmcycleError
 from lmcycle.models.generate import DecodingConfig, generate, generate_ids, logit_stream
+from lmcycle.models.kv_cache import cache_of
 from lmcycle.train.checkpoint import load_checkpoint, save_checkpoint
 from lmcycle.train.loop import lm_loss_sum
 
@@ -255,6 +256,32 @@ def test_cached_decoding_equals_a_full_forward(kind, toks):
             full = m(input_ids=torch.tensor([seq])).logits[0, -1]
         assert torch.allclose(logits[1], full, atol=1e-5)
         seq.append(int(logits[1].argmax()))
+
+
+@pytest.mark.parametrize("kind", ["llama", "t5"])
+@pytest.mark.parametrize("name", ["cache", "past_key_values"])
+def test_a_cache_under_either_name_continues_the_prompted_sequence(kind, name, toks):
+    """transformers 5.24 calls the cache ``cache``, older versions and PEFT ``past_key_values``: one decoding
+    step from a prefill's cache, passed under either name, predicts what an uncached forward predicts."""
+    m = wrapped(kind, toks)
+    ids = torch.tensor([toks[kind]("the cat sees the dog")["input_ids"]])
+    with torch.no_grad():
+        if kind == "t5":
+            start = torch.tensor([[0]])
+            first = m(input_ids=ids, decoder_input_ids=start, use_cache=True)
+            cached = cache_of(first).get_seq_length()
+            nxt = first.logits[:, -1].argmax(-1, keepdim=True)
+            step = m(input_ids=ids, decoder_input_ids=nxt, use_cache=True, **{name: cache_of(first)})
+            full = m(input_ids=ids, decoder_input_ids=torch.cat([start, nxt], 1)).logits[0, -1]
+        else:
+            first = m(input_ids=ids, use_cache=True)
+            cached = cache_of(first).get_seq_length()  # the cache grows in place
+            nxt = first.logits[:, -1].argmax(-1, keepdim=True)
+            step = m(input_ids=nxt, attention_mask=torch.ones(1, ids.shape[1] + 1, dtype=torch.long),
+                     use_cache=True, **{name: cache_of(first)})
+            full = m(input_ids=torch.cat([ids, nxt], 1)).logits[0, -1]
+    assert cache_of(step).get_seq_length() == cached + 1
+    assert torch.allclose(step.logits[0, -1], full, atol=1e-5)
 
 
 def sharpen(model) -> None:

@@ -1,11 +1,14 @@
 from __future__ import annotations
 
+import inspect
 import json
 
 import pytest
 import torch
+import transformers
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from packaging.version import Version
 from pydantic import ValidationError
 
 from lmcycle.errors import LmcycleError
@@ -21,6 +24,7 @@ from lmcycle.models.generate import (
     top_k_filter,
     top_p_filter,
 )
+from lmcycle.models.kv_cache import CACHE_ARG, cache_of
 from lmcycle.runs import RunContext
 
 PROMPTS = [
@@ -49,6 +53,19 @@ def test_greedy_matches_transformers_generate(models, arch):
     for prompt, row in zip(PROMPTS, ours, strict=True):
         assert row == _hf_greedy(model, tokenizer, prompt, 12), prompt
     assert len({tuple(r) for r in ours}) > 1  # the check is not vacuous: prompts lead to different outputs
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_the_cache_goes_by_the_name_this_transformers_uses(models, arch):
+    """transformers 5.24 renamed ``past_key_values`` to ``cache`` (argument and output field)."""
+    model, tokenizer = models[arch]
+    assert CACHE_ARG == ("cache" if Version(transformers.__version__) >= Version("5.24") else "past_key_values")
+    assert CACHE_ARG in inspect.signature(model.forward).parameters
+    ids = torch.tensor([tokenizer("The quick brown")["input_ids"]])
+    extra = {"decoder_input_ids": ids[:, :2]} if model.config.is_encoder_decoder else {}
+    with torch.no_grad():
+        out = model(input_ids=ids, use_cache=True, **extra)
+    assert cache_of(out).get_seq_length() == (2 if extra else ids.shape[1])
 
 
 @pytest.mark.parametrize("arch", ARCHS)

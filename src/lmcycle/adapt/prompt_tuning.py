@@ -38,6 +38,7 @@ from lmcycle.adapt.adapters import (
 )
 from lmcycle.config import Config
 from lmcycle.errors import LmcycleError
+from lmcycle.models.kv_cache import cache_kwargs
 from lmcycle.models.load import is_seq2seq
 
 TENSOR_KEY = "prompt_embeddings"
@@ -151,31 +152,34 @@ class PromptTunedModel(nn.Module):
 
     # -- forward ---------------------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, past_key_values: Any = None,
-                use_cache: bool | None = None, labels: torch.Tensor | None = None,
-                decoder_input_ids: torch.Tensor | None = None, encoder_outputs: Any = None,
-                logits_to_keep: int | torch.Tensor = 0, inputs_embeds: torch.Tensor | None = None, **kwargs):
+                position_ids: torch.Tensor | None = None, cache: Any = None, use_cache: bool | None = None,
+                labels: torch.Tensor | None = None, decoder_input_ids: torch.Tensor | None = None,
+                encoder_outputs: Any = None, logits_to_keep: int | torch.Tensor = 0,
+                inputs_embeds: torch.Tensor | None = None, past_key_values: Any = None, **kwargs):
         """Run the base with the prompt in front; shapes as the base model's, logits over the caller's tokens.
 
         Decoder: ``input_ids`` (B, T) -> ``logits`` (B, T, vocab) (or the last ``logits_to_keep``), the cache
-        then holds ``v + T`` positions. Encoder-decoder: ``logits`` (B, decoder length, vocab).
+        then holds ``v + T`` positions. Encoder-decoder: ``logits`` (B, decoder length, vocab). The key/value
+        cache comes as ``cache`` or, as transformers before 5.24 and PEFT name it, ``past_key_values``; the
+        base model gets it under the name its transformers version uses.
         """
+        cache = cache if cache is not None else past_key_values
         if is_seq2seq(self.base_model):
-            return self._seq2seq_forward(input_ids, attention_mask, past_key_values, use_cache, labels,
+            return self._seq2seq_forward(input_ids, attention_mask, cache, use_cache, labels,
                                          decoder_input_ids, encoder_outputs, inputs_embeds, **kwargs)
-        return self._causal_forward(input_ids, attention_mask, position_ids, past_key_values, use_cache, labels,
+        return self._causal_forward(input_ids, attention_mask, position_ids, cache, use_cache, labels,
                                     logits_to_keep, inputs_embeds, **kwargs)
 
-    def _causal_forward(self, input_ids, attention_mask, position_ids, past_key_values, use_cache, labels,
+    def _causal_forward(self, input_ids, attention_mask, position_ids, cache, use_cache, labels,
                         logits_to_keep, inputs_embeds, **kwargs):
         v = self.num_virtual_tokens
         batch = (input_ids if input_ids is not None else inputs_embeds).shape[0]
-        prefill = past_key_values is None or not past_key_values.get_seq_length()
+        prefill = cache is None or not cache.get_seq_length()
         if not prefill:
             # The cache already holds the prompt: only the mask and the positions know about it.
             return self.base_model(
                 input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=self._extend_mask(attention_mask, batch),
-                position_ids=None if position_ids is None else position_ids + v, past_key_values=past_key_values,
+                position_ids=None if position_ids is None else position_ids + v, **cache_kwargs(cache),
                 use_cache=use_cache, labels=labels, logits_to_keep=logits_to_keep, **kwargs)
         embeds, mask = self.prepend_prompt(input_ids, inputs_embeds, attention_mask)
         if position_ids is not None:
@@ -186,14 +190,14 @@ class PromptTunedModel(nn.Module):
         if isinstance(logits_to_keep, torch.Tensor):
             logits_to_keep = logits_to_keep + v  # indices into the caller's positions
         out = self.base_model(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids,
-                              past_key_values=past_key_values, use_cache=use_cache, labels=labels,
+                              **cache_kwargs(cache), use_cache=use_cache, labels=labels,
                               logits_to_keep=logits_to_keep, **kwargs)
         real = embeds.shape[1] - v
         if out.logits.shape[1] > real:
             out.logits = out.logits[:, -real:]
         return out
 
-    def _seq2seq_forward(self, input_ids, attention_mask, past_key_values, use_cache, labels, decoder_input_ids,
+    def _seq2seq_forward(self, input_ids, attention_mask, cache, use_cache, labels, decoder_input_ids,
                          encoder_outputs, inputs_embeds, **kwargs):
         if encoder_outputs is None:
             inputs_embeds, attention_mask = self.prepend_prompt(input_ids, inputs_embeds, attention_mask)
@@ -202,7 +206,7 @@ class PromptTunedModel(nn.Module):
             attention_mask = self._extend_mask(attention_mask, batch)
         return self.base_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                                encoder_outputs=encoder_outputs, decoder_input_ids=decoder_input_ids,
-                               past_key_values=past_key_values, use_cache=use_cache, labels=labels, **kwargs)
+                               **cache_kwargs(cache), use_cache=use_cache, labels=labels, **kwargs)
 
 
 # -- building, counting, unwrapping ---------------------------------------------------------------------------

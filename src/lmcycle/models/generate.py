@@ -30,6 +30,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from lmcycle.atomic import atomic_write_text
 from lmcycle.config import Config, ModelRef
 from lmcycle.errors import LmcycleError
+from lmcycle.models.kv_cache import cache_kwargs, cache_of
 from lmcycle.models.load import context_window, eval_mode, is_seq2seq, load_model
 from lmcycle.runs import RunContext
 
@@ -145,7 +146,7 @@ def _decoder_only_stream(model: PreTrainedModel, rows: list[list[int]], pad_id: 
         mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=-1)
         position = position + 1
         out = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=position,
-                    past_key_values=out.past_key_values, use_cache=True)
+                    **cache_kwargs(cache_of(out)), use_cache=True)
 
 
 def _seq2seq_stream(model: PreTrainedModel, rows: list[list[int]], pad_id: int) -> LogitStream:
@@ -160,7 +161,7 @@ def _seq2seq_stream(model: PreTrainedModel, rows: list[list[int]], pad_id: int) 
     while True:
         tokens = yield out.logits[:, -1, :].float()
         out = model(encoder_outputs=encoded, attention_mask=mask, decoder_input_ids=tokens[:, None],
-                    past_key_values=out.past_key_values, use_cache=True)
+                    **cache_kwargs(cache_of(out)), use_cache=True)
 
 
 def logit_stream(model: PreTrainedModel, rows: list[list[int]], pad_id: int) -> LogitStream:
