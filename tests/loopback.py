@@ -16,6 +16,9 @@ def running(app, **options):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    # log_config=None: uvicorn's dictConfig would close every logging handler of the process, among them
+    # absl's (rouge-score imports it), whose close() closes the stream it holds: pytest's capture file.
+    options = {"log_config": None, **options}
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", **options))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
