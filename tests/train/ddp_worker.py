@@ -46,7 +46,8 @@ def main(model_dir: str, out_dir: str) -> None:
     logged = []
     result = train(model, batches(sft_items(tokenizer), CFG), lm_loss_sum, CFG, Path(out_dir) / "run",
                    log=lambda **m: logged.append(m))
-    torch.save({"losses": result.losses, "state": model.state_dict(), "logged": len(logged)},
+    steps_logged = [m for m in logged if m.get("event") != "train_start"]
+    torch.save({"losses": result.losses, "state": model.state_dict(), "logged": len(steps_logged)},
                Path(out_dir) / f"rank{rank}.pt")
 
 

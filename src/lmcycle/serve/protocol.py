@@ -11,17 +11,14 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
-from pydantic_core import PydanticCustomError
-
 
 def _encodable(text: str) -> str:
     # JSON may escape a lone surrogate ("\ud800"): Python decodes it to a str that no tokenizer can encode.
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
-        raise PydanticCustomError("lone_surrogate", "contains a lone surrogate ({char}) at position {pos}: "
-                                  "not valid Unicode text", {"char": f"U+{ord(text[e.start]):04X}",
-                                                             "pos": e.start}) from None
+        raise ValueError(f"contains a lone surrogate (U+{ord(text[e.start]):04X}) at position {e.start}: "
+                         "not valid Unicode text") from None
     return text
 
 
