@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
+
 def _encodable(text: str) -> str:
     # JSON may escape a lone surrogate ("\ud800"): Python decodes it to a str that no tokenizer can encode.
     try:
