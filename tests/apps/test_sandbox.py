@@ -70,6 +70,18 @@ def test_non_ascii_identifiers_run_with_the_defaults():
     assert s.ok and s.stdout == "6\n"
 
 
+def test_functions_of_allowed_modules_that_import_lazily_work_with_the_defaults():
+    # Counter.most_common(n) imports heapq and datetime.strptime imports _strptime the first time they run.
+    program = ("import collections, datetime\ndef solution():\n"
+               "    top = collections.Counter('abracadabra').most_common(2)\n"
+               "    return [top, datetime.datetime.strptime('2024-03-05', '%Y-%m-%d').day]\n")
+    r = run_solution(program, CFG)
+    assert r.ok, r.error
+    assert r.value == [[["a", 5], ["b", 2]], 5]
+    refused = run_solution("import heapq\ndef solution():\n    return 1\n", CFG)
+    assert refused.error.kind == "violation"  # the program itself still may not import them
+
+
 def test_snippet_mode_returns_printed_output():
     r = run_snippet("import statistics\nprint(statistics.mean([1, 2, 3, 6]))\n", CFG)
     assert r.ok and r.stdout.strip() == "3" and r.value is None

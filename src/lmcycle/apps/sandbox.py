@@ -66,6 +66,10 @@ from lmcycle.errors import LmcycleError
 # anything touching files, processes, the network or the interpreter (os, sys, io, ctypes, importlib, ...).
 DEFAULT_IMPORTS = ("math", "statistics", "fractions", "decimal", "itertools", "re", "datetime", "functools",
                    "collections", "operator", "random", "cmath")
+# What allowed modules import only when a function of theirs first runs (Counter.most_common -> heapq,
+# datetime.strptime -> _strptime). The bootstrap loads them up front (inside the empty root no file can be read
+# later) and the import guard lets those calls through; the pre-filter still refuses them in a program's own imports.
+IMPLIED_IMPORTS = {"collections": ("heapq",), "datetime": ("_strptime",)}
 
 BANNED_NAMES = frozenset({
     "getattr", "setattr", "delattr", "hasattr", "vars", "globals", "locals", "dir", "eval", "exec", "compile",
@@ -309,7 +313,7 @@ def bootstrap():
     job = json.loads(sys.stdin.read())
     layers = {}
     # unicodedata: the parser imports it to normalise non-ASCII identifiers, and later no file can be read.
-    for name in [*job["imports"], "unicodedata"]:
+    for name in [*job["imports"], *job["implied"], "unicodedata"]:
         try:
             __import__(name)
         except Exception:
@@ -414,7 +418,7 @@ def bootstrap():
         program = compile(job["code"], "<program>", "exec")  # before the guard: parsing may import unicodedata
     except BaseException as e:  # raised below, where the program's own errors are reported
         program = e
-    allowed = tuple(job["imports"])
+    allowed = (*job["imports"], *job["implied"])
     real_import = builtins.__import__
     def guarded_import(name, globals=None, locals=None, fromlist=(), level=0):
         if level or not any(name == a or name.startswith(a + ".") for a in allowed):
@@ -517,7 +521,8 @@ def _run_child(code: str, mode: str, cfg: SandboxConfig) -> SandboxResult:
     if root:
         os.chown(work, NOBODY, NOBODY)
     prefix = _unshare_prefix()
-    job = {"code": code, "mode": mode, "imports": list(cfg.allowed_imports), "uid": NOBODY,
+    implied = [m for a in cfg.allowed_imports for m in IMPLIED_IMPORTS.get(a, ())]
+    job = {"code": code, "mode": mode, "imports": list(cfg.allowed_imports), "implied": implied, "uid": NOBODY,
            "tmpfs_kb": cfg.max_disk_mb * 1024 if root and "-m" in prefix else 0, "result_cap": cfg.max_output_bytes,
            "limits": {"cpu": cfg.cpu_s, "as": cfg.memory_mb * 1024 * 1024, "nofile": 32,
                       "fsize": max(cfg.max_file_bytes, cfg.max_output_bytes + 1, 1024 * 1024)}}
