@@ -92,7 +92,7 @@ def run_variant(variant: str, workdir: Path, args: argparse.Namespace) -> dict:
     from lmcycle.align.ppo_stage import PpoStage, run_ppo
     from lmcycle.config import validate
     from lmcycle.data.examples import Example
-    from lmcycle.runs import RunContext
+    from lmcycle.stages.context import RunContext
 
     held: dict[str, int] = {}
     scorer = ppo_stage.reference_scorer

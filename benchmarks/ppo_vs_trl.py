@@ -211,7 +211,7 @@ def run_ours(workdir: Path, args: argparse.Namespace, clock: RolloutClock, out: 
     from lmcycle.config import validate
     from lmcycle.data.examples import Example
     from lmcycle.models.load import load_model
-    from lmcycle.runs import RunContext
+    from lmcycle.stages.context import RunContext
 
     phases = {"generate": 0.0, "reward": 0.0, "score_tokens": 0.0, "rollout_total": 0.0}
     counted = [False]  # only rollouts inside the timed window count towards the phase times

@@ -8,8 +8,8 @@ import pytest
 
 from lmcycle.cli import main
 from lmcycle.errors import LmcycleError
-from lmcycle.recipe import load_recipe
-from lmcycle.runs import load_datasets
+from lmcycle.stages.recipe import load_recipe
+from lmcycle.stages.context import load_datasets
 
 TINY = """\
 name: tiny
@@ -317,9 +317,9 @@ def config_fields(cls, seen=None):
 
 
 def test_every_stage_field_that_names_a_dataset_or_model_is_checked():
-    from lmcycle.recipe import STAGES, stage_class
+    from lmcycle.stages import KINDS
 
-    fields = [f for kind in STAGES for f in config_fields(stage_class(kind))]
+    fields = [f for kind in KINDS for f in config_fields(kind.config_class)]
     for cls, name, refers in fields:
         if (cls, name) in NOT_REFERENCES:
             continue

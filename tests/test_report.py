@@ -7,7 +7,7 @@ import shutil
 import yaml
 
 from lmcycle.report import ReportStage, run_report, write_report
-from lmcycle.runs import RunContext
+from lmcycle.stages.context import RunContext
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 EVALS = {

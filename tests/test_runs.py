@@ -7,7 +7,7 @@ import json
 import pytest
 
 from lmcycle.errors import LmcycleError
-from lmcycle.runs import RunContext, is_scorer
+from lmcycle.stages.context import RunContext, is_scorer
 
 
 def _model_dir(path, architecture: str, reward_meta: bool = False) -> str:

@@ -16,9 +16,8 @@ from pathlib import Path
 from lmcycle.errors import LmcycleError
 from lmcycle.terminal import printable
 
-SINGLE_STAGES = ("build", "pretrain", "sft", "generate", "explore", "eval", "rm", "dpo", "ppo", "classifier",
-                 "distill", "quantize", "prune", "compare")
-STAGE_OF_COMMAND = {"rm": "reward"}  # commands named differently from their stage type
+from lmcycle.stages import COMMANDS
+
 APP_COMMANDS = ("rag", "agent", "pal", "harness")  # lmcycle.apps.commands
 
 
@@ -29,8 +28,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("recipe", help="recipe YAML file")
     run.add_argument("overrides", nargs="*", help="key=value overrides, e.g. stages.1.train.max_steps=50")
     run.add_argument("--out", help="run directory (default runs/<recipe>-<time>)")
-    for kind in SINGLE_STAGES:
-        s = sub.add_parser(kind, help=f"run a single '{STAGE_OF_COMMAND.get(kind, kind)}' stage")
+    for command, kind in COMMANDS.items():
+        s = sub.add_parser(command, help=f"run a single '{kind.name}' stage")
         s.add_argument("fields", nargs="*", help="the stage's fields as key=value")
         s.add_argument("--recipe", help="take datasets, seed and device from this recipe")
         s.add_argument("--data", action="append", default=[], metavar="NAME=PATH[@SPLIT]",
@@ -198,7 +197,7 @@ def _single_stage_recipe(args) -> tuple[dict, str]:
         recipe["data"][name] = cfg
     if args.seed is not None:
         recipe["seed"] = args.seed
-    stage = apply_overrides({"type": STAGE_OF_COMMAND.get(args.command, args.command)}, args.fields)
+    stage = apply_overrides({"type": COMMANDS[args.command].name}, args.fields)
     recipe["stages"] = [stage]
     return recipe, recipe_file
 
@@ -228,7 +227,7 @@ def _dispatch(args) -> int:
     if args.command == "plan":
         _quiet_transformers()
         return _plan(args)
-    from lmcycle.recipe import Recipe, load_recipe, run_recipe
+    from lmcycle.stages.recipe import Recipe, load_recipe, run_recipe
     from lmcycle.train.distributed import init_distributed, is_main
 
     init_distributed()  # a no-op unless started by torchrun

@@ -27,7 +27,7 @@ import yaml
 
 from lmcycle.atomic import atomic_write_bytes, atomic_write_text
 from lmcycle.config import Config
-from lmcycle.runs import RunContext
+from lmcycle.stages.context import RunContext
 
 EVAL_COLUMNS = [("rouge1", "ROUGE-1"), ("rouge2", "ROUGE-2"), ("rougeL", "ROUGE-L"), ("rougeLsum", "ROUGE-Lsum"),
                 ("bleu", "BLEU"), ("accuracy", "Accuracy"), ("macro_f1", "Macro-F1"), ("exact_match", "EM"),

@@ -9,7 +9,7 @@ from lmcycle.config import validate
 from lmcycle.data.sft import collate_sft, encode_sft
 from lmcycle.data.templates import get_template
 from lmcycle.errors import LmcycleError
-from lmcycle.runs import RunContext
+from lmcycle.stages.context import RunContext
 from lmcycle.train.loop import lm_loss_sum, mean_token_loss
 
 

@@ -20,7 +20,7 @@ from lmcycle.config import validate
 from lmcycle.data.examples import Example
 from lmcycle.data.preferences import examples_from_pairs
 from lmcycle.errors import LmcycleError
-from lmcycle.runs import RunContext
+from lmcycle.stages.context import RunContext
 from lmcycle.train.loop import TrainConfig
 
 

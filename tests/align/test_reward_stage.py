@@ -24,7 +24,7 @@ from lmcycle.config import validate
 from lmcycle.data.examples import Example
 from lmcycle.data.preferences import examples_from_pairs
 from lmcycle.errors import LmcycleError
-from lmcycle.runs import RunContext
+from lmcycle.stages.context import RunContext
 
 TRAIN = {"max_steps": 40, "batch_size": 16, "lr": 3e-3, "warmup_steps": 2, "eval_every": 20, "log_every": 10}
 

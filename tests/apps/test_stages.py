@@ -10,7 +10,7 @@ from tiny_lm import make_tokenizer, run_context, tiny_llama
 
 from lmcycle.apps.stages import HarnessStage, RetrievalStage, run_harness, run_retrieval
 from lmcycle.errors import LmcycleError
-from lmcycle.recipe import STAGES
+from lmcycle.stages import STAGES
 from lmcycle.report import write_report
 
 SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
@@ -78,4 +78,4 @@ def test_retrieval_stage_on_a_slice_of_xquad(ctx):
 
 
 def test_stages_are_registered():
-    assert STAGES["retrieval"][1] == "RetrievalStage" and STAGES["harness"][1] == "HarnessStage"
+    assert STAGES["retrieval"].config_class is RetrievalStage and STAGES["harness"].config_class is HarnessStage

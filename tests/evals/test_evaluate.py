@@ -15,7 +15,7 @@ from lmcycle.evals.perplexity import conditional_perplexity, seq2seq_perplexity
 from lmcycle.evals.rouge import rouge
 from lmcycle.models.generate import DecodingConfig, generate
 from lmcycle.models.load import load_model
-from lmcycle.runs import RunContext
+from lmcycle.stages.context import RunContext
 
 EXAMPLES = [
     Example(input="#Person1#: Hello, how are you today?\n#Person2#: I am fine, thank you.",

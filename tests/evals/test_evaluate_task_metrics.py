@@ -14,7 +14,7 @@ from lmcycle.evals.evaluate import EvalStage, run_eval
 from lmcycle.evals.gsm8k import gsm8k_accuracy
 from lmcycle.evals.squad import exact_match, token_f1
 from lmcycle.models.generate import DecodingConfig
-from lmcycle.runs import RunContext
+from lmcycle.stages.context import RunContext
 
 LABELLED = [Example(input=f"the weather is nice {i}", targets=[label], id=f"t{i}")
             for i, label in enumerate(["neither", "offensive", "hate", "neither"])]

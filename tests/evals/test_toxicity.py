@@ -33,7 +33,7 @@ from lmcycle.evals.toxicity import (
 )
 from lmcycle.models.generate import DecodingConfig, generate
 from lmcycle.models.load import load_model
-from lmcycle.runs import RunContext
+from lmcycle.stages.context import RunContext
 
 GOOD = "kind warm gentle happy calm sunny bright sweet".split()
 BAD = "rude cruel nasty angry mean grim harsh bitter".split()

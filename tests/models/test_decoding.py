@@ -25,7 +25,7 @@ from lmcycle.models.generate import (
     top_p_filter,
 )
 from lmcycle.models.kv_cache import CACHE_ARG, cache_of
-from lmcycle.runs import RunContext
+from lmcycle.stages.context import RunContext
 
 PROMPTS = [
     "The quick brown",

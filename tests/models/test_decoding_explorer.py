@@ -21,7 +21,7 @@ from lmcycle.models.explore import (
     token_label,
 )
 from lmcycle.models.generate import DecodingConfig, generate_ids
-from lmcycle.runs import RunContext
+from lmcycle.stages.context import RunContext
 
 PROMPT = "Summary: two friends greet"
 SETTINGS = [

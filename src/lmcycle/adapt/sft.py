@@ -34,7 +34,7 @@ from lmcycle.adapt.prompt_tuning import PromptTuningConfig, add_prompt_tuning, s
 from lmcycle.adapt.qlora import merge_qlora, quantize_model
 from lmcycle.config import Config, DatasetName, ModelRef
 from lmcycle.data.sft import collate_sft, encode_sft, mix_tasks
-from lmcycle.runs import RunContext
+from lmcycle.stages.context import RunContext
 from lmcycle.train.distributed import barrier, is_main
 from lmcycle.train.loop import (
     TrainConfig,
@@ -45,7 +45,7 @@ from lmcycle.train.loop import (
     seed_everything,
     train,
 )
-from lmcycle.train.stage import TrainingStage, finish_training_stage, log_training_end, start_training_stage
+from lmcycle.stages.common import TrainingStage, finish_training_stage, log_training_end, start_training_stage
 
 
 class SftData(Config):

@@ -38,10 +38,10 @@ from lmcycle.data.preferences import PreferencePair
 from lmcycle.data.sft import IGNORE, collate_sft, prompt_completion_item
 from lmcycle.errors import LmcycleError
 from lmcycle.models.load import eval_mode
-from lmcycle.runs import RunContext
+from lmcycle.stages.context import RunContext
 from lmcycle.train.distributed import is_main
 from lmcycle.train.loop import Batch, TrainConfig, TrainResult, scored_logits, train
-from lmcycle.train.stage import finish_training_stage, start_training_stage
+from lmcycle.stages.common import finish_training_stage, start_training_stage
 
 LOSS_TYPES = ("sigmoid", "ipo")
 

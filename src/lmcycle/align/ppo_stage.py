@@ -45,9 +45,9 @@ from lmcycle.atomic import atomic_write_text
 from lmcycle.config import Config, DatasetName, ModelRef
 from lmcycle.errors import LmcycleError
 from lmcycle.models.generate import DecodingConfig
-from lmcycle.runs import RunContext
+from lmcycle.stages.context import RunContext
 from lmcycle.train.loop import StopTraining, TrainConfig, micro_batch_indices, train
-from lmcycle.train.stage import TrainingStage, finish_training_stage, start_training_stage
+from lmcycle.stages.common import TrainingStage, finish_training_stage, start_training_stage
 
 
 class PpoTrain(TrainConfig):

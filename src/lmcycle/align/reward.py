@@ -34,7 +34,7 @@ from lmcycle.config import Config, DatasetName, ModelRef
 from lmcycle.data.preferences import PreferencePair
 from lmcycle.errors import LmcycleError
 from lmcycle.models.load import eval_mode, forward_accepts
-from lmcycle.runs import RunContext
+from lmcycle.stages.context import RunContext
 from lmcycle.train.loop import (
     Batch,
     TrainConfig,

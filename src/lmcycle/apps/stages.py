@@ -19,7 +19,7 @@ from pydantic import Field
 from lmcycle.atomic import atomic_write_json, atomic_write_text
 from lmcycle.config import Config, ModelRef
 from lmcycle.models.generate import DecodingConfig
-from lmcycle.runs import RunContext
+from lmcycle.stages.context import RunContext
 
 
 class RetrievalStage(Config):

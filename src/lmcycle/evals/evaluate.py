@@ -42,7 +42,7 @@ from lmcycle.evals.squad import exact_match, token_f1
 from lmcycle.evals.toxicity import TextClassifier, toxicity_score
 from lmcycle.models.generate import DecodingConfig, generate
 from lmcycle.models.load import context_window, is_seq2seq, load_model
-from lmcycle.runs import RunContext
+from lmcycle.stages.context import RunContext
 
 Metric = Literal["rouge", "bleu", "accuracy", "macro_f1", "exact_match", "token_f1", "gsm8k_accuracy", "toxicity"]
 

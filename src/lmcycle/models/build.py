@@ -34,7 +34,7 @@ from transformers import (
 from lmcycle.atomic import atomic_dir
 from lmcycle.config import Config, DatasetName
 from lmcycle.errors import LmcycleError
-from lmcycle.runs import RunContext
+from lmcycle.stages.context import RunContext
 
 Arch = Literal["llama", "gpt2", "t5"]
 PAD, EOS, BOS = "<pad>", "<eos>", "<bos>"

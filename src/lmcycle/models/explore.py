@@ -32,7 +32,7 @@ from lmcycle.models.generate import (
     prompt_generator,
 )
 from lmcycle.models.load import eval_mode, load_model
-from lmcycle.runs import RunContext
+from lmcycle.stages.context import RunContext
 
 
 def default_settings() -> list[DecodingConfig]:

@@ -32,7 +32,7 @@ from lmcycle.config import Config, ModelRef
 from lmcycle.errors import LmcycleError
 from lmcycle.models.kv_cache import cache_kwargs, cache_of
 from lmcycle.models.load import context_window, eval_mode, is_seq2seq, load_model
-from lmcycle.runs import RunContext
+from lmcycle.stages.context import RunContext
 
 
 class DecodingConfig(Config):

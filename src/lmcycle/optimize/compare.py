@@ -31,7 +31,7 @@ from pydantic import Field
 from lmcycle.atomic import atomic_write_json
 from lmcycle.config import Config, DatasetName, ModelRef
 from lmcycle.errors import LmcycleError
-from lmcycle.runs import RunContext
+from lmcycle.stages.context import RunContext
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 

@@ -51,7 +51,7 @@ from lmcycle.optimize.student import (
     trim_embeddings,
     trim_vocabulary,
 )
-from lmcycle.runs import RunContext
+from lmcycle.stages.context import RunContext
 from lmcycle.train.loop import (
     Batch,
     TrainConfig,
@@ -60,7 +60,7 @@ from lmcycle.train.loop import (
     seed_everything,
     train,
 )
-from lmcycle.train.stage import TrainingStage, finish_training_stage
+from lmcycle.stages.common import TrainingStage, finish_training_stage
 
 IGNORE = -100
 
@@ -265,7 +265,7 @@ def freeze(model: nn.Module) -> None:
 
 
 def _is_classifier(source: str) -> bool:
-    from lmcycle.runs import is_scorer
+    from lmcycle.stages.context import is_scorer
 
     try:
         architectures = json.loads((Path(source) / "config.json").read_text()).get("architectures") or []

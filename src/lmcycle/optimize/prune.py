@@ -39,7 +39,7 @@ from lmcycle.atomic import atomic_write_json
 from lmcycle.config import Config, DatasetName, ModelRef
 from lmcycle.data.examples import plain_texts
 from lmcycle.errors import LmcycleError
-from lmcycle.runs import RunContext
+from lmcycle.stages.context import RunContext
 from lmcycle.train.loop import (
     TrainConfig,
     TrainResult,

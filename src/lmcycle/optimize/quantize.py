@@ -49,7 +49,7 @@ from tqdm.auto import tqdm
 from lmcycle.atomic import atomic_dir, atomic_write_json
 from lmcycle.config import Config, DatasetName, ModelRef
 from lmcycle.errors import LmcycleError
-from lmcycle.runs import RunContext
+from lmcycle.stages.context import RunContext
 
 QUANT_METHODS = ("fp16", "bf16", "int8_weight_only", "int8_dynamic", "int8_static", "int4_weight_only")
 RECORD_FILE = "quantization.json"

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lmcycle.runs import RunContext
+from lmcycle.stages.context import RunContext
 from lmcycle.train.checkpoint import save_model_dir
 from lmcycle.train.distributed import barrier, is_main
 from lmcycle.train.loop import TrainConfig, TrainResult

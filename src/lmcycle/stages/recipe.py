@@ -20,7 +20,6 @@ interrupted from its last checkpoint.
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import re
@@ -43,41 +42,9 @@ from lmcycle.config import (
 )
 from lmcycle.data.loaders import DatasetConfig
 from lmcycle.errors import LmcycleError
-from lmcycle.runs import RunContext, load_datasets
+from lmcycle.stages.context import RunContext, load_datasets
+from lmcycle.stages import STAGES
 from lmcycle.train.distributed import barrier, is_main, world_size
-
-# stage type -> (module, config class, run function). Imported lazily so `lmcycle --help` stays fast.
-STAGES: dict[str, tuple[str, str, str]] = {
-    "build": ("lmcycle.models.build", "BuildStage", "run_build"),
-    "pretrain": ("lmcycle.train.pretrain", "PretrainStage", "run_pretrain"),
-    "sft": ("lmcycle.adapt.sft", "SftStage", "run_sft"),
-    "generate": ("lmcycle.models.generate", "GenerateStage", "run_generate"),
-    "explore": ("lmcycle.models.explore", "ExploreStage", "run_explore"),
-    "eval": ("lmcycle.evals.evaluate", "EvalStage", "run_eval"),
-    "reward": ("lmcycle.align.reward", "RewardStage", "run_reward"),
-    "dpo": ("lmcycle.align.dpo", "DpoStage", "run_dpo"),
-    "classifier": ("lmcycle.evals.toxicity", "ClassifierStage", "run_classifier"),
-    "ppo": ("lmcycle.align.ppo_stage", "PpoStage", "run_ppo"),
-    "distill": ("lmcycle.optimize.distill", "DistillStage", "run_distill"),
-    "quantize": ("lmcycle.optimize.quantize", "QuantizeStage", "run_quantize"),
-    "prune": ("lmcycle.optimize.prune", "PruneStage", "run_prune"),
-    "compare": ("lmcycle.optimize.compare", "CompareStage", "run_compare"),
-    "retrieval": ("lmcycle.apps.stages", "RetrievalStage", "run_retrieval"),
-    "harness": ("lmcycle.apps.stages", "HarnessStage", "run_harness"),
-    "report": ("lmcycle.report", "ReportStage", "run_report"),
-}
-DATA_PARALLEL_STAGES = {"pretrain", "sft"}
-
-
-def stage_class(kind: str) -> type[Config]:
-    module, cls, _ = STAGES[kind]
-    return getattr(importlib.import_module(module), cls)
-
-
-def stage_runner(kind: str):
-    module, _, fn = STAGES[kind]
-    return getattr(importlib.import_module(module), fn)
-
 
 class Recipe(Config):
     """A recipe file: datasets by name and the stages to run."""
@@ -102,7 +69,7 @@ class Recipe(Config):
             if kind not in STAGES:
                 raise LmcycleError(f"unknown stage type '{kind}' (known: {', '.join(STAGES)})", file=file,
                                    line=(lines or {}).get(("stages", i, "type"), line), field=f"stages.{i}.type")
-            cfg = validate(stage_class(kind), raw, file=file, lines=lines, prefix=("stages", i))
+            cfg = validate(STAGES[kind].config_class, raw, file=file, lines=lines, prefix=("stages", i))
             name = cfg.name or kind
             if name in seen:
                 raise LmcycleError(f"two stages are named '{name}'; give one a distinct 'name'", file=file,
@@ -257,8 +224,9 @@ def run_recipe(recipe: Recipe, stages: list[Config], out: str | os.PathLike | No
             start = time.time()
             ctx.log(name, event="stage_start", type=cfg.type)
             # Under torchrun the training stages run on every rank (data parallel); the others on rank 0 alone.
-            if is_main() or cfg.type in DATA_PARALLEL_STAGES:
-                produced = stage_runner(cfg.type)(cfg, ctx) or {}
+            kind = STAGES[cfg.type]
+            if is_main() or kind.data_parallel:
+                produced = kind.runner(cfg, ctx) or {}
                 ctx.add_artifacts(name, produced)
                 if is_main():
                     atomic_write_json(artifacts_file, ctx.artifacts)
