@@ -20,7 +20,7 @@ default is bf16 autocast), ``use_cpu=True``, ``packing=False``, no eval, no savi
 the loss with its fused (chunked) LM head; that is part of what is measured. The TRL child checks that its
 tokenized dataset equals ours row by row (``data_mismatches`` must be 0).
 
-Ours: ``lmcycle.adapt.sft`` pieces — ``encode_sft``, ``collate_sft`` and ``micro_batch_indices`` in ``batch_at``,
+Ours: ``lmcycle.stages.sft`` pieces — ``encode_sft``, ``collate_sft`` and ``micro_batch_indices`` in ``batch_at``,
 ``add_lora``, ``lm_loss_sum`` and ``lmcycle.train.loop.train``, exactly as ``run_sft`` wires them (without the
 run directory and report machinery).
 

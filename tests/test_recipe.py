@@ -8,8 +8,8 @@ import pytest
 
 from lmcycle.cli import main
 from lmcycle.errors import LmcycleError
-from lmcycle.stages.recipe import load_recipe
 from lmcycle.stages.context import load_datasets
+from lmcycle.stages.recipe import load_recipe
 
 TINY = """\
 name: tiny

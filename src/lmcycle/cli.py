@@ -14,9 +14,8 @@ import time
 from pathlib import Path
 
 from lmcycle.errors import LmcycleError
-from lmcycle.terminal import printable
-
 from lmcycle.stages import COMMANDS
+from lmcycle.terminal import printable
 
 APP_COMMANDS = ("rag", "agent", "pal", "harness")  # lmcycle.apps.commands
 

@@ -14,9 +14,9 @@ from test_sft_stage import context, held_out_loss
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
 from lmcycle.adapt.lora import LoraConfig, add_lora, count_trainable
-from lmcycle.adapt.sft import SftStage, run_sft
 from lmcycle.config import validate
 from lmcycle.errors import LmcycleError
+from lmcycle.stages.sft import SftStage, run_sft
 
 
 def lora_cfg(max_steps: int, **train) -> SftStage:

@@ -14,10 +14,10 @@ from safetensors.torch import load_file
 from test_sft_stage import context, held_out_loss
 
 from lmcycle.adapt.prompt_tuning import PromptTunedModel
-from lmcycle.adapt.sft import SftStage, run_sft
 from lmcycle.config import validate
 from lmcycle.evals.evaluate import EvalStage, run_eval
 from lmcycle.models.load import load_model
+from lmcycle.stages.sft import SftStage, run_sft
 
 
 def sft_cfg(peft_cfg: dict, lr: float) -> SftStage:

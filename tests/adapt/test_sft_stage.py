@@ -4,12 +4,12 @@ import pytest
 import tiny_lm
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
-from lmcycle.adapt.sft import SftStage, run_sft
 from lmcycle.config import validate
 from lmcycle.data.sft import collate_sft, encode_sft
 from lmcycle.data.templates import get_template
 from lmcycle.errors import LmcycleError
 from lmcycle.stages.context import RunContext
+from lmcycle.stages.sft import SftStage, run_sft
 from lmcycle.train.loop import lm_loss_sum, mean_token_loss
 
 

@@ -19,11 +19,10 @@ from lmcycle.align.dpo import (
     encode_dpo_pairs,
     precompute_reference_logps,
     reference_logps,
-    sequence_logps,
     train_dpo,
 )
 from lmcycle.errors import LmcycleError
-from lmcycle.train.loop import TrainConfig
+from lmcycle.train.loop import TrainConfig, sequence_logps
 
 
 def lora_llama(tok, seed: int = 0):

@@ -438,3 +438,19 @@ def load_lora(model: nn.Module, adapter_dir: str | os.PathLike, name: str = "def
         r=r, alpha=float(config["lora_alpha"]), dropout=float(config.get("lora_dropout") or 0.0),
         target_modules=sorted(pairs), use_rslora=bool(config.get("use_rslora", False)))}
     return model
+
+
+def _active_adapter(model: nn.Module) -> str | None:
+    return next((layer.active for layer in lora_layers(model).values() if layer.active is not None), None)
+
+
+@contextmanager
+def adapter_disabled(model: nn.Module) -> Iterator[None]:
+    """Run ``model`` as its base (no LoRA adapter) inside the block; the active adapter comes back afterwards,
+    also when the block raises."""
+    previous = _active_adapter(model)
+    set_active_adapter(model, None)
+    try:
+        yield
+    finally:
+        set_active_adapter(model, previous)

@@ -29,19 +29,19 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from lmcycle.adapt.lora import lora_layers, set_active_adapter
-from lmcycle.adapt.sft import LoraPeft
+from lmcycle.adapt.lora import adapter_disabled, lora_layers
 from lmcycle.align.reward import pair_step_indices
 from lmcycle.atomic import atomic_write_json
 from lmcycle.config import Config, DatasetName, ModelRef
 from lmcycle.data.preferences import PreferencePair
-from lmcycle.data.sft import IGNORE, collate_sft, prompt_completion_item
+from lmcycle.data.sft import collate_sft, prompt_completion_item
 from lmcycle.errors import LmcycleError
 from lmcycle.models.load import eval_mode
-from lmcycle.stages.context import RunContext
-from lmcycle.train.distributed import is_main
-from lmcycle.train.loop import Batch, TrainConfig, TrainResult, scored_logits, train
 from lmcycle.stages.common import finish_training_stage, start_training_stage
+from lmcycle.stages.context import RunContext
+from lmcycle.stages.peft import LoraPeft
+from lmcycle.train.distributed import is_main
+from lmcycle.train.loop import Batch, TrainConfig, TrainResult, sequence_logps, train
 
 LOSS_TYPES = ("sigmoid", "ipo")
 
@@ -94,33 +94,6 @@ def dpo_batches(encoded: list[dict], pad_id: int, batch_size: int) -> list[Batch
 
 
 # -- log-probs -----------------------------------------------------------------------------------------------------
-
-
-def sequence_logps(model: nn.Module, batch: Batch) -> torch.Tensor:
-    """Summed log-probability [N] (float32) of each row's label tokens (``labels != -100``) under ``model``.
-
-    ``batch``: ``input_ids`` [N, T], ``attention_mask`` [N, T], ``labels`` ([N, T] aligned with ``input_ids`` for
-    a decoder, which predicts position t from tokens < t; [N, L] decoder targets for an encoder-decoder).
-    """
-    logits, labels = scored_logits(model, batch)
-    token_nll = F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=IGNORE, reduction="none")
-    return -token_nll.sum(dim=1)  # ignored positions contribute exactly 0
-
-
-def _active_adapter(model: nn.Module) -> str | None:
-    return next((layer.active for layer in lora_layers(model).values() if layer.active is not None), None)
-
-
-@contextlib.contextmanager
-def adapter_disabled(model: nn.Module) -> Iterator[None]:
-    """Run ``model`` as its base (no LoRA adapter) inside the block; the active adapter comes back afterwards,
-    also when the block raises."""
-    previous = _active_adapter(model)
-    set_active_adapter(model, None)
-    try:
-        yield
-    finally:
-        set_active_adapter(model, previous)
 
 
 @contextlib.contextmanager
@@ -323,9 +296,9 @@ def run_dpo(cfg: DpoStage, ctx: RunContext) -> dict[str, str]:
     The reference is the starting model: with LoRA the same model with its adapter disabled; without, the model
     before training (its log-probs precomputed), or a frozen copy when ``precompute_reference`` is off.
     """
-    from lmcycle.adapt.sft import add_peft_for_training, finish_peft_stage
     from lmcycle.data.preferences import pairs_from_examples
     from lmcycle.models.load import context_window
+    from lmcycle.stages.peft import add_peft_for_training, finish_peft_stage
 
     check_dpo_settings(cfg.beta, cfg.loss_type, cfg.label_smoothing)
     pairs = pairs_from_examples(ctx.dataset(cfg.data), cfg.data)

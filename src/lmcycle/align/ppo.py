@@ -266,7 +266,7 @@ def reference_scorer(agent: PolicyWithValue, ref_model: nn.Module | None, temper
                      ) -> Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]:
     """Reference log-probs of the response tokens: ``ref_model``'s, or the policy's with its LoRA adapter off.
     Only logits: no hidden states, no value head."""
-    from lmcycle.align.dpo import adapter_disabled
+    from lmcycle.adapt.lora import adapter_disabled
 
     if ref_model is not None:
         ref_model.requires_grad_(False).eval()  # a fixed function: no dropout, no gradients

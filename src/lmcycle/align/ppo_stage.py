@@ -27,7 +27,6 @@ from typing import Literal
 import torch
 from pydantic import Field, ValidationInfo, field_validator
 
-from lmcycle.adapt.sft import LoraPeft, add_peft_for_training, finish_peft_stage
 from lmcycle.align.guard import GuardConfig, check_alarms, should_stop
 from lmcycle.align.ppo import (
     PolicyWithValue,
@@ -45,9 +44,10 @@ from lmcycle.atomic import atomic_write_text
 from lmcycle.config import Config, DatasetName, ModelRef
 from lmcycle.errors import LmcycleError
 from lmcycle.models.generate import DecodingConfig
-from lmcycle.stages.context import RunContext
-from lmcycle.train.loop import StopTraining, TrainConfig, micro_batch_indices, train
 from lmcycle.stages.common import TrainingStage, finish_training_stage, start_training_stage
+from lmcycle.stages.context import RunContext
+from lmcycle.stages.peft import LoraPeft, add_peft_for_training, finish_peft_stage
+from lmcycle.train.loop import StopTraining, TrainConfig, micro_batch_indices, train
 
 
 class PpoTrain(TrainConfig):

@@ -65,9 +65,9 @@ class LocalLLM:
     def continuation_logprobs(self, prompt: str, continuations: list[str]) -> list[float]:
         """Summed log-probability of each continuation after ``prompt`` (for likelihood-scored multiple choice;
         only an in-process model gives these)."""
-        from lmcycle.align.dpo import sequence_logps
         from lmcycle.data.sft import collate_sft, prompt_completion_item
         from lmcycle.models.load import ensure_pad_token, is_seq2seq
+        from lmcycle.train.loop import sequence_logps
 
         ensure_pad_token(self.tokenizer)
         seq2seq = is_seq2seq(self.model)

@@ -36,9 +36,9 @@ from lmcycle.errors import LmcycleError
 from lmcycle.evals.classification import accuracy, macro_f1
 from lmcycle.evals.score import Score
 from lmcycle.models.load import ensure_pad_token, eval_mode
+from lmcycle.stages.common import TrainingStage, finish_training_stage
 from lmcycle.stages.context import RunContext
 from lmcycle.train.loop import Batch, TrainConfig, micro_batch_indices, seed_everything, train
-from lmcycle.stages.common import TrainingStage, finish_training_stage
 
 # -- the classifier ------------------------------------------------------------------------------------------------
 

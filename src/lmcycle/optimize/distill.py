@@ -51,6 +51,7 @@ from lmcycle.optimize.student import (
     trim_embeddings,
     trim_vocabulary,
 )
+from lmcycle.stages.common import TrainingStage, finish_training_stage
 from lmcycle.stages.context import RunContext
 from lmcycle.train.loop import (
     Batch,
@@ -60,7 +61,6 @@ from lmcycle.train.loop import (
     seed_everything,
     train,
 )
-from lmcycle.stages.common import TrainingStage, finish_training_stage
 
 IGNORE = -100
 

@@ -42,9 +42,10 @@ from lmcycle.config import (
 )
 from lmcycle.data.loaders import DatasetConfig
 from lmcycle.errors import LmcycleError
-from lmcycle.stages.context import RunContext, load_datasets
 from lmcycle.stages import STAGES
+from lmcycle.stages.context import RunContext, load_datasets
 from lmcycle.train.distributed import barrier, is_main, world_size
+
 
 class Recipe(Config):
     """A recipe file: datasets by name and the stages to run."""

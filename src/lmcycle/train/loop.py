@@ -527,6 +527,17 @@ def scored_logits(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.T
     return model(**inputs, use_cache=False).logits, labels
 
 
+def sequence_logps(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """Summed log-probability [N] (float32) of each row's label tokens (``labels != -100``) under ``model``.
+
+    ``batch``: ``input_ids`` [N, T], ``attention_mask`` [N, T], ``labels`` ([N, T] aligned with ``input_ids`` for
+    a decoder, which predicts position t from tokens < t; [N, L] decoder targets for an encoder-decoder).
+    """
+    logits, labels = scored_logits(model, batch)
+    token_nll = F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=-100, reduction="none")
+    return -token_nll.sum(dim=1)  # ignored positions contribute exactly 0
+
+
 def lm_loss_sum(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, int]:
     """Summed next-token cross-entropy over label positions that are not -100, and how many there are
     (``batch`` as for :func:`scored_logits`)."""

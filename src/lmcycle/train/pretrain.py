@@ -24,9 +24,9 @@ from lmcycle.data.packing import pack_sequences
 from lmcycle.data.sft import collate_sft
 from lmcycle.data.span_corruption import span_corrupt
 from lmcycle.errors import LmcycleError
+from lmcycle.stages.common import finish_training_stage, start_training_stage
 from lmcycle.stages.context import RunContext
 from lmcycle.train.loop import TrainConfig, held_out_metrics, lm_loss_sum, micro_batch_indices, train
-from lmcycle.stages.common import finish_training_stage, start_training_stage
 
 TEXT_SUFFIXES = (".txt", ".md", ".text", ".markdown")
 
