@@ -168,7 +168,8 @@ def local_imports_without_reason(src: Path) -> list[tuple[str, int, str]]:
 def lines_per_folder(src: Path) -> Counter:
     counts: Counter = Counter()
     for mod, path in modules(src).items():
-        counts[folder(mod) if (src / "lmcycle" / folder(mod)).is_dir() else "(root)"] += len(
+        name = folder(mod)
+        counts[name if name and (src / "lmcycle" / name).is_dir() else "(root)"] += len(
             path.read_text(encoding="utf-8").splitlines())
     return counts
 
