@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from lmcycle.config import validate
-from lmcycle.data.loaders import DatasetConfig, load_examples, load_records
+from lmcycle.data.loaders import DatasetConfig, load_examples
+from lmcycle.data.records import load_records
 from lmcycle.errors import LmcycleError
 
 ROWS = [

@@ -29,7 +29,7 @@ import random
 from pathlib import Path
 
 from lmcycle.data.examples import Example
-from lmcycle.data.loaders import SourceRecord, read_records, text_field
+from lmcycle.data.records import SourceRecord, read_records, text_field
 from lmcycle.errors import LmcycleError
 
 FILE_NAME = "labeled_data.csv"

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from lmcycle.data.examples import Example
-from lmcycle.data.loaders import SourceRecord, read_records, text_field
+from lmcycle.data.records import SourceRecord, read_records, text_field
 from lmcycle.errors import LmcycleError
 
 SPLIT_NAMES = {"train": "train", "dev": "dev", "validation": "dev", "test": "test"}

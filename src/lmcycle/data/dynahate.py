@@ -19,7 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from lmcycle.data.examples import Example
-from lmcycle.data.loaders import SourceRecord, read_records, text_field
+from lmcycle.data.records import SourceRecord, read_records, text_field
 from lmcycle.errors import LmcycleError
 
 LABELS = ("hate", "nothate")

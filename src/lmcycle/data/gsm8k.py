@@ -16,7 +16,7 @@ import re
 from pathlib import Path
 
 from lmcycle.data.examples import Example
-from lmcycle.data.loaders import SourceRecord, read_records, text_field
+from lmcycle.data.records import SourceRecord, read_records, text_field
 from lmcycle.errors import LmcycleError
 
 SPLIT_FILES = {"train": "train.jsonl", "test": "test.first500.jsonl"}

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from lmcycle.data.examples import Example
-from lmcycle.data.loaders import SourceRecord, read_records, text_field
+from lmcycle.data.records import SourceRecord, read_records, text_field
 from lmcycle.errors import LmcycleError
 
 logger = logging.getLogger(__name__)

@@ -14,6 +14,7 @@ import random
 from collections.abc import Callable
 
 from lmcycle.data.examples import Example
+from lmcycle.data.templates import get_template
 
 NAMES = ["Mr. Smith", "Ms. Brown", "Mr. Green", "Mrs. Lee", "Ms. Davis", "Mr. Wilson", "Mrs. Taylor", "Mr. Clark"]
 WEEKDAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday"]
@@ -66,8 +67,6 @@ def synthetic_preferences(n: int, seed: int, template: str = "summarize") -> lis
     topic), for the other half one of the same scenario (the right template with the wrong names, times or
     places, so a reward model must read the dialogue to tell them apart).
     """
-    from lmcycle.data.templates import get_template
-
     dialogues = synthetic_dialogues(n, seed)
     render = get_template(template).render
     out = []

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from lmcycle.atomic import atomic_write_text
+from lmcycle.data.loaders import load_examples
 from lmcycle.errors import LmcycleError
 
 
@@ -141,8 +142,6 @@ def is_scorer(model_dir: str | os.PathLike) -> bool:
 
 def load_datasets(data: dict[str, Any], recipe_file: str | os.PathLike) -> dict[str, list]:
     """Load (and so validate) each named dataset; relative paths resolve against the recipe's folder."""
-    from lmcycle.data.loaders import load_examples
-
     base = Path(recipe_file).parent
     return {name: load_examples(cfg, base_dir=base) for name, cfg in data.items()}
 
