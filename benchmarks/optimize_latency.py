@@ -41,13 +41,12 @@ def eval_data(args: argparse.Namespace) -> dict[str, list[dict]]:
 
 
 def compare_cfg(args: argparse.Namespace):
-    from lmcycle.optimize.compare import CompareStage
+    from lmcycle.optimize.compare import MeasureConfig
 
-    return CompareStage(models=["-"], eval_data=["-"], max_len=args.max_len, latency_runs=args.runs,
-                        warmup=args.warmup, batch_size=args.batch, throughput_batches=args.batches,
-                        threads=args.threads, compile=args.compile,
-                        label_map={"hate": "toxic", "offensive": "toxic", "neither": "not_toxic",
-                                   "nothate": "not_toxic"})
+    return MeasureConfig(max_len=args.max_len, latency_runs=args.runs, warmup=args.warmup, batch_size=args.batch,
+                         throughput_batches=args.batches, threads=args.threads, compile=args.compile,
+                         label_map={"hate": "toxic", "offensive": "toxic", "neither": "not_toxic",
+                                    "nothate": "not_toxic"})
 
 
 def peer_dynamic_int8(model):
@@ -64,11 +63,11 @@ def peer_dynamic_int8(model):
 def child(spec_file: str, out_file: str) -> None:
     """One measurement in this fresh process (started by :func:`measure_row`)."""
     import lmcycle.evals.toxicity  # noqa: F401  (imports before the memory baseline, as compare's child does)
-    from lmcycle.optimize.compare import CompareStage, count_parameters, load_for_compare, measure
+    from lmcycle.optimize.compare import MeasureConfig, count_parameters, load_for_compare, measure
 
     spec = json.loads(Path(spec_file).read_text())
     prepare = peer_dynamic_int8 if spec["peer"] else None
-    row = measure(spec["model"], spec["data"], CompareStage.model_validate(spec["cfg"]), prepare=prepare)
+    row = measure(spec["model"], spec["data"], MeasureConfig.model_validate(spec["cfg"]), prepare=prepare)
     if spec["peer"]:  # torch.ao's packed int8 weights are not parameters: count the model it quantized
         row["params"] = count_parameters(load_for_compare(spec["model"])[0])[0]
     Path(out_file).write_text(json.dumps(row))

@@ -6,8 +6,9 @@ import shutil
 
 import yaml
 
-from lmcycle.report import ReportStage, run_report, write_report
+from lmcycle.report import write_report
 from lmcycle.stages.context import RunContext
+from lmcycle.stages.report import ReportStage, run_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 EVALS = {

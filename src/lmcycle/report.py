@@ -21,13 +21,11 @@ import os
 import re
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
 
 from lmcycle.atomic import atomic_write_bytes, atomic_write_text
-from lmcycle.config import Config
-from lmcycle.stages.context import RunContext
 
 EVAL_COLUMNS = [("rouge1", "ROUGE-1"), ("rouge2", "ROUGE-2"), ("rougeL", "ROUGE-L"), ("rougeLsum", "ROUGE-Lsum"),
                 ("bleu", "BLEU"), ("accuracy", "Accuracy"), ("macro_f1", "Macro-F1"), ("exact_match", "EM"),
@@ -40,19 +38,6 @@ HEADLINE_METRICS = ["rougeL", "macro_f1", "token_f1", "gsm8k_accuracy", "accurac
 FRACTION_METRICS = {"toxicity", "toxic_fraction"}  # 0-1 scores: three decimals, not two
 N_EXAMPLES = 3
 EXAMPLE_CHARS = 300
-
-
-class ReportStage(Config):
-    """Write report.md for the run so far (the runner also writes one at the end when no stage asks)."""
-
-    type: Literal["report"] = "report"
-    name: str | None = None
-    title: str | None = None
-
-
-def run_report(cfg: ReportStage, ctx: RunContext) -> dict[str, str]:
-    # The in-memory artifacts are current even if artifacts.json lags behind this stage.
-    return {"report": str(write_report(ctx.run_dir, cfg.title, artifacts=ctx.artifacts))}
 
 
 def write_report(run_dir: str | os.PathLike, title: str | None = None,

@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 from tiny_lm import make_tokenizer, run_context, tiny_llama
 
-from lmcycle.apps.stages import HarnessStage, RetrievalStage, run_harness, run_retrieval
 from lmcycle.errors import LmcycleError
 from lmcycle.report import write_report
 from lmcycle.stages import STAGES
+from lmcycle.stages.harness import HarnessStage, run_harness
+from lmcycle.stages.retrieval import RetrievalStage, run_retrieval
 
 SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
 

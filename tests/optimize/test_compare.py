@@ -11,7 +11,8 @@ from transformers import BertForSequenceClassification
 from lmcycle.errors import LmcycleError
 from lmcycle.evals.perplexity import perplexity
 from lmcycle.evals.toxicity import TextClassifier, score_labels
-from lmcycle.optimize.compare import CompareStage, run_compare, with_ratios
+from lmcycle.optimize.compare import with_ratios
+from lmcycle.stages.compare import CompareStage, run_compare
 from lmcycle.stages.context import RunContext
 from tests.evals.test_toxicity import LABEL_MAP, bert_config, make_word_tokenizer, toy_examples
 from tests.train.tiny_lm import examples, make_tokenizer, save_tiny, tiny_llama

@@ -18,7 +18,7 @@ from lmcycle.data.examples import Example
 from lmcycle.errors import LmcycleError
 from lmcycle.evals.toxicity import ClassifierStage, TextClassifier, run_classifier
 from lmcycle.models.load import load_model
-from lmcycle.optimize.distill import DistillStage, distillation_loss, hidden_state_loss, run_distill
+from lmcycle.optimize.distill import distillation_loss, hidden_state_loss
 from lmcycle.optimize.student import (
     default_student_layers,
     param_count,
@@ -26,6 +26,7 @@ from lmcycle.optimize.student import (
     student_from_teacher,
 )
 from lmcycle.stages.context import RunContext
+from lmcycle.stages.distill import DistillStage, run_distill
 from tests.evals.test_toxicity import BAD, GOOD, LABELS, NEUTRAL  # noqa: E402  (the toy words and labels)
 
 LABEL_MAP = {"bad": "toxic", "good": "not_toxic"}
@@ -288,7 +289,7 @@ def test_classifier_student_learns_from_the_teacher(tmp_path, teacher_dir):
 
 
 def test_resume_after_a_crash_gives_identical_weights(tmp_path, teacher_dir, monkeypatch):
-    import lmcycle.optimize.distill as distill
+    import lmcycle.stages.distill as distill  # the stage's loss_fn calls distillation_loss
 
     train = {"max_steps": 6, "batch_size": 8, "save_every": 3, "log_every": 1}
     cfg = distill_stage(teacher_dir, student_layers=[1, 3], hidden_weight=0.5, train=train)

@@ -22,19 +22,17 @@ from transformers import (
 from lmcycle.adapt.lora import LoraConfig
 from lmcycle.errors import LmcycleError
 from lmcycle.optimize.prune import (
-    HealConfig,
-    PruneStage,
     heal_with_lora,
     input_norms,
     magnitude_prune,
     nm_prune,
     prunable_layers,
-    run_prune,
     sparsity_report,
     structured_prune,
     tokenize_calibration,
     wanda_prune,
 )
+from lmcycle.stages.prune import HealConfig, PruneStage, run_prune
 from lmcycle.train.loop import TrainConfig, lm_loss_sum, mean_token_loss
 
 Q = "model.layers.0.self_attn.q_proj"

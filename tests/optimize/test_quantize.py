@@ -14,15 +14,14 @@ from transformers import BertConfig, BertForSequenceClassification
 from lmcycle.errors import LmcycleError
 from lmcycle.optimize.quantize import (
     QUANT_METHODS,
-    QuantizeStage,
     calibrate,
     load_quantized,
     maybe_compile,
     quantize_model,
-    run_quantize,
     save_quantized,
     weights_mb,
 )
+from lmcycle.stages.quantize import QuantizeStage, run_quantize
 
 TEXTS = tiny_lm.sentences(24, seed=3)
 

@@ -1,6 +1,6 @@
-"""The deployer's table: a model and its optimized variants side by side.
+"""Measuring a model as a deployer sees it, each model in a fresh process, and the ratios between models.
 
-For every model (the original first, then its distilled / quantized / pruned variants) one row:
+:func:`measure` gives one model's row:
 
 - task quality: macro-F1 and accuracy per eval dataset (sequence classifiers), or perplexity (language models);
 - size on disk of the weight files, and the parameter count (with the share of zeros, which pruning creates);
@@ -9,9 +9,10 @@ For every model (the original first, then its distilled / quantized / pruned var
   torch is not counted in every row);
 - latency at batch 1 (p50 / p95 over real eval texts, one forward pass each) and throughput at batch 32.
 
-Each model is measured in its own child process (``python -m lmcycle.optimize.compare SPEC OUT``): peak memory
-is then that model's alone, and one variant's ``torch.compile`` or allocator state cannot leak into the next.
-Every ratio is against the first model, measured in the same run on the same threads.
+:func:`measure_in_child` runs it in its own child process (``python -m lmcycle.optimize.compare SPEC OUT``): peak
+memory is then that model's alone, and one variant's ``torch.compile`` or allocator state cannot leak into the
+next. :func:`with_ratios` sets every row against the first. The ``compare`` stage
+(:mod:`lmcycle.stages.compare`) measures a model and its optimized variants this way, on the same threads.
 """
 
 from __future__ import annotations
@@ -24,27 +25,20 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import Field
 
-from lmcycle.atomic import atomic_write_json
-from lmcycle.config import Config, DatasetName, ModelRef
+from lmcycle.config import Config
+from lmcycle.data.examples import Example, plain_texts
 from lmcycle.errors import LmcycleError
-from lmcycle.stages.context import RunContext
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 
-class CompareStage(Config):
-    """Measure a model and its optimized variants on the same data and threads; write compare.json."""
+class MeasureConfig(Config):
+    """How a model is measured: which texts, how many timed passes, which batch, how many threads."""
 
-    type: Literal["compare"] = "compare"
-    name: str | None = None
-    models: list[ModelRef] = Field(min_length=1, description="earlier stages, paths or hub ids; the first is the "
-                                                             "reference of every ratio")
-    labels: list[str] | None = Field(None, description="row names (default: the entries of 'models')")
-    eval_data: list[DatasetName] = Field(min_length=1, description="datasets scored for quality; their inputs are timed")
     label_map: dict[str, str] | None = Field(None, description="classifiers: dataset label -> class name "
                                                                "(default: the dataset's labels as they are)")
     max_len: int = Field(128, ge=8, description="tokens per text, for scoring and timing")
@@ -58,46 +52,6 @@ class CompareStage(Config):
                                              "need it to be fast); the warm-up absorbs the compile")
     score: bool = Field(True, description="score quality (false: size, memory and speed only, e.g. for a second "
                                           "table of the same models compiled)")
-
-
-def run_compare(cfg: CompareStage, ctx: RunContext) -> dict[str, str]:
-    """Measure every model in its own process; write ``<stage>/compare.json``; return ``{"compare": path}``."""
-    name = cfg.name or "compare"
-    out_dir = ctx.stage_dir(name)
-    labels = cfg.labels or list(cfg.models)
-    if len(labels) != len(cfg.models):
-        raise LmcycleError(f"'labels' has {len(labels)} names for {len(cfg.models)} models",
-                           file=ctx.recipe_file, field="labels")
-    data = {ds: [_example_dict(ex) for ex in ctx.dataset(ds)[:cfg.n_eval]] for ds in cfg.eval_data}
-    rows = []
-    for label, ref in zip(labels, cfg.models, strict=True):
-        path = ctx.model_path(ref)
-        row = measure_in_child(path, data, cfg)
-        rows.append({"label": label, "model": str(path), **row})
-        ctx.log(name, kind="compare", model=label, **{k: v for k, v in row.items() if _is_scalar(v)})
-    result = {"rows": with_ratios(rows), "settings": settings(cfg)}
-    path = out_dir / "compare.json"
-    atomic_write_json(path, result)
-    return {"compare": str(path)}
-
-
-def settings(cfg: CompareStage) -> dict[str, Any]:
-    """How the table was measured (the report prints it under the table)."""
-    import platform
-
-    import torch
-
-    return {"threads": cfg.threads or torch.get_num_threads(), "max_len": cfg.max_len,
-            "latency": f"batch 1, one forward pass per eval input (cut to {cfg.max_len} tokens), {cfg.warmup} "
-                       f"warm-up + {cfg.latency_runs} timed; p50/p95 of the timed passes",
-            "throughput": f"batch {cfg.batch_size}, {cfg.throughput_batches} batches of eval inputs (after one "
-                          "warm-up batch), examples per second",
-            "peak_memory": "peak RSS of a fresh process that loads the model and runs the timed batches, minus "
-                           "its RSS before loading (quality is scored afterwards)",
-            "loaded_memory": "RSS the loaded model adds to that process",
-            "size": f"bytes of the weight files ({', '.join(WEIGHT_SUFFIXES)})",
-            "compile": cfg.compile, "n_eval": cfg.n_eval, "eval_data": cfg.eval_data, "label_map": cfg.label_map,
-            "device": "cpu", "cpu": platform.processor() or platform.machine(), "torch": torch.__version__}
 
 
 def with_ratios(rows: list[dict]) -> list[dict]:
@@ -114,25 +68,26 @@ def with_ratios(rows: list[dict]) -> list[dict]:
 
 
 def _ratio(a: Any, b: Any) -> float | None:
-    return round(a / b, 4) if _is_scalar(a) and _is_scalar(b) and b else None
+    return round(a / b, 4) if is_scalar(a) and is_scalar(b) and b else None
 
 
-def _is_scalar(v: Any) -> bool:
+def is_scalar(v: Any) -> bool:
+    """A number of a row (not a bool, not a nested dict): what gets a ratio, and what a metrics row logs."""
     return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-def _example_dict(ex: Any) -> dict:
-    return {"input": ex.input, "targets": list(ex.targets), "id": ex.id}
 
 
 # -- the parent: one child process per model ----------------------------------------------------------------------
 
 
-def measure_in_child(model_path: str, data: dict[str, list[dict]], cfg: CompareStage) -> dict[str, Any]:
-    """Run :func:`measure` for one model in a fresh Python process; its JSON result."""
+def measure_in_child(model_path: str, data: dict[str, list[dict]], cfg: MeasureConfig) -> dict[str, Any]:
+    """Run :func:`measure` for one model in a fresh Python process; its JSON result.
+
+    ``cfg`` may be a config that extends :class:`MeasureConfig` (the compare stage's): the child gets its
+    measuring settings only."""
+    settings = cfg.model_dump(mode="json", include=set(MeasureConfig.model_fields))
     with tempfile.TemporaryDirectory(prefix="lmcycle-compare-") as tmp:
         spec, out = Path(tmp) / "spec.json", Path(tmp) / "out.json"
-        spec.write_text(json.dumps({"model": str(model_path), "data": data, "cfg": cfg.model_dump(mode="json")}))
+        spec.write_text(json.dumps({"model": str(model_path), "data": data, "cfg": settings}))
         env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
         proc = subprocess.run([sys.executable, "-m", "lmcycle.optimize.compare", str(spec), str(out)],
                               env=env, capture_output=True, text=True)
@@ -145,16 +100,19 @@ def measure_in_child(model_path: str, data: dict[str, list[dict]], cfg: CompareS
 # -- the child: load, score, time -----------------------------------------------------------------------------------
 
 
-def measure(model_path: str, data: dict[str, list[dict]], cfg: CompareStage, prepare=None) -> dict[str, Any]:
+def measure(model_path: str, data: dict[str, list[dict]], cfg: MeasureConfig, prepare=None) -> dict[str, Any]:
     """Load the model at ``model_path`` and return its quality, size, parameters, memory and speed.
 
-    ``prepare(model) -> (model, size_bytes)``, when given, transforms the loaded model first (the benchmarks use
-    it to apply a peer library's method in the same process); its size replaces the folder's.
+    ``data``: ``{dataset: [{"input", "targets", "id"}]}``, of which the first ``cfg.n_eval`` examples of each
+    dataset are scored and their inputs timed. ``prepare(model) -> (model, size_bytes)``, when given, transforms
+    the loaded model first (the benchmarks use it to apply a peer library's method in the same process); its size
+    replaces the folder's.
     """
     import torch
 
-    from lmcycle.models.load import eval_mode
+    from lmcycle.models.load import eval_mode  # lazy, like torch: the stage's parent process never needs them
 
+    data = {name: rows[:cfg.n_eval] for name, rows in data.items()}
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     import_architecture(model_path)
@@ -199,7 +157,7 @@ def load_for_compare(model_path: str):
     """``(model, tokenizer, kind, classifier)``: kind is ``classifier``, ``causal_lm`` or ``seq2seq``."""
     from transformers import AutoConfig
 
-    from lmcycle.evals.toxicity import TextClassifier
+    from lmcycle.evals.toxicity import TextClassifier  # lazy, with the loaders: torch and transformers
     from lmcycle.models.load import is_seq2seq, load_model
 
     try:
@@ -237,11 +195,10 @@ def weight_bytes(model_path: str) -> int | None:
 
 
 def score_quality(kind: str, model, tokenizer, classifier, data: dict[str, list[dict]],
-                  cfg: CompareStage) -> dict[str, float]:
+                  cfg: MeasureConfig) -> dict[str, float]:
     """``{"<dataset>.macro_f1": .., "<dataset>.accuracy": ..}`` for a classifier, ``{"<dataset>.perplexity"}``
     for a language model (each input and each target is one text, as pre-training saw them)."""
-    from lmcycle.data.examples import Example, plain_texts
-    from lmcycle.evals.perplexity import perplexity, seq2seq_perplexity
+    from lmcycle.evals.perplexity import perplexity, seq2seq_perplexity  # lazy, with the scorers: torch
     from lmcycle.evals.toxicity import score_labels
 
     quality: dict[str, float] = {}
@@ -288,7 +245,7 @@ def _batch(tokenizer, texts: list[str], max_len: int) -> dict:
     return dict(tokenizer(texts, truncation=True, max_length=max_len, padding=True, return_tensors="pt"))
 
 
-def time_latency(forward, tokenizer, inputs: list[str], cfg: CompareStage) -> dict[str, float]:
+def time_latency(forward, tokenizer, inputs: list[str], cfg: MeasureConfig) -> dict[str, float]:
     """p50 / p95 / mean milliseconds of one forward pass at batch 1, cycling through ``inputs``."""
     batches = [_batch(tokenizer, [inputs[i % len(inputs)]], cfg.max_len)
                for i in range(cfg.warmup + cfg.latency_runs)]
@@ -304,7 +261,7 @@ def time_latency(forward, tokenizer, inputs: list[str], cfg: CompareStage) -> di
             "latency_mean_ms": round(statistics.fmean(times), 3)}
 
 
-def time_throughput(forward, tokenizer, inputs: list[str], cfg: CompareStage) -> dict[str, float]:
+def time_throughput(forward, tokenizer, inputs: list[str], cfg: MeasureConfig) -> dict[str, float]:
     """Examples per second at batch ``cfg.batch_size`` (padded to the batch's longest input)."""
     n = cfg.batch_size
     batches = [_batch(tokenizer, [inputs[(b * n + i) % len(inputs)] for i in range(n)], cfg.max_len)
@@ -342,16 +299,16 @@ def _child_main(spec_path: str, out_path: str) -> int:
 
     # Import every library any variant needs before measuring, so that "memory before loading" is the same
     # base for all rows and the table compares the models, not their imports.
-    import lmcycle.evals.perplexity  # noqa: F401
-    import lmcycle.evals.toxicity  # noqa: F401
-    import lmcycle.models.load  # noqa: F401
+    import lmcycle.evals.perplexity  # noqa: F401  (lazy, like torch: only the child process needs them)
+    import lmcycle.evals.toxicity  # noqa: F401  (lazy)
+    import lmcycle.models.load  # noqa: F401  (lazy)
 
     if importlib.util.find_spec("torchao") is not None:
         import torchao  # noqa: F401
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     spec = json.loads(Path(spec_path).read_text())
-    row = measure(spec["model"], spec["data"], CompareStage.model_validate(spec["cfg"]))
+    row = measure(spec["model"], spec["data"], MeasureConfig.model_validate(spec["cfg"]))
     Path(out_path).write_text(json.dumps(row))
     return 0
 
