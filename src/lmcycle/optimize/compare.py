@@ -199,7 +199,7 @@ def load_for_compare(model_path: str):
     """``(model, tokenizer, kind, classifier)``: kind is ``classifier``, ``causal_lm`` or ``seq2seq``."""
     from transformers import AutoConfig
 
-    from lmcycle.evals.toxicity import TextClassifier
+    from lmcycle.models.classifier import TextClassifier
     from lmcycle.models.load import is_seq2seq, load_model
 
     try:
@@ -241,8 +241,8 @@ def score_quality(kind: str, model, tokenizer, classifier, data: dict[str, list[
     """``{"<dataset>.macro_f1": .., "<dataset>.accuracy": ..}`` for a classifier, ``{"<dataset>.perplexity"}``
     for a language model (each input and each target is one text, as pre-training saw them)."""
     from lmcycle.data.examples import Example, plain_texts
+    from lmcycle.evals.classification import score_labels
     from lmcycle.evals.perplexity import perplexity, seq2seq_perplexity
-    from lmcycle.evals.toxicity import score_labels
 
     quality: dict[str, float] = {}
     for name, rows in data.items():
@@ -343,7 +343,7 @@ def _child_main(spec_path: str, out_path: str) -> int:
     # Import every library any variant needs before measuring, so that "memory before loading" is the same
     # base for all rows and the table compares the models, not their imports.
     import lmcycle.evals.perplexity  # noqa: F401
-    import lmcycle.evals.toxicity  # noqa: F401
+    import lmcycle.models.classifier  # noqa: F401
     import lmcycle.models.load  # noqa: F401
 
     if importlib.util.find_spec("torchao") is not None:

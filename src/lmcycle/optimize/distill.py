@@ -39,7 +39,8 @@ from lmcycle.atomic import atomic_write_bytes, atomic_write_json
 from lmcycle.config import Config, DatasetName, ModelRef
 from lmcycle.data.examples import plain_texts
 from lmcycle.errors import LmcycleError
-from lmcycle.evals.toxicity import TextClassifier, class_names, collate, labelled_texts, score_labels
+from lmcycle.evals.classification import score_labels
+from lmcycle.models.classifier import TextClassifier, class_names, collate
 from lmcycle.models.load import eval_mode
 from lmcycle.optimize.student import (
     default_student_layers,
@@ -51,6 +52,7 @@ from lmcycle.optimize.student import (
     trim_embeddings,
     trim_vocabulary,
 )
+from lmcycle.stages.classifier import labelled_texts
 from lmcycle.stages.common import TrainingStage, finish_training_stage
 from lmcycle.stages.context import RunContext
 from lmcycle.train.loop import (
