@@ -62,7 +62,7 @@ def peer_dynamic_int8(model):
 
 def child(spec_file: str, out_file: str) -> None:
     """One measurement in this fresh process (started by :func:`measure_row`)."""
-    import lmcycle.evals.toxicity  # noqa: F401  (imports before the memory baseline, as compare's child does)
+    import lmcycle.models.classifier  # noqa: F401  (imports before the memory baseline, as compare's child does)
     from lmcycle.optimize.compare import MeasureConfig, count_parameters, load_for_compare, measure
 
     spec = json.loads(Path(spec_file).read_text())

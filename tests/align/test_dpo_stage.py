@@ -14,13 +14,14 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from lmcycle.align.dpo import DpoStage, run_dpo, train_dpo
+from lmcycle.align.dpo import train_dpo
 from lmcycle.cli import main
 from lmcycle.config import validate
 from lmcycle.data.examples import Example
 from lmcycle.data.preferences import examples_from_pairs
 from lmcycle.errors import LmcycleError
 from lmcycle.stages.context import RunContext
+from lmcycle.stages.dpo import DpoStage, run_dpo
 from lmcycle.train.loop import TrainConfig
 
 

@@ -11,9 +11,11 @@ from tiny_lm import tiny_llama
 
 import lmcycle.align.dpo as dpo
 import lmcycle.align.reward as reward
-from lmcycle.align.dpo import DpoStage, dpo_pair_length, encode_dpo_pairs, train_dpo
-from lmcycle.align.reward import RewardModel, RewardStage, encode_pairs, pair_step_indices, train_reward_model
+from lmcycle.align.dpo import dpo_pair_length, encode_dpo_pairs, train_dpo
+from lmcycle.align.reward import RewardModel, encode_pairs, pair_step_indices, train_reward_model
 from lmcycle.data.preferences import PreferencePair
+from lmcycle.stages.dpo import DpoStage
+from lmcycle.stages.reward import RewardStage
 from lmcycle.train.loop import TrainConfig
 
 

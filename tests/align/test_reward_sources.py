@@ -69,7 +69,7 @@ def test_a_reward_model_without_stats_cannot_normalise(tok, tmp_path):
 def test_classifier_reward_is_the_probability_or_log_odds_of_its_label(tmp_path):
     from transformers import BertConfig, BertForSequenceClassification
 
-    from lmcycle.evals.toxicity import TextClassifier
+    from lmcycle.models.classifier import TextClassifier
 
     clf_tok = tiny_lm.make_tokenizer(vocab_size=400)
     torch.manual_seed(0)

@@ -12,12 +12,10 @@ from test_reward import tiny_bert
 
 from lmcycle.align.reward import (
     RewardModel,
-    RewardStage,
     encode_pairs,
     held_out_reward_metrics,
     load_reward_backbone,
     pair_batches,
-    run_reward,
 )
 from lmcycle.cli import main
 from lmcycle.config import validate
@@ -25,6 +23,7 @@ from lmcycle.data.examples import Example
 from lmcycle.data.preferences import examples_from_pairs
 from lmcycle.errors import LmcycleError
 from lmcycle.stages.context import RunContext
+from lmcycle.stages.reward import RewardStage, run_reward
 
 TRAIN = {"max_steps": 40, "batch_size": 16, "lr": 3e-3, "warmup_steps": 2, "eval_every": 20, "log_every": 10}
 

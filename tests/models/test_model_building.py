@@ -10,7 +10,8 @@ from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokeni
 from lmcycle.config import validate
 from lmcycle.data.examples import Example
 from lmcycle.errors import LmcycleError
-from lmcycle.models.build import SIZES, BuildStage, build_model, count_params, run_build, train_tokenizer
+from lmcycle.models.build import SIZES, build_model, count_params, train_tokenizer
+from lmcycle.stages.build import BuildStage, run_build
 from lmcycle.stages.context import RunContext
 
 

@@ -9,8 +9,9 @@ import torch
 from transformers import BertForSequenceClassification
 
 from lmcycle.errors import LmcycleError
+from lmcycle.evals.classification import score_labels
 from lmcycle.evals.perplexity import perplexity
-from lmcycle.evals.toxicity import TextClassifier, score_labels
+from lmcycle.models.classifier import TextClassifier
 from lmcycle.optimize.compare import with_ratios
 from lmcycle.stages.compare import CompareStage, run_compare
 from lmcycle.stages.context import RunContext

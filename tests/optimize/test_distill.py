@@ -16,7 +16,7 @@ from transformers import BertConfig, BertForSequenceClassification, LlamaConfig,
 from lmcycle.config import validate
 from lmcycle.data.examples import Example
 from lmcycle.errors import LmcycleError
-from lmcycle.evals.toxicity import ClassifierStage, TextClassifier, run_classifier
+from lmcycle.models.classifier import TextClassifier
 from lmcycle.models.load import load_model
 from lmcycle.optimize.distill import distillation_loss, hidden_state_loss
 from lmcycle.optimize.student import (
@@ -25,6 +25,7 @@ from lmcycle.optimize.student import (
     student_from_scratch,
     student_from_teacher,
 )
+from lmcycle.stages.classifier import ClassifierStage, run_classifier
 from lmcycle.stages.context import RunContext
 from lmcycle.stages.distill import DistillStage, run_distill
 from tests.evals.test_toxicity import BAD, GOOD, LABELS, NEUTRAL  # noqa: E402  (the toy words and labels)
@@ -243,7 +244,7 @@ def distill_stage(teacher, **extra) -> DistillStage:
 
 
 def macro_f1(clf: TextClassifier, examples: list[Example]) -> float:
-    from lmcycle.evals.toxicity import score_labels
+    from lmcycle.evals.classification import score_labels
 
     return score_labels(clf.predict([e.input for e in examples]), [LABEL_MAP[e.target] for e in examples])[
         "metrics"]["macro_f1"]

@@ -178,7 +178,7 @@ def test_a_failure_midway_leaves_the_original_untouched(models, monkeypatch):
 
 
 def test_load_model_and_text_classifier_read_quantized_folders(models, tmp_path):
-    from lmcycle.evals.toxicity import TextClassifier
+    from lmcycle.models.classifier import TextClassifier
     from lmcycle.models.load import load_model
 
     llama, tok = models["llama"]

@@ -8,7 +8,7 @@ from lmcycle.config import validate
 from lmcycle.data.examples import Example
 from lmcycle.errors import LmcycleError
 from lmcycle.stages.context import RunContext
-from lmcycle.train.pretrain import PretrainStage, run_pretrain
+from lmcycle.stages.pretrain import PretrainStage, run_pretrain
 
 
 def context(tmp_path, model, tokenizer) -> RunContext:

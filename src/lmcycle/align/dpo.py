@@ -19,28 +19,19 @@ A DPO batch (:func:`collate_dpo`) stacks the ``B`` chosen rows over the ``B`` re
 from __future__ import annotations
 
 import contextlib
-import copy
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
 from torch import nn
 
 from lmcycle.adapt.lora import adapter_disabled, lora_layers
 from lmcycle.align.reward import pair_step_indices
-from lmcycle.atomic import atomic_write_json
-from lmcycle.config import Config, DatasetName, ModelRef
 from lmcycle.data.preferences import PreferencePair
 from lmcycle.data.sft import collate_sft, prompt_completion_item
 from lmcycle.errors import LmcycleError
 from lmcycle.models.load import eval_mode
-from lmcycle.stages.common import finish_training_stage, start_training_stage
-from lmcycle.stages.context import RunContext
-from lmcycle.stages.peft import LoraPeft
-from lmcycle.train.distributed import is_main
 from lmcycle.train.loop import Batch, TrainConfig, TrainResult, sequence_logps, train
 
 LOSS_TYPES = ("sigmoid", "ipo")
@@ -263,75 +254,3 @@ def train_dpo(model: nn.Module, tokenizer, pairs: list[PreferencePair], cfg: Tra
 
     loss_fn = dpo_loss_fn(beta, loss_type, ref_model, label_smoothing)
     return train(model, batch_at, loss_fn, cfg, out_dir, log, eval_fn=eval_fn, desc="dpo")
-
-
-# -- the recipe stage ----------------------------------------------------------------------------------------------
-
-
-class DpoStage(Config):
-    """Align a model to a preference dataset with DPO or IPO: every parameter, or a LoRA adapter."""
-
-    type: Literal["dpo"] = "dpo"
-    name: str | None = None
-    model: ModelRef | None = Field(None, description="the starting policy: an earlier stage, a path or a hub id")
-    data: DatasetName = Field(description="preference dataset (format hh_rlhf or rankings)")
-    eval_data: DatasetName = Field(description="held-out preference dataset: implicit-reward accuracy and margins")
-    beta: float = Field(0.1, gt=0)
-    loss_type: Literal["sigmoid", "ipo"] = "sigmoid"
-    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="conservative DPO (sigmoid loss only)")
-    precompute_reference: bool = Field(True, description="reference log-probs once before training (no second "
-                                                         "model in memory during training)")
-    max_len: int = Field(512, ge=8, description="tokens of prompt + response; the prompt's start is cut first")
-    peft: LoraPeft | None = Field(None, description="LoRA: the reference is the model with the adapter off")
-    group_by_length: bool = Field(True, description="batch pairs of similar length together (less padding, "
-                                                    "faster steps); off: plainly shuffled batches")
-    train: TrainConfig
-
-
-def run_dpo(cfg: DpoStage, ctx: RunContext) -> dict[str, str]:
-    """Train the policy; save it to ``<stage>/model`` (with LoRA also ``<stage>/adapter``, PEFT format, and the
-    merged model as ``model``) and the held-out metrics to ``<stage>/eval.json``; return ``{"model", "eval"}``
-    (and ``"adapter"``).
-
-    The reference is the starting model: with LoRA the same model with its adapter disabled; without, the model
-    before training (its log-probs precomputed), or a frozen copy when ``precompute_reference`` is off.
-    """
-    from lmcycle.data.preferences import pairs_from_examples
-    from lmcycle.models.load import context_window
-    from lmcycle.stages.peft import add_peft_for_training, finish_peft_stage
-
-    check_dpo_settings(cfg.beta, cfg.loss_type, cfg.label_smoothing)
-    pairs = pairs_from_examples(ctx.dataset(cfg.data), cfg.data)
-    eval_pairs = pairs_from_examples(ctx.dataset(cfg.eval_data), cfg.eval_data)
-    stage = start_training_stage(cfg, ctx, "dpo")
-    max_len = min(cfg.max_len, context_window(stage.model, stage.tokenizer))
-    ref_model = None
-    if cfg.peft is None and not cfg.precompute_reference:
-        ref_model = copy.deepcopy(stage.model).eval().requires_grad_(False)
-    stage.log(event="data", train_pairs=len(pairs), eval_pairs=len(eval_pairs), max_len=max_len,
-              reference="adapter disabled" if cfg.peft else "frozen copy" if ref_model else "precomputed")
-    # The adapter is added before train(), so that resuming loads a checkpoint whose state dict has its keys.
-    if cfg.peft is not None:
-        add_peft_for_training(stage, cfg.peft)
-    result = train_dpo(stage.model, stage.tokenizer, pairs, stage.train, stage.out_dir, stage.log, beta=cfg.beta,
-                       loss_type=cfg.loss_type, ref_model=ref_model, max_len=max_len,
-                       label_smoothing=cfg.label_smoothing, eval_pairs=eval_pairs,
-                       precompute_reference=cfg.precompute_reference, group_by_length=cfg.group_by_length)
-    metrics = {k.removeprefix("eval_"): v for k, v in result.eval.items()}
-    metrics["n"] = len(eval_pairs)
-    stage.log(event="held_out", **{f"eval_{k}": v for k, v in metrics.items()})
-    source = ctx.model_path(cfg.model)
-    settings = {"model": source, "data": cfg.data, "eval_data": cfg.eval_data, "beta": cfg.beta,
-                "loss_type": cfg.loss_type, "label_smoothing": cfg.label_smoothing,
-                "precompute_reference": cfg.precompute_reference, "max_len": max_len,
-                "group_by_length": cfg.group_by_length,
-                "peft": cfg.peft.model_dump(mode="json") if cfg.peft else None, "train_pairs": len(pairs),
-                "steps": result.step, "train": stage.train.model_dump(mode="json")}
-    eval_path = stage.out_dir / "eval.json"
-    if is_main():
-        atomic_write_json(eval_path, {"kind": "dpo", "metrics": metrics, "settings": settings})
-    if cfg.peft is None:
-        produced = finish_training_stage(stage, result)
-    else:
-        produced = finish_peft_stage(stage, result, cfg.peft, base_model=source)
-    return {**produced, "eval": str(eval_path)}

@@ -20,28 +20,23 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
 
 import safetensors.torch
 import torch
 import torch.nn.functional as F
-from pydantic import Field
 from torch import nn
-from transformers import AutoModel, AutoModelForSequenceClassification
+from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
-from lmcycle.atomic import atomic_dir, atomic_write_json
-from lmcycle.config import Config, DatasetName, ModelRef
+from lmcycle.atomic import atomic_dir
 from lmcycle.data.preferences import PreferencePair
 from lmcycle.errors import LmcycleError
-from lmcycle.models.load import eval_mode, forward_accepts
-from lmcycle.stages.context import RunContext
+from lmcycle.models.load import ensure_pad_token, eval_mode, forward_accepts, load_model
 from lmcycle.train.loop import (
     Batch,
     TrainConfig,
     TrainResult,
     grouped_batch_indices,
     micro_batch_indices,
-    seed_everything,
     train,
 )
 
@@ -299,64 +294,7 @@ def normalise(rewards: torch.Tensor, stats: dict[str, float], eps: float = 1e-8)
     return (rewards - stats["mean"]) / (stats["std"] + eps)
 
 
-# -- the recipe stage ----------------------------------------------------------------------------------------------
-
-
-class RewardStage(Config):
-    """Train a reward model on a preference dataset; score held-out pairs; save it with its reward statistics."""
-
-    type: Literal["reward"] = "reward"
-    name: str | None = None
-    model: ModelRef | None = Field(None, description="backbone: an earlier stage, a path or a hub id")
-    backbone: Literal["auto", "classifier", "causal_lm"] = Field(
-        "auto", description="auto: causal_lm for a *ForCausalLM / *LMHeadModel checkpoint, else classifier")
-    data: DatasetName = Field(description="preference dataset (format hh_rlhf or rankings)")
-    eval_data: DatasetName = Field(description="held-out preference dataset: pair accuracy, loss, reward statistics")
-    max_len: int = Field(512, ge=8, description="tokens of prompt + response; the prompt's start is cut first")
-    margin: bool = Field(False, description="subtract each pair's margin (rank difference) inside the loss")
-    group_by_length: bool = Field(True, description="batch pairs of similar length together (less padding, "
-                                                    "faster steps); off: plainly shuffled batches")
-    train: TrainConfig
-
-
-def run_reward(cfg: RewardStage, ctx: RunContext) -> dict[str, str]:
-    """Train the reward model; save it to ``<stage>/model`` (:meth:`RewardModel.save`, with the training pairs'
-    reward mean/std) and its held-out metrics to ``<stage>/eval.json``; return ``{"model", "eval"}``."""
-    from lmcycle.data.preferences import pairs_from_examples
-    from lmcycle.models.load import context_window
-
-    name = cfg.name or "reward"
-    out_dir = ctx.stage_dir(name)
-    tcfg = cfg.train.model_copy(update={"seed": cfg.train.seed if cfg.train.seed is not None else ctx.seed})
-    pairs = pairs_from_examples(ctx.dataset(cfg.data), cfg.data)
-    eval_pairs = pairs_from_examples(ctx.dataset(cfg.eval_data), cfg.eval_data)
-    source = ctx.model_path(cfg.model)
-    seed_everything(tcfg.seed)  # the fresh score head's init is part of the run
-    model, tokenizer = load_reward_backbone(source, cfg.backbone)
-    model.to(ctx.device)
-    max_len = min(cfg.max_len, context_window(model.backbone, tokenizer))
-
-    def log(**metrics) -> None:
-        ctx.log(name, **metrics)
-
-    log(event="data", train_pairs=len(pairs), eval_pairs=len(eval_pairs), max_len=max_len, kind=model.kind)
-    result = train_reward_model(model, tokenizer, pairs, tcfg, out_dir, log, margin=cfg.margin, max_len=max_len,
-                                eval_pairs=eval_pairs, group_by_length=cfg.group_by_length)
-    model.eval()
-    metrics = held_out_reward_metrics(model, pair_batches(encode_pairs(eval_pairs, tokenizer, max_len), tokenizer,
-                                                          tcfg.batch_size), cfg.margin)
-    log(event="held_out", **{f"eval_{k}": v for k, v in metrics.items()})
-    model_dir = model.save(out_dir / "model", tokenizer)
-    settings = {"model": source, "backbone": model.kind, "data": cfg.data, "eval_data": cfg.eval_data,
-                "max_len": max_len, "margin": cfg.margin, "group_by_length": cfg.group_by_length,
-                "train_pairs": len(pairs), "steps": result.step,
-                "normalisation": model.stats, "train": tcfg.model_dump(mode="json")}
-    eval_path = out_dir / "eval.json"
-    atomic_write_json(eval_path, {"kind": "reward", "metrics": metrics, "settings": settings})
-    log(event="train_end", step=result.step, wall_time=round(result.wall_time, 2),
-        tokens_per_s=round(result.tokens_per_s, 1), peak_rss_mb=round(result.peak_rss_mb, 1),
-        rss_growth_mb=round(result.rss_growth_mb, 1))
-    return {"model": str(model_dir), "eval": str(eval_path)}
+# -- loading and held-out metrics ----------------------------------------------------------------------------------
 
 
 def load_reward_backbone(source: str, backbone: str = "auto"):
@@ -367,10 +305,6 @@ def load_reward_backbone(source: str, backbone: str = "auto"):
     ``auto`` (``causal_lm`` when the checkpoint is a ``*ForCausalLM``/``*LMHeadModel``, else ``classifier``).
     A folder saved by :meth:`RewardModel.save` continues as the reward model it is.
     """
-    from transformers import AutoConfig, AutoTokenizer
-
-    from lmcycle.models.load import ensure_pad_token, load_model
-
     if (Path(source) / META_FILE).is_file():
         model = RewardModel.load(source)
         tokenizer = AutoTokenizer.from_pretrained(source)

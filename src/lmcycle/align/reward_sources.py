@@ -131,7 +131,7 @@ def _import_callable(spec: str) -> Callable:
 def classifier_reward(path: str, label: str, output: str = "probability", text: str = "response",
                       max_len: int = 128, batch_size: int = 64) -> RewardFn:
     """The probability (or log-odds) that a sequence classifier gives class ``label``, per response."""
-    from lmcycle.evals.toxicity import TextClassifier
+    from lmcycle.models.classifier import TextClassifier
 
     clf = TextClassifier.load(path)
     index = clf.label_index(label)

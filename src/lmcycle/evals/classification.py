@@ -6,11 +6,14 @@ words are the prediction's first word(s) ("Offensive." and "offensive, because .
 ``offensive``). When several labels fit, the longest wins; when none does, the prediction names no label and
 counts as wrong. The label set is the distinct gold labels (``references[i][0]``), so a model answering with a
 word outside it is never right.
+
+:func:`score_labels` gives both scores of a classifier's predicted class names against the gold class names.
 """
 
 from __future__ import annotations
 
 import re
+from typing import Any
 
 from lmcycle.errors import LmcycleError
 from lmcycle.evals.score import Score
@@ -94,3 +97,10 @@ def _settings(gold: list[str], read: list[str | None]) -> dict:
         "scale": "percent (x100)",
         "n": len(gold),
     }
+
+
+def score_labels(predicted: list[str], gold: list[str]) -> dict[str, Any]:
+    """Accuracy and macro-F1 (x100) of class names against gold class names, with their settings."""
+    references = [[g] for g in gold]
+    acc, f1 = accuracy(predicted, references), macro_f1(predicted, references)
+    return {"metrics": {**acc.values, **f1.values, "n": len(gold)}, "settings": f1.settings}

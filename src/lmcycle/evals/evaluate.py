@@ -39,7 +39,8 @@ from lmcycle.evals.perplexity import conditional_perplexity, seq2seq_perplexity
 from lmcycle.evals.rouge import rouge
 from lmcycle.evals.score import Score
 from lmcycle.evals.squad import exact_match, token_f1
-from lmcycle.evals.toxicity import TextClassifier, toxicity_score
+from lmcycle.evals.toxicity import toxicity_score
+from lmcycle.models.classifier import TextClassifier
 from lmcycle.models.generate import DecodingConfig, generate
 from lmcycle.models.load import context_window, is_seq2seq, load_model
 from lmcycle.stages.context import RunContext

@@ -1,4 +1,4 @@
-"""Build small models from scratch: named sizes, a byte-level BPE tokenizer trained on the recipe's corpus.
+"""Build small models from scratch: named sizes, and a byte-level BPE tokenizer trained on a corpus of texts.
 
 Sizes are named after their parameter count *including* embeddings with the default 2048-token vocabulary
 (input and output embeddings are tied, so they count once). A larger vocabulary adds ``vocab * hidden``.
@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from pydantic import Field, ValidationInfo, field_validator
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
     GPT2Config,
@@ -31,10 +30,7 @@ from transformers import (
     T5ForConditionalGeneration,
 )
 
-from lmcycle.atomic import atomic_dir
-from lmcycle.config import Config, DatasetName
 from lmcycle.errors import LmcycleError
-from lmcycle.stages.context import RunContext
 
 Arch = Literal["llama", "gpt2", "t5"]
 PAD, EOS, BOS = "<pad>", "<eos>", "<bos>"
@@ -175,54 +171,3 @@ def build_model(arch: Arch, size: str, tokenizer: PreTrainedTokenizerFast, max_l
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     return model
-
-
-# -- stage ------------------------------------------------------------------------------------------------
-class BuildStage(Config):
-    """Train a tokenizer on the recipe's datasets and initialise a model of a named size."""
-
-    type: Literal["build"] = "build"
-    name: str | None = None
-    arch: Arch
-    size: str
-    corpus: list[DatasetName] = Field(min_length=1)
-    vocab_size: int = 2048
-    max_len: int = Field(default=512, ge=8)
-
-    @field_validator("size")
-    @classmethod
-    def _known_size(cls, size: str, info: ValidationInfo) -> str:
-        arch = info.data.get("arch")
-        if arch in SIZES and size not in SIZES[arch]:
-            raise ValueError(f"unknown size '{size}' for {arch} (known: {', '.join(SIZES[arch])})")
-        return size
-
-    @field_validator("vocab_size")
-    @classmethod
-    def _vocab_fits_bytes(cls, vocab_size: int, info: ValidationInfo) -> int:
-        minimum = min_vocab_size(info.data.get("arch") == "t5")
-        if vocab_size < minimum:
-            raise ValueError(f"vocab_size must be at least {minimum} (256 bytes + special tokens)")
-        return vocab_size
-
-
-def corpus_texts(cfg: BuildStage, ctx: RunContext) -> Iterator[str]:
-    """Every input and target of every example of the stage's corpus datasets."""
-    for dataset in cfg.corpus:
-        for ex in ctx.dataset(dataset):
-            yield ex.input
-            yield from ex.targets
-
-
-def run_build(cfg: BuildStage, ctx: RunContext) -> dict[str, str]:
-    """Train the tokenizer, build the model with ``ctx.seed`` and save both to ``<stage>/model``."""
-    name = cfg.name or "build"
-    seq2seq = cfg.arch == "t5"
-    tokenizer = train_tokenizer(corpus_texts(cfg, ctx), cfg.vocab_size, seq2seq=seq2seq, max_len=cfg.max_len)
-    model = build_model(cfg.arch, cfg.size, tokenizer, cfg.max_len, ctx.seed)
-    out = ctx.stage_dir(name) / "model"
-    with atomic_dir(out) as tmp:
-        model.save_pretrained(tmp)  # safetensors is the only format transformers 5 writes
-        tokenizer.save_pretrained(tmp)
-    ctx.log(name, params=count_params(model), vocab_size=len(tokenizer), arch=cfg.arch, size=cfg.size)
-    return {"model": str(out)}

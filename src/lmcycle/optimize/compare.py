@@ -157,7 +157,7 @@ def load_for_compare(model_path: str):
     """``(model, tokenizer, kind, classifier)``: kind is ``classifier``, ``causal_lm`` or ``seq2seq``."""
     from transformers import AutoConfig
 
-    from lmcycle.evals.toxicity import TextClassifier  # lazy, with the loaders: torch and transformers
+    from lmcycle.models.classifier import TextClassifier  # lazy, with the loaders: torch and transformers
     from lmcycle.models.load import is_seq2seq, load_model
 
     try:
@@ -198,8 +198,8 @@ def score_quality(kind: str, model, tokenizer, classifier, data: dict[str, list[
                   cfg: MeasureConfig) -> dict[str, float]:
     """``{"<dataset>.macro_f1": .., "<dataset>.accuracy": ..}`` for a classifier, ``{"<dataset>.perplexity"}``
     for a language model (each input and each target is one text, as pre-training saw them)."""
+    from lmcycle.evals.classification import score_labels
     from lmcycle.evals.perplexity import perplexity, seq2seq_perplexity  # lazy, with the scorers: torch
-    from lmcycle.evals.toxicity import score_labels
 
     quality: dict[str, float] = {}
     for name, rows in data.items():
@@ -300,7 +300,7 @@ def _child_main(spec_path: str, out_path: str) -> int:
     # Import every library any variant needs before measuring, so that "memory before loading" is the same
     # base for all rows and the table compares the models, not their imports.
     import lmcycle.evals.perplexity  # noqa: F401  (lazy, like torch: only the child process needs them)
-    import lmcycle.evals.toxicity  # noqa: F401  (lazy)
+    import lmcycle.models.classifier  # noqa: F401  (lazy)
     import lmcycle.models.load  # noqa: F401  (lazy)
 
     if importlib.util.find_spec("torchao") is not None:

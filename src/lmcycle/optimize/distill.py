@@ -39,7 +39,7 @@ from lmcycle.data.examples import plain_texts
 from lmcycle.data.sft import encode_sft
 from lmcycle.data.templates import get_template
 from lmcycle.errors import LmcycleError
-from lmcycle.evals.toxicity import collate
+from lmcycle.models.classifier import collate
 from lmcycle.models.load import eval_mode
 from lmcycle.optimize.student import (
     default_student_layers,

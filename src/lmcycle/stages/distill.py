@@ -26,7 +26,8 @@ from lmcycle.atomic import atomic_write_json
 from lmcycle.config import Config, DatasetName, ModelRef
 from lmcycle.data.sft import collate_sft
 from lmcycle.errors import LmcycleError
-from lmcycle.evals.toxicity import TextClassifier, class_names, collate, labelled_texts, score_labels
+from lmcycle.evals.classification import score_labels
+from lmcycle.models.classifier import TextClassifier, class_names, collate
 from lmcycle.models.load import context_window, load_model
 from lmcycle.optimize.distill import (
     IGNORE,
@@ -42,6 +43,7 @@ from lmcycle.optimize.distill import (
     trim_student_vocabulary,
 )
 from lmcycle.optimize.student import hidden_size_of, num_layers_of, param_count
+from lmcycle.stages.classifier import labelled_texts
 from lmcycle.stages.common import TrainingStage, finish_training_stage
 from lmcycle.stages.context import RunContext, is_scorer
 from lmcycle.train.loop import (

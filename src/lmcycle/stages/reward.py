@@ -1,3 +1,85 @@
-"""Transitional: the reward stage still lives in lmcycle.align.reward (moved here by issue 15)."""
+"""RewardStage: a reward model trained on a preference dataset, scored on held-out pairs.
 
-from lmcycle.align.reward import RewardStage, run_reward  # noqa: F401
+The backbone is the stage's ``model`` (an earlier stage, a path or a hub id): with ``backbone: auto`` a
+``*ForCausalLM`` / ``*LMHeadModel`` checkpoint becomes a decoder with a scalar head, anything else a one-label
+sequence classifier (:func:`lmcycle.align.reward.load_reward_backbone`). It trains with the pairwise
+(Bradley-Terry) loss on ``data`` (:func:`lmcycle.align.reward.train_reward_model`), optionally subtracting each
+pair's margin, then scores ``eval_data``: pair accuracy, loss, mean margin and reward statistics go to
+``<stage>/eval.json``; the model, with the training pairs' reward mean/std for PPO's normalisation, to
+``<stage>/model``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from lmcycle.align.reward import (
+    encode_pairs,
+    held_out_reward_metrics,
+    load_reward_backbone,
+    pair_batches,
+    train_reward_model,
+)
+from lmcycle.atomic import atomic_write_json
+from lmcycle.config import Config, DatasetName, ModelRef
+from lmcycle.data.preferences import pairs_from_examples
+from lmcycle.models.load import context_window
+from lmcycle.stages.context import RunContext
+from lmcycle.train.loop import TrainConfig, seed_everything
+
+
+class RewardStage(Config):
+    """Train a reward model on a preference dataset; score held-out pairs; save it with its reward statistics."""
+
+    type: Literal["reward"] = "reward"
+    name: str | None = None
+    model: ModelRef | None = Field(None, description="backbone: an earlier stage, a path or a hub id")
+    backbone: Literal["auto", "classifier", "causal_lm"] = Field(
+        "auto", description="auto: causal_lm for a *ForCausalLM / *LMHeadModel checkpoint, else classifier")
+    data: DatasetName = Field(description="preference dataset (format hh_rlhf or rankings)")
+    eval_data: DatasetName = Field(description="held-out preference dataset: pair accuracy, loss, reward statistics")
+    max_len: int = Field(512, ge=8, description="tokens of prompt + response; the prompt's start is cut first")
+    margin: bool = Field(False, description="subtract each pair's margin (rank difference) inside the loss")
+    group_by_length: bool = Field(True, description="batch pairs of similar length together (less padding, "
+                                                    "faster steps); off: plainly shuffled batches")
+    train: TrainConfig
+
+
+def run_reward(cfg: RewardStage, ctx: RunContext) -> dict[str, str]:
+    """Train the reward model; save it to ``<stage>/model`` (:meth:`~lmcycle.align.reward.RewardModel.save`,
+    with the training pairs' reward mean/std) and its held-out metrics to ``<stage>/eval.json``; return
+    ``{"model", "eval"}``."""
+    name = cfg.name or "reward"
+    out_dir = ctx.stage_dir(name)
+    tcfg = cfg.train.model_copy(update={"seed": cfg.train.seed if cfg.train.seed is not None else ctx.seed})
+    pairs = pairs_from_examples(ctx.dataset(cfg.data), cfg.data)
+    eval_pairs = pairs_from_examples(ctx.dataset(cfg.eval_data), cfg.eval_data)
+    source = ctx.model_path(cfg.model)
+    seed_everything(tcfg.seed)  # the fresh score head's init is part of the run
+    model, tokenizer = load_reward_backbone(source, cfg.backbone)
+    model.to(ctx.device)
+    max_len = min(cfg.max_len, context_window(model.backbone, tokenizer))
+
+    def log(**metrics) -> None:
+        ctx.log(name, **metrics)
+
+    log(event="data", train_pairs=len(pairs), eval_pairs=len(eval_pairs), max_len=max_len, kind=model.kind)
+    result = train_reward_model(model, tokenizer, pairs, tcfg, out_dir, log, margin=cfg.margin, max_len=max_len,
+                                eval_pairs=eval_pairs, group_by_length=cfg.group_by_length)
+    model.eval()
+    metrics = held_out_reward_metrics(model, pair_batches(encode_pairs(eval_pairs, tokenizer, max_len), tokenizer,
+                                                          tcfg.batch_size), cfg.margin)
+    log(event="held_out", **{f"eval_{k}": v for k, v in metrics.items()})
+    model_dir = model.save(out_dir / "model", tokenizer)
+    settings = {"model": source, "backbone": model.kind, "data": cfg.data, "eval_data": cfg.eval_data,
+                "max_len": max_len, "margin": cfg.margin, "group_by_length": cfg.group_by_length,
+                "train_pairs": len(pairs), "steps": result.step,
+                "normalisation": model.stats, "train": tcfg.model_dump(mode="json")}
+    eval_path = out_dir / "eval.json"
+    atomic_write_json(eval_path, {"kind": "reward", "metrics": metrics, "settings": settings})
+    log(event="train_end", step=result.step, wall_time=round(result.wall_time, 2),
+        tokens_per_s=round(result.tokens_per_s, 1), peak_rss_mb=round(result.peak_rss_mb, 1),
+        rss_growth_mb=round(result.rss_growth_mb, 1))
+    return {"model": str(model_dir), "eval": str(eval_path)}
