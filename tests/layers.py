@@ -73,7 +73,7 @@ def imports(src: Path) -> list[Import]:
                 targets = [f"{base}.{a.name}" for a in node.names] or [base]
             for t in targets:
                 hit = _resolve(t, known)
-                if hit and hit != mod and hit != "lmcycle":
+                if hit and hit != mod and hit != "lmcycle" and Import(mod, hit, node.lineno, local) not in found:
                     found.append(Import(mod, hit, node.lineno, local))
     return found
 
