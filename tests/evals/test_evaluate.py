@@ -10,12 +10,12 @@ from lmcycle.data.templates import get_template
 from lmcycle.errors import LmcycleError
 from lmcycle.evals.baselines import extractive_baseline
 from lmcycle.evals.bleu import bleu
-from lmcycle.evals.evaluate import EvalStage, run_eval
 from lmcycle.evals.perplexity import conditional_perplexity, seq2seq_perplexity
 from lmcycle.evals.rouge import rouge
 from lmcycle.models.generate import DecodingConfig, generate
 from lmcycle.models.load import load_model
 from lmcycle.stages.context import RunContext
+from lmcycle.stages.eval import EvalStage, run_eval
 
 EXAMPLES = [
     Example(input="#Person1#: Hello, how are you today?\n#Person2#: I am fine, thank you.",

@@ -10,11 +10,11 @@ from lmcycle.config import validate
 from lmcycle.data.examples import Example
 from lmcycle.errors import LmcycleError
 from lmcycle.evals.classification import accuracy, macro_f1
-from lmcycle.evals.evaluate import EvalStage, run_eval
 from lmcycle.evals.gsm8k import gsm8k_accuracy
 from lmcycle.evals.squad import exact_match, token_f1
 from lmcycle.models.generate import DecodingConfig
 from lmcycle.stages.context import RunContext
+from lmcycle.stages.eval import EvalStage, run_eval
 
 LABELLED = [Example(input=f"the weather is nice {i}", targets=[label], id=f"t{i}")
             for i, label in enumerate(["neither", "offensive", "hate", "neither"])]

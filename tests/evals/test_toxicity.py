@@ -20,7 +20,6 @@ from transformers import (
 from lmcycle.config import validate
 from lmcycle.data.examples import Example
 from lmcycle.errors import LmcycleError
-from lmcycle.evals.evaluate import EvalStage, run_eval
 from lmcycle.evals.perplexity import conditional_perplexity
 from lmcycle.evals.toxicity import toxicity_score
 from lmcycle.models.classifier import TextClassifier, class_weights, fit_tfidf_baseline, load_for_training
@@ -28,6 +27,7 @@ from lmcycle.models.generate import DecodingConfig, generate
 from lmcycle.models.load import load_model
 from lmcycle.stages.classifier import ClassifierStage, run_classifier
 from lmcycle.stages.context import RunContext
+from lmcycle.stages.eval import EvalStage, run_eval
 
 GOOD = "kind warm gentle happy calm sunny bright sweet".split()
 BAD = "rude cruel nasty angry mean grim harsh bitter".split()

@@ -14,18 +14,17 @@ from pydantic import ValidationError
 from lmcycle.errors import LmcycleError
 from lmcycle.models.generate import (
     DecodingConfig,
-    GenerateStage,
     apply_temperature,
     cut_at_stop,
     generate,
     generate_ids,
     logit_stream,
-    run_generate,
     top_k_filter,
     top_p_filter,
 )
 from lmcycle.models.kv_cache import CACHE_ARG, cache_of
 from lmcycle.stages.context import RunContext
+from lmcycle.stages.generate import GenerateStage, run_generate
 
 PROMPTS = [
     "The quick brown",

@@ -11,17 +11,16 @@ from lmcycle.config import validate
 from lmcycle.data.examples import Example
 from lmcycle.errors import LmcycleError
 from lmcycle.models.explore import (
-    ExploreStage,
     default_settings,
     exploration_markdown,
     explore,
     next_token_distribution,
     plot_exploration,
-    run_explore,
     token_label,
 )
 from lmcycle.models.generate import DecodingConfig, generate_ids
 from lmcycle.stages.context import RunContext
+from lmcycle.stages.explore import ExploreStage, run_explore
 
 PROMPT = "Summary: two friends greet"
 SETTINGS = [

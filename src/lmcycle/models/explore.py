@@ -11,15 +11,12 @@ from __future__ import annotations
 import functools
 import os
 import warnings
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from pydantic import Field, model_validator
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from lmcycle.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
-from lmcycle.config import Config, DatasetName, ModelRef
-from lmcycle.errors import LmcycleError
+from lmcycle.atomic import atomic_write_bytes
 from lmcycle.models.generate import (
     DecodingConfig,
     choose_next_tokens,
@@ -31,8 +28,7 @@ from lmcycle.models.generate import (
     pad_id_of,
     prompt_generator,
 )
-from lmcycle.models.load import eval_mode, load_model
-from lmcycle.stages.context import RunContext
+from lmcycle.models.load import eval_mode
 
 
 def default_settings() -> list[DecodingConfig]:
@@ -230,51 +226,3 @@ def _cell(text: str) -> str:
 def _clip(text: str, n: int) -> str:
     return text if len(text) <= n else text[: n - 1] + "…"
 
-
-# -- stage --------------------------------------------------------------------------------------------------
-class ExploreStage(Config):
-    """Show how decoding settings reshape the next-token distribution of one prompt."""
-
-    type: Literal["explore"] = "explore"
-    name: str | None = None
-    model: ModelRef | None = None
-    prompt: str | None = None
-    data: DatasetName | None = None  # a dataset of the recipe: the prompt is example `index` rendered with `template`
-    index: int = Field(default=0, ge=0)
-    template: str = "summarize"
-    top_n: int = Field(default=20, ge=1, le=100)
-    settings: list[DecodingConfig] = Field(default_factory=default_settings, min_length=1)
-
-    @model_validator(mode="after")
-    def _one_prompt_source(self) -> ExploreStage:
-        if (self.prompt is None) == (self.data is None):
-            raise ValueError("set exactly one of 'prompt' (a text) and 'data' (a dataset name)")
-        return self
-
-
-def stage_prompt(cfg: ExploreStage, ctx: RunContext) -> str:
-    """The prompt given, or example ``index`` of dataset ``data`` rendered zero-shot with ``template``."""
-    if cfg.prompt is not None:
-        return cfg.prompt
-    from lmcycle.data.templates import get_template  # the data package is optional for this module
-
-    examples = ctx.dataset(cfg.data)
-    if cfg.index >= len(examples):
-        raise LmcycleError(f"index {cfg.index} is out of range: dataset '{cfg.data}' has {len(examples)} examples",
-                           file=ctx.recipe_file, field="index")
-    return get_template(cfg.template).render(examples[cfg.index], [])
-
-
-def run_explore(cfg: ExploreStage, ctx: RunContext) -> dict[str, str]:
-    """Write ``explore.json``, ``explore.png`` and ``explore.md`` under the stage directory."""
-    name = cfg.name or "explore"
-    model, tokenizer = load_model(ctx.model_path(cfg.model), device=ctx.device)
-    result = explore(model, tokenizer, stage_prompt(cfg, ctx), cfg.settings, top_n=cfg.top_n)
-    out = ctx.stage_dir(name)
-    atomic_write_json(out / "explore.json", result)
-    plot_exploration(result, out / "explore.png")
-    atomic_write_text(out / "explore.md", exploration_markdown(result))
-    ctx.log(name, settings=len(cfg.settings), top_token=result["tokens"][0]["label"],
-            top_prob=result["tokens"][0]["prob"])
-    return {"plot": str(out / "explore.png"), "explore": str(out / "explore.json"),
-            "table": str(out / "explore.md")}

@@ -17,7 +17,6 @@ its output does not depend on which other prompts share its batch or on ``batch_
 from __future__ import annotations
 
 import inspect
-import json
 from collections.abc import Callable, Generator, Iterator
 from typing import Literal
 
@@ -27,12 +26,10 @@ from pydantic import Field, field_validator
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from lmcycle.atomic import atomic_write_text
-from lmcycle.config import Config, ModelRef
+from lmcycle.config import Config
 from lmcycle.errors import LmcycleError
 from lmcycle.models.kv_cache import cache_kwargs, cache_of
-from lmcycle.models.load import context_window, eval_mode, is_seq2seq, load_model
-from lmcycle.stages.context import RunContext
+from lmcycle.models.load import context_window, eval_mode, is_seq2seq
 
 
 class DecodingConfig(Config):
@@ -323,27 +320,3 @@ def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts
     ids = generate_ids(model, tokenizer, prompts, cfg, max_input_tokens=max_input_tokens, progress=progress)
     return [cut_at_stop(tokenizer.decode(row, skip_special_tokens=True), cfg.stop) for row in ids]
 
-
-# -- stage --------------------------------------------------------------------------------------------------
-class GenerateStage(Config):
-    """Generate continuations of fixed prompts with one decoding setting."""
-
-    type: Literal["generate"] = "generate"
-    name: str | None = None
-    model: ModelRef | None = None
-    prompts: list[str] = Field(min_length=1)
-    decoding: DecodingConfig = DecodingConfig()
-
-
-def run_generate(cfg: GenerateStage, ctx: RunContext) -> dict[str, str]:
-    """Write ``generations.jsonl``: one ``{"prompt", "output", "settings"}`` object per prompt."""
-    name = cfg.name or "generate"
-    model, tokenizer = load_model(ctx.model_path(cfg.model), device=ctx.device)
-    outputs = generate(model, tokenizer, cfg.prompts, cfg.decoding, progress=True)
-    settings = cfg.decoding.model_dump()
-    lines = [json.dumps({"prompt": p, "output": o, "settings": settings}, ensure_ascii=False)
-             for p, o in zip(cfg.prompts, outputs, strict=True)]
-    path = ctx.stage_dir(name) / "generations.jsonl"
-    atomic_write_text(path, "\n".join(lines) + "\n")
-    ctx.log(name, prompts=len(cfg.prompts), mean_output_chars=sum(map(len, outputs)) / len(outputs))
-    return {"generations": str(path)}

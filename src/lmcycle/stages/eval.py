@@ -1,3 +1,178 @@
-"""Transitional: the eval stage still lives in lmcycle.evals.evaluate (moved here by issue 15)."""
+"""EvalStage: build prompts, generate, score against every reference, and keep every per-example output.
 
-from lmcycle.evals.evaluate import EvalStage, run_eval  # noqa: F401
+For each example of ``data`` (the first ``limit``): the prompt is the template with ``shots`` solved examples
+(drawn from ``shot_pool``, never the query itself) that fits the model's context window with room for
+``decoding.max_new_tokens``; the model continues it; the continuation, stripped of surrounding whitespace, is
+scored with the requested ``metrics`` against all of the example's targets
+(:func:`lmcycle.evals.evaluate.score_predictions`): ROUGE and BLEU (summaries), ``accuracy`` and ``macro_f1`` (a
+generated label word), ``exact_match`` and ``token_f1`` (SQuAD extractive QA, best gold answer),
+``gsm8k_accuracy`` (the final number of a worked solution). Perplexity is of ``targets[0]`` given the zero-shot
+prompt (decoders: prompt + target with the prompt masked; encoder-decoders: target given prompt).
+With ``baseline: extractive`` no model is loaded: the prediction is the three longest utterances.
+
+For detoxification: ``toxicity`` scores the predictions with the classifier ``toxicity_classifier`` (mean
+probability of its ``toxic`` label, :func:`lmcycle.evals.toxicity.toxicity_score`), and ``reference_model`` adds
+``reference_perplexity``: the perplexity of each generated completion given its prompt under that frozen model
+(a fluency check: a policy that games the reward with gibberish scores high here).
+
+Outputs in the stage directory: ``predictions.jsonl`` (id, prompt, prediction, references, per-example scores)
+and ``eval.json`` (``metrics`` and the ``settings`` that produced every number).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pydantic import Field, ValidationInfo, field_validator
+
+from lmcycle.atomic import atomic_write_json, atomic_write_text
+from lmcycle.config import Config, DatasetName, ModelRef
+from lmcycle.data.fewshot import build_prompt
+from lmcycle.data.templates import get_template
+from lmcycle.errors import LmcycleError
+from lmcycle.evals.baselines import extractive_baseline
+from lmcycle.evals.evaluate import Metric, completion_perplexity, reference_perplexity, score_predictions
+from lmcycle.evals.score import Score
+from lmcycle.evals.toxicity import toxicity_score
+from lmcycle.models.classifier import TextClassifier
+from lmcycle.models.generate import DecodingConfig, generate
+from lmcycle.models.load import context_window, is_seq2seq, load_model
+from lmcycle.stages.context import RunContext
+
+
+class EvalStage(Config):
+    """Score a model (or a baseline) on a dataset with the chosen metrics and perplexity."""
+
+    type: Literal["eval"] = "eval"
+    name: str | None = None
+    model: ModelRef | None = None  # None/"latest" = the newest model of an earlier stage
+    data: DatasetName
+    limit: int | None = Field(default=None, ge=1)
+    template: str | dict = "summarize"
+    shots: int = Field(default=0, ge=0)
+    shot_pool: DatasetName | None = None  # dataset to draw shots from; default: `data` (never the query itself)
+    decoding: DecodingConfig = Field(default_factory=lambda: DecodingConfig(max_new_tokens=64, stop=["\n\n"]))
+    metrics: list[Metric] = ["rouge", "bleu"]
+    perplexity: bool = True
+    baseline: Literal["extractive"] | None = None
+    toxicity_classifier: ModelRef | None = Field(None, validate_default=True,
+                                                 description="classifier stage name or path (metric 'toxicity')")
+    reference_model: ModelRef | None = Field(None, description="frozen model for reference_perplexity of completions")
+
+    @field_validator("toxicity_classifier")
+    @classmethod
+    def _classifier_for_toxicity(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None and "toxicity" in (info.data.get("metrics") or []):
+            raise ValueError("metric 'toxicity' needs a classifier: set it to a classifier stage's name or a path")
+        return value
+
+    @field_validator("reference_model")
+    @classmethod
+    def _reference_needs_a_model(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None and info.data.get("baseline") is not None:
+            raise ValueError("reference_perplexity scores a model's completions given its prompts; a baseline "
+                             "has no prompts")
+        return value
+
+
+@dataclass
+class _Outputs:
+    """What a model (or a baseline) produced for the examples, before scoring."""
+
+    prompts: list[str | None]
+    predictions: list[str]
+    model_scores: dict[str, Score] = field(default_factory=dict)  # keys of evals.evaluate.MODEL_SCORES
+    settings: dict[str, Any] = field(default_factory=dict)
+
+
+def run_eval(cfg: EvalStage, ctx: RunContext) -> dict[str, str]:
+    """Run the evaluation; write predictions.jsonl and eval.json; return their paths."""
+    name = cfg.name or "eval"
+    examples = _examples(ctx, cfg)
+    references = [list(ex.targets) for ex in examples]
+    out = _run_baseline(examples) if cfg.baseline is not None else _run_model(cfg, ctx, examples)
+    if "toxicity" in cfg.metrics:
+        classifier = TextClassifier.load(ctx.model_path(cfg.toxicity_classifier), device=ctx.device)
+        out.model_scores["toxicity"] = toxicity_score(classifier, out.predictions)
+    metrics, settings, per_example = score_predictions(cfg.metrics, out.predictions, references, out.model_scores)
+
+    # A baseline uses no prompt, so model, template, shots and decoding do not apply to it.
+    settings.update({
+        "model": None,
+        "baseline": cfg.baseline,
+        "data": cfg.data,
+        "limit": cfg.limit,
+        "n": len(examples),
+        "template": None if cfg.baseline else cfg.template if isinstance(cfg.template, str) else "custom",
+        "shots": None if cfg.baseline else cfg.shots,
+        "shot_pool": cfg.shot_pool or (cfg.data if cfg.shots and not cfg.baseline else None),
+        "decoding": None if cfg.baseline else cfg.decoding.model_dump(mode="json"),
+        **out.settings,
+    })
+
+    stage_dir = ctx.stage_dir(name)
+    pred_path, eval_path = stage_dir / "predictions.jsonl", stage_dir / "eval.json"
+    lines = [json.dumps({"id": ex.id, "prompt": prompt, "prediction": pred, "references": refs, **row},
+                        ensure_ascii=False)
+             for ex, prompt, pred, refs, row in zip(examples, out.prompts, out.predictions, references, per_example,
+                                                    strict=True)]
+    atomic_write_text(pred_path, "\n".join(lines) + "\n")
+    atomic_write_json(eval_path, {"metrics": metrics, "settings": settings})
+    ctx.log(name, kind="eval", **metrics)
+    return {"eval": str(eval_path), "predictions": str(pred_path)}
+
+
+def _examples(ctx: RunContext, cfg: EvalStage) -> list:
+    examples = list(ctx.dataset(cfg.data))
+    if cfg.limit is not None:
+        examples = examples[: cfg.limit]
+    if not examples:
+        raise LmcycleError(f"dataset '{cfg.data}' has no examples to evaluate", file=ctx.recipe_file, field="data")
+    for ex in examples:
+        if not ex.targets:
+            raise LmcycleError(f"example '{ex.id}' of dataset '{cfg.data}' has no reference target",
+                               file=ctx.recipe_file, field="data")
+    return examples
+
+
+def _run_baseline(examples: list) -> _Outputs:
+    return _Outputs(prompts=[None] * len(examples), predictions=[extractive_baseline(ex.input) for ex in examples],
+                    settings={"prediction_rule": "the three longest utterances, in dialogue order "
+                                                 "(lmcycle.evals.baselines.extractive_baseline)"})
+
+
+def _run_model(cfg: EvalStage, ctx: RunContext, examples: list) -> _Outputs:
+    template = get_template(cfg.template)
+    model_path = ctx.model_path(cfg.model)
+    model, tokenizer = load_model(model_path, device=ctx.device)
+    seq2seq = is_seq2seq(model)
+    window = context_window(model, tokenizer)
+    # A decoder's answer shares the context window with the prompt; an encoder-decoder's does not.
+    reserve = 0 if seq2seq else cfg.decoding.max_new_tokens
+    # Shots come from the whole pool dataset (not only the first `limit`); the builder never picks the query.
+    pool = list(ctx.dataset(cfg.shot_pool or cfg.data))
+    built = [build_prompt(template, ex, pool, cfg.shots, tokenizer, window, reserve, ctx.seed, query_index=i)
+             for i, ex in enumerate(examples)]
+    prompts = [b.text for b in built]
+    raw = generate(model, tokenizer, prompts, cfg.decoding, progress=True)
+    scores = {}
+    if cfg.perplexity:
+        scores["perplexity"] = reference_perplexity(model, tokenizer, template, examples, seq2seq, window,
+                                                    cfg.decoding.batch_size)
+    if cfg.reference_model is not None:
+        scores["reference_perplexity"] = completion_perplexity(ctx.model_path(cfg.reference_model), prompts, raw,
+                                                               ctx.device, cfg.decoding.batch_size)
+    settings = {
+        "model": str(model_path),
+        "template_fields": template.model_dump(),
+        "context_window": window,
+        "shots_used_mean": sum(b.shots_used for b in built) / len(built),
+        "prompts_truncated": sum(b.truncated for b in built),
+        "prompt_tokens_mean": sum(b.n_tokens for b in built) / len(built),
+        "seed": ctx.seed,
+        "prediction_postprocess": "generated text cut at the first stop string, then stripped of whitespace",
+    }
+    return _Outputs(prompts, [text.strip() for text in raw], scores, settings)
+
