@@ -12,6 +12,7 @@ from lmcycle.evals.baselines import extractive_baseline
 from lmcycle.evals.bleu import bleu
 from lmcycle.evals.perplexity import conditional_perplexity, seq2seq_perplexity
 from lmcycle.evals.rouge import rouge
+from lmcycle.evals.score import Signature
 from lmcycle.models.generate import DecodingConfig, generate
 from lmcycle.models.load import load_model
 from lmcycle.stages.context import RunContext
@@ -75,6 +76,7 @@ def test_eval_stage_on_a_tiny_decoder(tmp_path, tiny_model_dir):
 
     s = result["settings"]
     assert s["bleu"]["signature"].startswith("nrefs:var") and s["rouge"]["multi_ref"]
+    assert s["perplexity"]["signature"] == str(ppl.signature) and s["rouge"]["signature"] == str(r.signature)
     assert s["decoding"]["max_new_tokens"] == 6 and s["shots"] == 1 and s["model"] == str(tiny_model_dir)
     logged = [m for m in ctx.read_metrics("few") if m.get("kind") == "eval"]
     assert len(logged) == 1 and logged[0]["rougeL"] == pytest.approx(result["metrics"]["rougeL"])
@@ -90,6 +92,20 @@ def test_extractive_baseline_loads_no_model(tmp_path):
     assert result["settings"]["shots"] is None and result["settings"]["decoding"] is None
     assert result["metrics"]["rougeL"] == pytest.approx(
         rouge([r["prediction"] for r in rows], [ex.targets for ex in EXAMPLES]).values["rougeL"])
+
+
+def test_eval_json_records_each_metrics_signature(tmp_path):
+    def settings(run: str, limit: int | None = None) -> dict:
+        ctx = _ctx(tmp_path / run)
+        return _read(run_eval(EvalStage(name="base", data="d", baseline="extractive", limit=limit), ctx))[1]["settings"]
+
+    first, again, fewer = settings("a"), settings("b"), settings("c", limit=1)
+    for metric in ("rouge", "bleu"):
+        assert first[metric]["signature"] == again[metric]["signature"] and first[metric]["keys"]
+        assert first[metric]["signature"] != fewer[metric]["signature"]  # one example: one reference count
+    assert Signature.parse(first["rouge"]["signature"]).as_dict() == first["rouge"]["keys"]
+    assert first["rouge"]["signature"].startswith("rouge|agg:max|refs:var|stem:porter|")
+    assert first["bleu"]["keys"]["nrefs"] == "var" and "multi_ref" in first["bleu"]  # the long keys stay
 
 
 def test_eval_stage_on_a_tiny_encoder_decoder(tmp_path, tokenizer, t5):

@@ -64,6 +64,15 @@ def test_conditional_perplexity_counts_only_target_tokens(llama, tokenizer):
     assert sum(n for _, n in full) > score.values["n_tokens"]
 
 
+def test_signature_names_what_is_scored_and_the_window(llama, tokenizer):
+    causal = perplexity(llama, tokenizer, TEXTS[:2])
+    assert causal.signature == perplexity(llama, tokenizer, TEXTS[2:], batch_size=1).signature
+    assert str(causal.signature).startswith("perplexity|kind:causal|tokens:after-first|window:256|trunc:end|")
+    assert perplexity(llama, tokenizer, TEXTS[:2], max_len=5).settings["keys"]["window"] == "5"
+    given = conditional_perplexity(llama, tokenizer, ["Hello,"], [" how are you"])
+    assert given.settings["keys"]["tokens"] == "target" and given.signature != causal.signature
+
+
 def test_conditional_truncation_keeps_the_target(llama, tokenizer):
     prompt, target = "Go straight and turn left at the bank. " * 3, " They meet."
     t_ids = tokenizer(target, add_special_tokens=False)["input_ids"]

@@ -134,6 +134,10 @@ def test_toxicity_score_is_the_mean_of_the_toxic_column(classifier):
     assert [e["toxicity"] for e in score.per_example] == pytest.approx(p_toxic.tolist(), abs=1e-6)
     assert score.settings["threshold"] == threshold and score.settings["max_len"] == 16
     assert score.settings["toxic_label"] == "toxic" and score.settings["classifier"] == classifier.path
+    assert score.settings["keys"] == {"label": "toxic", "thr": str(threshold), "maxlen": "16", "agg": "mean",
+                                      "v": score.signature.version}
+    assert toxicity_score(classifier, texts[:3], threshold=threshold, max_len=16).signature == score.signature
+    assert toxicity_score(classifier, texts, threshold=0.9, max_len=16).signature != score.signature
     other = toxicity_score(classifier, texts, toxic_label="not_toxic")
     assert other.values["toxicity"] == pytest.approx(1 - score.values["toxicity"], abs=1e-6)
     with pytest.raises(LmcycleError, match="no texts"):

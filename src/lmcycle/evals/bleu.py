@@ -14,7 +14,7 @@ and the closest reference length is used for the brevity penalty (sacrebleu's ru
 from __future__ import annotations
 
 from lmcycle.evals.rouge import _check_inputs
-from lmcycle.evals.score import Score
+from lmcycle.evals.score import Score, Signature
 
 
 def reference_streams(references: list[list[str]]) -> list[list[str | None]]:
@@ -47,4 +47,5 @@ def bleu(predictions: list[str], references: list[list[str]]) -> Score:
                        "sentence BLEU with effective order",
         "n": len(predictions),
     }
-    return Score(values={"bleu": corpus.score}, settings=settings, per_example=per_example)
+    return Score(values={"bleu": corpus.score}, settings=settings, per_example=per_example,
+                 signature=Signature.from_sacrebleu("bleu", settings["signature"]))

@@ -15,8 +15,9 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from lmcycle import __version__
 from lmcycle.errors import LmcycleError
-from lmcycle.evals.score import Score
+from lmcycle.evals.score import Score, Signature
 
 NORMALISATION = "lowercase; every non-alphanumeric character becomes a space; whitespace collapsed"
 READING_RULE = ("the prediction names the gold label whose normalised words are its first word(s) (longest such "
@@ -47,7 +48,8 @@ def accuracy(predictions: list[str], references: list[list[str]]) -> Score:
     gold, read = _read_labels(predictions, references)
     per_example = [{"accuracy": 100.0 if p == g else 0.0} for p, g in zip(read, gold, strict=True)]
     values = {"accuracy": sum(e["accuracy"] for e in per_example) / len(per_example) if per_example else 0.0}
-    return Score(values=values, settings=_settings(gold, read), per_example=per_example)
+    return Score(values=values, settings=_settings(gold, read), per_example=per_example,
+                 signature=_signature("accuracy", gold))
 
 
 def macro_f1(predictions: list[str], references: list[list[str]]) -> Score:
@@ -72,7 +74,8 @@ def macro_f1(predictions: list[str], references: list[list[str]]) -> Score:
         "averaging": "unweighted mean over the gold labels of per-label F1; 0 where precision or recall is 0/0 "
                      "(= sklearn f1_score(average='macro', labels=gold labels, zero_division=0))",
     }
-    return Score(values=values, settings=settings, per_example=[])
+    return Score(values=values, settings=settings, per_example=[],
+                 signature=_signature("macro_f1", gold, avg="macro", zero_div=0))
 
 
 def _read_labels(predictions: list[str], references: list[list[str]]) -> tuple[list[str], list[str | None]]:
@@ -97,6 +100,12 @@ def _settings(gold: list[str], read: list[str | None]) -> dict:
         "scale": "percent (x100)",
         "n": len(gold),
     }
+
+
+def _signature(metric: str, gold: list[str], **extra) -> Signature:
+    # The label set is counted, not named: labels may hold any character, and the count is what changes a score.
+    return Signature.of(metric, __version__, norm="alnum-lower", read="first-words-longest",
+                        labels=len(set(gold)), **extra)
 
 
 def score_labels(predicted: list[str], gold: list[str]) -> dict[str, Any]:

@@ -11,11 +11,14 @@ from __future__ import annotations
 import re
 from decimal import Decimal
 
+from lmcycle import __version__
 from lmcycle.errors import LmcycleError
-from lmcycle.evals.score import Score
+from lmcycle.evals.score import Score, Signature
 
 EXTRACTION = ("the first number after the first '####', else the last number in the text; a number is "
               "-?digits with optional thousands commas and decimals; commas stripped")
+SIGNATURE = Signature.of("gsm8k_accuracy", __version__, extract="hash-else-last", gold="first-ref",
+                         cmp="decimal")
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 
 
@@ -55,7 +58,7 @@ def gsm8k_accuracy(predictions: list[str], references: list[list[str]]) -> Score
         "n": n,
     }
     return Score(values={"gsm8k_accuracy": sum(e["gsm8k_accuracy"] for e in per_example) / n if n else 0.0},
-                 settings=settings, per_example=per_example)
+                 settings=settings, per_example=per_example, signature=SIGNATURE)
 
 
 def _to_decimal(number: str) -> Decimal:

@@ -20,8 +20,9 @@ from collections.abc import Sequence
 import torch
 from tqdm.auto import tqdm
 
+from lmcycle import __version__
 from lmcycle.errors import LmcycleError
-from lmcycle.evals.score import Score
+from lmcycle.evals.score import Score, Signature
 
 _CONTEXT_ATTRS = ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length")
 
@@ -51,7 +52,8 @@ def perplexity(model, tokenizer, texts: Sequence[str], *, batch_size: int = 8, m
             ids, truncated = ids[:limit], truncated + 1
         sequences.append((ids, 1))
     sums = _causal_nll(model, sequences, _pad_id(tokenizer), batch_size)
-    return _score(sums, {"kind": "causal LM on texts", "max_len": limit, "truncated": truncated})
+    return _score(sums, {"kind": "causal LM on texts", "max_len": limit, "truncated": truncated},
+                  {"kind": "causal", "tokens": "after-first", "window": limit, "trunc": "end"})
 
 
 def conditional_perplexity(model, tokenizer, prompts: Sequence[str], targets: Sequence[str], *,
@@ -77,7 +79,8 @@ def conditional_perplexity(model, tokenizer, prompts: Sequence[str], targets: Se
         sequences.append((p_ids + t_ids, max(len(p_ids), 1)))
     sums = _causal_nll(model, sequences, _pad_id(tokenizer), batch_size)
     return _score(sums, {"kind": "causal LM, target given prompt (prompt masked)", "max_len": limit,
-                         "truncated": truncated})
+                         "truncated": truncated},
+                  {"kind": "causal", "tokens": "target", "window": limit, "trunc": "prompt-start"})
 
 
 def seq2seq_perplexity(model, tokenizer, inputs: Sequence[str], targets: Sequence[str], *,
@@ -109,7 +112,8 @@ def seq2seq_perplexity(model, tokenizer, inputs: Sequence[str], targets: Sequenc
             out = model(input_ids=input_ids.to(device), attention_mask=attention.to(device), labels=labels.to(device))
             sums += _gather_nll(out.logits, labels.to(device))
     return _score(sums, {"kind": "seq2seq, target given input (teacher forcing)", "max_len": limit,
-                         "truncated": truncated})
+                         "truncated": truncated},
+                  {"kind": "seq2seq", "tokens": "target", "window": limit, "trunc": "end"})
 
 
 def _causal_nll(model, sequences: list[tuple[list[int], int]], pad: int, batch_size: int) -> list[tuple[float, int]]:
@@ -159,7 +163,8 @@ def _pad_id(tokenizer) -> int:
     return 0
 
 
-def _score(sums: list[tuple[float, int]], settings: dict) -> Score:
+def _score(sums: list[tuple[float, int]], settings: dict, keys: dict) -> Score:
+    """The Score of per-sequence NLL sums; ``keys`` are the signature's short keys for how they were taken."""
     total_nll = sum(s for s, _ in sums)
     total_tokens = sum(n for _, n in sums)
     if total_tokens == 0:
@@ -170,4 +175,5 @@ def _score(sums: list[tuple[float, int]], settings: dict) -> Score:
     settings = {**settings, "aggregation": "exp(total NLL / total predicted tokens), NLL in nats",
                 "n": len(sums)}
     return Score(values={"perplexity": math.exp(mean), "nll": mean, "n_tokens": total_tokens},
-                 settings=settings, per_example=per_example)
+                 settings=settings, per_example=per_example,
+                 signature=Signature.of("perplexity", __version__, **keys, agg="tokens"))

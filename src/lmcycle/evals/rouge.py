@@ -19,7 +19,7 @@ import re
 from importlib.metadata import version
 
 from lmcycle.errors import LmcycleError
-from lmcycle.evals.score import Score
+from lmcycle.evals.score import Score, Signature, ref_count
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 
@@ -95,7 +95,10 @@ def rouge(
         "aggregation": "mean of per-example F1, x100",
         "n": n,
     }
-    return Score(values=values, settings=settings, per_example=per_example)
+    # The types are left out: they choose which numbers are reported, not how any one of them is computed.
+    signature = Signature.of("rouge", version("rouge-score"), agg="max", refs=ref_count(references),
+                             stem="porter" if use_stemmer else "none", lsum="split-sentences", tok="default")
+    return Score(values=values, settings=settings, per_example=per_example, signature=signature)
 
 
 def _check_inputs(predictions: list[str], references: list[list[str]]) -> None:

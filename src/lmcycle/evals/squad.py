@@ -13,8 +13,9 @@ import string
 from collections import Counter
 from collections.abc import Callable
 
+from lmcycle import __version__
 from lmcycle.errors import LmcycleError
-from lmcycle.evals.score import Score
+from lmcycle.evals.score import Score, Signature, ref_count
 
 NORMALISATION = ("SQuAD v1.1 official: lowercase; remove ASCII punctuation (string.punctuation); remove the "
                  "articles a/an/the as whole words; collapse whitespace")
@@ -72,5 +73,7 @@ def _score(key: str, one: Callable[[str, str], float], predictions: list[str],
         "aggregation": "mean over examples, x100",
         "n": n,
     }
+    tokens = {"tok": "whitespace"} if key == "token_f1" else {}
+    signature = Signature.of(key, __version__, norm="squad-v1.1", **tokens, agg="max", refs=ref_count(references))
     return Score(values={key: sum(e[key] for e in per_example) / n if n else 0.0}, settings=settings,
-                 per_example=per_example)
+                 per_example=per_example, signature=signature)

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from lmcycle import __version__
 from lmcycle.errors import LmcycleError
-from lmcycle.evals.score import Score
+from lmcycle.evals.score import Score, Signature
 from lmcycle.models.classifier import TextClassifier
 
 
@@ -33,4 +34,8 @@ def toxicity_score(classifier: TextClassifier, texts: Sequence[str], toxic_label
         "scale": "probability (0-1)",
         "n": len(texts),
     }
-    return Score(values=values, settings=settings, per_example=[{"toxicity": float(p)} for p in p_toxic.tolist()])
+    # The classifier is a model, like the one evaluated: `classifier` names it; the signature says how its
+    # probabilities become the numbers, so that two runs with the same settings compare equal.
+    signature = Signature.of("toxicity", __version__, label=toxic_label, thr=threshold, maxlen=max_len, agg="mean")
+    return Score(values=values, settings=settings, per_example=[{"toxicity": float(p)} for p in p_toxic.tolist()],
+                 signature=signature)
