@@ -88,11 +88,11 @@ def optimizer_state_bytes(stage_dir: Path) -> int:
 
 
 def run_variant(variant: str, workdir: Path, args: argparse.Namespace) -> dict:
-    import lmcycle.align.ppo_stage as ppo_stage
-    from lmcycle.align.ppo_stage import PpoStage, run_ppo
+    import lmcycle.stages.ppo as ppo_stage
     from lmcycle.config import validate
     from lmcycle.data.examples import Example
     from lmcycle.stages.context import RunContext
+    from lmcycle.stages.ppo import PpoStage, run_ppo
 
     held: dict[str, int] = {}
     scorer = ppo_stage.reference_scorer

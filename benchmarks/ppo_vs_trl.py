@@ -34,10 +34,10 @@ too), ours is a zero-initialised linear head on the policy's own last hidden sta
 past the response's end, ours on its last token; ours skips a minibatch whose mean ratio exceeds 10 (it never
 fires here). Both keep a frozen reference copy of the policy (full fine-tuning on both sides).
 
-Ours is the real stage, ``lmcycle.align.ppo_stage.run_ppo`` with a ``RunContext``, as ``lmcycle run`` calls it.
+Ours is the real stage, ``lmcycle.stages.ppo.run_ppo`` with a ``RunContext``, as ``lmcycle run`` calls it.
 
 Timing: rollout 0 is a warm-up; the window runs from the start of rollout 1 to the start of the last rollout
-(ours: when ``make_rollout`` is called; TRL: its ``on_step_end`` callback after the previous update, which is
+(ours: when ``sample_responses`` is called; TRL: its ``on_step_end`` callback after the previous update, which is
 where its next rollout starts), so it covers ``--rollouts`` complete rollouts (generation, reward, scoring, PPO
 epochs) and neither side's final save. Episodes/s = rollouts x rollout size / window. Peak RSS = the larger of
 ``ru_maxrss`` before training and at the end of the window (our ``train()`` resets the kernel's high-water mark
@@ -205,13 +205,12 @@ class RolloutClock:
 
 def run_ours(workdir: Path, args: argparse.Namespace, clock: RolloutClock, out: Path) -> dict:
     import lmcycle.align.ppo as ppo_math
-    import lmcycle.align.ppo_stage as ppo_stage
-    import lmcycle.models.generate as generation
-    from lmcycle.align.ppo_stage import PpoStage, run_ppo
+    import lmcycle.stages.ppo as ppo_stage
     from lmcycle.config import validate
     from lmcycle.data.examples import Example
     from lmcycle.models.load import load_model
     from lmcycle.stages.context import RunContext
+    from lmcycle.stages.ppo import PpoStage, run_ppo
 
     phases = {"generate": 0.0, "reward": 0.0, "score_tokens": 0.0, "rollout_total": 0.0}
     counted = [False]  # only rollouts inside the timed window count towards the phase times
@@ -226,17 +225,26 @@ def run_ours(workdir: Path, args: argparse.Namespace, clock: RolloutClock, out: 
                     phases[name] += time.perf_counter() - start
         return wrapper
 
-    make_rollout = ppo_stage.make_rollout
+    # A rollout is made from its sample_responses call (step 1) to the end of its rollout_stats (before logging).
+    sample_responses, rollout_stats, rollout_started = ppo_stage.sample_responses, ppo_stage.rollout_stats, [0.0]
 
-    def clocked_rollout(*a, **kw):
+    def clocked_sampling(*a, **kw):
         i = len(clock.wall)
         clock.starts(i)
         counted[0] = 1 <= i < clock.last
-        return timed("rollout_total", make_rollout)(*a, **kw)
+        rollout_started[0] = time.perf_counter()
+        return sample_responses(*a, **kw)
 
-    ppo_stage.make_rollout = clocked_rollout
-    generation.decode_rows = timed("generate", generation.decode_rows)
-    ppo_math.score_tokens = timed("score_tokens", ppo_math.score_tokens)
+    def clocked_stats(*a, **kw):
+        try:
+            return rollout_stats(*a, **kw)
+        finally:
+            if counted[0]:
+                phases["rollout_total"] += time.perf_counter() - rollout_started[0]
+
+    ppo_stage.sample_responses, ppo_stage.rollout_stats = clocked_sampling, clocked_stats
+    ppo_math.decode_rows = timed("generate", ppo_math.decode_rows)
+    ppo_stage.score_tokens = timed("score_tokens", ppo_stage.score_tokens)
     # The stage imports the reward as "<this file's stem>:classifier_reward": a module apart from __main__.
     reward_module = importlib.import_module(Path(__file__).stem)
     reward_module.classifier_reward = timed("reward", reward_module.classifier_reward)
@@ -386,7 +394,7 @@ def phase_table(ours: dict) -> list[str]:
     update = window - ph["rollout_total"]
     rows = [("generation (`decode_rows`, KV cache)", ph["generate"]), ("reward (classifier)", ph["reward"]),
             ("scoring: old log-probs, values, reference log-probs (`score_tokens`)", ph["score_tokens"]),
-            ("rest of `make_rollout` (GAE, stats, padding)", rest),
+            ("rest of the rollout (padding, KL, GAE, stats)", rest),
             ("PPO updates (forward + backward + AdamW, all epochs) and loop", update)]
     lines = ["", f"where our time goes ({window:.1f} s window):", "", "| phase | s | share |", "|---|---:|---:|"]
     lines += [f"| {name} | {s:.2f} | {s / window:.0%} |" for name, s in rows]

@@ -3,6 +3,8 @@ resumes exactly, its guard raises alarms and stops, and bad rewards give clear e
 
 from __future__ import annotations
 
+import itertools
+
 import peft
 import ppo_toy_rewards
 import pytest
@@ -12,11 +14,20 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from lmcycle.adapt.lora import LoraConfig, add_lora, lora_layers
-from lmcycle.align.ppo import PolicyWithValue, PpoSettings, make_rollout, reference_scorer, token_logprobs
-from lmcycle.align.ppo_stage import PpoStage, run_ppo
+from lmcycle.align.ppo import (
+    PolicyWithValue,
+    kl_estimates,
+    pad_episodes,
+    reference_scorer,
+    sample_responses,
+    score_tokens,
+    token_logprobs,
+)
 from lmcycle.config import validate
 from lmcycle.errors import LmcycleError
-from lmcycle.models.generate import DecodingConfig
+from lmcycle.models.generate import DecodingConfig, pad_id_of
+from lmcycle.stages.common import start_training_stage
+from lmcycle.stages.ppo import PpoRun, PpoStage, load_prompts, ppo_batches, run_ppo
 
 context = tiny_lm.run_context
 PROMPTS = [ex.input for ex in tiny_lm.examples(16, seed=3)]
@@ -63,18 +74,19 @@ def test_rollout_log_probs_are_those_the_update_recomputes(arch, tok, t5_tok):
     agent = PolicyWithValue(build(tokenizer), beta=0.1)
     ref = reference_scorer(agent, build(tokenizer, seed=1), temperature=0.7)
     decoding = DecodingConfig(do_sample=True, temperature=0.7, max_new_tokens=6)
-    rollout = make_rollout(agent, tokenizer, PROMPTS[:6], decoding, ppo_toy_rewards.vowel_a_or_e,
-                           PpoSettings(rollout_size=6, forward_batch_size=4), ref)
-    assert rollout.stats["kl"] != 0  # a different reference model
+    responses = sample_responses(agent, tokenizer, PROMPTS[:6], decoding)
+    query, query_mask, response, response_mask = pad_episodes(responses, pad_id_of(tokenizer), agent.seq2seq)
+    old = score_tokens(agent, query, query_mask, response, response_mask, 0.7, 4, ref)
+    k1, _ = kl_estimates(old["logp"], old["ref_logp"])
+    assert (k1 * response_mask).sum() != 0  # a different reference model
     for i in range(6):
-        n = int(rollout.response_mask[i].sum())
-        q = rollout.query[i][rollout.query_mask[i].bool()][None]
-        r = rollout.response[i, :n][None]
+        n = int(response_mask[i].sum())
+        q = query[i][query_mask[i].bool()][None]
+        r = response[i, :n][None]
         with torch.no_grad():
             logits, values = agent(q, torch.ones_like(q), r, torch.ones_like(r))
-        assert token_logprobs(logits, r, 0.7)[0].tolist() == pytest.approx(rollout.old_logp[i, :n].tolist(),
-                                                                            abs=1e-4)
-        assert rollout.old_logp[i, n:].abs().sum() == 0 or n == rollout.response.size(1)
+        assert token_logprobs(logits, r, 0.7)[0].tolist() == pytest.approx(old["logp"][i, :n].tolist(), abs=1e-4)
+        assert old["logp"][i, n:].abs().sum() == 0 or n == response.size(1)
 
 
 def test_lora_reference_is_the_base_with_the_adapter_disabled(tok):
@@ -133,6 +145,24 @@ def test_ppo_resumes_exactly_after_a_crash(tok, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     scores = {r["rollout"]: r["score"] for r in rollout_rows(full)}
     assert {r["rollout"]: r["score"] for r in rollout_rows(crashed)} == scores
+
+
+def test_a_resumed_loop_makes_its_rollout_again_and_skips_the_minibatches_done(tok, tmp_path):
+    """ppo_batches from step 5 (rollout 1's second minibatch) serves what a loop from step 0 serves there."""
+    cfg = ppo_cfg(2, ppo={"ppo_epochs": 2})  # 2 epochs x 2 minibatches: 4 steps per rollout
+
+    def batches(start: int, n: int) -> list:
+        ctx = context(tmp_path / str(start), tiny_lm.tiny_llama(tok), tok)
+        stage = start_training_stage(cfg, ctx, "ppo")
+        agent = PolicyWithValue(stage.model, cfg.ppo.beta)
+        run = PpoRun(cfg, stage, agent, load_prompts(cfg, ctx), ppo_toy_rewards.vowel_a_or_e, None,
+                     reference_scorer(agent, tiny_lm.tiny_llama(tok), 1.0))
+        return list(itertools.islice(ppo_batches(run, start), n))  # no updates in between: the same weights
+
+    resumed, full = batches(5, 3), batches(0, 8)[5:]
+    assert len(resumed) == 3
+    for a, b in zip(resumed, full, strict=True):
+        assert all(torch.equal(x[k], y[k]) for x, y in zip(a, b, strict=True) for k in x)
 
 
 def test_adaptive_kl_controller_moves_beta(tok, tmp_path):

@@ -7,11 +7,11 @@ import pytest
 import tiny_lm
 import torch
 
-from lmcycle.align.ppo_stage import PpoStage
 from lmcycle.align.reward import RewardModel
 from lmcycle.align.reward_sources import build_reward, check_rewards, python_reward
 from lmcycle.config import validate
 from lmcycle.errors import LmcycleError
+from lmcycle.stages.ppo import PpoStage
 
 
 def test_any_callable_returning_numbers_is_a_reward():

@@ -26,9 +26,8 @@ Conventions (see ``../shared/notes/ppo-conventions.md``), chosen and tested here
 - **Value head**: ``nn.Linear(hidden, 1)`` on the policy's last hidden state (decoder: the state that predicts the
   token; encoder-decoder: the decoder's state), zero-initialised, trained with the policy.
 
-The stage runs on the shared training loop (:func:`lmcycle.train.loop.train`): one optimizer step is one
-minibatch, and the rollout of step ``s`` is made when ``s`` starts a new rollout. Checkpoints fall on rollout
-boundaries and hold β, so a resumed run regenerates the next rollout exactly (same weights, same seed).
+The functions below are the steps of that iteration; :mod:`lmcycle.stages.ppo` calls them in order, one rollout
+after another, on the shared training loop (one optimizer step is one minibatch).
 """
 
 from __future__ import annotations
@@ -41,8 +40,12 @@ import torch
 from pydantic import Field
 from torch import nn
 
+from lmcycle.adapt.lora import adapter_disabled
+from lmcycle.align.guard import distinct_n, repetition
 from lmcycle.config import Config
-from lmcycle.models.load import eval_mode
+from lmcycle.errors import LmcycleError
+from lmcycle.models.generate import cut_at_stop, decode_rows, decoder_start_id, encode_prompts
+from lmcycle.models.load import eval_mode, forward_accepts
 
 Tensor = torch.Tensor
 
@@ -145,8 +148,6 @@ def response_logits(model: nn.Module, query: Tensor, query_mask: Tensor, respons
     each token is chosen in. Decoder queries are left-padded, encoder-decoder queries right-padded; responses are
     right-padded."""
     if getattr(model.config, "is_encoder_decoder", False):
-        from lmcycle.models.generate import decoder_start_id
-
         start = decoder_start_id(model, int(model.config.pad_token_id or 0))
         decoder_in = torch.cat([response.new_full((len(response), 1), start), response[:, :-1]], dim=1)
         out = model(input_ids=query, attention_mask=query_mask, decoder_input_ids=decoder_in,
@@ -186,8 +187,6 @@ class PolicyWithValue(nn.Module):
 
 
 def _last_logits(model: nn.Module, k: int) -> dict:
-    from lmcycle.models.load import forward_accepts
-
     return {"logits_to_keep": k} if forward_accepts(type(model), "logits_to_keep") else {}
 
 
@@ -216,24 +215,35 @@ class PpoSettings(Config):
 
 
 @dataclass
-class Rollout:
-    """One rollout's episodes as padded tensors (all [N, ...]) and what was measured while making it."""
+class Responses:
+    """Step 1's output: one sampled response per prompt."""
 
-    query: Tensor  # [N, P]
-    query_mask: Tensor
-    response: Tensor  # [N, R]
-    response_mask: Tensor  # [N, R] long (1 = response token)
-    old_logp: Tensor  # [N, R]
-    old_values: Tensor
-    advantages: Tensor
-    returns: Tensor
-    stats: dict[str, float]
-    samples: list[dict] = field(default_factory=list)
+    prompt_ids: list[list[int]]  # the encoded prompts
+    ids: list[list[int]]  # each response, with the EOS the policy chose as its last id (that choice is scored too)
+    content_ids: list[list[int]]  # the same without the EOS: what the diversity statistics count
+    endings: list[str]  # "eos", "stop" or "length" (max_new_tokens ran out)
+    texts: list[str]  # decoded and cut at the stop strings: what the reward reads
 
-    def minibatch(self, index: list[int]) -> dict[str, Tensor]:
-        idx = torch.tensor(index)
-        return {k: getattr(self, k)[idx] for k in ("query", "query_mask", "response", "response_mask", "old_logp",
-                                                    "old_values", "advantages", "returns")}
+
+def sample_responses(agent: PolicyWithValue, tokenizer, prompts: list[str], decoding) -> Responses:
+    """Sample one response per prompt with ``decoding`` (a :class:`~lmcycle.models.generate.DecodingConfig`, its
+    seed already set for this rollout); dropout off, as in the updates."""
+    rows = encode_prompts(agent.policy, tokenizer, prompts, decoding)
+    with eval_mode(agent):
+        ids, endings = decode_rows(agent.policy, tokenizer, rows, decoding, keep_eos=True)
+    content = [r[:-1] if end == "eos" else r for r, end in zip(ids, endings, strict=True)]
+    texts = [cut_at_stop(tokenizer.decode(r, skip_special_tokens=True), decoding.stop) for r in content]
+    return Responses(rows, ids, content, endings, texts)
+
+
+def finish_scores(scores: Tensor, endings: list[str], cfg: PpoSettings) -> Tensor:
+    """Apply the missing-EOS penalty (responses that ran out of tokens) and the score clip to ``scores`` [N]."""
+    scores = scores.clone()
+    if cfg.missing_eos_penalty is not None:
+        scores -= cfg.missing_eos_penalty * torch.tensor([e == "length" for e in endings], dtype=scores.dtype)
+    if cfg.score_clip is not None:
+        scores = scores.clamp(-cfg.score_clip, cfg.score_clip)
+    return scores
 
 
 def _pad(rows: list[list[int]], pad_id: int, left: bool) -> tuple[Tensor, Tensor]:
@@ -241,6 +251,14 @@ def _pad(rows: list[list[int]], pad_id: int, left: bool) -> tuple[Tensor, Tensor
     ids = [[pad_id] * (width - len(r)) + r if left else r + [pad_id] * (width - len(r)) for r in rows]
     mask = [[0] * (width - len(r)) + [1] * len(r) if left else [1] * len(r) + [0] * (width - len(r)) for r in rows]
     return torch.tensor(ids), torch.tensor(mask)
+
+
+def pad_episodes(responses: Responses, pad_id: int, seq2seq: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(query [N, P], query_mask, response [N, R], response_mask)``: queries left-padded for a decoder
+    (right-padded for an encoder-decoder), responses right-padded; masks are long, 1 on real tokens."""
+    query, query_mask = _pad(responses.prompt_ids, pad_id, left=not seq2seq)
+    response, response_mask = _pad(responses.ids, pad_id, left=False)
+    return query, query_mask, response, response_mask
 
 
 @torch.no_grad()
@@ -266,8 +284,6 @@ def reference_scorer(agent: PolicyWithValue, ref_model: nn.Module | None, temper
                      ) -> Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]:
     """Reference log-probs of the response tokens: ``ref_model``'s, or the policy's with its LoRA adapter off.
     Only logits: no hidden states, no value head."""
-    from lmcycle.adapt.lora import adapter_disabled
-
     if ref_model is not None:
         ref_model.requires_grad_(False).eval()  # a fixed function: no dropout, no gradients
 
@@ -280,53 +296,13 @@ def reference_scorer(agent: PolicyWithValue, ref_model: nn.Module | None, temper
     return ref
 
 
-def finish_scores(scores: Tensor, endings: list[str], cfg: PpoSettings) -> Tensor:
-    """Apply the missing-EOS penalty (responses that ran out of tokens) and the score clip."""
-    scores = scores.clone()
-    if cfg.missing_eos_penalty is not None:
-        scores -= cfg.missing_eos_penalty * torch.tensor([e == "length" for e in endings], dtype=scores.dtype)
-    if cfg.score_clip is not None:
-        scores = scores.clamp(-cfg.score_clip, cfg.score_clip)
-    return scores
-
-
-def make_rollout(agent: PolicyWithValue, tokenizer, prompts: list[str], decoding, reward_fn, cfg: PpoSettings,
-                 ref: Callable, judge_fn=None, max_input_tokens: int | None = None) -> Rollout:
-    """Sample one response per prompt, score it, and compute everything the PPO updates need.
-
-    ``decoding`` is the recipe's :class:`~lmcycle.models.generate.DecodingConfig` (its seed already set for
-    this rollout); ``reward_fn(prompts, responses) -> [N]`` scores the decoded text.
-    """
-    from lmcycle.align.guard import distinct_n, repetition
-    from lmcycle.align.reward_sources import check_rewards
-    from lmcycle.models.generate import cut_at_stop, decode_rows, encode_prompts, pad_id_of
-
-    policy = agent.policy
-    rows = encode_prompts(policy, tokenizer, prompts, decoding, max_input_tokens)
-    with eval_mode(agent):
-        # The EOS the policy chose is an action too: it is scored, and it carries the sequence's reward.
-        responses, endings = decode_rows(policy, tokenizer, rows, decoding, keep_eos=True)
-    new_ids = [ids[:-1] if end == "eos" else ids for ids, end in zip(responses, endings, strict=True)]
-    texts = [cut_at_stop(tokenizer.decode(ids, skip_special_tokens=True), decoding.stop) for ids in new_ids]
-    raw_scores = check_rewards(reward_fn(prompts, texts), len(texts), "function")
-    scores = finish_scores(raw_scores, endings, cfg)
-
-    pad_id = pad_id_of(tokenizer)
-    query, query_mask = _pad(rows, pad_id, left=not agent.seq2seq)
-    response, response_mask = _pad(responses, pad_id, left=False)
-    mask = response_mask.float()
-    out = score_tokens(agent, query, query_mask, response, response_mask, decoding.temperature,
-                       cfg.forward_batch_size, ref)
-    k1, k3 = kl_estimates(out["logp"], out["ref_logp"])
-    beta = float(agent.kl_beta)
-    rewards = per_token_rewards(scores, k1 if cfg.kl_estimator == "k1" else k3, mask, beta)
-    advantages, returns = gae(rewards, out["values"], mask, cfg.gamma, cfg.lam)
-    if cfg.whiten_advantages:
-        advantages = whiten(advantages, mask)
-
+def rollout_stats(raw_scores: Tensor, scores: Tensor, rewards: Tensor, k1: Tensor, k3: Tensor,
+                  old: dict[str, Tensor], mask: Tensor, beta: float, responses: Responses) -> dict[str, float]:
+    """What a rollout row logs: scores [N] before and after :func:`finish_scores`, the summed ``rewards`` [N, R],
+    KL (``k1``, ``k3`` [N, R]), :func:`score_tokens`' entropies and values, lengths and diversity."""
     n_tokens = mask.sum().clamp(min=1)
-    lengths = mask.sum(1)
-    stats = {
+    endings, ids = responses.endings, responses.content_ids
+    return {
         "score": float(raw_scores.mean()),
         "score_final": float(scores.mean()),  # after the missing-EOS penalty and the clip
         "reward": float(rewards.sum(1).mean()),  # score - β·KL summed over the response
@@ -334,20 +310,33 @@ def make_rollout(agent: PolicyWithValue, tokenizer, prompts: list[str], decoding
         "kl_k3": float((k3 * mask).sum() / n_tokens),
         "kl_seq": float((k1 * mask).sum(1).mean()),  # per-sequence sum, legacy TRL's unit
         "beta": beta,
-        "entropy": float((out["entropy"] * mask).sum() / n_tokens),
-        "response_len": float(lengths.mean()),
+        "entropy": float((old["entropy"] * mask).sum() / n_tokens),
+        "response_len": float(mask.sum(1).mean()),
         "eos_fraction": sum(e == "eos" for e in endings) / len(endings),
-        "distinct_1": distinct_n(new_ids, 1),
-        "distinct_2": distinct_n(new_ids, 2),
-        "repetition": repetition(new_ids),
-        "value_mean": float((out["values"] * mask).sum() / n_tokens),
+        "distinct_1": distinct_n(ids, 1),
+        "distinct_2": distinct_n(ids, 2),
+        "repetition": repetition(ids),
+        "value_mean": float((old["values"] * mask).sum() / n_tokens),
     }
-    if judge_fn is not None:
-        stats["judge"] = float(check_rewards(judge_fn(prompts, texts), len(texts), "judge").mean())
-    samples = [{"prompt": p, "response": t, "score": float(s), "ending": e}
-               for p, t, s, e in zip(prompts, texts, raw_scores.tolist(), endings, strict=True)]
-    return Rollout(query, query_mask, response, response_mask, out["logp"], out["values"] * mask, advantages, returns,
-                   stats, samples)
+
+
+@dataclass
+class Rollout:
+    """One rollout's episodes as padded tensors (all [N, ...]): what the PPO updates read."""
+
+    query: Tensor  # [N, P]
+    query_mask: Tensor
+    response: Tensor  # [N, R]
+    response_mask: Tensor  # [N, R] long (1 = response token)
+    old_logp: Tensor  # [N, R]
+    old_values: Tensor
+    advantages: Tensor
+    returns: Tensor
+
+    def minibatch(self, index: list[int]) -> dict[str, Tensor]:
+        idx = torch.tensor(index)
+        return {k: getattr(self, k)[idx] for k in ("query", "query_mask", "response", "response_mask", "old_logp",
+                                                    "old_values", "advantages", "returns")}
 
 
 # -- the update --------------------------------------------------------------------------------------------------
@@ -409,8 +398,6 @@ def steps_per_rollout(cfg: PpoSettings, batch_size: int, grad_accum: int) -> int
     """Optimizer steps one rollout gives: ``ppo_epochs × rollout_size / (batch_size · grad_accum)``."""
     per_step = batch_size * grad_accum
     if cfg.rollout_size % per_step:
-        from lmcycle.errors import LmcycleError
-
         raise LmcycleError(f"rollout_size ({cfg.rollout_size}) must be a multiple of train.batch_size x "
                            f"train.grad_accum ({per_step}): each PPO epoch splits the rollout into minibatches",
                            field="ppo.rollout_size")
