@@ -37,7 +37,7 @@ def child(method: str, size: str, seq_len: int, batch: int, steps: int, r: int, 
     from lmcycle.adapt.prompt_tuning import PromptTuningConfig, add_prompt_tuning
     from lmcycle.adapt.qlora import quantize_model
     from lmcycle.train.loop import TrainConfig, lm_loss_sum, train
-    from lmcycle.train.plan import config_for_size
+    from lmcycle.train.memory_plan import config_for_size
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config_for_size("llama", size, vocab=4096, max_len=1024))
@@ -59,7 +59,7 @@ def child(method: str, size: str, seq_len: int, batch: int, steps: int, r: int, 
 
 def predicted(size: str, seq_len: int, batch: int, r: int, tokens: int) -> dict[str, float]:
     """MiB the planner expects training to add: gradients + optimizer + activations (weights already loaded)."""
-    from lmcycle.train.plan import config_for_size, make_plan
+    from lmcycle.train.memory_plan import config_for_size, make_plan
 
     plan = make_plan(config_for_size("llama", size, vocab=4096, max_len=1024), seq_len=seq_len, batch=batch,
                      lora_r=r, lora_targets=TARGETS, virtual_tokens=tokens, precision="fp32")

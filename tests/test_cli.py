@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from lmcycle.cli import dataset_from_arg, main
+from lmcycle.cli.main import dataset_from_arg, main
 from lmcycle.errors import LmcycleError
 
 

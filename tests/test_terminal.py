@@ -2,7 +2,7 @@
 
 import json
 
-from lmcycle.cli import _print_outcome
+from lmcycle.cli.main import _print_outcome
 from lmcycle.terminal import printable
 
 HOSTILE = "a\x1b[31mred\x1b]0;title\x07\rb\nc\td\x9b2J\u202eevil\u2028\x7f\x00"

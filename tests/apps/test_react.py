@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from scripted import ScriptedLLM
 
 from lmcycle.apps.react import ParseError, Step, as_observation, parse_step, run_agent
-from lmcycle.apps.tools import tool
+from lmcycle.apps.tool import tool
 from lmcycle.errors import LmcycleError
 
 TOOLS = ["calculator", "search"]

@@ -5,7 +5,7 @@ Each step the model continues the transcript after ``Thought:`` and is stopped b
 observation. The parser tolerates what real models write (any case, ``**bold**`` labels, ``Action: tool[input]``
 or ``tool(input)`` on one line, inputs in code fences, quoted tool names); output it cannot read, an unknown tool
 or bad arguments become the observation (an error message the model can act on), never an exception. A step cap
-ends the loop, and the whole run is a :class:`lmcycle.apps.chains.Trace` (JSON).
+ends the loop, and the whole run is a :class:`lmcycle.apps.trace.Trace` (JSON).
 
 Observations are data: tool output (retrieved passages included) is shown between ``<observation>`` markers,
 with any marker inside it neutralised, and is never executed — only the tools the model names run, and code runs
@@ -18,8 +18,8 @@ import json
 import re
 from dataclasses import dataclass
 
-from lmcycle.apps.chains import Trace
-from lmcycle.apps.tools import Tool, ToolError, run_tool
+from lmcycle.apps.tool import Tool, ToolError, run_tool
+from lmcycle.apps.trace import Trace
 from lmcycle.errors import LmcycleError
 from lmcycle.models.generate import DecodingConfig
 

@@ -1,4 +1,4 @@
-"""Chains: left-to-right composition with a JSON trace of every step."""
+"""Traces and chains: left-to-right composition with a JSON trace of every step."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from lmcycle.apps.chains import Trace, chain
+from lmcycle.apps.trace import Trace, chain
 
 
 def test_chain_composes_in_order_and_traces_each_step(tmp_path):

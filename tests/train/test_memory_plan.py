@@ -25,7 +25,7 @@ from lmcycle.adapt.lora import LoraConfig, add_lora, count_trainable
 from lmcycle.cli import main
 from lmcycle.errors import LmcycleError
 from lmcycle.train.loop import lm_loss_sum
-from lmcycle.train.plan import (
+from lmcycle.train.memory_plan import (
     activation_bytes,
     chinchilla,
     config_for_params,

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from lmcycle.apps.gsm8k_programs import answer_matches, evaluate_gsm8k_programs, program_from_solution
 from lmcycle.apps.sandbox import SandboxConfig, check_program, run_solution
 from lmcycle.errors import LmcycleError
+from lmcycle.evals.gsm8k_programs import answer_matches, evaluate_gsm8k_programs, program_from_solution
 
 GSM8K = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "gsm8k" / "test.first500.jsonl"
 JANET = ("Janet sells 16 - 3 - 4 = <<16-3-4=9>>9 duck eggs a day.\n"

@@ -1,4 +1,6 @@
-"""Chains as plain composition: a chain is a list of named functions, each taking the previous one's output.
+"""Traces: what an agent or a chain did, step by step, as JSON (the ReAct loop records into one).
+
+Chains are plain composition: a list of named functions, each taking the previous one's output.
 
     answer = chain(("prompt", make_prompt), ("llm", lambda p: llm.complete([p], cfg)[0]), ("parse", parse))
     trace = Trace()

@@ -9,8 +9,12 @@ import json
 import os
 import textwrap
 
+from lmcycle.apps.rag.ingest import load_documents
+from lmcycle.atomic import atomic_write_json
 from lmcycle.errors import LmcycleError
 from lmcycle.terminal import printable
+
+COMMANDS = ("rag", "agent", "pal", "harness")
 
 
 def _backend_options(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -24,6 +28,7 @@ def _backend_options(p: argparse.ArgumentParser, required: bool = True) -> None:
 
 
 def add_parsers(sub) -> None:
+    """Add the applications' commands to the CLI's subparsers."""
     rag = sub.add_parser("rag", help="retrieval-augmented generation: ingest files into a store, query it")
     act = rag.add_subparsers(dest="action", required=True)
     ing = act.add_parser("ingest", help="chunk, embed and store text / markdown / HTML files (re-ingest replaces)")
@@ -72,7 +77,7 @@ def _say(text: str) -> None:
 
 
 def _backend(args):
-    from lmcycle.apps.llm import backend_from_spec
+    from lmcycle.apps.llm import backend_from_spec  # lazy: torch, transformers
 
     key = args.api_key or os.environ.get("LMCYCLE_API_KEY") or os.environ.get("OPENAI_API_KEY")
     return backend_from_spec(args.backend, api_key=key, chat=args.chat, context_window=args.context_window,
@@ -80,25 +85,26 @@ def _backend(args):
 
 
 def _decoding(args):
-    from lmcycle.models.generate import DecodingConfig
+    from lmcycle.models.generate import DecodingConfig  # lazy: torch, transformers
 
     if args.max_tokens < 1:
         raise LmcycleError(f"--max-tokens must be at least 1, got {args.max_tokens}", field="max_tokens")
     return DecodingConfig(max_new_tokens=args.max_tokens)
 
 
-def dispatch(args) -> int:
+def run(args) -> int:
+    """Run the application command in ``args.command``; returns the exit code."""
     return {"rag": _rag, "agent": _agent, "pal": _pal, "harness": _harness}[args.command](args)
 
 
 def _rag(args) -> int:
+    # lazy: torch, transformers
     from lmcycle.apps.rag.answer import answer_question, open_store, store_settings
 
     if args.action == "ingest":
-        from lmcycle.apps.rag.encoder import DEFAULT_ENCODER, Encoder
-        from lmcycle.apps.rag.ingest import load_documents
-        from lmcycle.apps.rag.retrieve import Retriever
-        from lmcycle.apps.rag.store import SqliteVectorStore
+        from lmcycle.apps.rag.encoder import DEFAULT_ENCODER, Encoder  # lazy: torch, transformers
+        from lmcycle.apps.rag.retrieve import Retriever  # lazy: torch, transformers
+        from lmcycle.apps.rag.store import SqliteVectorStore  # lazy: numpy
 
         settings = store_settings(args.store, args.encoder or DEFAULT_ENCODER, args.chunk_tokens, args.overlap)
         documents = [doc for path in args.paths for doc in load_documents(path)]
@@ -144,12 +150,13 @@ def _rag(args) -> int:
 
 
 def _agent(args) -> int:
-    from lmcycle.apps.react import run_agent
-    from lmcycle.apps.toolbox import calculator_tool, lookup_tool, python_tool, search_tool
+    # lazy: torch, transformers
+    from lmcycle.apps.builtin_tools import calculator_tool, lookup_tool, python_tool, search_tool
+    from lmcycle.apps.react import run_agent  # lazy: torch, transformers
 
     tools = [calculator_tool(), python_tool()]
     if args.store:
-        from lmcycle.apps.rag.answer import open_store
+        from lmcycle.apps.rag.answer import open_store  # lazy: torch, transformers
 
         retriever = open_store(args.store)
         tools += [search_tool(retriever), lookup_tool(retriever)]
@@ -168,8 +175,8 @@ def _agent(args) -> int:
 
 
 def _pal(args) -> int:
-    from lmcycle.apps.pal import answer_with_program
-    from lmcycle.apps.sandbox import SandboxConfig, active_layers
+    from lmcycle.apps.pal import answer_with_program  # lazy: torch, transformers
+    from lmcycle.apps.sandbox import SandboxConfig, active_layers  # lazy: pydantic (its config), for --help
 
     result = answer_with_program(_backend(args), args.question, _decoding(args), SandboxConfig(timeout_s=args.timeout))
     _say(result.program or f"(no solution() in the model's output)\n{result.completion}")
@@ -180,8 +187,7 @@ def _pal(args) -> int:
 
 
 def _harness(args) -> int:
-    from lmcycle.apps.harness import run_benchmark
-    from lmcycle.atomic import atomic_write_json
+    from lmcycle.apps.harness import run_benchmark  # lazy: torch, transformers
 
     llm, cfg = _backend(args), _decoding(args)
     if args.method == "self_consistency":  # sampled paths, as in Wang et al. (T = 0.7)

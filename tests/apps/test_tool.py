@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from lmcycle.apps.tools import ToolError, run_tool, tool
+from lmcycle.apps.tool import ToolError, run_tool, tool
 from lmcycle.errors import LmcycleError
 
 

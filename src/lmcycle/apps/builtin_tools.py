@@ -1,6 +1,6 @@
 """The agent's standard tools: a calculator and Python (both sandboxed), search and lookup over a RAG store.
 
-Each is a :func:`lmcycle.apps.tools.tool` built around its resources, so an agent gets exactly the tools it is
+Each is a :func:`lmcycle.apps.tool.tool` built around its resources, so an agent gets exactly the tools it is
 given. Tool output is text for the model; failures come back as :class:`ToolError` messages.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 from lmcycle.apps.rag.cite import defuse, one_line
 from lmcycle.apps.rag.retrieve import Retriever
 from lmcycle.apps.sandbox import SandboxConfig, calculate, run_snippet
-from lmcycle.apps.tools import Tool, ToolError, tool
+from lmcycle.apps.tool import Tool, ToolError, tool
 
 
 def calculator_tool() -> Tool:
