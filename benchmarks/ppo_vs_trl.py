@@ -208,9 +208,9 @@ def run_ours(workdir: Path, args: argparse.Namespace, clock: RolloutClock, out: 
     import lmcycle.align.ppo_stage as ppo_stage
     import lmcycle.models.generate as generation
     from lmcycle.align.ppo_stage import PpoStage, run_ppo
+    from lmcycle.artifacts import load_model
     from lmcycle.config import validate
     from lmcycle.data.examples import Example
-    from lmcycle.models.load import load_model
     from lmcycle.stages.context import RunContext
 
     phases = {"generate": 0.0, "reward": 0.0, "score_tokens": 0.0, "rollout_total": 0.0}

@@ -107,6 +107,7 @@ def _add_adapters_parser(sub) -> None:
 
 def _adapters(args) -> int:
     from lmcycle.adapt import adapters
+    from lmcycle.artifacts import merge_adapter  # lazy, like the adapters: torch and transformers
 
     if args.action == "list":
         found = adapters.find_adapters(args.path)
@@ -114,7 +115,7 @@ def _adapters(args) -> int:
             raise LmcycleError("no adapter folder (adapter_config.json) here", file=args.path)
         print(adapters.format_adapter_table([adapters.describe_adapter(p) for p in found]))
     elif args.action == "merge":
-        print(f"merged model: {adapters.merge_adapter(args.adapter, args.out, base=args.base)}")
+        print(f"merged model: {merge_adapter(args.adapter, args.out, base=args.base)}")
     else:
         print(f"exported adapter: {adapters.export_adapter(args.adapter, args.out, args.base_model_name)}")
     return 0

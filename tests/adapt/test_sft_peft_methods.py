@@ -14,9 +14,9 @@ from safetensors.torch import load_file
 from test_sft_stage import context, held_out_loss
 
 from lmcycle.adapt.prompt_tuning import PromptTunedModel
+from lmcycle.artifacts import load_model
 from lmcycle.config import validate
 from lmcycle.evals.evaluate import EvalStage, run_eval
-from lmcycle.models.load import load_model
 from lmcycle.stages.sft import SftStage, run_sft
 
 

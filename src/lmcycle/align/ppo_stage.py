@@ -185,7 +185,7 @@ class PpoRun:
 
 def run_ppo(cfg: PpoStage, ctx: RunContext) -> dict[str, str]:
     """Run PPO; save the policy to ``<stage>/model`` (LoRA: also ``<stage>/adapter``); return the artifacts."""
-    from lmcycle.models.load import load_model
+    from lmcycle.artifacts import load_model
 
     if cfg.train.max_steps is not None:
         raise LmcycleError("PPO counts its steps from 'rollouts'; remove train.max_steps", file=ctx.recipe_file,

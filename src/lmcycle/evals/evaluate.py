@@ -26,6 +26,7 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationInfo, field_validator
 
+from lmcycle.artifacts import load_model
 from lmcycle.atomic import atomic_write_json, atomic_write_text
 from lmcycle.config import Config, DatasetName, ModelRef
 from lmcycle.data.fewshot import build_prompt
@@ -42,7 +43,7 @@ from lmcycle.evals.squad import exact_match, token_f1
 from lmcycle.evals.toxicity import toxicity_score
 from lmcycle.models.classifier import TextClassifier
 from lmcycle.models.generate import DecodingConfig, generate
-from lmcycle.models.load import context_window, is_seq2seq, load_model
+from lmcycle.models.load import context_window, is_seq2seq
 from lmcycle.stages.context import RunContext
 
 Metric = Literal["rouge", "bleu", "accuracy", "macro_f1", "exact_match", "token_f1", "gsm8k_accuracy", "toxicity"]

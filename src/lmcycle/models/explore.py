@@ -17,6 +17,7 @@ import torch
 from pydantic import Field, model_validator
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from lmcycle.artifacts import load_model
 from lmcycle.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
 from lmcycle.config import Config, DatasetName, ModelRef
 from lmcycle.errors import LmcycleError
@@ -31,7 +32,7 @@ from lmcycle.models.generate import (
     pad_id_of,
     prompt_generator,
 )
-from lmcycle.models.load import eval_mode, load_model
+from lmcycle.models.load import eval_mode
 from lmcycle.stages.context import RunContext
 
 

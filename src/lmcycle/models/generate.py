@@ -27,11 +27,12 @@ from pydantic import Field, field_validator
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from lmcycle.artifacts import load_model
 from lmcycle.atomic import atomic_write_text
 from lmcycle.config import Config, ModelRef
 from lmcycle.errors import LmcycleError
 from lmcycle.models.kv_cache import cache_kwargs, cache_of
-from lmcycle.models.load import context_window, eval_mode, is_seq2seq, load_model
+from lmcycle.models.load import context_window, eval_mode, is_seq2seq
 from lmcycle.stages.context import RunContext
 
 
