@@ -208,7 +208,7 @@ def run_ours(workdir: Path, args: argparse.Namespace, clock: RolloutClock, out: 
     import lmcycle.stages.ppo as ppo_stage
     from lmcycle.config import validate
     from lmcycle.data.examples import Example
-    from lmcycle.models.load import load_model
+    from lmcycle.artifacts import load_model
     from lmcycle.stages.context import RunContext
     from lmcycle.stages.ppo import PpoStage, run_ppo
 

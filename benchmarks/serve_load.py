@@ -61,11 +61,11 @@ def adapters(model_dir: Path, workdir: Path, count: int) -> list[str]:
     import torch
 
     from lmcycle.adapt.lora import LoraConfig, add_lora, lora_layers, save_lora
-    from lmcycle.models.load import load_model
+    from lmcycle.models.load import load_pretrained
 
     options = []
     for i in range(count):
-        model, _ = load_model(str(model_dir))
+        model, _ = load_pretrained(str(model_dir))
         add_lora(model, LoraConfig(r=8))
         torch.manual_seed(i)
         with torch.no_grad():

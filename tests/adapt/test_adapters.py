@@ -9,11 +9,11 @@ import pytest
 import torch
 from tiny_lm import save_tiny, tiny_llama, tiny_t5
 
-from lmcycle.adapt.adapters import describe_adapter, find_adapters, load_adapted
+from lmcycle.adapt.adapters import describe_adapter, find_adapters
 from lmcycle.adapt.lora import LoraConfig, add_lora, lora_state_dict, save_lora
+from lmcycle.artifacts import load_adapted, load_model
 from lmcycle.cli import main
 from lmcycle.errors import LmcycleError
-from lmcycle.models.load import load_model
 
 
 def _trained_lora(model) -> None:

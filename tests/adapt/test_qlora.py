@@ -29,6 +29,7 @@ from lmcycle.adapt.lora import (
     lora_layers,
     merge_and_unload,
     merge_lora,
+    merge_qlora,
     save_lora,
 )
 from lmcycle.adapt.qlora import (
@@ -37,7 +38,6 @@ from lmcycle.adapt.qlora import (
     QuantLinear,
     dequantize_int8,
     dequantize_nf4,
-    merge_qlora,
     pack_nibbles,
     quantize_int8,
     quantize_model,

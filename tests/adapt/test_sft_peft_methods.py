@@ -15,7 +15,7 @@ from test_sft_stage import context, held_out_loss
 
 from lmcycle.adapt.prompt_tuning import PromptTunedModel
 from lmcycle.config import validate
-from lmcycle.models.load import load_model
+from lmcycle.artifacts import load_model
 from lmcycle.stages.eval import EvalStage, run_eval
 from lmcycle.stages.sft import SftStage, run_sft
 

@@ -10,7 +10,7 @@ from loopback import running
 from lmcycle.apps.llm import LLM, LocalLLM, OpenAILLM, backend_from_spec
 from lmcycle.errors import LmcycleError
 from lmcycle.models.generate import DecodingConfig, generate
-from lmcycle.models.load import load_model
+from lmcycle.models.load import load_pretrained
 
 PROMPTS = ["the cat sees", "red green", "the dog sees the moon and"]
 
@@ -18,7 +18,7 @@ PROMPTS = ["the cat sees", "red green", "the dog sees the moon and"]
 def test_local_backend_is_generate(tiny_model_dir):
     llm = LocalLLM(tiny_model_dir)
     assert isinstance(llm, LLM) and llm.context_window == 128
-    model, tok = load_model(tiny_model_dir)
+    model, tok = load_pretrained(tiny_model_dir)
     cfg = DecodingConfig(do_sample=True, temperature=1.3, seed=4, max_new_tokens=6)
     assert llm.complete(PROMPTS, cfg) == generate(model, tok, PROMPTS, cfg)
     assert llm.count_tokens("the cat sees") == len(tok("the cat sees")["input_ids"])

@@ -14,7 +14,7 @@ from lmcycle.evals.perplexity import conditional_perplexity, seq2seq_perplexity
 from lmcycle.evals.rouge import rouge
 from lmcycle.evals.score import Signature
 from lmcycle.models.generate import DecodingConfig, generate
-from lmcycle.models.load import load_model
+from lmcycle.models.load import load_pretrained
 from lmcycle.stages.context import RunContext
 from lmcycle.stages.eval import EvalStage, run_eval
 
@@ -59,7 +59,7 @@ def test_eval_stage_on_a_tiny_decoder(tmp_path, tiny_model_dir):
         assert row["prompt"].count("Summary:") == 2 and ex.targets[0] not in row["prompt"]
 
     # The predictions are what the model generates from those prompts, stripped.
-    model, tokenizer = load_model(tiny_model_dir)
+    model, tokenizer = load_pretrained(tiny_model_dir)
     expected = [t.strip() for t in generate(model, tokenizer, [r["prompt"] for r in rows], DECODING)]
     assert [r["prediction"] for r in rows] == expected
 
@@ -116,7 +116,7 @@ def test_eval_stage_on_a_tiny_encoder_decoder(tmp_path, tokenizer, t5):
     produced = run_eval(EvalStage(data="d", metrics=["rouge"], decoding=DECODING), ctx)
     rows, result = _read(produced)
     assert "bleu" not in result["metrics"] and "bleu" not in result["settings"] and len(rows) == 4
-    model, tok = load_model(model_dir)
+    model, tok = load_pretrained(model_dir)
     template = get_template("summarize")
     ppl = seq2seq_perplexity(model, tok, [template.render(ex, []) for ex in EXAMPLES],
                              [ex.targets[0] for ex in EXAMPLES])

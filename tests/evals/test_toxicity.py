@@ -24,7 +24,7 @@ from lmcycle.evals.perplexity import conditional_perplexity
 from lmcycle.evals.toxicity import toxicity_score
 from lmcycle.models.classifier import TextClassifier, class_weights, fit_tfidf_baseline, load_for_training
 from lmcycle.models.generate import DecodingConfig, generate
-from lmcycle.models.load import load_model
+from lmcycle.models.load import load_pretrained
 from lmcycle.stages.classifier import ClassifierStage, run_classifier
 from lmcycle.stages.context import RunContext
 from lmcycle.stages.eval import EvalStage, run_eval
@@ -247,7 +247,7 @@ PROMPTED = [Example(input=f"#Person1#: Hello, where is the station {i}?\n#Person
 def test_eval_stage_scores_toxicity_and_reference_perplexity(tmp_path, tiny_model_dir, classifier_dir, tokenizer):
     torch.manual_seed(1)
     reference_dir = tmp_path / "reference"
-    reference, _ = load_model(tiny_model_dir)
+    reference, _ = load_pretrained(tiny_model_dir)
     with torch.no_grad():
         for p in reference.parameters():
             p.add_(torch.randn_like(p) * 0.5)  # another model than the policy
@@ -271,10 +271,10 @@ def test_eval_stage_scores_toxicity_and_reference_perplexity(tmp_path, tiny_mode
     assert result["settings"]["toxicity"]["classifier"] == str(classifier_dir)
 
     # The completions as generated (unstripped), given their prompts, under the reference model, not the policy.
-    policy, policy_tok = load_model(tiny_model_dir)
+    policy, policy_tok = load_pretrained(tiny_model_dir)
     prompts = [r["prompt"] for r in rows]
     completions = generate(policy, policy_tok, prompts, DECODING)
-    ref_model, ref_tok = load_model(reference_dir)
+    ref_model, ref_tok = load_pretrained(reference_dir)
     under_reference = conditional_perplexity(ref_model, ref_tok, prompts, completions)
     under_policy = conditional_perplexity(policy, policy_tok, prompts, completions)
     assert result["metrics"]["reference_perplexity"] == pytest.approx(under_reference.values["perplexity"], rel=1e-5)

@@ -4,8 +4,9 @@ import pytest
 import torch
 from transformers import GPT2LMHeadModel, LlamaForCausalLM, T5ForConditionalGeneration
 
+from lmcycle.artifacts import load_model
 from lmcycle.errors import LmcycleError
-from lmcycle.models.load import context_window, is_seq2seq, load_model
+from lmcycle.models.load import context_window, is_seq2seq, load_pretrained
 
 
 def _save(model, tokenizer, path):
@@ -16,7 +17,7 @@ def _save(model, tokenizer, path):
 
 def test_loads_a_saved_causal_lm_with_the_same_weights(models, tmp_path):
     model, tokenizer = models["llama"]
-    loaded, loaded_tok = load_model(_save(model, tokenizer, tmp_path / "m"))
+    loaded, loaded_tok = load_pretrained(_save(model, tokenizer, tmp_path / "m"))
     assert isinstance(loaded, LlamaForCausalLM)
     assert not loaded.training
     assert not is_seq2seq(loaded)
@@ -27,14 +28,14 @@ def test_loads_a_saved_causal_lm_with_the_same_weights(models, tmp_path):
 
 def test_config_decides_seq2seq(models, tmp_path):
     model, tokenizer = models["t5"]
-    loaded, _ = load_model(_save(model, tokenizer, tmp_path / "t5"))
+    loaded, _ = load_pretrained(_save(model, tokenizer, tmp_path / "t5"))
     assert isinstance(loaded, T5ForConditionalGeneration)
     assert is_seq2seq(loaded)
 
 
 def test_dtype_is_applied(models, tmp_path):
     model, tokenizer = models["gpt2"]
-    loaded, _ = load_model(_save(model, tokenizer, tmp_path / "g"), dtype=torch.bfloat16)
+    loaded, _ = load_pretrained(_save(model, tokenizer, tmp_path / "g"), dtype=torch.bfloat16)
     assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
 
 
@@ -45,37 +46,45 @@ def test_tokenizer_without_pad_gets_eos_as_pad(make_model, tmp_path):
     tokenizer.pad_token = None
     assert tokenizer.pad_token is None
     _save(make_model("gpt2", tokenizer), tokenizer, tmp_path / "nopad")
-    _, loaded_tok = load_model(tmp_path / "nopad")
+    _, loaded_tok = load_pretrained(tmp_path / "nopad")
     assert loaded_tok.pad_token == loaded_tok.eos_token == "<eos>"
 
 
 def test_missing_local_path_is_named(tmp_path):
     missing = tmp_path / "no" / "such" / "model"
     with pytest.raises(LmcycleError, match="does not exist") as err:
-        load_model(str(missing))
+        load_pretrained(str(missing))
     assert str(missing) in str(err.value)
 
 
 def test_file_instead_of_directory(tmp_path):
     (tmp_path / "model.bin").write_bytes(b"x")
     with pytest.raises(LmcycleError, match="is a file"):
-        load_model(str(tmp_path / "model.bin"))
+        load_pretrained(str(tmp_path / "model.bin"))
 
 
 def test_directory_without_config(tmp_path):
     with pytest.raises(LmcycleError, match="no config.json"):
-        load_model(str(tmp_path))
+        load_pretrained(str(tmp_path))
 
 
 def test_hub_id_offline_suggests_a_local_directory(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(LmcycleError) as err:
-        load_model("some-org/some-model")
+        load_pretrained("some-org/some-model")
     message = str(err.value)
     assert "some-org/some-model" in message
     assert "offline" in message
     assert "local" in message and "directory" in message
     assert "\n" not in message
+
+
+def test_any_stage_folder_loader_falls_back_on_the_plain_loader(models, tmp_path):
+    model, tokenizer = models["gpt2"]
+    loaded, _ = load_model(_save(model, tokenizer, tmp_path / "g"), dtype=torch.bfloat16)
+    assert isinstance(loaded, GPT2LMHeadModel) and {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+    with pytest.raises(LmcycleError, match="does not exist"):
+        load_model(str(tmp_path / "no" / "such" / "model"))
 
 
 def test_context_window_from_config(models):

@@ -13,11 +13,11 @@ import torch
 import torch.nn.functional as F
 from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
 
+from lmcycle.artifacts import load_model
 from lmcycle.config import validate
 from lmcycle.data.examples import Example
 from lmcycle.errors import LmcycleError
 from lmcycle.models.classifier import TextClassifier
-from lmcycle.models.load import load_model
 from lmcycle.optimize.distill import distillation_loss, hidden_state_loss
 from lmcycle.optimize.student import (
     default_student_layers,

@@ -287,7 +287,7 @@ def test_prune_stage_with_healing(tmp_path, tok, llama):
                      eval_data=["dev"], heal=HealConfig(r=4, alpha=8, data=["reverse"],
                                                         train=TrainConfig(max_steps=30, lr=2e-2, batch_size=8)))
     out = run_prune(cfg, ctx)
-    from lmcycle.models.load import load_model
+    from lmcycle.artifacts import load_model
 
     pruned, _ = load_model(out["model"])
     report = json.loads((tmp_path / "run" / "prune" / "sparsity.json").read_text())

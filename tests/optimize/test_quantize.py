@@ -12,6 +12,7 @@ from torch import nn
 from transformers import BertConfig, BertForSequenceClassification
 
 from lmcycle.errors import LmcycleError
+from lmcycle.optimize.compare import weights_mb
 from lmcycle.optimize.quantize import (
     QUANT_METHODS,
     calibrate,
@@ -19,7 +20,6 @@ from lmcycle.optimize.quantize import (
     maybe_compile,
     quantize_model,
     save_quantized,
-    weights_mb,
 )
 from lmcycle.stages.quantize import QuantizeStage, run_quantize
 
@@ -178,8 +178,8 @@ def test_a_failure_midway_leaves_the_original_untouched(models, monkeypatch):
 
 
 def test_load_model_and_text_classifier_read_quantized_folders(models, tmp_path):
+    from lmcycle.artifacts import load_model
     from lmcycle.models.classifier import TextClassifier
-    from lmcycle.models.load import load_model
 
     llama, tok = models["llama"]
     quantized = quantize_model(llama, "int8_dynamic")
@@ -203,8 +203,8 @@ def test_maybe_compile_follows_the_record(models):
 
 
 def test_quantize_stage(tmp_path, tok):
+    from lmcycle.artifacts import load_model
     from lmcycle.config import validate
-    from lmcycle.models.load import load_model
 
     llama = tiny_lm.tiny_llama(tok)
     ctx = tiny_lm.run_context(tmp_path, llama, tok)

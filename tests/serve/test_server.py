@@ -14,8 +14,8 @@ from loopback import running
 from tiny_lm import make_tokenizer, save_tiny, tiny_llama, tiny_t5
 
 from lmcycle.adapt.lora import LoraConfig, add_lora, lora_layers, save_lora
+from lmcycle.artifacts import load_adapted, load_model
 from lmcycle.models.generate import DecodingConfig, generate
-from lmcycle.models.load import load_model
 from lmcycle.serve.app import create_app
 
 KEY = "sk-test-123"
@@ -45,8 +45,6 @@ def served(tmp_path_factory):
 
 
 def _in_process(path, prompts, max_tokens, adapter=None):
-    from lmcycle.adapt.adapters import load_adapted
-
     model, tok = load_adapted(adapter, path) if adapter else load_model(path)
     return generate(model, tok, prompts, DecodingConfig(max_new_tokens=max_tokens))
 
@@ -125,8 +123,6 @@ def test_usage_and_finish_reason(served):
 def test_seeded_sampling_n_choices_match_generate(served):
     r = served["client"].completions.create(model="ad1", prompt="the cat sees", max_tokens=6, temperature=0.9,
                                             top_p=0.95, seed=7, n=3)
-    from lmcycle.adapt.adapters import load_adapted
-
     model, tok = load_adapted(served["adapters"]["ad1"], served["base"])
     want = generate(model, tok, ["the cat sees"] * 3,
                     DecodingConfig(do_sample=True, temperature=0.9, top_p=0.95, max_new_tokens=6, seed=7))

@@ -1,9 +1,9 @@
-"""Adapters on disk, whatever the method: find and describe them, load one onto its base, merge, export.
+"""Adapters on disk, whatever the method: read and write them, find and describe them, export them.
 
 An adapter directory is PEFT's format (``adapter_config.json`` + ``adapter_model.safetensors``): LoRA and QLoRA
 adapters (:mod:`lmcycle.adapt.lora`) and soft prompts (:mod:`lmcycle.adapt.prompt_tuning`). These functions
-back ``lmcycle adapters list|merge|export`` and let every stage that takes a ``model`` take an adapter folder
-instead: :func:`load_adapted` loads the base the adapter names and puts the adapter on it.
+back ``lmcycle adapters list|export``; loading an adapter onto its base and merging it, which need the
+methods' modules, are :func:`lmcycle.artifacts.load_adapted` and :func:`lmcycle.artifacts.merge_adapter`.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import torch
 
 from lmcycle.atomic import atomic_dir
 from lmcycle.errors import LmcycleError
+from lmcycle.train.checkpoint import saved_param_count
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -108,8 +109,6 @@ class AdapterInfo:
 
 def describe_adapter(path: str | os.PathLike) -> AdapterInfo:
     """Read an adapter's config and the shapes in its weights file (no tensor is loaded)."""
-    from lmcycle.train.checkpoint import saved_param_count
-
     p = Path(path)
     config = read_adapter_config(p)
     try:
@@ -160,50 +159,6 @@ def find_base(adapter_dir: str | os.PathLike, base: str | None = None) -> str:
                 return str(candidate)
     raise LmcycleError(f"the adapter's base model '{recorded}' does not exist; pass the base explicitly",
                        file=p / CONFIG_FILE, field="base_model_name_or_path")
-
-
-def load_adapted(adapter_dir: str | os.PathLike, base: str | None = None, *, device: str = "cpu",
-                 dtype=None, merge: bool = True):
-    """Load the base model with the adapter on it; returns ``(model, tokenizer)`` in eval mode.
-
-    LoRA is merged into the base weights by default (same outputs, no adapter overhead at inference); with
-    ``merge=False`` it stays a separate, active adapter named ``default``. A soft prompt wraps the base
-    (:class:`lmcycle.adapt.prompt_tuning.PromptTunedModel`).
-    """
-    from lmcycle.models.load import load_model
-
-    config = read_adapter_config(adapter_dir)
-    model, tokenizer = load_model(find_base(adapter_dir, base), device=device,
-                                  **({"dtype": dtype} if dtype is not None else {}))
-    if METHODS[config["peft_type"]] == "lora":
-        from lmcycle.adapt.lora import load_lora, merge_and_unload
-
-        load_lora(model, adapter_dir)
-        if merge:
-            merge_and_unload(model)
-    else:
-        from lmcycle.adapt.prompt_tuning import load_prompt_tuning
-
-        model = load_prompt_tuning(model, adapter_dir)
-    model.to(device)
-    model.eval()
-    return model, tokenizer
-
-
-def merge_adapter(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, base: str | None = None) -> Path:
-    """Merge a LoRA adapter into a full-precision copy of its base and ``save_pretrained`` the plain model.
-
-    A QLoRA adapter merges the same way: into the 32-bit base, never into quantized weights. Soft prompts live
-    in the input, not in any weight, so they cannot be merged.
-    """
-    from lmcycle.train.checkpoint import save_model_dir
-
-    if METHODS[read_adapter_config(adapter_dir)["peft_type"]] != "lora":
-        raise LmcycleError("a prompt-tuning adapter cannot be merged into weights (its virtual tokens are "
-                           "inputs); serve it with its base instead", file=Path(adapter_dir) / CONFIG_FILE,
-                           field="peft_type")
-    model, tokenizer = load_adapted(adapter_dir, base, merge=True)
-    return save_model_dir(model, tokenizer, out_dir)
 
 
 def export_adapter(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike,

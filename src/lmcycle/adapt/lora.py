@@ -65,7 +65,7 @@ def _in_out(layer: nn.Linear | Conv1D | QuantLinear) -> tuple[int, int]:
 
 QUANTIZED_MERGE = ("cannot merge a LoRA adapter into quantized (int8/NF4) weights: rounding the merged weight "
                    "loses most of the update; merge into a full-precision copy of the base "
-                   "(lmcycle.adapt.qlora.merge_qlora)")
+                   "(lmcycle.adapt.lora.merge_qlora)")
 
 
 class LoraLinear(nn.Module):
@@ -438,6 +438,19 @@ def load_lora(model: nn.Module, adapter_dir: str | os.PathLike, name: str = "def
         r=r, alpha=float(config["lora_alpha"]), dropout=float(config.get("lora_dropout") or 0.0),
         target_modules=sorted(pairs), use_rslora=bool(config.get("use_rslora", False)))}
     return model
+
+
+def merge_qlora(full_precision_model: nn.Module, adapter_dir: str | os.PathLike, name: str = "default") -> nn.Module:
+    """Load a (Q)LoRA adapter into a full-precision copy of the base and merge it: a plain model, returned.
+
+    ``full_precision_model`` is the unquantized base (reload it from disk); it is changed in place.
+    """
+    if any(isinstance(m, QuantLinear) for m in full_precision_model.modules()):
+        raise LmcycleError("merge_qlora needs the full-precision base model, not the quantized one: reload the "
+                           "base from disk and merge into that")
+    load_lora(full_precision_model, adapter_dir, name=name)
+    merge_and_unload(full_precision_model)
+    return full_precision_model
 
 
 def _active_adapter(model: nn.Module) -> str | None:

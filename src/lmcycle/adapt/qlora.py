@@ -15,12 +15,11 @@ Two schemes, both weight-only (activations stay in the model's dtype):
   block scales (QLoRA's second trick, saving ~0.4 bit per weight) is not implemented: scales stay float32.
 
 Never merge an adapter into quantized weights: rounding ``W + ΔW`` back to 4 or 8 bits throws most of the small
-update away (peft #2321). :func:`merge_qlora` merges into a full-precision copy of the base instead.
+update away (peft #2321). :func:`lmcycle.adapt.lora.merge_qlora` merges into a full-precision copy of the base instead.
 """
 
 from __future__ import annotations
 
-import os
 from typing import Literal
 
 import torch
@@ -213,18 +212,3 @@ def weight_memory(model: nn.Module) -> dict[str, int]:
     stored = sum(p.numel() * p.element_size() for p in params) + sum(q.weight_bytes() for q in quant)
     fp32 = 4 * (sum(p.numel() for p in params) + sum(q.in_features * q.out_features for q in quant))
     return {"stored_bytes": stored, "fp32_bytes": fp32, "quantized_layers": len(quant)}
-
-
-def merge_qlora(full_precision_model: nn.Module, adapter_dir: str | os.PathLike, name: str = "default") -> nn.Module:
-    """Load a (Q)LoRA adapter into a full-precision copy of the base and merge it: a plain model, returned.
-
-    ``full_precision_model`` is the unquantized base (reload it from disk); it is changed in place.
-    """
-    from lmcycle.adapt import lora  # lora.py imports this module for QuantLinear
-
-    if any(isinstance(m, QuantLinear) for m in full_precision_model.modules()):
-        raise LmcycleError("merge_qlora needs the full-precision base model, not the quantized one: reload the "
-                           "base from disk and merge into that")
-    lora.load_lora(full_precision_model, adapter_dir, name=name)
-    lora.merge_and_unload(full_precision_model)
-    return full_precision_model

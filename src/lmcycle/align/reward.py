@@ -27,10 +27,11 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
+from lmcycle.artifacts import load_model
 from lmcycle.atomic import atomic_dir
 from lmcycle.data.preferences import PreferencePair
 from lmcycle.errors import LmcycleError
-from lmcycle.models.load import ensure_pad_token, eval_mode, forward_accepts, load_model
+from lmcycle.models.load import ensure_pad_token, eval_mode, forward_accepts
 from lmcycle.train.loop import (
     Batch,
     TrainConfig,

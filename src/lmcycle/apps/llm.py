@@ -18,8 +18,12 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
+from lmcycle.artifacts import load_model
+from lmcycle.data.sft import collate_sft, prompt_completion_item
 from lmcycle.errors import LmcycleError
 from lmcycle.models.generate import DecodingConfig, cut_at_stop, generate
+from lmcycle.models.load import context_window, ensure_pad_token, is_seq2seq
+from lmcycle.train.loop import sequence_logps
 
 
 @runtime_checkable
@@ -39,11 +43,9 @@ class LLM(Protocol):
 
 
 class LocalLLM:
-    """A model folder or hub id (anything :func:`lmcycle.models.load.load_model` takes), or a loaded pair."""
+    """A model folder or hub id (anything :func:`lmcycle.artifacts.load_model` takes), or a loaded pair."""
 
     def __init__(self, model_or_path, tokenizer=None, *, device: str = "cpu", name: str | None = None):
-        from lmcycle.models.load import context_window, load_model
-
         if isinstance(model_or_path, str):
             self.model, self.tokenizer = load_model(model_or_path, device=device)
             self.name = name or model_or_path
@@ -65,10 +67,6 @@ class LocalLLM:
     def continuation_logprobs(self, prompt: str, continuations: list[str]) -> list[float]:
         """Summed log-probability of each continuation after ``prompt`` (for likelihood-scored multiple choice;
         only an in-process model gives these)."""
-        from lmcycle.data.sft import collate_sft, prompt_completion_item
-        from lmcycle.models.load import ensure_pad_token, is_seq2seq
-        from lmcycle.train.loop import sequence_logps
-
         ensure_pad_token(self.tokenizer)
         seq2seq = is_seq2seq(self.model)
         prompt_ids = self.tokenizer(prompt)["input_ids"]

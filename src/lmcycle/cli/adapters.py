@@ -24,6 +24,7 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     """List, merge or export, and print what was found or written."""
     from lmcycle.adapt import adapters  # lazy: torch
+    from lmcycle.artifacts import merge_adapter  # lazy: torch and transformers
 
     if args.action == "list":
         found = adapters.find_adapters(args.path)
@@ -31,7 +32,7 @@ def run(args) -> int:
             raise LmcycleError("no adapter folder (adapter_config.json) here", file=args.path)
         print(adapters.format_adapter_table([adapters.describe_adapter(p) for p in found]))
     elif args.action == "merge":
-        print(f"merged model: {adapters.merge_adapter(args.adapter, args.out, base=args.base)}")
+        print(f"merged model: {merge_adapter(args.adapter, args.out, base=args.base)}")
     else:
         print(f"exported adapter: {adapters.export_adapter(args.adapter, args.out, args.base_model_name)}")
     return 0

@@ -24,7 +24,8 @@ from lmcycle.evals.perplexity import conditional_perplexity, seq2seq_perplexity
 from lmcycle.evals.rouge import rouge
 from lmcycle.evals.score import Score
 from lmcycle.evals.squad import exact_match, token_f1
-from lmcycle.models.load import context_window, is_seq2seq, load_model
+from lmcycle.artifacts import load_model
+from lmcycle.models.load import context_window, is_seq2seq
 
 Metric = Literal["rouge", "bleu", "accuracy", "macro_f1", "exact_match", "token_f1", "gsm8k_accuracy", "toxicity"]
 

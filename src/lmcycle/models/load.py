@@ -2,9 +2,10 @@
 
 The model class is chosen from the config: ``config.is_encoder_decoder`` means ``AutoModelForSeq2SeqLM``,
 anything else ``AutoModelForCausalLM``. A local directory (for example a stage's saved ``model/``) is loaded
-from disk; anything that does not exist locally and looks like ``org/name`` is treated as a Hub id.
+from disk; anything that does not exist locally and looks like ``org/name`` is treated as a Hub id. Adapter and
+quantized folders are loaded by :func:`lmcycle.artifacts.load_model`, which falls back on this module's loader.
 
-Padding side: :func:`load_model` leaves ``tokenizer.padding_side`` as the checkpoint saved it (right for the
+Padding side: :func:`load_pretrained` leaves ``tokenizer.padding_side`` as the checkpoint saved it (right for the
 models built here). Nothing in lmcycle depends on it: :func:`lmcycle.models.generate.generate` pads prompts
 itself (left for decoder-only models, so that every row's last token sits at the end; right for encoder
 inputs), and training code pads its own batches on the right with the loss masked.
@@ -38,27 +39,16 @@ _SANE_MAX_LEN = 1_000_000
 _T5_DEFAULT_LEN = 512
 
 
-def load_model(
+def load_pretrained(
     name_or_path: str | os.PathLike, *, dtype: torch.dtype = torch.float32, device: str = "cpu"
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load ``(model, tokenizer)`` from a local directory or a Hub id; the model is in eval mode on ``device``.
+    """Load ``(model, tokenizer)`` of a plain checkpoint from a local directory or a Hub id; the model is in eval
+    mode on ``device``.
 
-    The tokenizer always has a pad token afterwards (its EOS token when it had none).
-    A PEFT-format adapter folder (LoRA, QLoRA or a soft prompt) loads its base model with the adapter on it
-    (:func:`lmcycle.adapt.adapters.load_adapted`); a quantized folder loads quantized
-    (:func:`lmcycle.optimize.quantize.load_quantized`).
+    The tokenizer always has a pad token afterwards (its EOS token when it had none). Adapter and quantized
+    folders need :func:`lmcycle.artifacts.load_model`, which loads any folder a stage writes.
     Raises :class:`LmcycleError` for a missing local path, or a Hub id while the Hub is unreachable.
     """
-    from lmcycle.adapt.adapters import is_adapter_dir, load_adapted
-
-    if is_adapter_dir(Path(name_or_path).expanduser()):
-        return load_adapted(Path(name_or_path).expanduser(), device=device, dtype=dtype)
-    from lmcycle.optimize.quantize import is_quantized_dir, load_quantized
-
-    if is_quantized_dir(Path(name_or_path).expanduser()):  # its dtype is the quantization's, not ``dtype``
-        model, tokenizer = load_quantized(Path(name_or_path).expanduser(), device=device)
-        ensure_pad_token(tokenizer)
-        return model, tokenizer
     source = _resolve_source(str(name_or_path))
     try:
         config = AutoConfig.from_pretrained(source)

@@ -32,6 +32,7 @@ from pydantic import Field
 from lmcycle.config import Config
 from lmcycle.data.examples import Example, plain_texts
 from lmcycle.errors import LmcycleError
+from lmcycle.evals.classification import score_labels
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
@@ -157,8 +158,9 @@ def load_for_compare(model_path: str):
     """``(model, tokenizer, kind, classifier)``: kind is ``classifier``, ``causal_lm`` or ``seq2seq``."""
     from transformers import AutoConfig
 
-    from lmcycle.models.classifier import TextClassifier  # lazy, with the loaders: torch and transformers
-    from lmcycle.models.load import is_seq2seq, load_model
+    from lmcycle.artifacts import load_model  # lazy, with the loaders: torch and transformers
+    from lmcycle.models.classifier import TextClassifier  # lazy
+    from lmcycle.models.load import is_seq2seq  # lazy
 
     try:
         architectures = AutoConfig.from_pretrained(model_path).architectures or []
@@ -194,11 +196,15 @@ def weight_bytes(model_path: str) -> int | None:
     return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file() and f.name.endswith(WEIGHT_SUFFIXES))
 
 
+def weights_mb(path: str | os.PathLike) -> float:
+    """Size in MB of the weight files in a model folder."""
+    return (weight_bytes(str(path)) or 0) / 1e6
+
+
 def score_quality(kind: str, model, tokenizer, classifier, data: dict[str, list[dict]],
                   cfg: MeasureConfig) -> dict[str, float]:
     """``{"<dataset>.macro_f1": .., "<dataset>.accuracy": ..}`` for a classifier, ``{"<dataset>.perplexity"}``
     for a language model (each input and each target is one text, as pre-training saw them)."""
-    from lmcycle.evals.classification import score_labels
     from lmcycle.evals.perplexity import perplexity, seq2seq_perplexity  # lazy, with the scorers: torch
 
     quality: dict[str, float] = {}
@@ -297,11 +303,12 @@ def _child_main(spec_path: str, out_path: str) -> int:
 
     from transformers.utils import logging as hf_logging
 
+    import lmcycle.artifacts  # noqa: F401  (lazy)
+
     # Import every library any variant needs before measuring, so that "memory before loading" is the same
     # base for all rows and the table compares the models, not their imports.
     import lmcycle.evals.perplexity  # noqa: F401  (lazy, like torch: only the child process needs them)
     import lmcycle.models.classifier  # noqa: F401  (lazy)
-    import lmcycle.models.load  # noqa: F401  (lazy)
 
     if importlib.util.find_spec("torchao") is not None:
         import torchao  # noqa: F401

@@ -48,7 +48,6 @@ from tqdm.auto import tqdm
 
 from lmcycle.atomic import atomic_dir, atomic_write_json
 from lmcycle.errors import LmcycleError
-from lmcycle.optimize.compare import weight_bytes
 
 QUANT_METHODS = ("fp16", "bf16", "int8_weight_only", "int8_dynamic", "int8_static", "int4_weight_only")
 RECORD_FILE = "quantization.json"
@@ -390,7 +389,8 @@ def read_record(path: str | os.PathLike) -> dict[str, Any]:
         raise LmcycleError(f"cannot read {RECORD_FILE}: {e}", file=path) from None
 
 
-def _model_class(path: Path):
+def model_class(path: Path):
+    """The transformers class that ``path``'s config.json names in ``architectures``."""
     import transformers
 
     architectures = json.loads((path / "config.json").read_text(encoding="utf-8")).get("architectures") or []
@@ -410,7 +410,7 @@ def load_quantized(path: str | os.PathLike, device: str = "cpu") -> tuple[nn.Mod
     dtype = getattr(torch, record.get("dtype") or "float32")
     try:
         # No device_map: transformers needs accelerate for one, which is not a dependency of ours.
-        model = _model_class(path).from_pretrained(path, dtype=dtype).to(device)
+        model = model_class(path).from_pretrained(path, dtype=dtype).to(device)
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError, RuntimeError) as e:
         first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
@@ -438,28 +438,3 @@ def maybe_compile(model: nn.Module, record: dict[str, Any] | None = None) -> nn.
     (the first calls then take tens of seconds to compile)."""
     record = record if record is not None else getattr(model, "quantization", {}) or {}
     return torch.compile(model) if record.get("compile") else model
-
-
-def weights_mb(path: str | os.PathLike) -> float:
-    """Size in MB of the weight files in a model folder."""
-    return (weight_bytes(str(path)) or 0) / 1e6
-
-
-def load_for_quantize(path: str, device: str = "cpu") -> tuple[nn.Module, Any]:
-    """``(model, tokenizer)`` to quantize, in eval mode on ``device``: a model folder as its own architecture
-    (config.json's) in float32, whatever dtype it was saved in; an adapter folder or a Hub id through
-    :func:`lmcycle.models.load.load_model`."""
-    from transformers import AutoTokenizer
-
-    from lmcycle.adapt.adapters import is_adapter_dir  # lazy, like transformers: the loaders import it
-    from lmcycle.models.load import ensure_pad_token, load_model
-
-    if is_adapter_dir(Path(path)) or not (Path(path) / "config.json").is_file():
-        return load_model(path, device=device)
-    try:
-        model = _model_class(Path(path)).from_pretrained(path, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as e:
-        raise LmcycleError(f"cannot load model: {(str(e).strip().splitlines() or [''])[0]}", file=path) from None
-    ensure_pad_token(tokenizer, model)
-    return model.to(device).eval(), tokenizer

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from lmcycle.adapt.lora import load_lora, per_row_adapters, set_active_adapter
+from lmcycle.artifacts import load_model
 from lmcycle.errors import LmcycleError
 from lmcycle.models.generate import (
     DecodingConfig,
@@ -37,7 +39,7 @@ from lmcycle.models.generate import (
     prompt_generator,
     stop_window,
 )
-from lmcycle.models.load import context_window, load_model
+from lmcycle.models.load import context_window
 
 
 class QueueFull(Exception):
@@ -91,8 +93,6 @@ class Engine:
 
     def __init__(self, model_dir: str, adapters: dict[str, str] | None = None, *, device: str = "cpu",
                  max_batch: int = 8, batch_wait_s: float = 0.01, max_queue: int = 256):
-        from lmcycle.adapt.lora import load_lora, per_row_adapters, set_active_adapter
-
         for value, name in ((max_batch, "max_batch"), (max_queue, "max_queue")):
             if value < 1:
                 raise LmcycleError(f"{name} must be at least 1, got {value}", field=name)

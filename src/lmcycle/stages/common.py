@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lmcycle.artifacts import load_model
 from lmcycle.stages.context import RunContext
 from lmcycle.train.checkpoint import save_model_dir
 from lmcycle.train.distributed import barrier, is_main
@@ -39,8 +40,6 @@ class TrainingStage:
 
 def start_training_stage(cfg, ctx: RunContext, kind: str) -> TrainingStage:
     """Load the stage's model (``cfg.model``: an earlier stage, a path or a hub id) and resolve its seed."""
-    from lmcycle.models.load import load_model
-
     name = cfg.name or kind
     model, tokenizer = load_model(ctx.model_path(cfg.model), device=ctx.device)
     seed = cfg.train.seed if cfg.train.seed is not None else ctx.seed

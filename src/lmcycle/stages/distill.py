@@ -22,13 +22,14 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
+from lmcycle.artifacts import load_model
 from lmcycle.atomic import atomic_write_json
 from lmcycle.config import Config, DatasetName, ModelRef
 from lmcycle.data.sft import collate_sft
 from lmcycle.errors import LmcycleError
 from lmcycle.evals.classification import score_labels
 from lmcycle.models.classifier import TextClassifier, class_names, collate
-from lmcycle.models.load import context_window, load_model
+from lmcycle.models.load import context_window
 from lmcycle.optimize.distill import (
     IGNORE,
     Student,

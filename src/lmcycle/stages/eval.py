@@ -38,7 +38,8 @@ from lmcycle.evals.score import Score
 from lmcycle.evals.toxicity import toxicity_score
 from lmcycle.models.classifier import TextClassifier
 from lmcycle.models.generate import DecodingConfig, generate
-from lmcycle.models.load import context_window, is_seq2seq, load_model
+from lmcycle.artifacts import load_model
+from lmcycle.models.load import context_window, is_seq2seq
 from lmcycle.stages.context import RunContext
 
 

@@ -17,7 +17,7 @@ from lmcycle.data.templates import get_template
 from lmcycle.errors import LmcycleError
 from lmcycle.models.explore import default_settings, exploration_markdown, explore, plot_exploration
 from lmcycle.models.generate import DecodingConfig
-from lmcycle.models.load import load_model
+from lmcycle.artifacts import load_model
 from lmcycle.stages.context import RunContext
 
 

@@ -14,7 +14,7 @@ from pydantic import Field
 from lmcycle.atomic import atomic_write_text
 from lmcycle.config import Config, ModelRef
 from lmcycle.models.generate import DecodingConfig, generate
-from lmcycle.models.load import load_model
+from lmcycle.artifacts import load_model
 from lmcycle.stages.context import RunContext
 
 

@@ -18,10 +18,10 @@ from typing import Annotated, Literal
 
 from pydantic import Discriminator, Tag
 
-from lmcycle.adapt.lora import LoraConfig, add_lora, merge_and_unload, save_lora
+from lmcycle.adapt.lora import LoraConfig, add_lora, merge_and_unload, merge_qlora, save_lora
 from lmcycle.adapt.prompt_tuning import PromptTuningConfig, add_prompt_tuning, save_prompt_tuning
-from lmcycle.adapt.qlora import merge_qlora, quantize_model
-from lmcycle.models.load import load_model
+from lmcycle.adapt.qlora import quantize_model
+from lmcycle.artifacts import load_model
 from lmcycle.stages.common import TrainingStage, finish_training_stage, log_training_end
 from lmcycle.train.distributed import barrier, is_main
 from lmcycle.train.loop import TrainResult, seed_everything

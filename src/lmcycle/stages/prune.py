@@ -17,12 +17,12 @@ import torch
 from pydantic import Field
 
 from lmcycle.adapt.lora import LoraConfig
+from lmcycle.artifacts import load_model
 from lmcycle.atomic import atomic_write_json
 from lmcycle.config import Config, DatasetName, ModelRef
 from lmcycle.data.examples import plain_texts
 from lmcycle.errors import LmcycleError
 from lmcycle.evals.perplexity import perplexity
-from lmcycle.models.load import load_model
 from lmcycle.optimize.prune import (
     check_sparsity,
     heal_with_lora,

@@ -1,6 +1,6 @@
 """QuantizeStage: post-training quantization of a model of the run (:mod:`lmcycle.optimize.quantize`).
 
-The stage loads ``model`` in float32 (:func:`~lmcycle.optimize.quantize.load_for_quantize`), records activation
+The stage loads ``model`` in float32 (:func:`~lmcycle.artifacts.load_for_quantize`), records activation
 ranges over ``n_calibration`` seeded examples of ``calibration`` when given (required for ``int8_static``),
 quantizes with ``method`` and saves ``<stage>/model`` with its ``quantization.json`` (the source model and the
 calibration data recorded too). It logs the weight size before and after and how many layers were quantized.
@@ -14,15 +14,10 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from lmcycle.artifacts import load_for_quantize
 from lmcycle.config import Config, DatasetName, ModelRef
-from lmcycle.optimize.quantize import (
-    calibrate,
-    linear_targets,
-    load_for_quantize,
-    quantize_model,
-    save_quantized,
-    weights_mb,
-)
+from lmcycle.optimize.compare import weights_mb
+from lmcycle.optimize.quantize import calibrate, linear_targets, quantize_model, save_quantized
 from lmcycle.stages.context import RunContext
 
 
