@@ -206,9 +206,9 @@ class RolloutClock:
 def run_ours(workdir: Path, args: argparse.Namespace, clock: RolloutClock, out: Path) -> dict:
     import lmcycle.align.ppo as ppo_math
     import lmcycle.stages.ppo as ppo_stage
+    from lmcycle.artifacts import load_model
     from lmcycle.config import validate
     from lmcycle.data.examples import Example
-    from lmcycle.artifacts import load_model
     from lmcycle.stages.context import RunContext
     from lmcycle.stages.ppo import PpoStage, run_ppo
 

@@ -14,8 +14,8 @@ from safetensors.torch import load_file
 from test_sft_stage import context, held_out_loss
 
 from lmcycle.adapt.prompt_tuning import PromptTunedModel
-from lmcycle.config import validate
 from lmcycle.artifacts import load_model
+from lmcycle.config import validate
 from lmcycle.stages.eval import EvalStage, run_eval
 from lmcycle.stages.sft import SftStage, run_sft
 

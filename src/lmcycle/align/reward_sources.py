@@ -25,8 +25,12 @@ from typing import Annotated, Literal
 import torch
 from pydantic import Discriminator, Field, Tag
 
+from lmcycle.align.reward import RewardModel
+from lmcycle.align.reward import normalise as normalise_scores
 from lmcycle.config import Config, ModelRef
 from lmcycle.errors import LmcycleError
+from lmcycle.models.classifier import TextClassifier
+from lmcycle.models.load import ensure_pad_token
 
 RewardFn = Callable[[list[str], list[str]], torch.Tensor]
 
@@ -131,8 +135,6 @@ def _import_callable(spec: str) -> Callable:
 def classifier_reward(path: str, label: str, output: str = "probability", text: str = "response",
                       max_len: int = 128, batch_size: int = 64) -> RewardFn:
     """The probability (or log-odds) that a sequence classifier gives class ``label``, per response."""
-    from lmcycle.models.classifier import TextClassifier
-
     clf = TextClassifier.load(path)
     index = clf.label_index(label)
 
@@ -150,10 +152,6 @@ def model_reward(path: str, normalise: bool = True, text: str = "full", max_len:
                  batch_size: int = 32) -> RewardFn:
     """Scores of a saved :class:`~lmcycle.align.reward.RewardModel`, normalised by its saved mean/std."""
     from transformers import AutoTokenizer
-
-    from lmcycle.align.reward import RewardModel
-    from lmcycle.align.reward import normalise as normalise_scores
-    from lmcycle.models.load import ensure_pad_token
 
     model = RewardModel.load(path).eval()
     tokenizer = AutoTokenizer.from_pretrained(path)

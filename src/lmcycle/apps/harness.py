@@ -24,6 +24,7 @@ from lmcycle.apps.pal import PAL_EXEMPLARS, pal_prompt, run_program
 from lmcycle.apps.pal import STOP as PAL_STOP
 from lmcycle.apps.sandbox import SandboxConfig
 from lmcycle.data.examples import Example
+from lmcycle.data.gsm8k import load_gsm8k
 from lmcycle.errors import LmcycleError
 from lmcycle.evals.gsm8k import extract_answer
 from lmcycle.models.generate import DecodingConfig, describe
@@ -186,7 +187,5 @@ def run_benchmark(llm, benchmark: str, path: str | Path, method: str, cfg: Decod
         raise LmcycleError(f"{benchmark} has no method '{method}' (known: {', '.join(METHODS.get(benchmark, ()))})",
                            field="method")
     if benchmark == "gsm8k":
-        from lmcycle.data.gsm8k import load_gsm8k
-
         return gsm8k_harness(llm, load_gsm8k(path, "test")[:limit], method, cfg=cfg, n=n)
     return truthfulqa_mc1(llm, load_truthfulqa_mc(path)[:limit], method, cfg=cfg)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
+from lmcycle.artifacts import load_model
 from lmcycle.errors import LmcycleError
 from lmcycle.evals.bleu import bleu
 from lmcycle.evals.classification import accuracy, macro_f1
@@ -24,7 +25,6 @@ from lmcycle.evals.perplexity import conditional_perplexity, seq2seq_perplexity
 from lmcycle.evals.rouge import rouge
 from lmcycle.evals.score import Score
 from lmcycle.evals.squad import exact_match, token_f1
-from lmcycle.artifacts import load_model
 from lmcycle.models.load import context_window, is_seq2seq
 
 Metric = Literal["rouge", "bleu", "accuracy", "macro_f1", "exact_match", "token_f1", "gsm8k_accuracy", "toxicity"]

@@ -27,6 +27,7 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationInfo, field_validator
 
+from lmcycle.artifacts import load_model
 from lmcycle.atomic import atomic_write_json, atomic_write_text
 from lmcycle.config import Config, DatasetName, ModelRef
 from lmcycle.data.fewshot import build_prompt
@@ -38,7 +39,6 @@ from lmcycle.evals.score import Score
 from lmcycle.evals.toxicity import toxicity_score
 from lmcycle.models.classifier import TextClassifier
 from lmcycle.models.generate import DecodingConfig, generate
-from lmcycle.artifacts import load_model
 from lmcycle.models.load import context_window, is_seq2seq
 from lmcycle.stages.context import RunContext
 

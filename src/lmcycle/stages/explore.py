@@ -11,13 +11,13 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from lmcycle.artifacts import load_model
 from lmcycle.atomic import atomic_write_json, atomic_write_text
 from lmcycle.config import Config, DatasetName, ModelRef
 from lmcycle.data.templates import get_template
 from lmcycle.errors import LmcycleError
 from lmcycle.models.explore import default_settings, exploration_markdown, explore, plot_exploration
 from lmcycle.models.generate import DecodingConfig
-from lmcycle.artifacts import load_model
 from lmcycle.stages.context import RunContext
 
 

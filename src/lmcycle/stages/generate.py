@@ -11,10 +11,10 @@ from typing import Literal
 
 from pydantic import Field
 
+from lmcycle.artifacts import load_model
 from lmcycle.atomic import atomic_write_text
 from lmcycle.config import Config, ModelRef
 from lmcycle.models.generate import DecodingConfig, generate
-from lmcycle.artifacts import load_model
 from lmcycle.stages.context import RunContext
 
 

@@ -55,12 +55,12 @@ from lmcycle.align.ppo import (
     whiten,
 )
 from lmcycle.align.reward_sources import RewardSpec, build_reward, check_rewards, describe_reward
+from lmcycle.artifacts import load_model
 from lmcycle.atomic import atomic_write_text
 from lmcycle.config import Config, DatasetName, ModelRef
 from lmcycle.data.templates import get_template
 from lmcycle.errors import LmcycleError
 from lmcycle.models.generate import DecodingConfig, pad_id_of
-from lmcycle.artifacts import load_model
 from lmcycle.stages.common import TrainingStage, finish_training_stage, start_training_stage
 from lmcycle.stages.context import RunContext
 from lmcycle.stages.peft import LoraPeft, add_peft_for_training, finish_peft_stage

@@ -36,7 +36,9 @@ from torch import nn
 from transformers import AutoConfig, LlamaConfig, PretrainedConfig
 from transformers.pytorch_utils import Conv1D
 
+from lmcycle.adapt.lora import default_targets, find_targets
 from lmcycle.errors import LmcycleError
+from lmcycle.models.build import SIZES, model_config
 
 PRECISIONS = ("fp32", "bf16", "int8", "nf4")
 QUANT_BYTES = {"int8": 1.0, "nf4": 0.516}  # nf4: 4 bits + 8-bit scale per 64 + fp32 scale per 256 blocks
@@ -115,8 +117,6 @@ class _VocabOnly:
 
 def config_for_size(arch: str, size: str, vocab: int = 2048, max_len: int = 512) -> PretrainedConfig:
     """The config of one of lmcycle's named sizes (``lmcycle.models.build.SIZES``) with a ``vocab``-token vocabulary."""
-    from lmcycle.models.build import SIZES, model_config
-
     if arch not in SIZES:
         raise LmcycleError(f"unknown architecture '{arch}' (known: {', '.join(SIZES)})", field="--arch")
     if size not in SIZES[arch]:
@@ -193,8 +193,6 @@ def lora_trainable(model: nn.Module, r: int, targets: list[str] | None) -> tuple
     Targets follow ``lmcycle.adapt.lora``: module names or regex suffixes; None: its default targets. A role is a
     layer's path inside its block, e.g. ``self_attn.q_proj``, ``mlp.c_proj``, ``lm_head`` outside the blocks.
     """
-    from lmcycle.adapt.lora import default_targets, find_targets
-
     paths = find_targets(model, targets or default_targets(model))
     total = sum(r * sum(model.get_submodule(path).weight.shape) for path in paths)
     return total, {_role(path) for path in paths}
@@ -202,8 +200,6 @@ def lora_trainable(model: nn.Module, r: int, targets: list[str] | None) -> tuple
 
 def lora_layers(model: nn.Module, targets: list[str] | None) -> int:
     """How many Linear/Conv1D layers LoRA adapts (each saves an extra [b, s, r] activation: B's input)."""
-    from lmcycle.adapt.lora import default_targets, find_targets
-
     return len(find_targets(model, targets or default_targets(model)))
 
 

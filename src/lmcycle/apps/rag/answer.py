@@ -15,7 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lmcycle.apps.rag.cite import CitationReport, Source, build_prompt, check_citations, sources_from_hits
+from lmcycle.apps.rag.encoder import Encoder
 from lmcycle.apps.rag.retrieve import Retriever
+from lmcycle.apps.rag.store import SqliteVectorStore
 from lmcycle.atomic import atomic_write_text
 from lmcycle.errors import LmcycleError
 from lmcycle.models.generate import DecodingConfig
@@ -82,8 +84,5 @@ def read_settings(store_dir: str | Path) -> dict:
 
 def open_store(store_dir: str | Path) -> Retriever:
     """A retriever over an existing store folder, with the encoder that built it."""
-    from lmcycle.apps.rag.encoder import Encoder
-    from lmcycle.apps.rag.store import SqliteVectorStore
-
     settings = read_settings(store_dir)
     return Retriever(SqliteVectorStore(store_dir), Encoder(settings["encoder"]))
