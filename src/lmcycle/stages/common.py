@@ -1,6 +1,7 @@
-"""What every training stage does before and after the loop, so that trainers do not drift apart.
+"""What every stage shares: the header of its config, and what a training stage does around its loop.
 
-A training stage (pretrain, sft, and the later adapt/align stages) is::
+Every stage config derives from :class:`StageConfig` (``type`` and ``name``). A training stage (pretrain, sft,
+and the later adapt/align stages) does the same before and after its loop, so that trainers do not drift apart::
 
     setup = start_training_stage(cfg, ctx, "sft")        # model, tokenizer, seeded TrainConfig, stage dir
     ... build batch_at / loss_fn / eval_fn for its objective ...
@@ -14,10 +15,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lmcycle.config import Config
 from lmcycle.stages.context import RunContext
 from lmcycle.train.checkpoint import save_model_dir
 from lmcycle.train.distributed import barrier, is_main
 from lmcycle.train.loop import TrainConfig, TrainResult
+
+
+class StageConfig(Config):
+    """The header of every stage's config: its kind (the recipe's ``type:``) and an optional name."""
+
+    type: str
+    name: str | None = None
+
+    @property
+    def stage_name(self) -> str:
+        """The stage's name in the run (its sub-directory and metrics rows): ``name``, else its type."""
+        return self.name or self.type
 
 
 @dataclass

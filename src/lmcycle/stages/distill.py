@@ -23,7 +23,7 @@ from pydantic import Field
 from torch import nn
 
 from lmcycle.atomic import atomic_write_json
-from lmcycle.config import Config, DatasetName, ModelRef
+from lmcycle.config import DatasetName, ModelRef
 from lmcycle.data.sft import collate_sft
 from lmcycle.errors import LmcycleError
 from lmcycle.evals.classification import score_labels
@@ -44,7 +44,7 @@ from lmcycle.optimize.distill import (
 )
 from lmcycle.optimize.student import hidden_size_of, num_layers_of, param_count
 from lmcycle.stages.classifier import labelled_texts
-from lmcycle.stages.common import TrainingStage, finish_training_stage
+from lmcycle.stages.common import StageConfig, TrainingStage, finish_training_stage
 from lmcycle.stages.context import RunContext, is_scorer
 from lmcycle.train.loop import (
     Batch,
@@ -56,11 +56,10 @@ from lmcycle.train.loop import (
 )
 
 
-class DistillStage(Config):
+class DistillStage(StageConfig):
     """Distil a frozen teacher (classifier or decoder LM) into a smaller student; score both on held-out sets."""
 
     type: Literal["distill"] = "distill"
-    name: str | None = None
     teacher: ModelRef = Field(description="an earlier stage, a path or a hub id")
     task: Literal["classifier", "lm"] | None = Field(None, description="None: from the teacher's config")
     student_layers: list[int] | None = Field(None, description="teacher layers to copy (None and no "
@@ -91,7 +90,7 @@ def run_distill(cfg: DistillStage, ctx: RunContext) -> dict[str, str]:
     if cfg.student_layers is not None and cfg.student_config is not None:
         raise LmcycleError("set student_layers (copy teacher layers) or student_config (from scratch), not both",
                            file=ctx.recipe_file, field="student_config")
-    name = cfg.name or "distill"
+    name = cfg.stage_name
     source = ctx.model_path(cfg.teacher)
     task = cfg.task or ("classifier" if _is_classifier(source) else "lm")
     if task == "classifier":

@@ -18,21 +18,20 @@ from pydantic import Field
 
 from lmcycle.align.dpo import check_dpo_settings, train_dpo
 from lmcycle.atomic import atomic_write_json
-from lmcycle.config import Config, DatasetName, ModelRef
+from lmcycle.config import DatasetName, ModelRef
 from lmcycle.data.preferences import pairs_from_examples
 from lmcycle.models.load import context_window
-from lmcycle.stages.common import finish_training_stage, start_training_stage
+from lmcycle.stages.common import StageConfig, finish_training_stage, start_training_stage
 from lmcycle.stages.context import RunContext
 from lmcycle.stages.peft import LoraPeft, add_peft_for_training, finish_peft_stage
 from lmcycle.train.distributed import is_main
 from lmcycle.train.loop import TrainConfig
 
 
-class DpoStage(Config):
+class DpoStage(StageConfig):
     """Align a model to a preference dataset with DPO or IPO: every parameter, or a LoRA adapter."""
 
     type: Literal["dpo"] = "dpo"
-    name: str | None = None
     model: ModelRef | None = Field(None, description="the starting policy: an earlier stage, a path or a hub id")
     data: DatasetName = Field(description="preference dataset (format hh_rlhf or rankings)")
     eval_data: DatasetName = Field(description="held-out preference dataset: implicit-reward accuracy and margins")

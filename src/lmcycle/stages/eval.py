@@ -28,7 +28,7 @@ from typing import Any, Literal
 from pydantic import Field, ValidationInfo, field_validator
 
 from lmcycle.atomic import atomic_write_json, atomic_write_text
-from lmcycle.config import Config, DatasetName, ModelRef
+from lmcycle.config import DatasetName, ModelRef
 from lmcycle.data.fewshot import build_prompt
 from lmcycle.data.templates import get_template
 from lmcycle.errors import LmcycleError
@@ -39,14 +39,14 @@ from lmcycle.evals.toxicity import toxicity_score
 from lmcycle.models.classifier import TextClassifier
 from lmcycle.models.generate import DecodingConfig, generate
 from lmcycle.models.load import context_window, is_seq2seq, load_model
+from lmcycle.stages.common import StageConfig
 from lmcycle.stages.context import RunContext
 
 
-class EvalStage(Config):
+class EvalStage(StageConfig):
     """Score a model (or a baseline) on a dataset with the chosen metrics and perplexity."""
 
     type: Literal["eval"] = "eval"
-    name: str | None = None
     model: ModelRef | None = None  # None/"latest" = the newest model of an earlier stage
     data: DatasetName
     limit: int | None = Field(default=None, ge=1)
@@ -89,7 +89,7 @@ class _Outputs:
 
 def run_eval(cfg: EvalStage, ctx: RunContext) -> dict[str, str]:
     """Run the evaluation; write predictions.jsonl and eval.json; return their paths."""
-    name = cfg.name or "eval"
+    name = cfg.stage_name
     examples = _examples(ctx, cfg)
     references = [list(ex.targets) for ex in examples]
     out = _run_baseline(examples) if cfg.baseline is not None else _run_model(cfg, ctx, examples)

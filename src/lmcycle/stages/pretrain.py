@@ -19,13 +19,13 @@ from typing import Literal
 
 from pydantic import Field
 
-from lmcycle.config import Config, DatasetName, ModelRef
+from lmcycle.config import DatasetName, ModelRef
 from lmcycle.data.examples import plain_texts
 from lmcycle.data.packing import pack_sequences
 from lmcycle.data.sft import collate_sft
 from lmcycle.errors import LmcycleError
 from lmcycle.models.load import context_window, is_seq2seq
-from lmcycle.stages.common import finish_training_stage, start_training_stage
+from lmcycle.stages.common import StageConfig, finish_training_stage, start_training_stage
 from lmcycle.stages.context import RunContext
 from lmcycle.train.loop import TrainConfig, held_out_metrics, lm_loss_sum, train
 from lmcycle.train.pretrain import (
@@ -39,11 +39,10 @@ from lmcycle.train.pretrain import (
 TEXT_SUFFIXES = (".txt", ".md", ".text", ".markdown")
 
 
-class PretrainStage(Config):
+class PretrainStage(StageConfig):
     """Pre-train (or continue pre-training) on recipe datasets and/or text files."""
 
     type: Literal["pretrain"] = "pretrain"
-    name: str | None = None
     model: ModelRef | None = None
     corpus: list[DatasetName] = Field(default_factory=list, description="dataset names: every input and target")
     files: list[str] = Field(default_factory=list, description="text files, relative to the recipe's folder")

@@ -14,7 +14,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from lmcycle.config import Config, DatasetName, ModelRef
+from lmcycle.config import DatasetName, ModelRef
 from lmcycle.optimize.quantize import (
     calibrate,
     linear_targets,
@@ -23,14 +23,14 @@ from lmcycle.optimize.quantize import (
     save_quantized,
     weights_mb,
 )
+from lmcycle.stages.common import StageConfig
 from lmcycle.stages.context import RunContext
 
 
-class QuantizeStage(Config):
+class QuantizeStage(StageConfig):
     """Quantize a model after training; writes ``<stage>/model`` (with ``quantization.json``)."""
 
     type: Literal["quantize"] = "quantize"
-    name: str | None = None
     model: ModelRef | None = Field(None, description="earlier stage, path or hub id; None = the latest language model")
     method: Literal["fp16", "bf16", "int8_weight_only", "int8_dynamic", "int8_static", "int4_weight_only"]
     calibration: DatasetName | None = Field(None, description="dataset whose texts calibrate activation ranges "
@@ -66,7 +66,7 @@ def calibration_texts(examples: list, n: int, seed: int, causal_lm: bool) -> lis
 
 def run_quantize(cfg: QuantizeStage, ctx: RunContext) -> dict[str, str]:
     """Load ``cfg.model``, calibrate (when a dataset is given), quantize, save ``<stage>/model``, log sizes."""
-    name = cfg.name or "quantize"
+    name = cfg.stage_name
     out_dir = ctx.stage_dir(name)
     source = ctx.model_path(cfg.model)
     model, tokenizer = load_for_quantize(source, ctx.device)

@@ -23,18 +23,18 @@ from lmcycle.align.reward import (
     train_reward_model,
 )
 from lmcycle.atomic import atomic_write_json
-from lmcycle.config import Config, DatasetName, ModelRef
+from lmcycle.config import DatasetName, ModelRef
 from lmcycle.data.preferences import pairs_from_examples
 from lmcycle.models.load import context_window
+from lmcycle.stages.common import StageConfig
 from lmcycle.stages.context import RunContext
 from lmcycle.train.loop import TrainConfig, seed_everything
 
 
-class RewardStage(Config):
+class RewardStage(StageConfig):
     """Train a reward model on a preference dataset; score held-out pairs; save it with its reward statistics."""
 
     type: Literal["reward"] = "reward"
-    name: str | None = None
     model: ModelRef | None = Field(None, description="backbone: an earlier stage, a path or a hub id")
     backbone: Literal["auto", "classifier", "causal_lm"] = Field(
         "auto", description="auto: causal_lm for a *ForCausalLM / *LMHeadModel checkpoint, else classifier")
@@ -51,7 +51,7 @@ def run_reward(cfg: RewardStage, ctx: RunContext) -> dict[str, str]:
     """Train the reward model; save it to ``<stage>/model`` (:meth:`~lmcycle.align.reward.RewardModel.save`,
     with the training pairs' reward mean/std) and its held-out metrics to ``<stage>/eval.json``; return
     ``{"model", "eval"}``."""
-    name = cfg.name or "reward"
+    name = cfg.stage_name
     out_dir = ctx.stage_dir(name)
     tcfg = cfg.train.model_copy(update={"seed": cfg.train.seed if cfg.train.seed is not None else ctx.seed})
     pairs = pairs_from_examples(ctx.dataset(cfg.data), cfg.data)

@@ -24,7 +24,7 @@ from pydantic import Field
 
 from lmcycle.config import Config, DatasetName, ModelRef
 from lmcycle.data.sft import collate_sft, encode_sft, mix_tasks
-from lmcycle.stages.common import finish_training_stage, start_training_stage
+from lmcycle.stages.common import StageConfig, finish_training_stage, start_training_stage
 from lmcycle.stages.context import RunContext
 from lmcycle.stages.peft import PeftConfig, PromptTuningPeft, add_peft_for_training, finish_peft_stage
 from lmcycle.train.loop import (
@@ -44,11 +44,10 @@ class SftData(Config):
     template: str | dict | None = Field(None, description="None: the stage's template")
 
 
-class SftStage(Config):
+class SftStage(StageConfig):
     """Fine-tune a model (every parameter, or LoRA adapters) on one task or a weighted mixture of tasks."""
 
     type: Literal["sft"] = "sft"
-    name: str | None = None
     model: ModelRef | None = None
     data: list[SftData] = Field(min_length=1)
     template: str | dict = "summarize"
