@@ -85,7 +85,7 @@ def run_classifier(cfg: ClassifierStage, ctx: RunContext) -> dict[str, str]:
     labels = class_names(cfg.label_map)
     texts, classes = labelled_texts(ctx, cfg.data, cfg.label_map, "data")
     y = [labels.index(c) for c in classes]
-    seed = cfg.train.seed if cfg.train.seed is not None else ctx.seed
+    seed = ctx.seed_for(cfg.train.seed)
     seed_everything(seed)  # the new head's random init is part of the run
     source = default_base_model() if cfg.model is None else ctx.model_path(cfg.model)
     model, tokenizer = load_for_training(source, labels, ctx.device)

@@ -57,9 +57,8 @@ def start_training_stage(cfg, ctx: RunContext, kind: str) -> TrainingStage:
 
     name = cfg.name or kind
     model, tokenizer = load_model(ctx.model_path(cfg.model), device=ctx.device)
-    seed = cfg.train.seed if cfg.train.seed is not None else ctx.seed
     return TrainingStage(name=name, out_dir=ctx.stage_dir(name), model=model, tokenizer=tokenizer,
-                         train=cfg.train.model_copy(update={"seed": seed}), ctx=ctx)
+                         train=cfg.train.model_copy(update={"seed": ctx.seed_for(cfg.train.seed)}), ctx=ctx)
 
 
 def finish_training_stage(stage: TrainingStage, result: TrainResult) -> dict[str, str]:

@@ -111,7 +111,7 @@ def run_distill(cfg: DistillStage, ctx: RunContext) -> dict[str, str]:
                                file=source, field="teacher")
     freeze(teacher)
 
-    seed = cfg.train.seed if cfg.train.seed is not None else ctx.seed
+    seed = ctx.seed_for(cfg.train.seed)
     seed_everything(seed)  # a from-scratch student's init and a projection's are part of the run
     try:
         student, copied = build_student(teacher, cfg.student_layers, cfg.student_config)

@@ -98,7 +98,7 @@ def run_prune(cfg: PruneStage, ctx: RunContext) -> dict[str, str]:
     ``<stage>/sparsity.json`` (:func:`sparsity_report`) and ``<stage>/eval.json`` (perplexities and settings)."""
     name = cfg.stage_name
     err = {"file": ctx.recipe_file}
-    seed = cfg.seed if cfg.seed is not None else ctx.seed
+    seed = ctx.seed_for(cfg.seed)
     if cfg.method in ("magnitude", "wanda"):
         check_sparsity(cfg.sparsity)
     if cfg.method == "wanda" or (cfg.method == "nm" and cfg.score == "wanda"):

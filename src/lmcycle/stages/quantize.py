@@ -74,7 +74,7 @@ def run_quantize(cfg: QuantizeStage, ctx: RunContext) -> dict[str, str]:
     if cfg.calibration:
         causal = not getattr(model.config, "is_encoder_decoder", False) and not any(
             a.endswith("ForSequenceClassification") for a in model.config.architectures or [])
-        seed = cfg.seed if cfg.seed is not None else ctx.seed
+        seed = ctx.seed_for(cfg.seed)
         texts = calibration_texts(ctx.dataset(cfg.calibration), cfg.n_calibration, seed, causal)
         calibration = calibrate(model, tokenizer, texts, max_len=cfg.max_len, batch_size=cfg.batch_size,
                                 layers=linear_targets(model, cfg.quantize_head))

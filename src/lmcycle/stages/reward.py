@@ -53,7 +53,7 @@ def run_reward(cfg: RewardStage, ctx: RunContext) -> dict[str, str]:
     ``{"model", "eval"}``."""
     name = cfg.stage_name
     out_dir = ctx.stage_dir(name)
-    tcfg = cfg.train.model_copy(update={"seed": cfg.train.seed if cfg.train.seed is not None else ctx.seed})
+    tcfg = cfg.train.model_copy(update={"seed": ctx.seed_for(cfg.train.seed)})
     pairs = pairs_from_examples(ctx.dataset(cfg.data), cfg.data)
     eval_pairs = pairs_from_examples(ctx.dataset(cfg.eval_data), cfg.eval_data)
     source = ctx.model_path(cfg.model)
