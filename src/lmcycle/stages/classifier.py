@@ -17,7 +17,6 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
-from lmcycle.atomic import atomic_write_json
 from lmcycle.config import DatasetName, ModelRef
 from lmcycle.errors import LmcycleError
 from lmcycle.evals.classification import score_labels
@@ -31,7 +30,7 @@ from lmcycle.models.classifier import (
     load_for_training,
 )
 from lmcycle.models.load import MINILM, local_copy
-from lmcycle.stages.common import StageConfig, TrainingStage, finish_training_stage
+from lmcycle.stages.common import StageConfig, TrainingStage, finish_training_stage, write_eval
 from lmcycle.stages.context import RunContext
 from lmcycle.train.loop import Batch, TrainConfig, micro_batch_indices, seed_everything, train
 
@@ -111,11 +110,10 @@ def run_classifier(cfg: ClassifierStage, ctx: RunContext) -> dict[str, str]:
     report["settings"].update({"base_model": source, "n_train": len(encoded), "class_counts": dict(counts),
                                "class_weights": None if weights is None else weights.tolist(),
                                "train": tcfg.model_dump(mode="json"), "train_wall_time": round(result.wall_time, 1)})
-    eval_path = stage.out_dir / "eval.json"
-    atomic_write_json(eval_path, report)
+    eval_path = write_eval(stage.out_dir, report)
     if report["metrics"]:
         ctx.log(name, kind="eval", **report["metrics"])
-    return {**produced, "eval": str(eval_path)}
+    return {**produced, "eval": eval_path}
 
 
 # -- evaluation ----------------------------------------------------------------------------------------------------

@@ -11,10 +11,12 @@ and the later adapt/align stages) does the same before and after its loop, so th
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lmcycle.atomic import atomic_write_json
 from lmcycle.config import Config
 from lmcycle.stages.context import RunContext
 from lmcycle.train.checkpoint import save_model_dir
@@ -32,6 +34,15 @@ class StageConfig(Config):
     def stage_name(self) -> str:
         """The stage's name in the run (its sub-directory and metrics rows): ``name``, else its type."""
         return self.name or self.type
+
+
+def write_eval(stage_dir: str | os.PathLike, payload: dict[str, Any]) -> str:
+    """Write a stage's scores to ``<stage_dir>/eval.json`` (atomically; under torchrun on rank 0 alone), where
+    the report reads them; return its path for the stage's artifacts."""
+    path = Path(stage_dir) / "eval.json"
+    if is_main():
+        atomic_write_json(path, payload)
+    return str(path)
 
 
 @dataclass

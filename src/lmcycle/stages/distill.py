@@ -22,7 +22,6 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from lmcycle.atomic import atomic_write_json
 from lmcycle.config import DatasetName, ModelRef
 from lmcycle.data.sft import collate_sft
 from lmcycle.errors import LmcycleError
@@ -44,7 +43,7 @@ from lmcycle.optimize.distill import (
 )
 from lmcycle.optimize.student import hidden_size_of, num_layers_of, param_count
 from lmcycle.stages.classifier import labelled_texts
-from lmcycle.stages.common import StageConfig, TrainingStage, finish_training_stage
+from lmcycle.stages.common import StageConfig, TrainingStage, finish_training_stage, write_eval
 from lmcycle.stages.context import RunContext, is_scorer
 from lmcycle.train.loop import (
     Batch,
@@ -143,10 +142,9 @@ def run_distill(cfg: DistillStage, ctx: RunContext) -> dict[str, str]:
         "train_wall_time": round(result.wall_time, 1),
         "loss": "alpha * T^2 * KL(softmax(teacher/T) || softmax(student/T)) + beta * CE(student, label)"
                 + (" + hidden_weight * MSE(hidden states)" if cfg.hidden_weight else "")})
-    eval_path = stage.out_dir / "eval.json"
-    atomic_write_json(eval_path, report)
+    eval_path = write_eval(stage.out_dir, report)
     ctx.log(name, kind="eval", **{k: v for k, v in report["metrics"].items() if isinstance(v, (int, float))})
-    return {**produced, "eval": str(eval_path)}
+    return {**produced, "eval": eval_path}
 
 
 def _is_classifier(source: str) -> bool:

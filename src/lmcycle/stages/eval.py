@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationInfo, field_validator
 
-from lmcycle.atomic import atomic_write_json, atomic_write_text
+from lmcycle.atomic import atomic_write_text
 from lmcycle.config import DatasetName, ModelRef
 from lmcycle.data.fewshot import build_prompt
 from lmcycle.data.templates import get_template
@@ -39,7 +39,7 @@ from lmcycle.evals.toxicity import toxicity_score
 from lmcycle.models.classifier import TextClassifier
 from lmcycle.models.generate import DecodingConfig, generate
 from lmcycle.models.load import context_window, is_seq2seq, load_model
-from lmcycle.stages.common import StageConfig
+from lmcycle.stages.common import StageConfig, write_eval
 from lmcycle.stages.context import RunContext
 
 
@@ -113,15 +113,15 @@ def run_eval(cfg: EvalStage, ctx: RunContext) -> dict[str, str]:
     })
 
     stage_dir = ctx.stage_dir(name)
-    pred_path, eval_path = stage_dir / "predictions.jsonl", stage_dir / "eval.json"
+    pred_path = stage_dir / "predictions.jsonl"
     lines = [json.dumps({"id": ex.id, "prompt": prompt, "prediction": pred, "references": refs, **row},
                         ensure_ascii=False)
              for ex, prompt, pred, refs, row in zip(examples, out.prompts, out.predictions, references, per_example,
                                                     strict=True)]
     atomic_write_text(pred_path, "\n".join(lines) + "\n")
-    atomic_write_json(eval_path, {"metrics": metrics, "settings": settings})
+    eval_path = write_eval(stage_dir, {"metrics": metrics, "settings": settings})
     ctx.log(name, kind="eval", **metrics)
-    return {"eval": str(eval_path), "predictions": str(pred_path)}
+    return {"eval": eval_path, "predictions": str(pred_path)}
 
 
 def _examples(ctx: RunContext, cfg: EvalStage) -> list:

@@ -15,10 +15,10 @@ from pydantic import Field
 
 from lmcycle.apps.harness import run_benchmark
 from lmcycle.apps.llm import LocalLLM, backend_from_spec
-from lmcycle.atomic import atomic_write_json, atomic_write_text
+from lmcycle.atomic import atomic_write_text
 from lmcycle.config import ModelRef
 from lmcycle.models.generate import DecodingConfig
-from lmcycle.stages.common import StageConfig
+from lmcycle.stages.common import StageConfig, write_eval
 from lmcycle.stages.context import RunContext
 
 
@@ -46,7 +46,6 @@ def run_harness(cfg: HarnessStage, ctx: RunContext) -> dict[str, str]:
     atomic_write_text(out / "records.jsonl",
                       "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in result["records"]))
     settings = result["settings"] | {"benchmark": cfg.benchmark, "data": data, "model": llm.name}
-    atomic_write_json(out / "eval.json", {"metrics": {metric: result[metric], "n": result["n"]},
-                                          "settings": settings})
+    eval_path = write_eval(out, {"metrics": {metric: result[metric], "n": result["n"]}, "settings": settings})
     ctx.log(name, **{metric: result[metric], "n": result["n"]})
-    return {"eval": str(out / "eval.json"), "records": str(out / "records.jsonl")}
+    return {"eval": eval_path, "records": str(out / "records.jsonl")}

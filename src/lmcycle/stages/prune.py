@@ -33,7 +33,7 @@ from lmcycle.optimize.prune import (
     tokenize_calibration,
     wanda_prune,
 )
-from lmcycle.stages.common import StageConfig
+from lmcycle.stages.common import StageConfig, write_eval
 from lmcycle.stages.context import RunContext
 from lmcycle.train.checkpoint import save_model_dir
 from lmcycle.train.loop import TrainConfig, seed_everything
@@ -153,5 +153,5 @@ def run_prune(cfg: PruneStage, ctx: RunContext) -> dict[str, str]:
         "seed": seed, "calibration_texts": sum(int(b["attention_mask"].shape[0]) for b in batches or []),
         "heal": cfg.heal.model_dump() if cfg.heal else None,
         "perplexity": "lmcycle.evals.perplexity on each input and target text, max_len tokens"}
-    atomic_write_json(out / "eval.json", {"perplexity": ppl, "structured": info or None, "settings": settings})
-    return {"model": str(model_dir), "sparsity": str(out / "sparsity.json"), "eval": str(out / "eval.json")}
+    eval_path = write_eval(out, {"perplexity": ppl, "structured": info or None, "settings": settings})
+    return {"model": str(model_dir), "sparsity": str(out / "sparsity.json"), "eval": eval_path}

@@ -13,8 +13,7 @@ from pydantic import Field
 
 from lmcycle.apps.rag.encoder import Encoder
 from lmcycle.apps.rag.xquad_eval import evaluate_xquad_retrieval
-from lmcycle.atomic import atomic_write_json
-from lmcycle.stages.common import StageConfig
+from lmcycle.stages.common import StageConfig, write_eval
 from lmcycle.stages.context import RunContext
 
 
@@ -36,7 +35,6 @@ def run_retrieval(cfg: RetrievalStage, ctx: RunContext) -> dict[str, str]:
     metrics = {f"{mode}.{k}": v for mode in ("bm25", "dense", "hybrid") for k, v in result[mode].items()}
     metrics |= {"n": result["n_questions"], "paragraphs": result["n_paragraphs"],
                 "paragraphs_truncated": result["n_truncated"]}
-    path = ctx.stage_dir(name) / "eval.json"
-    atomic_write_json(path, {"metrics": metrics, "settings": result["settings"] | {"data": data}})
+    path = write_eval(ctx.stage_dir(name), {"metrics": metrics, "settings": result["settings"] | {"data": data}})
     ctx.log(name, **{k: v for k, v in metrics.items() if k.startswith("hybrid.")})
-    return {"eval": str(path)}
+    return {"eval": path}

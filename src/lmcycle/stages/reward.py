@@ -22,11 +22,10 @@ from lmcycle.align.reward import (
     pair_batches,
     train_reward_model,
 )
-from lmcycle.atomic import atomic_write_json
 from lmcycle.config import DatasetName, ModelRef
 from lmcycle.data.preferences import pairs_from_examples
 from lmcycle.models.load import context_window
-from lmcycle.stages.common import StageConfig
+from lmcycle.stages.common import StageConfig, write_eval
 from lmcycle.stages.context import RunContext
 from lmcycle.train.loop import TrainConfig, seed_everything
 
@@ -77,9 +76,8 @@ def run_reward(cfg: RewardStage, ctx: RunContext) -> dict[str, str]:
                 "max_len": max_len, "margin": cfg.margin, "group_by_length": cfg.group_by_length,
                 "train_pairs": len(pairs), "steps": result.step,
                 "normalisation": model.stats, "train": tcfg.model_dump(mode="json")}
-    eval_path = out_dir / "eval.json"
-    atomic_write_json(eval_path, {"kind": "reward", "metrics": metrics, "settings": settings})
+    eval_path = write_eval(out_dir, {"kind": "reward", "metrics": metrics, "settings": settings})
     log(event="train_end", step=result.step, wall_time=round(result.wall_time, 2),
         tokens_per_s=round(result.tokens_per_s, 1), peak_rss_mb=round(result.peak_rss_mb, 1),
         rss_growth_mb=round(result.rss_growth_mb, 1))
-    return {"model": str(model_dir), "eval": str(eval_path)}
+    return {"model": str(model_dir), "eval": eval_path}
