@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from lmcycle.data.batching import pad_id_of
 from lmcycle.errors import LmcycleError
 from lmcycle.models.generate import (
     DecodingConfig,
@@ -33,7 +34,6 @@ from lmcycle.models.generate import (
     cut_at_stop,
     decode_batch,
     eos_ids,
-    pad_id_of,
     prompt_generator,
     stop_window,
 )

@@ -18,6 +18,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator
 
 from lmcycle.config import DatasetName, ModelRef
+from lmcycle.data.batching import pad_id_of
 from lmcycle.errors import LmcycleError
 from lmcycle.evals.classification import score_labels
 from lmcycle.models.classifier import (
@@ -95,7 +96,7 @@ def run_classifier(cfg: ClassifierStage, ctx: RunContext) -> dict[str, str]:
     tcfg = stage.train
 
     def batch_at(step: int) -> list[Batch]:
-        return [collate([encoded[i] for i in idx], tokenizer.pad_token_id, [y[i] for i in idx])
+        return [collate([encoded[i] for i in idx], pad_id_of(tokenizer), [y[i] for i in idx])
                 for idx in micro_batch_indices(len(encoded), step, tcfg.batch_size, tcfg.grad_accum, seed)]
 
     weights = class_weights(y, len(labels)) if cfg.balance else None

@@ -23,6 +23,7 @@ from pydantic import Field
 from torch import nn
 
 from lmcycle.config import DatasetName, ModelRef
+from lmcycle.data.batching import pad_id_of
 from lmcycle.data.sft import collate_sft
 from lmcycle.errors import LmcycleError
 from lmcycle.evals.classification import score_labels
@@ -175,9 +176,9 @@ def _run_classifier(cfg: DistillStage, ctx: RunContext, stage: TrainingStage, wr
         stage.tokenizer, remap = trim_student_vocabulary(wrapper.student, tokenizer, texts, encoded, cfg.max_len)
         stage.log(event="trim_vocab", teacher_vocab=len(remap), student_vocab=wrapper.student.config.vocab_size,
                   student_params=param_count(wrapper.student))
-    soft = cached_teacher_logits(teacher, encoded, tokenizer.pad_token_id, stage.out_dir / "teacher_logits.safetensors",
+    pad = pad_id_of(tokenizer)
+    soft = cached_teacher_logits(teacher, encoded, pad, stage.out_dir / "teacher_logits.safetensors",
                                  key=f"{ctx.model_path(cfg.teacher)}|{cfg.max_len}")
-    pad = tokenizer.pad_token_id
 
     def batch_at(step: int) -> list[Batch]:
         out = []
@@ -246,7 +247,7 @@ def _run_lm(cfg: DistillStage, ctx: RunContext, stage: TrainingStage, wrapper: S
     items = lm_items([ex for d in cfg.data for ex in ctx.dataset(d)], tokenizer, cfg.template, max_len)
     if not items:
         raise LmcycleError("no training text for distillation", file=ctx.recipe_file, field="data")
-    pad = tokenizer.pad_token_id
+    pad = pad_id_of(tokenizer)
 
     def batch_at(step: int) -> list[Batch]:
         return [collate_sft([items[i] for i in idx], pad)

@@ -20,6 +20,7 @@ from typing import Literal
 from pydantic import Field
 
 from lmcycle.config import DatasetName, ModelRef
+from lmcycle.data.batching import pad_id_of
 from lmcycle.data.examples import plain_texts
 from lmcycle.data.packing import pack_sequences
 from lmcycle.data.sft import collate_sft
@@ -74,7 +75,7 @@ def run_pretrain(cfg: PretrainStage, ctx: RunContext) -> dict[str, str]:
         batch_at = span_corruption_batches(train_blocks, sentinels, tokenizer, tcfg, seed)
         eval_items = [corrupt_block(b, sentinels, tokenizer.eos_token_id, random.Random(f"{seed}:eval:{i}"))
                       for i, b in enumerate(eval_blocks.tolist())]
-        eval_batches = [collate_sft(eval_items[i:i + tcfg.batch_size], tokenizer.pad_token_id)
+        eval_batches = [collate_sft(eval_items[i:i + tcfg.batch_size], pad_id_of(tokenizer))
                         for i in range(0, len(eval_items), tcfg.batch_size)]
     else:
         batch_at = causal_lm_batches(train_blocks, tcfg, seed)

@@ -23,6 +23,7 @@ from typing import Literal
 from pydantic import Field
 
 from lmcycle.config import Config, DatasetName, ModelRef
+from lmcycle.data.batching import pad_id_of
 from lmcycle.data.sft import collate_sft, encode_sft, mix_tasks
 from lmcycle.stages.common import StageConfig, finish_training_stage, start_training_stage
 from lmcycle.stages.context import RunContext
@@ -76,7 +77,7 @@ def run_sft(cfg: SftStage, ctx: RunContext) -> dict[str, str]:
                          seq2seq), d.weight) for d in cfg.data]
     # One task: every example once per epoch. Several: an epoch is as many draws as the tasks have examples.
     items = tasks[0][0] if len(tasks) == 1 else mix_tasks(tasks, sum(len(t) for t, _ in tasks), seed)
-    pad_id = tokenizer.pad_token_id
+    pad_id = pad_id_of(tokenizer)
 
     def batch_at(step: int):
         return [collate_sft([items[i] for i in idx], pad_id)
