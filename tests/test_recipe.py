@@ -151,7 +151,7 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 def test_shipped_recipes_validate(path):
     recipe, stages = load_recipe(path)
     assert stages and stages[-1].type == "report"
-    names = [s.name or s.type for s in stages]
+    names = [s.stage_name for s in stages]
     assert len(names) == len(set(names))
 
 

@@ -153,7 +153,7 @@ def test_a_resumed_loop_makes_its_rollout_again_and_skips_the_minibatches_done(t
 
     def batches(start: int, n: int) -> list:
         ctx = context(tmp_path / str(start), tiny_lm.tiny_llama(tok), tok)
-        stage = start_training_stage(cfg, ctx, "ppo")
+        stage = start_training_stage(cfg, ctx)
         agent = PolicyWithValue(stage.model, cfg.ppo.beta)
         run = PpoRun(cfg, stage, agent, load_prompts(cfg, ctx), ppo_toy_rewards.vowel_a_or_e, None,
                      reference_scorer(agent, tiny_lm.tiny_llama(tok), 1.0))

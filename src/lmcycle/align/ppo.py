@@ -43,6 +43,7 @@ from torch import nn
 from lmcycle.adapt.lora import adapter_disabled
 from lmcycle.align.guard import distinct_n, repetition
 from lmcycle.config import Config
+from lmcycle.data.batching import pad_rows
 from lmcycle.errors import LmcycleError
 from lmcycle.models.generate import cut_at_stop, decode_rows, decoder_start_id, encode_prompts
 from lmcycle.models.load import eval_mode, forward_accepts
@@ -246,18 +247,11 @@ def finish_scores(scores: Tensor, endings: list[str], cfg: PpoSettings) -> Tenso
     return scores
 
 
-def _pad(rows: list[list[int]], pad_id: int, left: bool) -> tuple[Tensor, Tensor]:
-    width = max(len(r) for r in rows)
-    ids = [[pad_id] * (width - len(r)) + r if left else r + [pad_id] * (width - len(r)) for r in rows]
-    mask = [[0] * (width - len(r)) + [1] * len(r) if left else [1] * len(r) + [0] * (width - len(r)) for r in rows]
-    return torch.tensor(ids), torch.tensor(mask)
-
-
 def pad_episodes(responses: Responses, pad_id: int, seq2seq: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(query [N, P], query_mask, response [N, R], response_mask)``: queries left-padded for a decoder
     (right-padded for an encoder-decoder), responses right-padded; masks are long, 1 on real tokens."""
-    query, query_mask = _pad(responses.prompt_ids, pad_id, left=not seq2seq)
-    response, response_mask = _pad(responses.ids, pad_id, left=False)
+    query, query_mask = pad_rows(responses.prompt_ids, pad_id, left=not seq2seq)
+    response, response_mask = pad_rows(responses.ids, pad_id)
     return query, query_mask, response, response_mask
 
 

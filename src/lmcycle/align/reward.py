@@ -29,6 +29,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassificati
 
 from lmcycle.artifacts import load_model
 from lmcycle.atomic import atomic_dir
+from lmcycle.data.batching import pad_id_of, pad_rows
 from lmcycle.data.preferences import PreferencePair
 from lmcycle.errors import LmcycleError
 from lmcycle.models.load import ensure_pad_token, eval_mode, forward_accepts
@@ -191,18 +192,9 @@ def encode_pairs(pairs: list[PreferencePair], tokenizer, max_len: int) -> list[d
 
 def collate_pairs(encoded: list[dict], tokenizer) -> Batch:
     """A pair batch: ``input_ids``/``attention_mask`` [2B, T] (B chosen rows, then their B rejected rows),
-    padded on ``tokenizer.padding_side`` with its pad token, and ``margin`` [B]."""
-    if tokenizer.pad_token_id is None:
-        raise LmcycleError("the tokenizer has no pad token; set one (e.g. pad_token = eos_token)",
-                           field="tokenizer")
+    padded on ``tokenizer.padding_side`` (:func:`~lmcycle.data.batching.pad_id_of`), and ``margin`` [B]."""
     rows = [e["chosen"] for e in encoded] + [e["rejected"] for e in encoded]
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        span = slice(width - len(row), width) if tokenizer.padding_side == "left" else slice(0, len(row))
-        ids[i, span] = torch.tensor(row, dtype=torch.long)
-        mask[i, span] = 1
+    ids, mask = pad_rows(rows, pad_id_of(tokenizer), left=tokenizer.padding_side == "left")
     return {"input_ids": ids, "attention_mask": mask,
             "margin": torch.tensor([e["margin"] for e in encoded], dtype=torch.float32)}
 

@@ -13,6 +13,7 @@ import random
 
 import torch
 
+from lmcycle.data.batching import pad_rows
 from lmcycle.data.examples import Example
 
 IGNORE = -100  # label value that cross-entropy skips
@@ -58,16 +59,8 @@ def prompt_completion_item(prompt_ids: list[int], target_ids: list[int], max_len
 def collate_sft(items: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad items into ``input_ids`` [B, T], ``attention_mask`` [B, T] (1 = real token) and ``labels``
     [B, L] (-100 on padding; L = T for decoder items, the longest target for encoder-decoder items)."""
-    width = max(len(it["input_ids"]) for it in items)
-    label_width = max(len(it["labels"]) for it in items)
-    input_ids = torch.full((len(items), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(items), width), dtype=torch.long)
-    labels = torch.full((len(items), label_width), IGNORE, dtype=torch.long)
-    for row, it in enumerate(items):
-        n, m = len(it["input_ids"]), len(it["labels"])
-        input_ids[row, :n] = torch.tensor(it["input_ids"], dtype=torch.long)
-        attention_mask[row, :n] = 1
-        labels[row, :m] = torch.tensor(it["labels"], dtype=torch.long)
+    input_ids, attention_mask = pad_rows([it["input_ids"] for it in items], pad_id)
+    labels, _ = pad_rows([it["labels"] for it in items], IGNORE)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 

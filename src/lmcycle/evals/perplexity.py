@@ -21,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from lmcycle import __version__
+from lmcycle.data.batching import pad_id_of, pad_rows
 from lmcycle.errors import LmcycleError
 from lmcycle.evals.score import Score, Signature
 
@@ -51,7 +52,7 @@ def perplexity(model, tokenizer, texts: Sequence[str], *, batch_size: int = 8, m
         if limit is not None and len(ids) > limit:
             ids, truncated = ids[:limit], truncated + 1
         sequences.append((ids, 1))
-    sums = _causal_nll(model, sequences, _pad_id(tokenizer), batch_size)
+    sums = _causal_nll(model, sequences, pad_id_of(tokenizer), batch_size)
     return _score(sums, {"kind": "causal LM on texts", "max_len": limit, "truncated": truncated},
                   {"kind": "causal", "tokens": "after-first", "window": limit, "trunc": "end"})
 
@@ -77,7 +78,7 @@ def conditional_perplexity(model, tokenizer, prompts: Sequence[str], targets: Se
             t_ids = t_ids[: limit - 1]
             p_ids = p_ids[len(p_ids) - (limit - len(t_ids)):]
         sequences.append((p_ids + t_ids, max(len(p_ids), 1)))
-    sums = _causal_nll(model, sequences, _pad_id(tokenizer), batch_size)
+    sums = _causal_nll(model, sequences, pad_id_of(tokenizer), batch_size)
     return _score(sums, {"kind": "causal LM, target given prompt (prompt masked)", "max_len": limit,
                          "truncated": truncated},
                   {"kind": "causal", "tokens": "target", "window": limit, "trunc": "prompt-start"})
@@ -93,7 +94,7 @@ def seq2seq_perplexity(model, tokenizer, inputs: Sequence[str], targets: Sequenc
     if len(inputs) != len(targets):
         raise LmcycleError(f"{len(inputs)} inputs but {len(targets)} targets")
     limit = max_len or default_max_len(model)
-    pad = _pad_id(tokenizer)
+    pad = pad_id_of(tokenizer)
     device = next(model.parameters()).device
     pairs, truncated = [], 0
     for source, target in zip(inputs, targets, strict=True):
@@ -106,8 +107,8 @@ def seq2seq_perplexity(model, tokenizer, inputs: Sequence[str], targets: Sequenc
     with torch.inference_mode():
         for start in tqdm(range(0, len(pairs), batch_size), desc="perplexity", leave=False):
             chunk = pairs[start:start + batch_size]
-            input_ids, attention = _right_pad([s for s, _ in chunk], pad)
-            labels, label_mask = _right_pad([t for _, t in chunk], pad)
+            input_ids, attention = pad_rows([s for s, _ in chunk], pad)
+            labels, label_mask = pad_rows([t for _, t in chunk], pad)
             labels = labels.masked_fill(label_mask == 0, -100)
             out = model(input_ids=input_ids.to(device), attention_mask=attention.to(device), labels=labels.to(device))
             sums += _gather_nll(out.logits, labels.to(device))
@@ -124,7 +125,7 @@ def _causal_nll(model, sequences: list[tuple[list[int], int]], pad: int, batch_s
     with torch.inference_mode():
         for start in tqdm(range(0, len(sequences), batch_size), desc="perplexity", leave=False):
             chunk = sequences[start:start + batch_size]
-            input_ids, attention = _right_pad([ids for ids, _ in chunk], pad)
+            input_ids, attention = pad_rows([ids for ids, _ in chunk], pad)
             # labels[b, t] = token t+1 when it is predicted (past the prompt, not padding), else -100.
             labels = torch.full_like(input_ids, -100)
             for b, (ids, first) in enumerate(chunk):
@@ -143,24 +144,6 @@ def _gather_nll(logits: torch.Tensor, labels: torch.Tensor) -> list[tuple[float,
     nll = -(picked * keep).sum(dim=-1)
     return [(float(s), int(n)) for s, n in zip(nll.tolist(), keep.sum(dim=-1).tolist(), strict=True)]
 
-
-def _right_pad(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows of ids -> (ids [B, T] right-padded with ``pad``, attention mask [B, T])."""
-    width = max((len(r) for r in rows), default=0) or 1
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for b, row in enumerate(rows):
-        ids[b, :len(row)] = torch.tensor(row, dtype=torch.long)
-        mask[b, :len(row)] = 1
-    return ids, mask
-
-
-def _pad_id(tokenizer) -> int:
-    for attr in ("pad_token_id", "eos_token_id"):
-        value = getattr(tokenizer, attr, None)
-        if value is not None:
-            return int(value)
-    return 0
 
 
 def _score(sums: list[tuple[float, int]], settings: dict, keys: dict) -> Score:

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmcycle.data.batching import pad_id_of, pad_rows
 from lmcycle.errors import LmcycleError
 from lmcycle.models.load import ensure_pad_token, eval_mode
 from lmcycle.optimize.quantize import is_quantized_dir, load_quantized
@@ -94,7 +95,7 @@ class TextClassifier:
         with eval_mode(self.model), torch.no_grad():
             for start in range(0, len(order), batch_size):
                 rows = order[start:start + batch_size]
-                batch = collate([encoded[i] for i in rows], self.tokenizer.pad_token_id)
+                batch = collate([encoded[i] for i in rows], pad_id_of(self.tokenizer))
                 logits = self.model(**{k: v.to(device) for k, v in batch.items()}).logits
                 out[rows] = torch.softmax(logits.float(), dim=-1).cpu()
         return out
@@ -107,12 +108,7 @@ class TextClassifier:
 
 def collate(rows: list[list[int]], pad_id: int, labels: list[int] | None = None) -> Batch:
     """Right-padded ``input_ids`` [B, T] and ``attention_mask`` [B, T] (+ ``labels`` [B] when given)."""
-    width = max((len(r) for r in rows), default=1)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for b, row in enumerate(rows):
-        ids[b, :len(row)] = torch.tensor(row, dtype=torch.long)
-        mask[b, :len(row)] = 1
+    ids, mask = pad_rows(rows, pad_id)
     batch = {"input_ids": ids, "attention_mask": mask}
     if labels is not None:
         batch["labels"] = torch.tensor(labels, dtype=torch.long)

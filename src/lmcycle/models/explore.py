@@ -17,6 +17,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lmcycle.atomic import atomic_write_bytes
+from lmcycle.data.batching import pad_id_of
 from lmcycle.models.generate import (
     DecodingConfig,
     choose_next_tokens,
@@ -25,7 +26,6 @@ from lmcycle.models.generate import (
     generate,
     logit_stream,
     next_token_probs,
-    pad_id_of,
     prompt_generator,
 )
 from lmcycle.models.load import eval_mode

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lmcycle.config import Config
+from lmcycle.data.batching import pad_id_of, pad_rows
 from lmcycle.errors import LmcycleError
 from lmcycle.models.kv_cache import cache_kwargs, cache_of
 from lmcycle.models.load import context_window, eval_mode, is_seq2seq
@@ -130,9 +131,7 @@ LogitStream = Generator[torch.Tensor, torch.Tensor, None]
 
 def _decoder_only_stream(model: PreTrainedModel, rows: list[list[int]], pad_id: int) -> LogitStream:
     """Yield next-token logits ``(batch, vocab)``; ``send`` it the chosen tokens ``(batch,)`` to get the next ones."""
-    width = max(len(r) for r in rows)
-    input_ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows], device=model.device)
-    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=model.device)
+    input_ids, mask = (t.to(model.device) for t in pad_rows(rows, pad_id, left=True))
     positions = (mask.cumsum(dim=-1) - 1).clamp(min=0)
     # Only the last position's logits are needed; (batch, prompt, vocab) logits can take gigabytes.
     last_only = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
@@ -148,9 +147,7 @@ def _decoder_only_stream(model: PreTrainedModel, rows: list[list[int]], pad_id: 
 
 def _seq2seq_stream(model: PreTrainedModel, rows: list[list[int]], pad_id: int) -> LogitStream:
     """Like :func:`_decoder_only_stream` for encoder-decoder models: encode once, then step the decoder."""
-    width = max(len(r) for r in rows)
-    input_ids = torch.tensor([r + [pad_id] * (width - len(r)) for r in rows], device=model.device)
-    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=model.device)
+    input_ids, mask = (t.to(model.device) for t in pad_rows(rows, pad_id))
     encoded = model.get_encoder()(input_ids=input_ids, attention_mask=mask)
     start = decoder_start_id(model, pad_id)
     tokens = torch.full((len(rows), 1), start, device=model.device)
@@ -220,11 +217,6 @@ def stop_window(stop: list[str]) -> int:
     """Tokens to decode when looking for a stop string at the end of the new text: a stop string is at most
     len(bytes) tokens long; a little margin covers tokenizers that drop a leading space in a fragment."""
     return max((len(s.encode("utf-8")) for s in stop), default=0) + 4
-
-
-def pad_id_of(tokenizer: PreTrainedTokenizerBase) -> int:
-    """The id padded positions hold (they are masked, so EOS serves when there is no pad token)."""
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
 @torch.no_grad()

@@ -35,6 +35,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lmcycle.adapt.lora import LoraConfig, add_lora, merge_and_unload
+from lmcycle.data.batching import pad_id_of, pad_rows
 from lmcycle.errors import LmcycleError
 from lmcycle.train.loop import (
     TrainConfig,
@@ -89,17 +90,11 @@ def tokenize_calibration(tokenizer, texts: Sequence, max_len: int = 256, batch_s
     texts = [t for t in texts if t.strip()]
     if not texts:
         raise LmcycleError("every calibration text is blank", field="calibration")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    pad = pad_id_of(tokenizer)
     ids = [list(tokenizer(t)["input_ids"])[:max_len] for t in texts]
     batches = []
     for start in range(0, len(ids), batch_size):
-        chunk = ids[start:start + batch_size]
-        width = max(len(r) for r in chunk)
-        input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for b, row in enumerate(chunk):
-            input_ids[b, :len(row)] = torch.tensor(row, dtype=torch.long)
-            mask[b, :len(row)] = 1
+        input_ids, mask = pad_rows(ids[start:start + batch_size], pad)
         batches.append({"input_ids": input_ids, "attention_mask": mask})
     return batches
 
@@ -406,11 +401,11 @@ def _remove_kv_groups(attn: nn.Module, n_remove: int, n_kv: int, group: int, hea
 # -- healing -----------------------------------------------------------------------------------------------------
 
 
-def text_items(tokenizer, texts: Sequence[str], max_len: int) -> list[torch.Tensor]:
-    """The token ids [L] of each text (cut to ``max_len``) that has at least two tokens: one causal-LM item each."""
+def text_items(tokenizer, texts: Sequence[str], max_len: int) -> list[list[int]]:
+    """The token ids of each text (cut to ``max_len``) that has at least two tokens: one causal-LM item each."""
     items = []
     for t in texts:
-        ids = torch.tensor(list(tokenizer(t)["input_ids"])[:max_len], dtype=torch.long)
+        ids = list(tokenizer(t)["input_ids"])[:max_len]
         if len(ids) >= 2:
             items.append(ids)
     if not items:
@@ -418,12 +413,8 @@ def text_items(tokenizer, texts: Sequence[str], max_len: int) -> list[torch.Tens
     return items
 
 
-def _collate(items: list[torch.Tensor], pad: int) -> dict[str, torch.Tensor]:
-    width = max(len(x) for x in items)
-    ids = torch.full((len(items), width), pad, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for b, x in enumerate(items):
-        ids[b, :len(x)], mask[b, :len(x)] = x, 1
+def _collate(items: list[list[int]], pad: int) -> dict[str, torch.Tensor]:
+    ids, mask = pad_rows(items, pad)
     return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
 
 
@@ -441,7 +432,7 @@ def heal_with_lora(model: nn.Module, tokenizer, texts: Sequence[str], masks: Mas
         lora = lora.model_copy(update={"target_modules": [re.escape(n) for n in prunable_layers(model)]})
     seed_everything(seed)  # the adapter's random init
     add_lora(model, lora)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = pad_id_of(tokenizer)
 
     def batch_at(step: int):
         return [_collate([items[i] for i in idx], pad)

@@ -28,6 +28,7 @@ import torch
 
 from lmcycle.adapt.lora import load_lora, per_row_adapters, set_active_adapter
 from lmcycle.artifacts import load_model
+from lmcycle.data.batching import pad_id_of
 from lmcycle.errors import LmcycleError
 from lmcycle.models.generate import (
     DecodingConfig,
@@ -35,7 +36,6 @@ from lmcycle.models.generate import (
     cut_at_stop,
     decode_batch,
     eos_ids,
-    pad_id_of,
     prompt_generator,
     stop_window,
 )

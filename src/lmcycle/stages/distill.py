@@ -23,8 +23,8 @@ from pydantic import Field
 from torch import nn
 
 from lmcycle.artifacts import load_model
-from lmcycle.atomic import atomic_write_json
-from lmcycle.config import Config, DatasetName, ModelRef
+from lmcycle.config import DatasetName, ModelRef
+from lmcycle.data.batching import pad_id_of
 from lmcycle.data.sft import collate_sft
 from lmcycle.errors import LmcycleError
 from lmcycle.evals.classification import score_labels
@@ -45,7 +45,7 @@ from lmcycle.optimize.distill import (
 )
 from lmcycle.optimize.student import hidden_size_of, num_layers_of, param_count
 from lmcycle.stages.classifier import labelled_texts
-from lmcycle.stages.common import TrainingStage, finish_training_stage
+from lmcycle.stages.common import StageConfig, TrainingStage, finish_training_stage, write_eval
 from lmcycle.stages.context import RunContext, is_scorer
 from lmcycle.train.loop import (
     Batch,
@@ -57,11 +57,10 @@ from lmcycle.train.loop import (
 )
 
 
-class DistillStage(Config):
+class DistillStage(StageConfig):
     """Distil a frozen teacher (classifier or decoder LM) into a smaller student; score both on held-out sets."""
 
     type: Literal["distill"] = "distill"
-    name: str | None = None
     teacher: ModelRef = Field(description="an earlier stage, a path or a hub id")
     task: Literal["classifier", "lm"] | None = Field(None, description="None: from the teacher's config")
     student_layers: list[int] | None = Field(None, description="teacher layers to copy (None and no "
@@ -92,7 +91,7 @@ def run_distill(cfg: DistillStage, ctx: RunContext) -> dict[str, str]:
     if cfg.student_layers is not None and cfg.student_config is not None:
         raise LmcycleError("set student_layers (copy teacher layers) or student_config (from scratch), not both",
                            file=ctx.recipe_file, field="student_config")
-    name = cfg.name or "distill"
+    name = cfg.stage_name
     source = ctx.model_path(cfg.teacher)
     task = cfg.task or ("classifier" if _is_classifier(source) else "lm")
     if task == "classifier":
@@ -113,7 +112,7 @@ def run_distill(cfg: DistillStage, ctx: RunContext) -> dict[str, str]:
                                file=source, field="teacher")
     freeze(teacher)
 
-    seed = cfg.train.seed if cfg.train.seed is not None else ctx.seed
+    seed = ctx.seed_for(cfg.train.seed)
     seed_everything(seed)  # a from-scratch student's init and a projection's are part of the run
     try:
         student, copied = build_student(teacher, cfg.student_layers, cfg.student_config)
@@ -145,10 +144,9 @@ def run_distill(cfg: DistillStage, ctx: RunContext) -> dict[str, str]:
         "train_wall_time": round(result.wall_time, 1),
         "loss": "alpha * T^2 * KL(softmax(teacher/T) || softmax(student/T)) + beta * CE(student, label)"
                 + (" + hidden_weight * MSE(hidden states)" if cfg.hidden_weight else "")})
-    eval_path = stage.out_dir / "eval.json"
-    atomic_write_json(eval_path, report)
+    eval_path = write_eval(stage.out_dir, report)
     ctx.log(name, kind="eval", **{k: v for k, v in report["metrics"].items() if isinstance(v, (int, float))})
-    return {**produced, "eval": str(eval_path)}
+    return {**produced, "eval": eval_path}
 
 
 def _is_classifier(source: str) -> bool:
@@ -179,9 +177,9 @@ def _run_classifier(cfg: DistillStage, ctx: RunContext, stage: TrainingStage, wr
         stage.tokenizer, remap = trim_student_vocabulary(wrapper.student, tokenizer, texts, encoded, cfg.max_len)
         stage.log(event="trim_vocab", teacher_vocab=len(remap), student_vocab=wrapper.student.config.vocab_size,
                   student_params=param_count(wrapper.student))
-    soft = cached_teacher_logits(teacher, encoded, tokenizer.pad_token_id, stage.out_dir / "teacher_logits.safetensors",
+    pad = pad_id_of(tokenizer)
+    soft = cached_teacher_logits(teacher, encoded, pad, stage.out_dir / "teacher_logits.safetensors",
                                  key=f"{ctx.model_path(cfg.teacher)}|{cfg.max_len}")
-    pad = tokenizer.pad_token_id
 
     def batch_at(step: int) -> list[Batch]:
         out = []
@@ -250,7 +248,7 @@ def _run_lm(cfg: DistillStage, ctx: RunContext, stage: TrainingStage, wrapper: S
     items = lm_items([ex for d in cfg.data for ex in ctx.dataset(d)], tokenizer, cfg.template, max_len)
     if not items:
         raise LmcycleError("no training text for distillation", file=ctx.recipe_file, field="data")
-    pad = tokenizer.pad_token_id
+    pad = pad_id_of(tokenizer)
 
     def batch_at(step: int) -> list[Batch]:
         return [collate_sft([items[i] for i in idx], pad)

@@ -17,22 +17,19 @@ from typing import Literal
 from pydantic import Field
 
 from lmcycle.align.dpo import check_dpo_settings, train_dpo
-from lmcycle.atomic import atomic_write_json
-from lmcycle.config import Config, DatasetName, ModelRef
+from lmcycle.config import DatasetName, ModelRef
 from lmcycle.data.preferences import pairs_from_examples
 from lmcycle.models.load import context_window
-from lmcycle.stages.common import finish_training_stage, start_training_stage
+from lmcycle.stages.common import StageConfig, finish_training_stage, start_training_stage, write_eval
 from lmcycle.stages.context import RunContext
 from lmcycle.stages.peft import LoraPeft, add_peft_for_training, finish_peft_stage
-from lmcycle.train.distributed import is_main
 from lmcycle.train.loop import TrainConfig
 
 
-class DpoStage(Config):
+class DpoStage(StageConfig):
     """Align a model to a preference dataset with DPO or IPO: every parameter, or a LoRA adapter."""
 
     type: Literal["dpo"] = "dpo"
-    name: str | None = None
     model: ModelRef | None = Field(None, description="the starting policy: an earlier stage, a path or a hub id")
     data: DatasetName = Field(description="preference dataset (format hh_rlhf or rankings)")
     eval_data: DatasetName = Field(description="held-out preference dataset: implicit-reward accuracy and margins")
@@ -59,7 +56,7 @@ def run_dpo(cfg: DpoStage, ctx: RunContext) -> dict[str, str]:
     check_dpo_settings(cfg.beta, cfg.loss_type, cfg.label_smoothing)
     pairs = pairs_from_examples(ctx.dataset(cfg.data), cfg.data)
     eval_pairs = pairs_from_examples(ctx.dataset(cfg.eval_data), cfg.eval_data)
-    stage = start_training_stage(cfg, ctx, "dpo")
+    stage = start_training_stage(cfg, ctx)
     max_len = min(cfg.max_len, context_window(stage.model, stage.tokenizer))
     ref_model = None
     if cfg.peft is None and not cfg.precompute_reference:
@@ -83,11 +80,9 @@ def run_dpo(cfg: DpoStage, ctx: RunContext) -> dict[str, str]:
                 "group_by_length": cfg.group_by_length,
                 "peft": cfg.peft.model_dump(mode="json") if cfg.peft else None, "train_pairs": len(pairs),
                 "steps": result.step, "train": stage.train.model_dump(mode="json")}
-    eval_path = stage.out_dir / "eval.json"
-    if is_main():
-        atomic_write_json(eval_path, {"kind": "dpo", "metrics": metrics, "settings": settings})
+    eval_path = write_eval(stage.out_dir, {"kind": "dpo", "metrics": metrics, "settings": settings})
     if cfg.peft is None:
         produced = finish_training_stage(stage, result)
     else:
         produced = finish_peft_stage(stage, result, cfg.peft, base_model=source)
-    return {**produced, "eval": str(eval_path)}
+    return {**produced, "eval": eval_path}

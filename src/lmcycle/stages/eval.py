@@ -28,8 +28,8 @@ from typing import Any, Literal
 from pydantic import Field, ValidationInfo, field_validator
 
 from lmcycle.artifacts import load_model
-from lmcycle.atomic import atomic_write_json, atomic_write_text
-from lmcycle.config import Config, DatasetName, ModelRef
+from lmcycle.atomic import atomic_write_text
+from lmcycle.config import DatasetName, ModelRef
 from lmcycle.data.fewshot import build_prompt
 from lmcycle.data.templates import get_template
 from lmcycle.errors import LmcycleError
@@ -40,14 +40,14 @@ from lmcycle.evals.toxicity import toxicity_score
 from lmcycle.models.classifier import TextClassifier
 from lmcycle.models.generate import DecodingConfig, generate
 from lmcycle.models.load import context_window, is_seq2seq
+from lmcycle.stages.common import StageConfig, write_eval
 from lmcycle.stages.context import RunContext
 
 
-class EvalStage(Config):
+class EvalStage(StageConfig):
     """Score a model (or a baseline) on a dataset with the chosen metrics and perplexity."""
 
     type: Literal["eval"] = "eval"
-    name: str | None = None
     model: ModelRef | None = None  # None/"latest" = the newest model of an earlier stage
     data: DatasetName
     limit: int | None = Field(default=None, ge=1)
@@ -90,7 +90,7 @@ class _Outputs:
 
 def run_eval(cfg: EvalStage, ctx: RunContext) -> dict[str, str]:
     """Run the evaluation; write predictions.jsonl and eval.json; return their paths."""
-    name = cfg.name or "eval"
+    name = cfg.stage_name
     examples = _examples(ctx, cfg)
     references = [list(ex.targets) for ex in examples]
     out = _run_baseline(examples) if cfg.baseline is not None else _run_model(cfg, ctx, examples)
@@ -114,15 +114,15 @@ def run_eval(cfg: EvalStage, ctx: RunContext) -> dict[str, str]:
     })
 
     stage_dir = ctx.stage_dir(name)
-    pred_path, eval_path = stage_dir / "predictions.jsonl", stage_dir / "eval.json"
+    pred_path = stage_dir / "predictions.jsonl"
     lines = [json.dumps({"id": ex.id, "prompt": prompt, "prediction": pred, "references": refs, **row},
                         ensure_ascii=False)
              for ex, prompt, pred, refs, row in zip(examples, out.prompts, out.predictions, references, per_example,
                                                     strict=True)]
     atomic_write_text(pred_path, "\n".join(lines) + "\n")
-    atomic_write_json(eval_path, {"metrics": metrics, "settings": settings})
+    eval_path = write_eval(stage_dir, {"metrics": metrics, "settings": settings})
     ctx.log(name, kind="eval", **metrics)
-    return {"eval": str(eval_path), "predictions": str(pred_path)}
+    return {"eval": eval_path, "predictions": str(pred_path)}
 
 
 def _examples(ctx: RunContext, cfg: EvalStage) -> list:

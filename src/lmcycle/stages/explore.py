@@ -13,19 +13,19 @@ from pydantic import Field, model_validator
 
 from lmcycle.artifacts import load_model
 from lmcycle.atomic import atomic_write_json, atomic_write_text
-from lmcycle.config import Config, DatasetName, ModelRef
+from lmcycle.config import DatasetName, ModelRef
 from lmcycle.data.templates import get_template
 from lmcycle.errors import LmcycleError
 from lmcycle.models.explore import default_settings, exploration_markdown, explore, plot_exploration
 from lmcycle.models.generate import DecodingConfig
+from lmcycle.stages.common import StageConfig
 from lmcycle.stages.context import RunContext
 
 
-class ExploreStage(Config):
+class ExploreStage(StageConfig):
     """Show how decoding settings reshape the next-token distribution of one prompt."""
 
     type: Literal["explore"] = "explore"
-    name: str | None = None
     model: ModelRef | None = None
     prompt: str | None = None
     data: DatasetName | None = None  # a dataset of the recipe: the prompt is example `index` rendered with `template`
@@ -54,7 +54,7 @@ def stage_prompt(cfg: ExploreStage, ctx: RunContext) -> str:
 
 def run_explore(cfg: ExploreStage, ctx: RunContext) -> dict[str, str]:
     """Write ``explore.json``, ``explore.png`` and ``explore.md`` under the stage directory."""
-    name = cfg.name or "explore"
+    name = cfg.stage_name
     model, tokenizer = load_model(ctx.model_path(cfg.model), device=ctx.device)
     result = explore(model, tokenizer, stage_prompt(cfg, ctx), cfg.settings, top_n=cfg.top_n)
     out = ctx.stage_dir(name)

@@ -13,16 +13,16 @@ from pydantic import Field
 
 from lmcycle.artifacts import load_model
 from lmcycle.atomic import atomic_write_text
-from lmcycle.config import Config, ModelRef
+from lmcycle.config import ModelRef
 from lmcycle.models.generate import DecodingConfig, generate
+from lmcycle.stages.common import StageConfig
 from lmcycle.stages.context import RunContext
 
 
-class GenerateStage(Config):
+class GenerateStage(StageConfig):
     """Generate continuations of fixed prompts with one decoding setting."""
 
     type: Literal["generate"] = "generate"
-    name: str | None = None
     model: ModelRef | None = None
     prompts: list[str] = Field(min_length=1)
     decoding: DecodingConfig = DecodingConfig()
@@ -30,7 +30,7 @@ class GenerateStage(Config):
 
 def run_generate(cfg: GenerateStage, ctx: RunContext) -> dict[str, str]:
     """Write ``generations.jsonl``: one ``{"prompt", "output", "settings"}`` object per prompt."""
-    name = cfg.name or "generate"
+    name = cfg.stage_name
     model, tokenizer = load_model(ctx.model_path(cfg.model), device=ctx.device)
     outputs = generate(model, tokenizer, cfg.prompts, cfg.decoding, progress=True)
     settings = cfg.decoding.model_dump()

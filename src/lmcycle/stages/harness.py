@@ -15,17 +15,17 @@ from pydantic import Field
 
 from lmcycle.apps.harness import run_benchmark
 from lmcycle.apps.llm import LocalLLM, backend_from_spec
-from lmcycle.atomic import atomic_write_json, atomic_write_text
-from lmcycle.config import Config, ModelRef
+from lmcycle.atomic import atomic_write_text
+from lmcycle.config import ModelRef
 from lmcycle.models.generate import DecodingConfig
+from lmcycle.stages.common import StageConfig, write_eval
 from lmcycle.stages.context import RunContext
 
 
-class HarnessStage(Config):
+class HarnessStage(StageConfig):
     """A benchmark harness over a model of the run or any OpenAI-compatible server."""
 
     type: Literal["harness"] = "harness"
-    name: str | None = None
     benchmark: Literal["gsm8k", "truthfulqa"]
     path: str = Field(description="GSM8K folder / test jsonl, or TruthfulQA folder / mc_task.json")
     method: str = Field("cot", description="gsm8k: direct|cot|self_consistency|pal; truthfulqa: letter|likelihood")
@@ -37,7 +37,7 @@ class HarnessStage(Config):
 
 
 def run_harness(cfg: HarnessStage, ctx: RunContext) -> dict[str, str]:
-    name = cfg.name or "harness"
+    name = cfg.stage_name
     data = ctx.recipe_path(cfg.path)
     llm = backend_from_spec(cfg.backend) if cfg.backend else LocalLLM(ctx.model_path(cfg.model), device=ctx.device)
     result = run_benchmark(llm, cfg.benchmark, data, cfg.method, cfg.decoding, limit=cfg.limit, n=cfg.n)
@@ -46,7 +46,6 @@ def run_harness(cfg: HarnessStage, ctx: RunContext) -> dict[str, str]:
     atomic_write_text(out / "records.jsonl",
                       "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in result["records"]))
     settings = result["settings"] | {"benchmark": cfg.benchmark, "data": data, "model": llm.name}
-    atomic_write_json(out / "eval.json", {"metrics": {metric: result[metric], "n": result["n"]},
-                                          "settings": settings})
+    eval_path = write_eval(out, {"metrics": {metric: result[metric], "n": result["n"]}, "settings": settings})
     ctx.log(name, **{metric: result[metric], "n": result["n"]})
-    return {"eval": str(out / "eval.json"), "records": str(out / "records.jsonl")}
+    return {"eval": eval_path, "records": str(out / "records.jsonl")}

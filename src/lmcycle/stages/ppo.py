@@ -57,11 +57,12 @@ from lmcycle.align.ppo import (
 from lmcycle.align.reward_sources import RewardSpec, build_reward, check_rewards, describe_reward
 from lmcycle.artifacts import load_model
 from lmcycle.atomic import atomic_write_text
-from lmcycle.config import Config, DatasetName, ModelRef
+from lmcycle.config import DatasetName, ModelRef
+from lmcycle.data.batching import pad_id_of
 from lmcycle.data.templates import get_template
 from lmcycle.errors import LmcycleError
-from lmcycle.models.generate import DecodingConfig, pad_id_of
-from lmcycle.stages.common import TrainingStage, finish_training_stage, start_training_stage
+from lmcycle.models.generate import DecodingConfig
+from lmcycle.stages.common import StageConfig, TrainingStage, finish_training_stage, start_training_stage
 from lmcycle.stages.context import RunContext
 from lmcycle.stages.peft import LoraPeft, add_peft_for_training, finish_peft_stage
 from lmcycle.train.loop import StopTraining, TrainConfig, micro_batch_indices, train
@@ -81,11 +82,10 @@ class PpoTrain(TrainConfig):
                                        "jump when the rewards do")
 
 
-class PpoStage(Config):
+class PpoStage(StageConfig):
     """Optimise a policy with PPO against a reward (model, classifier or Python function) and a KL leash."""
 
     type: Literal["ppo"] = "ppo"
-    name: str | None = None
     model: ModelRef | None = None
     prompts: DatasetName = Field(description="dataset whose example inputs are the prompts")
     template: str | dict | None = Field(None, description="None: each input as it is")
@@ -259,7 +259,7 @@ def run_ppo(cfg: PpoStage, ctx: RunContext) -> dict[str, str]:
     if cfg.train.max_steps is not None:
         raise LmcycleError("PPO counts its steps from 'rollouts'; remove train.max_steps", file=ctx.recipe_file,
                            field="train.max_steps")
-    stage = start_training_stage(cfg, ctx, "ppo")
+    stage = start_training_stage(cfg, ctx)
     steps = steps_per_rollout(cfg.ppo, stage.train.batch_size, stage.train.grad_accum)
     tcfg = TrainConfig(**stage.train.model_dump(exclude={"max_steps", "save_every"}),
                        max_steps=cfg.rollouts * steps, save_every=cfg.save_every_rollouts * steps)

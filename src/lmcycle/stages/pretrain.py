@@ -19,13 +19,14 @@ from typing import Literal
 
 from pydantic import Field
 
-from lmcycle.config import Config, DatasetName, ModelRef
+from lmcycle.config import DatasetName, ModelRef
+from lmcycle.data.batching import pad_id_of
 from lmcycle.data.examples import plain_texts
 from lmcycle.data.packing import pack_sequences
 from lmcycle.data.sft import collate_sft
 from lmcycle.errors import LmcycleError
 from lmcycle.models.load import context_window, is_seq2seq
-from lmcycle.stages.common import finish_training_stage, start_training_stage
+from lmcycle.stages.common import StageConfig, finish_training_stage, start_training_stage
 from lmcycle.stages.context import RunContext
 from lmcycle.train.loop import TrainConfig, held_out_metrics, lm_loss_sum, train
 from lmcycle.train.pretrain import (
@@ -39,11 +40,10 @@ from lmcycle.train.pretrain import (
 TEXT_SUFFIXES = (".txt", ".md", ".text", ".markdown")
 
 
-class PretrainStage(Config):
+class PretrainStage(StageConfig):
     """Pre-train (or continue pre-training) on recipe datasets and/or text files."""
 
     type: Literal["pretrain"] = "pretrain"
-    name: str | None = None
     model: ModelRef | None = None
     corpus: list[DatasetName] = Field(default_factory=list, description="dataset names: every input and target")
     files: list[str] = Field(default_factory=list, description="text files, relative to the recipe's folder")
@@ -54,7 +54,7 @@ class PretrainStage(Config):
 
 def run_pretrain(cfg: PretrainStage, ctx: RunContext) -> dict[str, str]:
     """Train the model on the stage's text; save it to ``<stage>/model``; return ``{"model": dir}``."""
-    stage = start_training_stage(cfg, ctx, "pretrain")
+    stage = start_training_stage(cfg, ctx)
     model, tokenizer, tcfg, seed = stage.model, stage.tokenizer, stage.train, stage.seed
     seq2seq = is_seq2seq(model)
     window = context_window(model, tokenizer)
@@ -75,7 +75,7 @@ def run_pretrain(cfg: PretrainStage, ctx: RunContext) -> dict[str, str]:
         batch_at = span_corruption_batches(train_blocks, sentinels, tokenizer, tcfg, seed)
         eval_items = [corrupt_block(b, sentinels, tokenizer.eos_token_id, random.Random(f"{seed}:eval:{i}"))
                       for i, b in enumerate(eval_blocks.tolist())]
-        eval_batches = [collate_sft(eval_items[i:i + tcfg.batch_size], tokenizer.pad_token_id)
+        eval_batches = [collate_sft(eval_items[i:i + tcfg.batch_size], pad_id_of(tokenizer))
                         for i in range(0, len(eval_items), tcfg.batch_size)]
     else:
         batch_at = causal_lm_batches(train_blocks, tcfg, seed)

@@ -19,7 +19,7 @@ from pydantic import Field
 from lmcycle.adapt.lora import LoraConfig
 from lmcycle.artifacts import load_model
 from lmcycle.atomic import atomic_write_json
-from lmcycle.config import Config, DatasetName, ModelRef
+from lmcycle.config import DatasetName, ModelRef
 from lmcycle.data.examples import plain_texts
 from lmcycle.errors import LmcycleError
 from lmcycle.evals.perplexity import perplexity
@@ -33,6 +33,7 @@ from lmcycle.optimize.prune import (
     tokenize_calibration,
     wanda_prune,
 )
+from lmcycle.stages.common import StageConfig, write_eval
 from lmcycle.stages.context import RunContext
 from lmcycle.train.checkpoint import save_model_dir
 from lmcycle.train.loop import TrainConfig, seed_everything
@@ -49,11 +50,10 @@ class HealConfig(LoraConfig):
     train: TrainConfig
 
 
-class PruneStage(Config):
+class PruneStage(StageConfig):
     """Prune a model (magnitude | wanda | nm | structured), report sparsity and perplexity, optionally heal."""
 
     type: Literal["prune"] = "prune"
-    name: str | None = None
     model: ModelRef | None = None
     method: Literal["magnitude", "wanda", "nm", "structured"] = "wanda"
     sparsity: float = Field(0.5, gt=0, lt=1, description="fraction of weights zeroed per layer (magnitude, wanda)")
@@ -96,9 +96,9 @@ def _perplexities(model, tokenizer, texts: dict[str, list[str]], max_len: int) -
 def run_prune(cfg: PruneStage, ctx: RunContext) -> dict[str, str]:
     """Prune ``cfg.model``; save ``<stage>/model`` (pruned, healed and re-masked with ``heal``),
     ``<stage>/sparsity.json`` (:func:`sparsity_report`) and ``<stage>/eval.json`` (perplexities and settings)."""
-    name = cfg.name or "prune"
+    name = cfg.stage_name
     err = {"file": ctx.recipe_file}
-    seed = cfg.seed if cfg.seed is not None else ctx.seed
+    seed = ctx.seed_for(cfg.seed)
     if cfg.method in ("magnitude", "wanda"):
         check_sparsity(cfg.sparsity)
     if cfg.method == "wanda" or (cfg.method == "nm" and cfg.score == "wanda"):
@@ -153,5 +153,5 @@ def run_prune(cfg: PruneStage, ctx: RunContext) -> dict[str, str]:
         "seed": seed, "calibration_texts": sum(int(b["attention_mask"].shape[0]) for b in batches or []),
         "heal": cfg.heal.model_dump() if cfg.heal else None,
         "perplexity": "lmcycle.evals.perplexity on each input and target text, max_len tokens"}
-    atomic_write_json(out / "eval.json", {"perplexity": ppl, "structured": info or None, "settings": settings})
-    return {"model": str(model_dir), "sparsity": str(out / "sparsity.json"), "eval": str(out / "eval.json")}
+    eval_path = write_eval(out, {"perplexity": ppl, "structured": info or None, "settings": settings})
+    return {"model": str(model_dir), "sparsity": str(out / "sparsity.json"), "eval": eval_path}

@@ -15,17 +15,17 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from lmcycle.artifacts import load_for_quantize
-from lmcycle.config import Config, DatasetName, ModelRef
+from lmcycle.config import DatasetName, ModelRef
 from lmcycle.optimize.compare import weights_mb
 from lmcycle.optimize.quantize import calibrate, linear_targets, quantize_model, save_quantized
+from lmcycle.stages.common import StageConfig
 from lmcycle.stages.context import RunContext
 
 
-class QuantizeStage(Config):
+class QuantizeStage(StageConfig):
     """Quantize a model after training; writes ``<stage>/model`` (with ``quantization.json``)."""
 
     type: Literal["quantize"] = "quantize"
-    name: str | None = None
     model: ModelRef | None = Field(None, description="earlier stage, path or hub id; None = the latest language model")
     method: Literal["fp16", "bf16", "int8_weight_only", "int8_dynamic", "int8_static", "int4_weight_only"]
     calibration: DatasetName | None = Field(None, description="dataset whose texts calibrate activation ranges "
@@ -61,7 +61,7 @@ def calibration_texts(examples: list, n: int, seed: int, causal_lm: bool) -> lis
 
 def run_quantize(cfg: QuantizeStage, ctx: RunContext) -> dict[str, str]:
     """Load ``cfg.model``, calibrate (when a dataset is given), quantize, save ``<stage>/model``, log sizes."""
-    name = cfg.name or "quantize"
+    name = cfg.stage_name
     out_dir = ctx.stage_dir(name)
     source = ctx.model_path(cfg.model)
     model, tokenizer = load_for_quantize(source, ctx.device)
@@ -69,7 +69,7 @@ def run_quantize(cfg: QuantizeStage, ctx: RunContext) -> dict[str, str]:
     if cfg.calibration:
         causal = not getattr(model.config, "is_encoder_decoder", False) and not any(
             a.endswith("ForSequenceClassification") for a in model.config.architectures or [])
-        seed = cfg.seed if cfg.seed is not None else ctx.seed
+        seed = ctx.seed_for(cfg.seed)
         texts = calibration_texts(ctx.dataset(cfg.calibration), cfg.n_calibration, seed, causal)
         calibration = calibrate(model, tokenizer, texts, max_len=cfg.max_len, batch_size=cfg.batch_size,
                                 layers=linear_targets(model, cfg.quantize_head))

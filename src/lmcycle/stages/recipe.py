@@ -71,7 +71,7 @@ class Recipe(Config):
                 raise LmcycleError(f"unknown stage type '{kind}' (known: {', '.join(STAGES)})", file=file,
                                    line=(lines or {}).get(("stages", i, "type"), line), field=f"stages.{i}.type")
             cfg = validate(STAGES[kind].config_class, raw, file=file, lines=lines, prefix=("stages", i))
-            name = cfg.name or kind
+            name = cfg.stage_name
             if name in seen:
                 raise LmcycleError(f"two stages are named '{name}'; give one a distinct 'name'", file=file,
                                    line=line, field=f"stages.{i}.name")
@@ -83,7 +83,7 @@ class Recipe(Config):
     def check_references(self, stages: list[Config], file: str | os.PathLike, lines: Lines) -> None:
         """Every dataset a stage names is in the ``data`` section, and every model it names is not a misspelt
         or later stage: a typo found here costs nothing, found at run time it costs the stages before it."""
-        names = [cfg.name or cfg.type for cfg in stages]
+        names = [cfg.stage_name for cfg in stages]
         for i, cfg in enumerate(stages):
             for kind, path, value in references(cfg):
                 if kind == "dataset":
@@ -217,7 +217,7 @@ def run_recipe(recipe: Recipe, stages: list[Config], out: str | os.PathLike | No
     has_report = any(getattr(s, "type", None) == "report" for s in stages)
     try:
         for i, cfg in enumerate(stages):
-            name = cfg.name or cfg.type
+            name = cfg.stage_name
             if name in ctx.artifacts:
                 echo(f"[{i + 1}/{len(stages)}] {name}: done earlier, skipped")
                 continue

@@ -7,16 +7,15 @@ from __future__ import annotations
 
 from typing import Literal
 
-from lmcycle.config import Config
 from lmcycle.report import write_report
+from lmcycle.stages.common import StageConfig
 from lmcycle.stages.context import RunContext
 
 
-class ReportStage(Config):
+class ReportStage(StageConfig):
     """Write report.md for the run so far (the runner also writes one at the end when no stage asks)."""
 
     type: Literal["report"] = "report"
-    name: str | None = None
     title: str | None = None
 
 

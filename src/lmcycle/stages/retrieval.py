@@ -13,16 +13,14 @@ from pydantic import Field
 
 from lmcycle.apps.rag.encoder import Encoder
 from lmcycle.apps.rag.xquad_eval import evaluate_xquad_retrieval
-from lmcycle.atomic import atomic_write_json
-from lmcycle.config import Config
+from lmcycle.stages.common import StageConfig, write_eval
 from lmcycle.stages.context import RunContext
 
 
-class RetrievalStage(Config):
+class RetrievalStage(StageConfig):
     """Retrieval quality on XQuAD-format data."""
 
     type: Literal["retrieval"] = "retrieval"
-    name: str | None = None
     path: str = Field(description="XQuAD / SQuAD v1.1 JSON file or its folder")
     encoder: str | None = Field(None, description="HF encoder (default all-MiniLM-L6-v2)")
     articles: int | None = Field(None, ge=1, description="only the first N articles")
@@ -30,14 +28,13 @@ class RetrievalStage(Config):
 
 
 def run_retrieval(cfg: RetrievalStage, ctx: RunContext) -> dict[str, str]:
-    name = cfg.name or "retrieval"
+    name = cfg.stage_name
     data = ctx.recipe_path(cfg.path)
     result = evaluate_xquad_retrieval(data, Encoder(cfg.encoder) if cfg.encoder else None,
                                       articles=cfg.articles, rrf_k=cfg.rrf_k)
     metrics = {f"{mode}.{k}": v for mode in ("bm25", "dense", "hybrid") for k, v in result[mode].items()}
     metrics |= {"n": result["n_questions"], "paragraphs": result["n_paragraphs"],
                 "paragraphs_truncated": result["n_truncated"]}
-    path = ctx.stage_dir(name) / "eval.json"
-    atomic_write_json(path, {"metrics": metrics, "settings": result["settings"] | {"data": data}})
+    path = write_eval(ctx.stage_dir(name), {"metrics": metrics, "settings": result["settings"] | {"data": data}})
     ctx.log(name, **{k: v for k, v in metrics.items() if k.startswith("hybrid.")})
-    return {"eval": str(path)}
+    return {"eval": path}

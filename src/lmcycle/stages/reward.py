@@ -22,19 +22,18 @@ from lmcycle.align.reward import (
     pair_batches,
     train_reward_model,
 )
-from lmcycle.atomic import atomic_write_json
-from lmcycle.config import Config, DatasetName, ModelRef
+from lmcycle.config import DatasetName, ModelRef
 from lmcycle.data.preferences import pairs_from_examples
 from lmcycle.models.load import context_window
+from lmcycle.stages.common import StageConfig, write_eval
 from lmcycle.stages.context import RunContext
 from lmcycle.train.loop import TrainConfig, seed_everything
 
 
-class RewardStage(Config):
+class RewardStage(StageConfig):
     """Train a reward model on a preference dataset; score held-out pairs; save it with its reward statistics."""
 
     type: Literal["reward"] = "reward"
-    name: str | None = None
     model: ModelRef | None = Field(None, description="backbone: an earlier stage, a path or a hub id")
     backbone: Literal["auto", "classifier", "causal_lm"] = Field(
         "auto", description="auto: causal_lm for a *ForCausalLM / *LMHeadModel checkpoint, else classifier")
@@ -51,9 +50,9 @@ def run_reward(cfg: RewardStage, ctx: RunContext) -> dict[str, str]:
     """Train the reward model; save it to ``<stage>/model`` (:meth:`~lmcycle.align.reward.RewardModel.save`,
     with the training pairs' reward mean/std) and its held-out metrics to ``<stage>/eval.json``; return
     ``{"model", "eval"}``."""
-    name = cfg.name or "reward"
+    name = cfg.stage_name
     out_dir = ctx.stage_dir(name)
-    tcfg = cfg.train.model_copy(update={"seed": cfg.train.seed if cfg.train.seed is not None else ctx.seed})
+    tcfg = cfg.train.model_copy(update={"seed": ctx.seed_for(cfg.train.seed)})
     pairs = pairs_from_examples(ctx.dataset(cfg.data), cfg.data)
     eval_pairs = pairs_from_examples(ctx.dataset(cfg.eval_data), cfg.eval_data)
     source = ctx.model_path(cfg.model)
@@ -77,9 +76,8 @@ def run_reward(cfg: RewardStage, ctx: RunContext) -> dict[str, str]:
                 "max_len": max_len, "margin": cfg.margin, "group_by_length": cfg.group_by_length,
                 "train_pairs": len(pairs), "steps": result.step,
                 "normalisation": model.stats, "train": tcfg.model_dump(mode="json")}
-    eval_path = out_dir / "eval.json"
-    atomic_write_json(eval_path, {"kind": "reward", "metrics": metrics, "settings": settings})
+    eval_path = write_eval(out_dir, {"kind": "reward", "metrics": metrics, "settings": settings})
     log(event="train_end", step=result.step, wall_time=round(result.wall_time, 2),
         tokens_per_s=round(result.tokens_per_s, 1), peak_rss_mb=round(result.peak_rss_mb, 1),
         rss_growth_mb=round(result.rss_growth_mb, 1))
-    return {"model": str(model_dir), "eval": str(eval_path)}
+    return {"model": str(model_dir), "eval": eval_path}

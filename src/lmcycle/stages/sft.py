@@ -23,8 +23,9 @@ from typing import Literal
 from pydantic import Field
 
 from lmcycle.config import Config, DatasetName, ModelRef
+from lmcycle.data.batching import pad_id_of
 from lmcycle.data.sft import collate_sft, encode_sft, mix_tasks
-from lmcycle.stages.common import finish_training_stage, start_training_stage
+from lmcycle.stages.common import StageConfig, finish_training_stage, start_training_stage
 from lmcycle.stages.context import RunContext
 from lmcycle.stages.peft import PeftConfig, PromptTuningPeft, add_peft_for_training, finish_peft_stage
 from lmcycle.train.loop import (
@@ -44,11 +45,10 @@ class SftData(Config):
     template: str | dict | None = Field(None, description="None: the stage's template")
 
 
-class SftStage(Config):
+class SftStage(StageConfig):
     """Fine-tune a model (every parameter, or LoRA adapters) on one task or a weighted mixture of tasks."""
 
     type: Literal["sft"] = "sft"
-    name: str | None = None
     model: ModelRef | None = None
     data: list[SftData] = Field(min_length=1)
     template: str | dict = "summarize"
@@ -66,7 +66,7 @@ def run_sft(cfg: SftStage, ctx: RunContext) -> dict[str, str]:
     from lmcycle.data.templates import get_template
     from lmcycle.models.load import context_window, is_seq2seq
 
-    stage = start_training_stage(cfg, ctx, "sft")
+    stage = start_training_stage(cfg, ctx)
     model, tokenizer, tcfg, seed = stage.model, stage.tokenizer, stage.train, stage.seed
     seq2seq = is_seq2seq(model)
     max_len = min(cfg.max_len, context_window(model, tokenizer))
@@ -77,7 +77,7 @@ def run_sft(cfg: SftStage, ctx: RunContext) -> dict[str, str]:
                          seq2seq), d.weight) for d in cfg.data]
     # One task: every example once per epoch. Several: an epoch is as many draws as the tasks have examples.
     items = tasks[0][0] if len(tasks) == 1 else mix_tasks(tasks, sum(len(t) for t, _ in tasks), seed)
-    pad_id = tokenizer.pad_token_id
+    pad_id = pad_id_of(tokenizer)
 
     def batch_at(step: int):
         return [collate_sft([items[i] for i in idx], pad_id)

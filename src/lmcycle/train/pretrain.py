@@ -15,6 +15,7 @@ import random
 
 import torch
 
+from lmcycle.data.batching import pad_id_of
 from lmcycle.data.sft import collate_sft
 from lmcycle.data.span_corruption import span_corrupt
 from lmcycle.errors import LmcycleError
@@ -44,7 +45,7 @@ def span_corruption_batches(blocks: torch.Tensor, sentinels: list[int], tokenize
         for idx in micro_batch_indices(len(blocks), step, cfg.batch_size, cfg.grad_accum, seed):
             items = [corrupt_block(blocks[i].tolist(), sentinels, tokenizer.eos_token_id,
                                    random.Random(f"{seed}:{step}:{i}")) for i in idx]
-            out.append(collate_sft(items, tokenizer.pad_token_id))
+            out.append(collate_sft(items, pad_id_of(tokenizer)))
         return out
     return batch_at
 
