@@ -7,6 +7,7 @@ import shutil
 import yaml
 
 from lmcycle.report import write_report
+from lmcycle.stages import report_sections
 from lmcycle.stages.context import RunContext
 from lmcycle.stages.report import ReportStage, run_report
 
@@ -71,7 +72,7 @@ def _table_rows(text: str) -> dict[str, list[str]]:
 def test_report_table_has_every_eval_stage_with_its_values(tmp_path):
     run = tmp_path / "run"
     _make_run(run)
-    path = write_report(run)
+    path = write_report(run, sections=report_sections())
     text = path.read_text(encoding="utf-8")
     assert path == run / "report.md" and text.startswith("# lmcycle run: demo")
 
@@ -112,7 +113,7 @@ def test_report_is_rebuilt_from_a_moved_run_directory(tmp_path, monkeypatch):
     moved = tmp_path / "elsewhere" / "run-copy"
     shutil.copytree(tmp_path / "run", moved)
     shutil.rmtree(tmp_path / "run")
-    text = write_report(moved, title="Moved").read_text(encoding="utf-8")
+    text = write_report(moved, title="Moved", sections=report_sections()).read_text(encoding="utf-8")
     assert text.startswith("# Moved")
     assert list(_table_rows(text)) == list(EVALS)
     assert "eval.json missing" not in text
@@ -122,7 +123,7 @@ def test_missing_eval_json_is_reported_not_fatal(tmp_path):
     run = tmp_path / "run"
     _make_run(run)
     (run / "sft_greedy" / "eval.json").unlink()
-    text = write_report(run).read_text(encoding="utf-8")
+    text = write_report(run, sections=report_sections()).read_text(encoding="utf-8")
     assert "| sft_greedy | eval.json missing |" in text
     rows = _table_rows(text)
     assert list(rows) == list(EVALS) and not any(re.fullmatch(r"[\d.]+", c) for c in rows["sft_greedy"][1:])
@@ -141,7 +142,7 @@ def test_report_stage_uses_the_in_memory_artifacts(tmp_path):
 
 
 def test_empty_run_directory_gives_a_minimal_report(tmp_path):
-    text = write_report(tmp_path).read_text(encoding="utf-8")
+    text = write_report(tmp_path, sections=report_sections()).read_text(encoding="utf-8")
     assert text.startswith("# lmcycle run:") and "## Evaluation" not in text
 
 
@@ -151,7 +152,7 @@ def test_steps_an_older_resumed_run_logged_twice_count_once_with_the_rerun_loss(
     rows += [{"stage": "sft", "step": s, "loss": 2.0 - 0.1 * s} for s in (3, 4, 5, 6)]  # resumed from step 2
     run_dir.mkdir()
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    text = write_report(run_dir).read_text()
+    text = write_report(run_dir, sections=report_sections()).read_text()
     assert "6 logged steps, last train loss 1.4000 at step 6" in text
 
 

@@ -242,10 +242,11 @@ def _dispatch(args) -> int:
         return dispatch(args)
     if args.command == "report":
         from lmcycle.report import write_report
+        from lmcycle.stages import report_sections
 
         if not (Path(args.run_dir) / "metrics.jsonl").exists():
             raise LmcycleError("not a run directory (no metrics.jsonl)", file=args.run_dir)
-        print(write_report(Path(args.run_dir), title=args.title))
+        print(write_report(Path(args.run_dir), title=args.title, sections=report_sections()))
         return 0
 
     if args.command == "run":

@@ -1,4 +1,5 @@
-"""ReportStage: write report.md for the run so far (:func:`lmcycle.report.write_report`).
+"""ReportStage: write report.md for the run so far (:func:`lmcycle.report.write_report`, with the sections of
+:func:`lmcycle.stages.report_sections`).
 
 A recipe without a ``report`` stage still gets one: the runner writes report.md after its last stage.
 """
@@ -9,6 +10,7 @@ from typing import Literal
 
 from lmcycle.config import Config
 from lmcycle.report import write_report
+from lmcycle.stages import report_sections
 from lmcycle.stages.context import RunContext
 
 
@@ -22,4 +24,4 @@ class ReportStage(Config):
 
 def run_report(cfg: ReportStage, ctx: RunContext) -> dict[str, str]:
     # The in-memory artifacts are current even if artifacts.json lags behind this stage.
-    return {"report": str(write_report(ctx.run_dir, cfg.title, artifacts=ctx.artifacts))}
+    return {"report": str(write_report(ctx.run_dir, cfg.title, artifacts=ctx.artifacts, sections=report_sections()))}
