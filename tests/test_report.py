@@ -7,7 +7,7 @@ import shutil
 import yaml
 
 from lmcycle.report import write_report
-from lmcycle.stages import report_sections
+from lmcycle.stages import KINDS, PAGE_ORDER, report_sections
 from lmcycle.stages.context import RunContext
 from lmcycle.stages.report import ReportStage, run_report
 
@@ -164,3 +164,33 @@ def test_a_train_start_row_drops_the_rows_an_interrupted_attempt_logged_after_th
     ctx.log("sft", event="train_start", step=2)
     assert [(r["stage"], r.get("step")) for r in ctx.read_metrics()] == [
         ("sft", 1), ("sft", 2), ("other", 9), ("sft", 2)]
+
+
+def test_score_signatures_are_printed_under_settings_and_change_nothing_when_absent(tmp_path):
+    run = tmp_path / "run"
+    _make_run(run)
+    before = write_report(run, sections=report_sections()).read_text(encoding="utf-8")
+    eval_path = run / "zero_shot" / "eval.json"
+    data = json.loads(eval_path.read_text())
+    data["settings"]["rouge"]["signature"] = "rouge|agg:max|refs:1|stem:porter|v:0.1.2"
+    data["settings"]["perplexity"] = {"signature": "ppl|ref:first|v:1", "tokens": "reference"}
+    data["settings"]["toxicity"] = {"signature": "tox|clf:roberta|v:2"}
+    eval_path.write_text(json.dumps(data))
+    text = write_report(run, sections=report_sections()).read_text(encoding="utf-8")
+    settings = text.split("## Settings", 1)[1].split("### sft_greedy", 1)[0]
+    assert "- ROUGE: signature `rouge|agg:max|refs:1|stem:porter|v:0.1.2`; package: rouge-score 0.1.2" in settings
+    assert "- Perplexity: signature `ppl|ref:first|v:1`; tokens: reference" in settings
+    assert "- toxicity: signature `tox|clf:roberta|v:2`" in settings
+    # The other stages' options differ from zero_shot's now (its signature), so they are written out again.
+    assert text.count("package: rouge-score 0.1.2") == 2
+    assert before.split("## Settings", 1)[0] == text.split("## Settings", 1)[0]
+
+
+def test_every_kind_with_a_section_is_on_the_page_once():
+    """The registry's page order names every kind that has a report section, and each resolves to a function."""
+    named = [n for entry in PAGE_ORDER for n in (entry[1:] if isinstance(entry, tuple) else (entry,))]
+    with_section = {k.name for k in KINDS if k.section is not None}
+    assert with_section <= {n.partition(".")[0] for n in named}
+    kinds_named = [n for n in named if n in with_section]
+    assert len(kinds_named) == len(set(kinds_named))
+    assert all(callable(part) for part in report_sections())

@@ -159,7 +159,8 @@ def examples(run: Run) -> str:
             if refs:
                 blocks.append(f"  <br>reference: {excerpt(refs[0])}")
         blocks.append("")
-    return "\n".join([f"## Example predictions (first {N_EXAMPLES} per eval stage)", "", *blocks]) if blocks else ""
+    heading = f"## Example predictions (first {N_EXAMPLES} per eval stage)"
+    return "\n".join([heading, "", *blocks]) if blocks else ""
 
 
 # The scores whose settings have a line of their own below; any other score shows its signature alone.
@@ -190,7 +191,8 @@ def settings(run: Run) -> str:
             shown_rouge = (e.stage, rouge)
         bleu = s.get("bleu") or {}
         if bleu.get("signature"):
-            blocks.append(f"- BLEU: sacrebleu signature `{bleu['signature']}`; {md(plain(bleu.get('multi_ref', '')))}")
+            blocks.append(f"- BLEU: sacrebleu signature `{bleu['signature']}`; "
+                          f"{md(plain(bleu.get('multi_ref', '')))}")
         ppl = s.get("perplexity") or {}
         if ppl:
             blocks.append("- Perplexity: " + _options(ppl))

@@ -120,9 +120,10 @@ def _compare_table(run: Run, stage: str, data: dict) -> str:
         quality = r.get("quality") or {}
         lines.append(row([md(str(r.get("label"))), *[fixed(quality.get(m), 2) for m in metrics],
                           millions(r.get("params")), share(r.get("zero_params"), r.get("params")),
-                          _mb(r.get("size_bytes")), _times(r.get("size_ratio")), fixed(r.get("loaded_memory_mb"), 0),
-                          fixed(r.get("peak_memory_mb"), 0), fixed(r.get("latency_p50_ms"), 2),
-                          fixed(r.get("latency_p95_ms"), 2), _times(r.get("speedup_b1")), fixed(r.get("throughput"), 1),
+                          _mb(r.get("size_bytes")), _times(r.get("size_ratio")),
+                          fixed(r.get("loaded_memory_mb"), 0), fixed(r.get("peak_memory_mb"), 0),
+                          fixed(r.get("latency_p50_ms"), 2), fixed(r.get("latency_p95_ms"), 2),
+                          _times(r.get("speedup_b1")), fixed(r.get("throughput"), 1),
                           _times(r.get("speedup_throughput"))]))
     lines += ["", f"Measured with {settings.get('threads', '?')} thread(s), torch {settings.get('torch', '?')}"
                   f"{', torch.compile' if settings.get('compile') else ', eager'}. Latency: "

@@ -24,4 +24,5 @@ class ReportStage(Config):
 
 def run_report(cfg: ReportStage, ctx: RunContext) -> dict[str, str]:
     # The in-memory artifacts are current even if artifacts.json lags behind this stage.
-    return {"report": str(write_report(ctx.run_dir, cfg.title, artifacts=ctx.artifacts, sections=report_sections()))}
+    path = write_report(ctx.run_dir, cfg.title, artifacts=ctx.artifacts, sections=report_sections())
+    return {"report": str(path)}

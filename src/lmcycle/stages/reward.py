@@ -115,7 +115,8 @@ def section(run: Run) -> str:
 def preference_curves(run: Run) -> str:
     """The held-out accuracy of every reward and DPO stage over its training steps, in one plot: it closes the
     Alignment chapter, after both kinds' tables (a part of its own, so that either kind alone still has it)."""
-    stages = [name for kind in ("reward", "dpo") for name in run.stages_of(kind) if run.eval_json(name) is not None]
+    stages = [name for kind in ("reward", "dpo") for name in run.stages_of(kind)
+              if run.eval_json(name) is not None]
     curves = {name: [(r["step"], r["eval_accuracy"]) for r in run.rows if r.get("stage") == name
                      and is_number(r.get("step")) and is_number(r.get("eval_accuracy"))] for name in stages}
     curves = {name: points for name, points in curves.items() if points}

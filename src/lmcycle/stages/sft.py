@@ -108,9 +108,9 @@ def run_sft(cfg: SftStage, ctx: RunContext) -> dict[str, str]:
 
 
 def section(run: Run) -> str:
-    """The "Fine-tuning compared" table: one row per finished sft stage: what trained (full, LoRA, QLoRA, prompt tuning),
-    what it cost, how big its checkpoint is, how the eval stages that scored its model rated it. Pre-training
-    stages are not in it (their loss curves are under *Training*)."""
+    """The "Fine-tuning compared" table of report.md: one row per finished sft stage: what trained (full, LoRA,
+    QLoRA, prompt tuning), what it cost, how big its checkpoint is, how the eval stages that scored its model
+    rated it. Pre-training stages are not in it (their loss curves are under *Training*)."""
     stages = {s.get("name") or "sft": s for s in run.config.get("stages") or [] if s.get("type") == "sft"}
     for r in run.rows:  # a config.yaml without stages still has the runner's stage_end rows
         if r.get("event") == "stage_end" and r.get("type") == "sft":
@@ -145,7 +145,8 @@ def section(run: Run) -> str:
         lines.append(row([md(name), md(method), f"{trainable:,}" if is_number(trainable) else "—",
                           f"{percent:.2f}%" if is_number(percent) else "—",
                           duration(end["wall_time"]) if end and is_number(end.get("wall_time")) else "—",
-                          _peak_rss(end), _megabytes(size) if size is not None else "—", "; ".join(scores) or "—"]))
+                          _peak_rss(end), _megabytes(size) if size is not None else "—",
+                          "; ".join(scores) or "—"]))
     return "\n".join(lines) + "\n"
 
 
