@@ -7,6 +7,7 @@ import shutil
 import yaml
 
 from lmcycle.report import write_report
+from lmcycle.stages import KINDS, PAGE_ORDER, report_sections
 from lmcycle.stages.context import RunContext
 from lmcycle.stages.report import ReportStage, run_report
 
@@ -71,7 +72,7 @@ def _table_rows(text: str) -> dict[str, list[str]]:
 def test_report_table_has_every_eval_stage_with_its_values(tmp_path):
     run = tmp_path / "run"
     _make_run(run)
-    path = write_report(run)
+    path = write_report(run, sections=report_sections())
     text = path.read_text(encoding="utf-8")
     assert path == run / "report.md" and text.startswith("# lmcycle run: demo")
 
@@ -112,7 +113,7 @@ def test_report_is_rebuilt_from_a_moved_run_directory(tmp_path, monkeypatch):
     moved = tmp_path / "elsewhere" / "run-copy"
     shutil.copytree(tmp_path / "run", moved)
     shutil.rmtree(tmp_path / "run")
-    text = write_report(moved, title="Moved").read_text(encoding="utf-8")
+    text = write_report(moved, title="Moved", sections=report_sections()).read_text(encoding="utf-8")
     assert text.startswith("# Moved")
     assert list(_table_rows(text)) == list(EVALS)
     assert "eval.json missing" not in text
@@ -122,7 +123,7 @@ def test_missing_eval_json_is_reported_not_fatal(tmp_path):
     run = tmp_path / "run"
     _make_run(run)
     (run / "sft_greedy" / "eval.json").unlink()
-    text = write_report(run).read_text(encoding="utf-8")
+    text = write_report(run, sections=report_sections()).read_text(encoding="utf-8")
     assert "| sft_greedy | eval.json missing |" in text
     rows = _table_rows(text)
     assert list(rows) == list(EVALS) and not any(re.fullmatch(r"[\d.]+", c) for c in rows["sft_greedy"][1:])
@@ -141,7 +142,7 @@ def test_report_stage_uses_the_in_memory_artifacts(tmp_path):
 
 
 def test_empty_run_directory_gives_a_minimal_report(tmp_path):
-    text = write_report(tmp_path).read_text(encoding="utf-8")
+    text = write_report(tmp_path, sections=report_sections()).read_text(encoding="utf-8")
     assert text.startswith("# lmcycle run:") and "## Evaluation" not in text
 
 
@@ -151,7 +152,7 @@ def test_steps_an_older_resumed_run_logged_twice_count_once_with_the_rerun_loss(
     rows += [{"stage": "sft", "step": s, "loss": 2.0 - 0.1 * s} for s in (3, 4, 5, 6)]  # resumed from step 2
     run_dir.mkdir()
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    text = write_report(run_dir).read_text()
+    text = write_report(run_dir, sections=report_sections()).read_text()
     assert "6 logged steps, last train loss 1.4000 at step 6" in text
 
 
@@ -163,3 +164,33 @@ def test_a_train_start_row_drops_the_rows_an_interrupted_attempt_logged_after_th
     ctx.log("sft", event="train_start", step=2)
     assert [(r["stage"], r.get("step")) for r in ctx.read_metrics()] == [
         ("sft", 1), ("sft", 2), ("other", 9), ("sft", 2)]
+
+
+def test_score_signatures_are_printed_under_settings_and_change_nothing_when_absent(tmp_path):
+    run = tmp_path / "run"
+    _make_run(run)
+    before = write_report(run, sections=report_sections()).read_text(encoding="utf-8")
+    eval_path = run / "zero_shot" / "eval.json"
+    data = json.loads(eval_path.read_text())
+    data["settings"]["rouge"]["signature"] = "rouge|agg:max|refs:1|stem:porter|v:0.1.2"
+    data["settings"]["perplexity"] = {"signature": "ppl|ref:first|v:1", "tokens": "reference"}
+    data["settings"]["toxicity"] = {"signature": "tox|clf:roberta|v:2"}
+    eval_path.write_text(json.dumps(data))
+    text = write_report(run, sections=report_sections()).read_text(encoding="utf-8")
+    settings = text.split("## Settings", 1)[1].split("### sft_greedy", 1)[0]
+    assert "- ROUGE: signature `rouge|agg:max|refs:1|stem:porter|v:0.1.2`; package: rouge-score 0.1.2" in settings
+    assert "- Perplexity: signature `ppl|ref:first|v:1`; tokens: reference" in settings
+    assert "- toxicity: signature `tox|clf:roberta|v:2`" in settings
+    # The other stages' options differ from zero_shot's now (its signature), so they are written out again.
+    assert text.count("package: rouge-score 0.1.2") == 2
+    assert before.split("## Settings", 1)[0] == text.split("## Settings", 1)[0]
+
+
+def test_every_kind_with_a_section_is_on_the_page_once():
+    """The registry's page order names every kind that has a report section, and each resolves to a function."""
+    named = [n for entry in PAGE_ORDER for n in (entry[1:] if isinstance(entry, tuple) else (entry,))]
+    with_section = {k.name for k in KINDS if k.section is not None}
+    assert with_section <= {n.partition(".")[0] for n in named}
+    kinds_named = [n for n in named if n in with_section]
+    assert len(kinds_named) == len(set(kinds_named))
+    assert all(callable(part) for part in report_sections())

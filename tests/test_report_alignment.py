@@ -7,6 +7,7 @@ import json
 import yaml
 
 from lmcycle.report import write_report
+from lmcycle.stages import report_sections
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -42,7 +43,7 @@ def _make_run(run_dir) -> None:
 def test_ppo_section_tables_the_rollouts_and_reports_alarms_and_the_early_stop(tmp_path):
     run = tmp_path / "run"
     _make_run(run)
-    text = write_report(run).read_text()
+    text = write_report(run, sections=report_sections()).read_text()
     section = text[text.index("## PPO: ppo"):]
     assert "reference: adapter disabled" in section and "classifier toxicity (not_toxic)" in section
     table = [line for line in section.splitlines() if line.startswith("| ") and line[2].isdigit()]
@@ -55,7 +56,7 @@ def test_ppo_section_tables_the_rollouts_and_reports_alarms_and_the_early_stop(t
 def test_toxicity_evals_show_scores_but_never_the_completions(tmp_path):
     run = tmp_path / "run"
     _make_run(run)
-    text = write_report(run).read_text()
+    text = write_report(run, sections=report_sections()).read_text()
     header = next(line for line in text.splitlines() if line.startswith("| Stage | Scored"))
     assert "Toxicity" in header and "Toxic share" in header and "Ref. perplexity" in header
     row = next(line for line in text.splitlines() if line.startswith("| after |"))

@@ -7,6 +7,7 @@ import yaml
 from safetensors.torch import save_file
 
 from lmcycle.report import write_report
+from lmcycle.stages import report_sections
 
 # Saved shapes of the fully fine-tuned model: 10*4 + 4 + 3*3 = 53 parameters.
 FULL_SHAPES = {"embed.weight": (10, 4), "norm.weight": (4,), "proj.weight": (3, 3)}
@@ -68,7 +69,7 @@ def _comparison(text: str) -> dict[str, dict[str, str]]:
 def test_full_and_lora_sft_side_by_side(tmp_path):
     run = tmp_path / "run"
     _make_run(run)
-    rows = _comparison(write_report(run).read_text(encoding="utf-8"))
+    rows = _comparison(write_report(run, sections=report_sections()).read_text(encoding="utf-8"))
     assert list(rows) == ["sft", "sft_lora"]
 
     full, lora = rows["sft"], rows["sft_lora"]
@@ -91,7 +92,7 @@ def test_comparison_survives_a_moved_run_directory(tmp_path):
     _make_run(run)
     moved = tmp_path / "moved"
     run.rename(moved)  # every recorded path now points to a folder that is gone
-    rows = _comparison(write_report(moved).read_text(encoding="utf-8"))
+    rows = _comparison(write_report(moved, sections=report_sections()).read_text(encoding="utf-8"))
     assert rows["sft"]["Trainable params"] == f"{FULL_PARAMS:,}"
     assert rows["sft_lora"]["Checkpoint (MB)"] == "0.003"
     assert rows["sft"]["ROUGE-1/2/L"].startswith("41.25/11.25/31.25")
@@ -103,12 +104,11 @@ def test_no_sft_stage_means_no_comparison(tmp_path):
     run.mkdir()
     (run / "config.yaml").write_text(yaml.safe_dump({"name": "x", "stages": [{"type": "pretrain"}]}))
     (run / "artifacts.json").write_text(json.dumps({"pretrain": {"model": "pretrain/model"}}))
-    assert "Fine-tuning compared" not in write_report(run).read_text(encoding="utf-8")
+    assert "Fine-tuning compared" not in write_report(run, sections=report_sections()).read_text(encoding="utf-8")
 
 
 def test_scores_by_model_and_dataset_show_forgetting(tmp_path):
     """Two models scored on two datasets: one row per dataset with its headline metric, one column per model."""
-    from lmcycle.report import write_report
 
     run_dir = tmp_path / "run"
     artifacts = {}
@@ -124,7 +124,7 @@ def test_scores_by_model_and_dataset_show_forgetting(tmp_path):
         artifacts[stage] = {"eval": str(run_dir / stage / "eval.json")}
     (run_dir / "metrics.jsonl").write_text("")
     (run_dir / "artifacts.json").write_text(json.dumps(artifacts))
-    text = write_report(run_dir).read_text()
+    text = write_report(run_dir, sections=report_sections()).read_text()
     section = text.split("## Scores by model and dataset")[1].split("\n## ")[0]
     table = [line for line in section.splitlines() if line.startswith("| ")]
     assert table[0] == "| Dataset (metric) | before | after |"

@@ -8,6 +8,7 @@ import yaml
 
 from lmcycle.optimize.compare import with_ratios
 from lmcycle.report import write_report
+from lmcycle.stages import report_sections
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -31,7 +32,7 @@ def test_compare_table_shows_every_variant_with_ratios_and_settings(tmp_path):
     (run_dir / "compare" / "compare.json").write_text(json.dumps({"rows": rows, "settings": settings}))
     (run_dir / "artifacts.json").write_text(json.dumps({"compare": {"compare": str(run_dir / "compare" /
                                                                                   "compare.json")}}))
-    text = write_report(run_dir).read_text()
+    text = write_report(run_dir, sections=report_sections()).read_text()
     section = text[text.index("## Optimization"):]
     table = [line for line in section.splitlines() if line.startswith("| ")]
     assert "davidson_test.macro_f1" in table[0]
@@ -65,7 +66,7 @@ def test_distill_prune_and_quantize_stages_get_their_tables_not_eval_rows(tmp_pa
     (run_dir / "artifacts.json").write_text(json.dumps({
         "student": {"eval": str(run_dir / "student" / "eval.json")},
         "wanda": {"eval": str(run_dir / "wanda" / "eval.json")}, "int8": {"model": "int8/model"}}))
-    text = write_report(run_dir).read_text()
+    text = write_report(run_dir, sections=report_sections()).read_text()
     assert "## Evaluation" not in text  # their eval.json files are not generation evals
     section = text[text.index("## Optimization"):]
     student = next(line for line in section.splitlines() if line.startswith("| student"))

@@ -10,7 +10,7 @@ from tiny_lm import make_tokenizer, run_context, tiny_llama
 
 from lmcycle.errors import LmcycleError
 from lmcycle.report import write_report
-from lmcycle.stages import STAGES
+from lmcycle.stages import STAGES, report_sections
 from lmcycle.stages.harness import HarnessStage, run_harness
 from lmcycle.stages.retrieval import RetrievalStage, run_retrieval
 
@@ -55,7 +55,7 @@ def test_harness_stages_write_scores_records_and_report(ctx, tmp_path):
     ctx.add_artifacts("tqa", tqa)
     (ctx.run_dir / "config.yaml").write_text(
         "stages:\n  - {type: harness, name: harness}\n  - {type: harness, name: tqa}\n")
-    report = write_report(ctx.run_dir, artifacts=ctx.artifacts).read_text()
+    report = write_report(ctx.run_dir, artifacts=ctx.artifacts, sections=report_sections()).read_text()
     section = report.split("## Applications", 1)[1]
     assert "| harness | gsm8k | pal |" in section and "| tqa | truthfulqa | likelihood |" in section
     assert "chance 41.7%" in section  # (1/3 + 1/2) / 2
@@ -73,7 +73,7 @@ def test_retrieval_stage_on_a_slice_of_xquad(ctx):
     for mode in ("bm25", "dense", "hybrid"):
         assert 0 < m[f"{mode}.recall@1"] <= m[f"{mode}.recall@5"] <= m[f"{mode}.recall@10"] <= 1
     (ctx.run_dir / "config.yaml").write_text("stages:\n  - {type: retrieval}\n")
-    report = write_report(ctx.run_dir, artifacts=ctx.artifacts).read_text()
+    report = write_report(ctx.run_dir, artifacts=ctx.artifacts, sections=report_sections()).read_text()
     assert f"| hybrid | {m['hybrid.recall@1']:.3f} |" in report
     assert (ctx.run_dir / "plots" / "retrieval_retrieval.png").stat().st_size > 1000
 

@@ -15,7 +15,6 @@ from pathlib import Path
 
 from lmcycle.cli import adapters, apps, plan, serve
 from lmcycle.errors import LmcycleError
-from lmcycle.report import write_report
 from lmcycle.stages import COMMANDS
 from lmcycle.terminal import printable
 
@@ -132,7 +131,9 @@ def _dispatch(args) -> int:
     if args.command == "report":
         if not (Path(args.run_dir) / "metrics.jsonl").exists():
             raise LmcycleError("not a run directory (no metrics.jsonl)", file=args.run_dir)
-        print(write_report(Path(args.run_dir), title=args.title))
+        from lmcycle.stages.report import write_run_report  # lazy: every stage's section, so torch
+
+        print(write_run_report(Path(args.run_dir), title=args.title))
         return 0
 
     if args.command == "run":

@@ -3,8 +3,8 @@
 A kind ``k`` lives in ``lmcycle.stages.k`` and that module has three names: ``<K>Stage`` (its typed config),
 ``run_<k>(cfg, ctx) -> artifacts`` and ``section(run) -> str`` (its part of report.md, ``""`` when the run has
 no such stage). The recipe runner, the single-stage commands of the CLI and the report page all read this
-table, so a new kind is one line here and one file beside it. Modules are imported when first used, so that
-``lmcycle --help`` does not pay for torch.
+table, so a new kind is one line here (and one in ``PAGE_ORDER`` for its section) and one file beside it.
+Modules are imported when first used, so that ``lmcycle --help`` does not pay for torch.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 from types import ModuleType
+
+from lmcycle.report.page import Section, chapter, training
 
 
 @dataclass(frozen=True)
@@ -40,7 +42,7 @@ class Kind:
         return getattr(self.module(), "section", None)
 
 
-# In recipe order of a typical run, which is also the order of the CLI's commands and the report's sections.
+# In recipe order of a typical run, which is also the order of the CLI's commands.
 KINDS: tuple[Kind, ...] = (
     Kind("build", "build"),
     Kind("pretrain", "pretrain", data_parallel=True),
@@ -62,3 +64,37 @@ KINDS: tuple[Kind, ...] = (
 )
 STAGES: dict[str, Kind] = {k.name: k for k in KINDS}
 COMMANDS: dict[str, Kind] = {k.command: k for k in KINDS if k.command}
+
+# report.md from top to bottom, between the page's own header and stage times and its examples and settings. Not
+# KINDS order: every eval stage's scores come first. A name is that kind's `section` ("kind.function": another
+# part of its module); "training" is the page's own loss curves; (heading, names...) is a chapter: one
+# "## heading" over the parts of kinds that read together, left out when none of them has anything.
+PAGE_ORDER: tuple[str | tuple[str, ...], ...] = (
+    "eval",
+    "sft",
+    ("Alignment", "classifier", "reward", "dpo", "reward.preference_curves"),
+    "ppo",
+    ("Optimization", "distill", "prune", "quantize", "compare"),
+    ("Applications", "retrieval", "harness"),
+    "training",
+    "explore",
+)
+
+
+def report_sections() -> list[Section]:
+    """The parts ``PAGE_ORDER`` names, in its order, for :func:`lmcycle.report.write_report` (which never imports
+    the stages: its callers hand these in). Imports the module of every kind named."""
+    return [_page_part(entry) for entry in PAGE_ORDER]
+
+
+def _page_part(entry: str | tuple[str, ...]) -> Section:
+    if isinstance(entry, tuple):
+        heading, *names = entry
+        return chapter(heading, *(_page_part(name) for name in names))
+    if entry == "training":
+        return training
+    kind, _, function = entry.partition(".")
+    part = getattr(STAGES[kind].module(), function) if function else STAGES[kind].section
+    if part is None:
+        raise ValueError(f"PAGE_ORDER names {entry!r}, whose module has no section")
+    return part

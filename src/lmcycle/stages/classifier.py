@@ -31,6 +31,8 @@ from lmcycle.models.classifier import (
     load_for_training,
 )
 from lmcycle.models.load import MINILM, local_copy
+from lmcycle.report.markdown import md, number
+from lmcycle.report.rundir import Run
 from lmcycle.stages.common import StageConfig, TrainingStage, finish_training_stage, write_eval
 from lmcycle.stages.context import RunContext
 from lmcycle.train.loop import Batch, TrainConfig, micro_batch_indices, seed_everything, train
@@ -143,3 +145,23 @@ def evaluate_classifier(cfg: ClassifierStage, ctx: RunContext, classifier: TextC
                 "tfidf_baseline": baseline_settings}
     return {"metrics": metrics, "settings": settings, "classifier": per_model,
             "baseline": per_baseline if cfg.baseline else None}
+
+
+def section(run: Run) -> str:
+    """The classifier table of report.md's Alignment chapter: per stage and held-out dataset, accuracy and
+    macro-F1 next to the TF-IDF + logistic-regression baseline's."""
+    found = [(name, data) for name in run.stages_of("classifier") if (data := run.eval_json(name)) is not None]
+    if not found:
+        return ""
+    lines = ["### Text classifiers (reward and judge models)", "",
+             "Held-out datasets; accuracy and macro-F1 × 100, next to a TF-IDF + logistic-regression baseline "
+             "fitted on the same training texts.", "",
+             "| Stage | Held-out dataset | n | Accuracy | Macro-F1 | TF-IDF + LR macro-F1 |",
+             "|---|---|---:|---:|---:|---:|"]
+    for name, data in found:
+        m, s = data.get("metrics") or {}, data.get("settings") or {}
+        for dataset in s.get("eval_data") or []:
+            lines.append(f"| {md(name)} | {md(dataset)} | {m.get(f'{dataset}.n', '—')} | "
+                         f"{number(m.get(f'{dataset}.accuracy'))} | {number(m.get(f'{dataset}.macro_f1'))} | "
+                         f"{number(m.get(f'baseline.{dataset}.macro_f1'))} |")
+    return "\n".join(lines) + "\n"

@@ -9,6 +9,7 @@ against the first model, measured in the same run. Writes ``<stage>/compare.json
 
 from __future__ import annotations
 
+import json
 import platform
 from typing import Any, Literal
 
@@ -19,6 +20,8 @@ from lmcycle.atomic import atomic_write_json
 from lmcycle.config import DatasetName, ModelRef
 from lmcycle.errors import LmcycleError
 from lmcycle.optimize.compare import WEIGHT_SUFFIXES, MeasureConfig, is_scalar, measure_in_child, with_ratios
+from lmcycle.report.markdown import figure, filename, fixed, is_number, md, millions, row, save_png, share
+from lmcycle.report.rundir import Run
 from lmcycle.stages.common import StageConfig
 from lmcycle.stages.context import RunContext
 
@@ -77,3 +80,86 @@ def settings(cfg: CompareStage) -> dict[str, Any]:
 
 def _example_dict(ex: Any) -> dict:
     return {"input": ex.input, "targets": list(ex.targets), "id": ex.id}
+
+
+def section(run: Run) -> str:
+    """Per compare stage (its compare.json), the deployer's table of report.md's Optimization chapter: quality,
+    size, memory, latency, throughput and parameters of every model, each with its ratio to the first, and a
+    quality-against-latency plot."""
+    tables = []
+    for stage, produced in run.artifacts.items():
+        path = run.resolve(produced["compare"]) if "compare" in produced else None
+        data = json.loads(path.read_text(encoding="utf-8")) if path and path.is_file() else None
+        if isinstance(data, dict) and data.get("rows"):
+            tables.append(_compare_table(run, stage, data))
+    return "\n".join(tables)
+
+
+def quality_columns(rows: list[dict]) -> list[str]:
+    """The quality metrics of the table, in first-seen order (``<dataset>.macro_f1``, ``<dataset>.perplexity``)."""
+    seen: dict[str, None] = {}
+    for r in rows:
+        for key in r.get("quality") or {}:
+            if not key.endswith(".accuracy"):
+                seen.setdefault(key, None)
+    return list(seen)
+
+
+def _compare_table(run: Run, stage: str, data: dict) -> str:
+    rows, settings = data["rows"], data.get("settings") or {}
+    metrics = quality_columns(rows)
+    head = ["Model", *[md(m) for m in metrics], "Params", "Zeros", "Size (MB)", "× size", "Loaded (MB)",
+            "Peak serving (MB)", "p50 ms (b=1)", "p95 ms", "× speed (b=1)",
+            f"Examples/s (b={rows[0].get('batch_size', '?')})", "× throughput"]
+    lines = [f"### {md(stage)}", "",
+             "Every ratio is against the first row, measured in the same run on the same threads.", "",
+             row(head), "|---|" + "---:|" * (len(head) - 1)]
+    for r in rows:
+        quality = r.get("quality") or {}
+        lines.append(row([md(str(r.get("label"))), *[fixed(quality.get(m), 2) for m in metrics],
+                          millions(r.get("params")), share(r.get("zero_params"), r.get("params")),
+                          _mb(r.get("size_bytes")), _times(r.get("size_ratio")),
+                          fixed(r.get("loaded_memory_mb"), 0), fixed(r.get("peak_memory_mb"), 0),
+                          fixed(r.get("latency_p50_ms"), 2), fixed(r.get("latency_p95_ms"), 2),
+                          _times(r.get("speedup_b1")), fixed(r.get("throughput"), 1),
+                          _times(r.get("speedup_throughput"))]))
+    lines += ["", f"Measured with {settings.get('threads', '?')} thread(s), torch {settings.get('torch', '?')}"
+                  f"{', torch.compile' if settings.get('compile') else ', eager'}. Latency: "
+                  f"{settings.get('latency', '?')}. Throughput: {settings.get('throughput', '?')}. Loaded: "
+                  f"{settings.get('loaded_memory', '?')}. Peak serving: {settings.get('peak_memory', '?')}. Size: "
+                  f"{settings.get('size', '?')}.", ""]
+    plot = _quality_latency_plot(run, stage, rows, metrics[0] if metrics else None)
+    if plot:
+        lines += [f"![quality against latency]({plot})", ""]
+    return "\n".join(lines)
+
+
+def _mb(n_bytes: Any) -> str:
+    return f"{n_bytes / 1e6:.1f}" if is_number(n_bytes) else "—"
+
+
+def _times(ratio: Any) -> str:
+    return f"{ratio:.2f}×" if is_number(ratio) else "—"
+
+
+def _quality_latency_plot(run: Run, stage: str, rows: list[dict], metric: str | None) -> str | None:
+    points = [(r["label"], r.get("latency_p50_ms"), (r.get("quality") or {}).get(metric), r.get("size_bytes"))
+              for r in rows]
+    points = [p for p in points if is_number(p[1]) and is_number(p[2])]
+    if metric is None or not points:
+        return None
+    fig = figure(10, 3.8)
+    ax_q, ax_s = fig.subplots(1, 2)
+    for label, latency, quality, _ in points:
+        ax_q.scatter([latency], [quality])
+        ax_q.annotate(str(label), (latency, quality), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax_q.set_xlabel("latency p50, batch 1 (ms)")
+    ax_q.set_ylabel(metric)
+    ax_q.set_title("quality against latency" + (" (lower is better)" if metric.endswith("perplexity") else ""))
+    sizes = [(str(r["label"]), r["size_bytes"] / 1e6) for r in rows if is_number(r.get("size_bytes"))]
+    ax_s.barh([s for s, _ in sizes][::-1], [v for _, v in sizes][::-1])
+    ax_s.set_xlabel("weights on disk (MB)")
+    ax_s.set_title("size")
+    name = f"compare_{filename(stage)}.png"
+    save_png(fig, run.dir / "plots" / name)
+    return f"plots/{name}"

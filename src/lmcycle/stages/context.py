@@ -18,6 +18,8 @@ from typing import Any
 from lmcycle.atomic import atomic_write_text
 from lmcycle.data.loaders import load_examples
 from lmcycle.errors import LmcycleError
+from lmcycle.models.load import local_copy
+from lmcycle.train.distributed import is_main
 
 
 @dataclass
@@ -57,8 +59,6 @@ class RunContext:
         An ``event="train_start"`` row (a training loop starting after ``step`` steps: 0, or its checkpoint's)
         first drops the stage's rows of later steps, which an interrupted attempt logged and this one logs
         again, so that every step appears once. Under torchrun only rank 0 writes."""
-        from lmcycle.train.distributed import is_main
-
         if not is_main():
             return
         if metrics.get("event") == "train_start":
@@ -109,8 +109,6 @@ class RunContext:
                                file=self.recipe_file)
         if ref in self.artifacts:
             return self.artifact(ref, "model")
-        from lmcycle.models.load import local_copy
-
         return local_copy(ref)
 
     def recipe_path(self, path: str) -> str:

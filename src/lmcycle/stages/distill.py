@@ -44,6 +44,8 @@ from lmcycle.optimize.distill import (
     trim_student_vocabulary,
 )
 from lmcycle.optimize.student import hidden_size_of, num_layers_of, param_count
+from lmcycle.report.markdown import fixed, is_number, md, millions, share
+from lmcycle.report.rundir import Run
 from lmcycle.stages.classifier import labelled_texts
 from lmcycle.stages.common import StageConfig, TrainingStage, finish_training_stage, write_eval
 from lmcycle.stages.context import RunContext, is_scorer
@@ -294,3 +296,27 @@ def _run_lm(cfg: DistillStage, ctx: RunContext, stage: TrainingStage, wrapper: S
     settings = {"n_train": len(items), "template": cfg.template,
                 "perplexity": "exp(token-mean NLL of the scored tokens), nats"}
     return {"metrics": metrics, "settings": settings, "student": per_student, "teacher": per_teacher}, result
+
+
+def section(run: Run) -> str:
+    """The distillation table of report.md's Optimization chapter: teacher → student scores on held-out data
+    (the student's share of the teacher's in brackets), layers and parameters."""
+    found = [(s, d) for s in run.stages_of("distill") if (d := run.eval_json(s))]
+    if not found:
+        return ""
+    lines = ["### Distillation", "", "Teacher → student on held-out data (the student's share of the teacher's "
+             "score in brackets).", "", "| Stage | Student layers | Parameters (student / teacher) | Scores |",
+             "|---|---|---:|---|"]
+    for stage, data in found:
+        m, s = data.get("metrics") or {}, data.get("settings") or {}
+        scores = []
+        for key, teacher in m.items():
+            if key.startswith("teacher.") and key.endswith((".macro_f1", ".perplexity")):
+                name = key.removeprefix("teacher.")
+                student = m.get(name)
+                ratio = f" ({100 * student / teacher:.1f}%)" if is_number(student) and teacher else ""
+                scores.append(f"{md(name)}: {fixed(teacher, 2)} → {fixed(student, 2)}{ratio}")
+        lines.append(f"| {md(stage)} | {md(str(s.get('student_layers') or s.get('student_config') or '—'))} | "
+                     f"{millions(m.get('student_params'))} / {millions(m.get('teacher_params'))} "
+                     f"({share(m.get('student_params'), m.get('teacher_params'))}) | {'; '.join(scores) or '—'} |")
+    return "\n".join(lines) + "\n"

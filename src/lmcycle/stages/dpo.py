@@ -20,9 +20,12 @@ from lmcycle.align.dpo import check_dpo_settings, train_dpo
 from lmcycle.config import DatasetName, ModelRef
 from lmcycle.data.preferences import pairs_from_examples
 from lmcycle.models.load import context_window
+from lmcycle.report.markdown import fraction, md
+from lmcycle.report.rundir import Run
 from lmcycle.stages.common import StageConfig, finish_training_stage, start_training_stage, write_eval
 from lmcycle.stages.context import RunContext
 from lmcycle.stages.peft import LoraPeft, add_peft_for_training, finish_peft_stage
+from lmcycle.stages.reward import PREFERENCE_INTRO
 from lmcycle.train.loop import TrainConfig
 
 
@@ -86,3 +89,23 @@ def run_dpo(cfg: DpoStage, ctx: RunContext) -> dict[str, str]:
     else:
         produced = finish_peft_stage(stage, result, cfg.peft, base_model=source)
     return {**produced, "eval": eval_path}
+
+
+def section(run: Run) -> str:
+    """The DPO table of report.md's Alignment chapter: held-out implicit-reward accuracy, margin and rewards per
+    stage, with its method and loss."""
+    found = [(name, data) for name in run.stages_of("dpo") if (data := run.eval_json(name)) is not None]
+    if not found:
+        return ""
+    lines = ["### DPO", "", PREFERENCE_INTRO, "",
+             "| Stage | Method | Loss, β | Train pairs | Held-out pairs | Implicit-reward accuracy | Margin "
+             "| Chosen reward | Rejected reward |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    for name, data in found:
+        m, s = data.get("metrics") or {}, data.get("settings") or {}
+        peft = s.get("peft") or {}
+        method = f"lora r={peft.get('r')}" if peft else "full"
+        loss = f"{s.get('loss_type', 'sigmoid')}, β={s.get('beta', '—')}"
+        lines.append(f"| {md(name)} | {method} | {md(loss)} | {s.get('train_pairs', '—')} | {m.get('n', '—')} | "
+                     f"{fraction(m.get('accuracy'))} | {fraction(m.get('margin'))} | "
+                     f"{fraction(m.get('chosen_reward'))} | {fraction(m.get('rejected_reward'))} |")
+    return "\n".join(lines) + "\n"

@@ -18,6 +18,8 @@ from lmcycle.data.templates import get_template
 from lmcycle.errors import LmcycleError
 from lmcycle.models.explore import default_settings, exploration_markdown, explore, plot_exploration
 from lmcycle.models.generate import DecodingConfig
+from lmcycle.report.markdown import md
+from lmcycle.report.rundir import Run
 from lmcycle.stages.common import StageConfig
 from lmcycle.stages.context import RunContext
 
@@ -65,3 +67,13 @@ def run_explore(cfg: ExploreStage, ctx: RunContext) -> dict[str, str]:
             top_prob=result["tokens"][0]["prob"])
     return {"plot": str(out / "explore.png"), "explore": str(out / "explore.json"),
             "table": str(out / "explore.md")}
+
+
+def section(run: Run) -> str:
+    """The decoding explorer of report.md: the plot of every stage that made one (the explore stages)."""
+    lines = []
+    for stage, produced in run.artifacts.items():
+        path = run.resolve(produced["plot"]) if "plot" in produced else None
+        if path is not None:
+            lines += [f"### {md(stage)}", "", f"![{md(stage)}]({run.link(path)})", ""]
+    return "\n".join(["## Decoding explorer", "", *lines]) if lines else ""

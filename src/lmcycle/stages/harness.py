@@ -18,6 +18,8 @@ from lmcycle.apps.llm import LocalLLM, backend_from_spec
 from lmcycle.atomic import atomic_write_text
 from lmcycle.config import ModelRef
 from lmcycle.models.generate import DecodingConfig
+from lmcycle.report.markdown import md
+from lmcycle.report.rundir import Run
 from lmcycle.stages.common import StageConfig, write_eval
 from lmcycle.stages.context import RunContext
 
@@ -49,3 +51,24 @@ def run_harness(cfg: HarnessStage, ctx: RunContext) -> dict[str, str]:
     eval_path = write_eval(out, {"metrics": {metric: result[metric], "n": result["n"]}, "settings": settings})
     ctx.log(name, **{metric: result[metric], "n": result["n"]})
     return {"eval": eval_path, "records": str(out / "records.jsonl")}
+
+
+def section(run: Run) -> str:
+    """The benchmark table of report.md's Applications chapter: every harness stage's accuracy (with chance
+    where the benchmark has one) and the settings that produced it."""
+    found = [(stage, data) for stage in run.stages_of("harness") if (data := run.eval_json(stage)) is not None]
+    if not found:
+        return ""
+    lines = ["### Benchmark harnesses", "",
+             "| Stage | Benchmark | Method | Model | n | Accuracy | Settings |", "|---|---|---|---|---:|---:|---|"]
+    for stage, data in found:
+        m, s = data.get("metrics") or {}, data.get("settings") or {}
+        metric = next((k for k in ("gsm8k_accuracy", "truthfulqa_mc1") if k in m), None)
+        accuracy = f"{m[metric]:.1f}%" if metric else "—"
+        if s.get("chance_accuracy") is not None:
+            accuracy += f" (chance {s['chance_accuracy']:.1f}%)"
+        details = "; ".join(f"{k}: {s[k]}" for k in ("decoding", "shots", "self_consistency_n", "extraction",
+                                                         "option_order") if s.get(k) is not None)
+        lines.append(f"| {md(stage)} | {md(str(s.get('benchmark')))} | {md(str(s.get('method') or s.get('mode')))} "
+                     f"| `{md(str(s.get('model')))}` | {m.get('n', '—')} | {accuracy} | {md(details)} |")
+    return "\n".join(lines) + "\n"

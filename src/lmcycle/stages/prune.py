@@ -33,6 +33,8 @@ from lmcycle.optimize.prune import (
     tokenize_calibration,
     wanda_prune,
 )
+from lmcycle.report.markdown import fixed, is_number, md, millions
+from lmcycle.report.rundir import Run
 from lmcycle.stages.common import StageConfig, write_eval
 from lmcycle.stages.context import RunContext
 from lmcycle.train.checkpoint import save_model_dir
@@ -155,3 +157,31 @@ def run_prune(cfg: PruneStage, ctx: RunContext) -> dict[str, str]:
         "perplexity": "lmcycle.evals.perplexity on each input and target text, max_len tokens"}
     eval_path = write_eval(out, {"perplexity": ppl, "structured": info or None, "settings": settings})
     return {"model": str(model_dir), "sparsity": str(out / "sparsity.json"), "eval": eval_path}
+
+
+def section(run: Run) -> str:
+    """The pruning table of report.md's Optimization chapter: sparsity, and perplexity before pruning, after it
+    and after healing, per stage and dataset."""
+    found = [(s, d) for s in run.stages_of("prune") if (d := run.eval_json(s))]
+    if not found:
+        return ""
+    lines = ["### Pruning", "", "Perplexity (lower is better) before pruning, after it, and after LoRA healing "
+             "(merged, then re-masked: the sparsity stays).", "",
+             "| Stage | Method | Sparsity of pruned layers | Whole model | Parameters | Data | Before | Pruned "
+             "| Healed |", "|---|---|---:|---:|---:|---|---:|---:|---:|"]
+    for stage, data in found:
+        s, ppl = data.get("settings") or {}, data.get("perplexity") or {}
+        event = run.last_event(stage, "prune") or {}
+        method = s.get("method", "—")
+        method = {"nm": f"{s.get('n')}:{s.get('m')} ({s.get('score')})",
+                  "structured": f"structured (heads {s.get('heads')}, MLP {s.get('mlp')})"}.get(method, method)
+        for ds in list(ppl.get("before") or {}) or ["—"]:
+            lines.append(f"| {md(stage)} | {md(str(method))} | {_percent(event.get('sparsity'))} | "
+                         f"{_percent(event.get('model_sparsity'))} | {millions(event.get('params'))} | {md(ds)} | "
+                         + " | ".join(fixed((ppl.get(k) or {}).get(ds), 2)
+                                      for k in ("before", "after_prune", "after_heal")) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _percent(value) -> str:
+    return f"{100 * value:.1f}%" if is_number(value) else "—"

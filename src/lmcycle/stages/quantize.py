@@ -18,6 +18,8 @@ from lmcycle.artifacts import load_for_quantize
 from lmcycle.config import DatasetName, ModelRef
 from lmcycle.optimize.compare import weights_mb
 from lmcycle.optimize.quantize import calibrate, linear_targets, quantize_model, save_quantized
+from lmcycle.report.markdown import fixed, md
+from lmcycle.report.rundir import Run
 from lmcycle.stages.common import StageConfig
 from lmcycle.stages.context import RunContext
 
@@ -84,3 +86,19 @@ def run_quantize(cfg: QuantizeStage, ctx: RunContext) -> dict[str, str]:
             size_mb_after=round(weights_mb(model_dir), 3), n_linear_quantized=len(quantized.quantization["linears"]),
             n_embeddings_quantized=len(quantized.quantization["embeddings"]))
     return {"model": str(model_dir)}
+
+
+def section(run: Run) -> str:
+    """The quantization table of report.md's Optimization chapter: method, weight size before and after, and how
+    many layers were quantized, per stage."""
+    stages = run.stages_of("quantize")
+    found = [(s, r) for s in stages if (r := run.last_event(s, "quantize"))]  # a resumed stage logs again
+    if not found:
+        return ""
+    lines = ["### Quantization", "", "| Stage | Method | Weights before (MB) | After (MB) | Linear layers | "
+             "Embeddings |", "|---|---|---:|---:|---:|---:|"]
+    for stage, r in found:
+        lines.append(f"| {md(stage)} | {md(str(r.get('method')))} | {fixed(r.get('size_mb_before'), 1)} | "
+                     f"{fixed(r.get('size_mb_after'), 1)} | {r.get('n_linear_quantized', '—')} | "
+                     f"{r.get('n_embeddings_quantized', '—')} |")
+    return "\n".join(lines) + "\n"

@@ -44,6 +44,7 @@ from lmcycle.data.loaders import DatasetConfig
 from lmcycle.errors import LmcycleError
 from lmcycle.stages import STAGES
 from lmcycle.stages.context import RunContext, load_datasets
+from lmcycle.stages.report import write_run_report
 from lmcycle.train.distributed import barrier, is_main, world_size
 
 
@@ -238,9 +239,7 @@ def run_recipe(recipe: Recipe, stages: list[Config], out: str | os.PathLike | No
             ctx.log(name, event="stage_end", type=cfg.type, seconds=round(seconds, 2))
             echo(f"      {name} finished in {seconds:.1f}s")
         if not has_report and is_main():
-            from lmcycle.report import write_report
-
-            write_report(run_dir)
+            write_run_report(run_dir)
     except BaseException as e:
         if is_main():
             msg = str(e) if isinstance(e, LmcycleError) else f"{type(e).__name__}: {e}"

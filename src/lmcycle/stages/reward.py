@@ -25,6 +25,8 @@ from lmcycle.align.reward import (
 from lmcycle.config import DatasetName, ModelRef
 from lmcycle.data.preferences import pairs_from_examples
 from lmcycle.models.load import context_window
+from lmcycle.report.markdown import figure, fraction, is_number, md, save_png
+from lmcycle.report.rundir import Run
 from lmcycle.stages.common import StageConfig, write_eval
 from lmcycle.stages.context import RunContext
 from lmcycle.train.loop import TrainConfig, seed_everything
@@ -81,3 +83,51 @@ def run_reward(cfg: RewardStage, ctx: RunContext) -> dict[str, str]:
         tokens_per_s=round(result.tokens_per_s, 1), peak_rss_mb=round(result.peak_rss_mb, 1),
         rss_growth_mb=round(result.rss_growth_mb, 1))
     return {"model": str(model_dir), "eval": eval_path}
+
+
+# Reward models and DPO policies are scored on the same held-out pairs, so their tables share this intro.
+PREFERENCE_INTRO = ("Held-out preference pairs (prompts never trained on). A reward model is right on a pair when "
+                    "the chosen reply scores higher; a DPO policy when its implicit reward β·(log π − log π_ref) "
+                    "of the chosen reply is higher. Chance is 0.50.")
+
+
+def section(run: Run) -> str:
+    """The reward-model table of report.md's Alignment chapter: held-out pair accuracy, loss, margin and reward
+    spread per stage."""
+    found = [(name, data) for name in run.stages_of("reward") if (data := run.eval_json(name)) is not None]
+    if not found:
+        return ""
+    lines = ["### Reward models", "", PREFERENCE_INTRO, "",
+             "| Stage | Backbone | Train pairs | Held-out pairs | Pair accuracy | Loss | Margin (r_c − r_r) "
+             "| Reward mean ± std |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for name, data in found:
+        m, s = data.get("metrics") or {}, data.get("settings") or {}
+        spread = (f"{m['reward_mean']:.3f} ± {m['reward_std']:.3f}"
+                  if is_number(m.get("reward_mean")) and is_number(m.get("reward_std")) else "—")
+        lines.append(f"| {md(name)} | {md(str(s.get('backbone', '—')))} | {s.get('train_pairs', '—')} | "
+                     f"{m.get('n', '—')} | {fraction(m.get('accuracy'))} | {fraction(m.get('loss'))} | "
+                     f"{fraction(m.get('margin'))} | {spread} |")
+    return "\n".join(lines) + "\n"
+
+
+def preference_curves(run: Run) -> str:
+    """The held-out accuracy of every reward and DPO stage over its training steps, in one plot: it closes the
+    Alignment chapter, after both kinds' tables (a part of its own, so that either kind alone still has it)."""
+    stages = [name for kind in ("reward", "dpo") for name in run.stages_of(kind)
+              if run.eval_json(name) is not None]
+    curves = {name: [(r["step"], r["eval_accuracy"]) for r in run.rows if r.get("stage") == name
+                     and is_number(r.get("step")) and is_number(r.get("eval_accuracy"))] for name in stages}
+    curves = {name: points for name, points in curves.items() if points}
+    if not curves:
+        return ""
+    fig = figure(6, 3.6)
+    ax = fig.subplots()
+    for name, points in curves.items():
+        ax.plot([s for s, _ in points], [a for _, a in points], "o-", label=name)
+    ax.axhline(0.5, color="grey", linewidth=0.8, linestyle="--")
+    ax.set_xlabel("step")
+    ax.set_ylabel("held-out accuracy")
+    ax.set_title("Held-out preference accuracy")
+    ax.legend()
+    save_png(fig, run.dir / "plots" / "alignment_accuracy.png")
+    return "![held-out accuracy over training steps](plots/alignment_accuracy.png)\n"
