@@ -75,3 +75,46 @@ def test_distill_prune_and_quantize_stages_get_their_tables_not_eval_rows(tmp_pa
     assert "50.0%" in wanda and "44.0%" in wanda and "| 50.93 | 50.98 | 48.20 |" in wanda
     int8 = next(line for line in section.splitlines() if line.startswith("| int8"))
     assert "| 90.9 | 23.7 | 38 | 3 |" in int8
+
+
+def _prune_run(tmp_path, perplexity: dict | None) -> str:
+    run_dir = tmp_path / "run"
+    (run_dir / "wanda").mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump({"name": "p", "stages": [{"type": "prune", "name": "wanda"}]}))
+    (run_dir / "metrics.jsonl").write_text(json.dumps({"stage": "wanda", "event": "prune", "sparsity": 0.5,
+                                                       "model_sparsity": 0.44, "params": 11_000_000}) + "\n")
+    (run_dir / "wanda" / "eval.json").write_text(json.dumps({"perplexity": perplexity, "settings": {"method": "wanda"}}))
+    (run_dir / "artifacts.json").write_text(json.dumps({"wanda": {"eval": str(run_dir / "wanda" / "eval.json")}}))
+    text = write_report(run_dir, sections=report_sections()).read_text()
+    return text[text.index("### Pruning"):].split("\n\n##")[0]
+
+
+def test_the_pruning_table_shows_only_the_perplexities_measured(tmp_path):
+    unhealed = _prune_run(tmp_path / "a", {"before": {"test": 50.93}, "after_prune": {"test": 50.98},
+                                           "after_heal": None})
+    assert "| Data | Before | Pruned |" in unhealed and "Healed" not in unhealed and "healing" not in unhealed
+    assert "| wanda | wanda | 50.0% | 44.0% | 11.00M | test | 50.93 | 50.98 |" in unhealed
+    unmeasured = _prune_run(tmp_path / "b", None)
+    assert "Before" not in unmeasured and "Perplexity" not in unmeasured and "—" not in unmeasured
+    assert "| wanda | wanda | 50.0% | 44.0% | 11.00M |" in unmeasured
+
+
+def test_an_eagerly_timed_quantized_model_that_is_slower_says_why(tmp_path):
+    def run(compiled: bool) -> str:
+        run_dir = tmp_path / str(compiled)
+        for label in ("fp32", "int8"):
+            (run_dir / label / "model").mkdir(parents=True)
+        (run_dir / "int8" / "model" / "quantization.json").write_text("{}")
+        (run_dir / "compare").mkdir()
+        (run_dir / "config.yaml").write_text(yaml.safe_dump({"name": "q", "stages": [{"type": "compare"}]}))
+        (run_dir / "metrics.jsonl").write_text("")
+        rows = with_ratios([_row("fp32", 88.6, 90_000_000, 2.0, 600.0), _row("int8", 88.1, 23_000_000, 8.0, 500.0)])
+        settings = {"threads": 2, "torch": "2.13.0", "compile": compiled}
+        (run_dir / "compare" / "compare.json").write_text(json.dumps({"rows": rows, "settings": settings}))
+        (run_dir / "artifacts.json").write_text(json.dumps({"compare": {"compare": str(run_dir / "compare" /
+                                                                                      "compare.json")}}))
+        return write_report(run_dir, sections=report_sections()).read_text()
+
+    eager = run(False)
+    assert "Quantized and slower at batch 1: int8 (0.25×)" in eager and "`compile: true`" in eager
+    assert "Quantized and slower" not in run(True)  # compiled timings are what a deployment runs: no excuse

@@ -128,10 +128,32 @@ def _compare_table(run: Run, stage: str, data: dict) -> str:
                   f"{settings.get('latency', '?')}. Throughput: {settings.get('throughput', '?')}. Loaded: "
                   f"{settings.get('loaded_memory', '?')}. Peak serving: {settings.get('peak_memory', '?')}. Size: "
                   f"{settings.get('size', '?')}.", ""]
+    note = _eager_quantized_note(run, rows, settings)
+    if note:
+        lines += [note, ""]
     plot = _quality_latency_plot(run, stage, rows, metrics[0] if metrics else None)
     if plot:
         lines += [f"![quality against latency]({plot})", ""]
     return "\n".join(lines)
+
+
+def _eager_quantized_note(run: Run, rows: list[dict], settings: dict) -> str:
+    """Why a quantized model is slower than the first row, when it was timed eagerly (else "")."""
+    if settings.get("compile"):
+        return ""
+    slower = []
+    for r in rows[1:]:
+        folder = run.resolve(str(r.get("model"))) if r.get("model") else None
+        if folder is not None and (folder / "quantization.json").is_file() and is_number(r.get("speedup_b1")) \
+                and r["speedup_b1"] < 1:
+            slower.append(f"{md(str(r.get('label')))} ({_times(r['speedup_b1'])})")
+    if not slower:
+        return ""
+    return (f"Quantized and slower at batch 1: {', '.join(slower)}. These timings are eager (`compile: false`): "
+            "torchao's quantized weights are tensor subclasses that quantize activations and dispatch from Python "
+            "at every linear call, which costs more than a model this small computes, and only `torch.compile` "
+            "fuses them into the int8 kernels a deployment would run. The gain measured here is the size; set "
+            "`compile: true` on the compare stage to time what you would deploy.")
 
 
 def _mb(n_bytes: Any) -> str:

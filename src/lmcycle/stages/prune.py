@@ -33,7 +33,7 @@ from lmcycle.optimize.prune import (
     tokenize_calibration,
     wanda_prune,
 )
-from lmcycle.report.markdown import fixed, is_number, md, millions
+from lmcycle.report.markdown import fixed, is_number, md, millions, row
 from lmcycle.report.rundir import Run
 from lmcycle.stages.common import StageConfig, write_eval
 from lmcycle.stages.context import RunContext
@@ -165,22 +165,33 @@ def section(run: Run) -> str:
     found = [(s, d) for s in run.stages_of("prune") if (d := run.eval_json(s))]
     if not found:
         return ""
-    lines = ["### Pruning", "", "Perplexity (lower is better) before pruning, after it, and after LoRA healing "
-             "(merged, then re-masked: the sparsity stays).", "",
-             "| Stage | Method | Sparsity of pruned layers | Whole model | Parameters | Data | Before | Pruned "
-             "| Healed |", "|---|---|---:|---:|---:|---|---:|---:|---:|"]
+    # Only the perplexity columns some stage measured: no eval_data, no perplexity; no heal, no "Healed".
+    measured = [(k, label) for k, label in PERPLEXITY_COLUMNS if any((d.get("perplexity") or {}).get(k)
+                                                                      for _, d in found)]
+    head = ["Stage", "Method", "Sparsity of pruned layers", "Whole model", "Parameters"]
+    if measured:
+        head += ["Data", *(label for _, label in measured)]
+    healed = any(k == "after_heal" for k, _ in measured)
+    intro = ["Perplexity (lower is better) before pruning, after it, and after LoRA healing (merged, then re-masked: "
+             "the sparsity stays)." if healed else "Perplexity (lower is better) before and after pruning.", ""]
+    lines = ["### Pruning", "", *(intro if measured else []),
+             row(head), "|---|---|" + "---:|" * 3 + ("---|" + "---:|" * len(measured) if measured else "")]
     for stage, data in found:
         s, ppl = data.get("settings") or {}, data.get("perplexity") or {}
         event = run.last_event(stage, "prune") or {}
         method = s.get("method", "—")
         method = {"nm": f"{s.get('n')}:{s.get('m')} ({s.get('score')})",
                   "structured": f"structured (heads {s.get('heads')}, MLP {s.get('mlp')})"}.get(method, method)
-        for ds in list(ppl.get("before") or {}) or ["—"]:
-            lines.append(f"| {md(stage)} | {md(str(method))} | {_percent(event.get('sparsity'))} | "
-                         f"{_percent(event.get('model_sparsity'))} | {millions(event.get('params'))} | {md(ds)} | "
-                         + " | ".join(fixed((ppl.get(k) or {}).get(ds), 2)
-                                      for k in ("before", "after_prune", "after_heal")) + " |")
+        cells = [md(stage), md(str(method)), _percent(event.get("sparsity")), _percent(event.get("model_sparsity")),
+                 millions(event.get("params"))]
+        if not measured:
+            lines.append(row(cells))
+        for ds in (list(ppl.get("before") or {}) or ["—"]) if measured else []:
+            lines.append(row([*cells, md(ds), *(fixed((ppl.get(k) or {}).get(ds), 2) for k, _ in measured)]))
     return "\n".join(lines) + "\n"
+
+
+PERPLEXITY_COLUMNS = (("before", "Before"), ("after_prune", "Pruned"), ("after_heal", "Healed"))
 
 
 def _percent(value) -> str:
