@@ -173,13 +173,14 @@ def test_score_signatures_are_printed_under_settings_and_change_nothing_when_abs
     eval_path = run / "zero_shot" / "eval.json"
     data = json.loads(eval_path.read_text())
     data["settings"]["rouge"]["signature"] = "rouge|agg:max|refs:1|stem:porter|v:0.1.2"
-    data["settings"]["perplexity"] = {"signature": "ppl|ref:first|v:1", "tokens": "reference"}
+    data["settings"]["perplexity"] = {"signature": "ppl|ref:first|v:1", "keys": {"ref": "first", "v": "1"},
+                                      "tokens": "reference"}
     data["settings"]["toxicity"] = {"signature": "tox|clf:roberta|v:2"}
     eval_path.write_text(json.dumps(data))
     text = write_report(run, sections=report_sections()).read_text(encoding="utf-8")
     settings = text.split("## Settings", 1)[1].split("### sft_greedy", 1)[0]
     assert "- ROUGE: signature `rouge|agg:max|refs:1|stem:porter|v:0.1.2`; package: rouge-score 0.1.2" in settings
-    assert "- Perplexity: signature `ppl|ref:first|v:1`; tokens: reference" in settings
+    assert "- Perplexity: signature `ppl|ref:first|v:1`; tokens: reference" in settings  # "keys" only in eval.json
     assert "- toxicity: signature `tox|clf:roberta|v:2`" in settings
     # The other stages' options differ from zero_shot's now (its signature), so they are written out again.
     assert text.count("package: rouge-score 0.1.2") == 2

@@ -209,4 +209,6 @@ def _signature(score: object) -> bool:
 def _options(score: dict) -> str:
     """``signature `...`; key: value; ...``: a score's signature first, where it has one, then its options."""
     head = [f"signature `{inline(score['signature'])}`"] if _signature(score) else []
-    return "; ".join(head + [f"{k}: {md(plain(v))}" for k, v in score.items() if not (k == "signature" and head)])
+    # "keys" is the signature again, as a dict for programs: the page shows the string once.
+    shown = {k: v for k, v in score.items() if not (head and k in ("signature", "keys"))}
+    return "; ".join(head + [f"{k}: {md(plain(v))}" for k, v in shown.items()])
