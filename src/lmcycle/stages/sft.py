@@ -4,16 +4,9 @@ Each ``data`` entry is a dataset rendered with a prompt template; the loss cover
 (:func:`lmcycle.data.sft.encode_sft`). Several entries make a multi-task mixture, each dataset drawn in
 proportion to its ``weight`` (:func:`lmcycle.data.sft.mix_tasks`). Works for decoders and encoder-decoders.
 
-With ``peft:`` only a few parameters train on a frozen base, and the stage saves them in PEFT's format to
-``<stage>/adapter`` (:mod:`lmcycle.stages.peft`):
-
-- ``{method: lora, r, alpha, ...}``: LoRA adapters (:mod:`lmcycle.adapt.lora`); the merged plain model is saved
-  too.
-- ``{method: qlora, bits: 4|8, ...}``: LoRA over a base whose linear layers are quantized (NF4 or int8,
-  :mod:`lmcycle.adapt.qlora`); the adapter is merged into a full-precision copy of the base, never into the
-  quantized weights.
-- ``{method: prompt_tuning, num_virtual_tokens, init}``: a soft prompt (:mod:`lmcycle.adapt.prompt_tuning`);
-  nothing can be merged, so the stage's model is the adapter folder, which every stage loads with its base.
+With ``peft:`` (``lora``, ``qlora`` or ``prompt_tuning``) only a few parameters train on a frozen base, and the
+stage saves them in PEFT's format to ``<stage>/adapter``; :mod:`lmcycle.stages.peft` says what each method
+saves besides.
 """
 
 from __future__ import annotations
