@@ -25,16 +25,20 @@ from lmcycle.adapt.adapters import CONFIG_FILE, METHODS, find_base, is_adapter_d
 from lmcycle.adapt.lora import load_lora, merge_and_unload
 from lmcycle.adapt.prompt_tuning import load_prompt_tuning
 from lmcycle.errors import LmcycleError
+from lmcycle.models.device import check_attn_implementation, hf_attn_implementation, resolve_device
 from lmcycle.models.load import ensure_pad_token, load_pretrained
 from lmcycle.optimize.quantize import is_quantized_dir, load_quantized, model_class
 from lmcycle.train.checkpoint import save_model_dir
 
 
 def load_model(
-    name_or_path: str | os.PathLike, *, dtype: torch.dtype = torch.float32, device: str = "cpu"
+    name_or_path: str | os.PathLike, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "auto",
+    attn_implementation: str = "sdpa",
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load ``(model, tokenizer)`` from any folder a stage writes, or a Hub id; the model is in eval mode on
-    ``device`` and the tokenizer has a pad token.
+    ``device`` (``auto``: CUDA when present, else CPU; :func:`lmcycle.models.device.resolve_device`), computes
+    attention with ``attn_implementation`` (``sdpa``, ``eager``, ``flash_attention_2``) and the tokenizer has a
+    pad token.
 
     A PEFT-format adapter folder (LoRA, QLoRA or a soft prompt) loads its base model with the adapter on it
     (:func:`load_adapted`); a quantized folder loads quantized, in the quantization's dtype rather than
@@ -43,16 +47,16 @@ def load_model(
     """
     path = Path(name_or_path).expanduser()
     if is_adapter_dir(path):
-        return load_adapted(path, device=device, dtype=dtype)
+        return load_adapted(path, device=device, dtype=dtype, attn_implementation=attn_implementation)
     if is_quantized_dir(path):
-        model, tokenizer = load_quantized(path, device=device)
+        model, tokenizer = load_quantized(path, device=device, attn_implementation=attn_implementation)
         ensure_pad_token(tokenizer)
         return model, tokenizer
-    return load_pretrained(name_or_path, dtype=dtype, device=device)
+    return load_pretrained(name_or_path, dtype=dtype, device=device, attn_implementation=attn_implementation)
 
 
-def load_adapted(adapter_dir: str | os.PathLike, base: str | None = None, *, device: str = "cpu",
-                 dtype=None, merge: bool = True):
+def load_adapted(adapter_dir: str | os.PathLike, base: str | None = None, *, device: str | torch.device = "auto",
+                 dtype=None, merge: bool = True, attn_implementation: str = "sdpa"):
     """Load the base model with the adapter on it; returns ``(model, tokenizer)`` in eval mode.
 
     The base (``base``, else the one the adapter names) may itself be any folder :func:`load_model` takes.
@@ -61,7 +65,8 @@ def load_adapted(adapter_dir: str | os.PathLike, base: str | None = None, *, dev
     (:class:`lmcycle.adapt.prompt_tuning.PromptTunedModel`).
     """
     config = read_adapter_config(adapter_dir)
-    model, tokenizer = load_model(find_base(adapter_dir, base), device=device,
+    device = resolve_device(device)
+    model, tokenizer = load_model(find_base(adapter_dir, base), device=device, attn_implementation=attn_implementation,
                                   **({"dtype": dtype} if dtype is not None else {}))
     if METHODS[config["peft_type"]] == "lora":
         load_lora(model, adapter_dir)
@@ -88,14 +93,18 @@ def merge_adapter(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, ba
     return save_model_dir(model, tokenizer, out_dir)
 
 
-def load_for_quantize(path: str, device: str = "cpu") -> tuple[nn.Module, Any]:
-    """``(model, tokenizer)`` to quantize, in eval mode on ``device``: a model folder as its own architecture
-    (config.json's) in float32, whatever dtype it was saved in; an adapter folder or a Hub id through
-    :func:`load_model`."""
+def load_for_quantize(path: str, device: str | torch.device = "auto", attn_implementation: str = "sdpa"
+                      ) -> tuple[nn.Module, Any]:
+    """``(model, tokenizer)`` to quantize, in eval mode on ``device`` (``auto``: CUDA when present): a model folder
+    as its own architecture (config.json's) in float32, whatever dtype it was saved in; an adapter folder or a
+    Hub id through :func:`load_model`."""
+    device = resolve_device(device)
+    check_attn_implementation(attn_implementation, device)
     if is_adapter_dir(Path(path)) or not (Path(path) / "config.json").is_file():
-        return load_model(path, device=device)
+        return load_model(path, device=device, attn_implementation=attn_implementation)
     try:
-        model = model_class(Path(path)).from_pretrained(path, dtype=torch.float32)
+        model = model_class(Path(path)).from_pretrained(path, dtype=torch.float32,
+                                                        attn_implementation=hf_attn_implementation(attn_implementation))
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
         raise LmcycleError(f"cannot load model: {(str(e).strip().splitlines() or [''])[0]}", file=path) from None

@@ -92,7 +92,7 @@ def per_token_rewards(scores: Tensor, kl: Tensor, mask: Tensor, beta: float) -> 
     """
     rewards = -beta * kl * mask
     last = (mask.sum(1).long() - 1).clamp(min=0)
-    rewards[torch.arange(len(scores)), last] += scores
+    rewards[torch.arange(len(scores), device=rewards.device), last] += scores.to(rewards.device)
     return rewards
 
 
@@ -241,7 +241,8 @@ def finish_scores(scores: Tensor, endings: list[str], cfg: PpoSettings) -> Tenso
     """Apply the missing-EOS penalty (responses that ran out of tokens) and the score clip to ``scores`` [N]."""
     scores = scores.clone()
     if cfg.missing_eos_penalty is not None:
-        scores -= cfg.missing_eos_penalty * torch.tensor([e == "length" for e in endings], dtype=scores.dtype)
+        scores -= cfg.missing_eos_penalty * torch.tensor([e == "length" for e in endings], dtype=scores.dtype,
+                                                         device=scores.device)
     if cfg.score_clip is not None:
         scores = scores.clamp(-cfg.score_clip, cfg.score_clip)
     return scores
@@ -328,7 +329,7 @@ class Rollout:
     returns: Tensor
 
     def minibatch(self, index: list[int]) -> dict[str, Tensor]:
-        idx = torch.tensor(index)
+        idx = torch.tensor(index, device=self.query.device)
         return {k: getattr(self, k)[idx] for k in ("query", "query_mask", "response", "response_mask", "old_logp",
                                                     "old_values", "advantages", "returns")}
 
@@ -376,7 +377,7 @@ def ppo_loss(agent: PolicyWithValue, batch: dict[str, Tensor], cfg: PpoSettings,
     if ratio_mean > cfg.ratio_guard:
         if stats is not None:
             stats.skipped += 1
-        return torch.zeros(()), 0
+        return torch.zeros((), device=logits.device), 0
     pg, clipped = policy_loss(logp, batch["old_logp"], batch["advantages"], cfg.clip_ratio)
     vf = value_loss(values, batch["old_values"], batch["returns"], cfg.clip_value)
     loss = ((pg + cfg.vf_coef * vf - cfg.entropy_coef * entropy) * mask).sum()

@@ -32,6 +32,7 @@ from lmcycle.atomic import atomic_dir
 from lmcycle.data.batching import pad_id_of, pad_rows
 from lmcycle.data.preferences import PreferencePair
 from lmcycle.errors import LmcycleError
+from lmcycle.models.device import check_attn_implementation, hf_attn_implementation, resolve_device
 from lmcycle.models.load import ensure_pad_token, eval_mode, forward_accepts
 from lmcycle.train.loop import (
     Batch,
@@ -124,15 +125,18 @@ class RewardModel(nn.Module):
         return Path(path)
 
     @classmethod
-    def load(cls, path: str | Path) -> RewardModel:
-        """Load what :meth:`save` wrote."""
+    def load(cls, path: str | Path, attn_implementation: str = "sdpa") -> RewardModel:
+        """Load what :meth:`save` wrote, on the CPU (``.to(device)`` it), its backbone computing attention with
+        ``attn_implementation``."""
+        attention = hf_attn_implementation(check_attn_implementation(attn_implementation))
         path = Path(path)
         if not (path / META_FILE).is_file():
             raise LmcycleError(f"not a saved reward model (no {META_FILE})", file=path)
         meta = json.loads((path / META_FILE).read_text())
         if meta.get("kind") == "classifier":
-            return cls(AutoModelForSequenceClassification.from_pretrained(path), stats=meta.get("stats"))
-        backbone = AutoModel.from_pretrained(path)
+            return cls(AutoModelForSequenceClassification.from_pretrained(path, attn_implementation=attention),
+                       stats=meta.get("stats"))
+        backbone = AutoModel.from_pretrained(path, attn_implementation=attention)
         weights = safetensors.torch.load_file(str(path / HEAD_FILE))
         head = nn.Linear(weights["weight"].size(1), 1, dtype=weights["weight"].dtype)
         head.load_state_dict(weights)
@@ -290,16 +294,21 @@ def normalise(rewards: torch.Tensor, stats: dict[str, float], eps: float = 1e-8)
 # -- loading and held-out metrics ----------------------------------------------------------------------------------
 
 
-def load_reward_backbone(source: str, backbone: str = "auto"):
-    """``(RewardModel, tokenizer)`` to train, from a model folder or hub id.
+def load_reward_backbone(source: str, backbone: str = "auto", device: str | torch.device = "auto",
+                         attn_implementation: str = "sdpa"):
+    """``(RewardModel, tokenizer)`` to train, from a model folder or hub id, on ``device`` (``auto``: CUDA when
+    present, else CPU) with ``attn_implementation`` (``sdpa``, ``eager``, ``flash_attention_2``).
 
     ``backbone``: ``classifier`` (a sequence classifier with one label; a plain encoder such as all-MiniLM-L6-v2
     gets a fresh one-label head), ``causal_lm`` (the decoder of a causal LM plus a fresh scalar head) or
     ``auto`` (``causal_lm`` when the checkpoint is a ``*ForCausalLM``/``*LMHeadModel``, else ``classifier``).
     A folder saved by :meth:`RewardModel.save` continues as the reward model it is.
     """
+    device = resolve_device(device)
+    check_attn_implementation(attn_implementation, device)
+    attention = hf_attn_implementation(attn_implementation)
     if (Path(source) / META_FILE).is_file():
-        model = RewardModel.load(source)
+        model = RewardModel.load(source, attn_implementation=attn_implementation)
         tokenizer = AutoTokenizer.from_pretrained(source)
     else:
         try:
@@ -311,21 +320,22 @@ def load_reward_backbone(source: str, backbone: str = "auto"):
             causal = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in config.architectures or [])
             backbone = "causal_lm" if causal else "classifier"
         if backbone == "causal_lm":
-            lm, tokenizer = load_model(source)
+            lm, tokenizer = load_model(source, device=device, attn_implementation=attn_implementation)
             model = RewardModel.from_causal_lm(lm)
         else:
             if getattr(config, "is_encoder_decoder", False):
                 raise LmcycleError("an encoder-decoder cannot be a sequence-classifier reward model here; use a "
                                    "decoder (backbone: causal_lm) or an encoder", file=source, field="backbone")
             try:
-                classifier = AutoModelForSequenceClassification.from_pretrained(source, num_labels=1)
+                classifier = AutoModelForSequenceClassification.from_pretrained(source, num_labels=1,
+                                                                                attn_implementation=attention)
                 tokenizer = AutoTokenizer.from_pretrained(source)
             except (OSError, ValueError) as e:
                 raise LmcycleError(f"cannot load a sequence classifier: {str(e).splitlines()[0]}", file=source,
                                    field="model") from None
             model = RewardModel.from_classifier(classifier)
     ensure_pad_token(tokenizer, model.backbone if model.head is None else None)
-    return model, tokenizer
+    return model.to(device), tokenizer
 
 
 def held_out_reward_metrics(model: RewardModel, batches: list[Batch], use_margin: bool = False) -> dict[str, float]:

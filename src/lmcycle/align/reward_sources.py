@@ -30,6 +30,7 @@ from lmcycle.align.reward import normalise as normalise_scores
 from lmcycle.config import Config, ModelRef
 from lmcycle.errors import LmcycleError
 from lmcycle.models.classifier import TextClassifier
+from lmcycle.models.device import resolve_device
 from lmcycle.models.load import ensure_pad_token
 
 RewardFn = Callable[[list[str], list[str]], torch.Tensor]
@@ -133,9 +134,10 @@ def _import_callable(spec: str) -> Callable:
 
 
 def classifier_reward(path: str, label: str, output: str = "probability", text: str = "response",
-                      max_len: int = 128, batch_size: int = 64) -> RewardFn:
-    """The probability (or log-odds) that a sequence classifier gives class ``label``, per response."""
-    clf = TextClassifier.load(path)
+                      max_len: int = 128, batch_size: int = 64, device: str | torch.device = "auto") -> RewardFn:
+    """The probability (or log-odds) that a sequence classifier on ``device`` (``auto``: CUDA when present) gives
+    class ``label``, per response (a float32 tensor [N] on the CPU)."""
+    clf = TextClassifier.load(path, device=device)
     index = clf.label_index(label)
 
     def score(prompts: list[str], responses: list[str]) -> torch.Tensor:
@@ -149,11 +151,13 @@ def classifier_reward(path: str, label: str, output: str = "probability", text: 
 
 
 def model_reward(path: str, normalise: bool = True, text: str = "full", max_len: int = 512,
-                 batch_size: int = 32) -> RewardFn:
-    """Scores of a saved :class:`~lmcycle.align.reward.RewardModel`, normalised by its saved mean/std."""
+                 batch_size: int = 32, device: str | torch.device = "auto") -> RewardFn:
+    """Scores of a saved :class:`~lmcycle.align.reward.RewardModel` on ``device`` (``auto``: CUDA when present),
+    normalised by its saved mean/std: a float32 tensor [N] on the CPU."""
     from transformers import AutoTokenizer
 
-    model = RewardModel.load(path).eval()
+    device = resolve_device(device)
+    model = RewardModel.load(path).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
     ensure_pad_token(tokenizer)
     if normalise and not model.stats:
@@ -167,7 +171,7 @@ def model_reward(path: str, normalise: bool = True, text: str = "full", max_len:
         for start in range(0, len(texts), batch_size):
             enc = tokenizer(texts[start:start + batch_size], truncation=True, max_length=max_len,
                             padding=True, return_tensors="pt")
-            out.append(model(enc["input_ids"], enc["attention_mask"]))
+            out.append(model(enc["input_ids"].to(device), enc["attention_mask"].to(device)).cpu())
         rewards = torch.cat(out) if out else torch.zeros(0)
         if normalise:
             rewards = normalise_scores(rewards, model.stats)
@@ -176,13 +180,14 @@ def model_reward(path: str, normalise: bool = True, text: str = "full", max_len:
     return score
 
 
-def build_reward(spec: ModelReward | ClassifierReward | PythonReward, resolve: Callable[[str], str] = str
-                 ) -> RewardFn:
-    """The :data:`RewardFn` a spec describes; ``resolve`` maps a stage name to its folder (``ctx.model_path``)."""
+def build_reward(spec: ModelReward | ClassifierReward | PythonReward, resolve: Callable[[str], str] = str,
+                 device: str | torch.device = "auto") -> RewardFn:
+    """The :data:`RewardFn` a spec describes; ``resolve`` maps a stage name to its folder (``ctx.model_path``);
+    a reward model or classifier runs on ``device`` (``auto``: CUDA when present, else CPU)."""
     if isinstance(spec, PythonReward):
         return python_reward(spec.function)
     if isinstance(spec, ClassifierReward):
         return classifier_reward(resolve(spec.path), spec.label, spec.output, spec.text, spec.max_len,
-                                 spec.batch_size)
-    return model_reward(resolve(spec.path), spec.normalise, spec.text, spec.max_len, spec.batch_size)
+                                 spec.batch_size, device)
+    return model_reward(resolve(spec.path), spec.normalise, spec.text, spec.max_len, spec.batch_size, device)
 

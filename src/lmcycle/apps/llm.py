@@ -45,9 +45,11 @@ class LLM(Protocol):
 class LocalLLM:
     """A model folder or hub id (anything :func:`lmcycle.artifacts.load_model` takes), or a loaded pair."""
 
-    def __init__(self, model_or_path, tokenizer=None, *, device: str = "cpu", name: str | None = None):
-        if isinstance(model_or_path, str):
-            self.model, self.tokenizer = load_model(model_or_path, device=device)
+    def __init__(self, model_or_path, tokenizer=None, *, device: str = "auto", name: str | None = None,
+                 attn_implementation: str = "sdpa"):
+        if isinstance(model_or_path, str):  # device "auto": CUDA when present, else CPU
+            self.model, self.tokenizer = load_model(model_or_path, device=device,
+                                                    attn_implementation=attn_implementation)
             self.name = name or model_or_path
         else:
             if tokenizer is None:

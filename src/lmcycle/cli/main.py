@@ -1,8 +1,8 @@
 """Command line: ``lmcycle run RECIPE.yaml [key=value ...]`` and one command per stage.
 
 Single-stage commands take the stage's fields as ``key=value`` (values are YAML: ``corpus=[train]``,
-``decoding.top_p=0.9``), datasets from ``--recipe FILE`` (its data section, seed and device) and/or
-``--data NAME=PATH[@SPLIT]``, and write a run directory like a recipe does.
+``decoding.top_p=0.9``), datasets from ``--recipe FILE`` (its data section, seed, device and
+attn_implementation) and/or ``--data NAME=PATH[@SPLIT]``, and write a run directory like a recipe does.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def _parser() -> argparse.ArgumentParser:
     for command, kind in COMMANDS.items():
         s = sub.add_parser(command, help=f"run a single '{kind.name}' stage")
         s.add_argument("fields", nargs="*", help="the stage's fields as key=value")
-        s.add_argument("--recipe", help="take datasets, seed and device from this recipe")
+        s.add_argument("--recipe", help="take datasets, seed, device and attn_implementation from this recipe")
         s.add_argument("--data", action="append", default=[], metavar="NAME=PATH[@SPLIT]",
                        help="a dataset by file or folder (format from the suffix; a DialogSum folder works)")
         s.add_argument("--seed", type=int)
@@ -77,7 +77,7 @@ def _single_stage_recipe(args) -> tuple[dict, str]:
     recipe_file = "command line"
     if args.recipe:
         loaded, _ = load_yaml(args.recipe)
-        recipe.update({k: loaded[k] for k in ("seed", "device", "data") if k in loaded})
+        recipe.update({k: loaded[k] for k in ("seed", "device", "attn_implementation", "data") if k in loaded})
         recipe["data"] = dict(recipe.get("data") or {})
         recipe_file = args.recipe
     for item in args.data:

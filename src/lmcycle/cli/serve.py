@@ -16,7 +16,9 @@ def add_parser(sub) -> None:
     sv.add_argument("--host", default="127.0.0.1")
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $LMCYCLE_API_KEY, else none)")
-    sv.add_argument("--device", default="cpu")
+    sv.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu, cuda or cuda:N")
+    sv.add_argument("--attn-implementation", default="sdpa", metavar="NAME",
+                    help="sdpa (default), eager or flash_attention_2 (needs the flash_attn package and CUDA)")
     sv.add_argument("--max-batch", type=int, default=8, help="most sequences decoded together")
     sv.add_argument("--max-queue", type=int, default=256,
                     help="waiting sequences (prompts x n) before answering 429")
@@ -34,6 +36,10 @@ def run(args) -> int:
     except ImportError as e:
         raise LmcycleError(f"lmcycle serve needs the serve extra ({e.name} is missing): "
                            "pip install 'lmcycle[serve]'") from None
+    from lmcycle.models.device import check_attn_implementation, resolve_device  # lazy: torch
+
+    device = resolve_device(args.device, field="--device")
+    check_attn_implementation(args.attn_implementation, device, field="--attn-implementation")
 
     adapters = {}
     for item in args.adapter:
@@ -44,7 +50,8 @@ def run(args) -> int:
             raise LmcycleError(f"adapter name '{name}' is given twice", field="adapter")
         adapters[name] = path
     app = create_app(args.model, adapters, api_key=args.api_key or os.environ.get("LMCYCLE_API_KEY") or None,
-                     device=args.device, max_batch=args.max_batch, max_queue=args.max_queue,
-                     request_timeout_s=args.timeout, max_request_tokens=args.max_request_tokens)
+                     device=device, attn_implementation=args.attn_implementation, max_batch=args.max_batch,
+                     max_queue=args.max_queue, request_timeout_s=args.timeout,
+                     max_request_tokens=args.max_request_tokens)
     uvicorn.run(app, host=args.host, port=args.port, **uvicorn_options())
     return 0

@@ -91,10 +91,10 @@ def reference_perplexity(model, tokenizer, template, examples, seq2seq: bool, wi
 
 
 def completion_perplexity(reference: str, prompts: list[str], completions: list[str], device: str,
-                          batch_size: int) -> Score:
+                          batch_size: int, attn_implementation: str = "sdpa") -> Score:
     """Perplexity of each generated completion (as generated, before stripping) given its prompt, under the
     frozen ``reference`` model; an empty completion has no value."""
-    model, tokenizer = load_model(reference, device=device)
+    model, tokenizer = load_model(reference, device=device, attn_implementation=attn_implementation)
     window = context_window(model, tokenizer)
     if is_seq2seq(model):
         score = seq2seq_perplexity(model, tokenizer, prompts, completions, batch_size=batch_size, max_len=window)

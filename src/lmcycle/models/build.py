@@ -31,6 +31,7 @@ from transformers import (
 )
 
 from lmcycle.errors import LmcycleError
+from lmcycle.models.device import check_attn_implementation, hf_attn_implementation
 
 Arch = Literal["llama", "gpt2", "t5"]
 PAD, EOS, BOS = "<pad>", "<eos>", "<bos>"
@@ -157,17 +158,30 @@ def model_config(arch: Arch, size: str, tokenizer: PreTrainedTokenizerFast, max_
     raise LmcycleError(f"unknown architecture '{arch}' (known: {', '.join(SIZES)})", field="arch")
 
 
-def build_model(arch: Arch, size: str, tokenizer: PreTrainedTokenizerFast, max_len: int, seed: int) -> PreTrainedModel:
-    """A freshly initialised model of a named size; the same seed gives the same weights."""
+def build_model(arch: Arch, size: str, tokenizer: PreTrainedTokenizerFast, max_len: int, seed: int,
+                attn_implementation: str = "sdpa") -> PreTrainedModel:
+    """A freshly initialised model of a named size, on the CPU, computing attention with ``attn_implementation``
+    (``sdpa``, ``eager`` or ``flash_attention_2``); the same seed gives the same weights.
+
+    It is built on the CPU on every machine: CUDA's random streams differ from the CPU's, and a seed must give
+    the same model wherever it runs. The attention implementation is a loading choice, not a weight: config.json
+    does not record it, and whoever loads the saved model chooses again.
+    """
     if arch not in SIZES:
         raise LmcycleError(f"unknown architecture '{arch}' (known: {', '.join(SIZES)})", field="arch")
     if size not in SIZES[arch]:
         raise LmcycleError(f"unknown size '{size}' for {arch} (known: {', '.join(SIZES[arch])})", field="size")
+    check_attn_implementation(attn_implementation)
     config = model_config(arch, size, tokenizer, max_len)
+    config._attn_implementation = hf_attn_implementation(attn_implementation)
     model_cls = {"llama": LlamaForCausalLM, "gpt2": GPT2LMHeadModel, "t5": T5ForConditionalGeneration}[arch]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = model_cls(config)
+        try:
+            model = model_cls(config)
+        except ValueError as e:  # an implementation this architecture lacks (T5 has no flash attention)
+            raise LmcycleError(f"{model_cls.__name__}: {(str(e).strip().splitlines() or [''])[0]}",
+                               field="attn_implementation") from None
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     return model

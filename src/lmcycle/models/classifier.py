@@ -31,6 +31,7 @@ from torch import nn
 
 from lmcycle.data.batching import pad_id_of, pad_rows
 from lmcycle.errors import LmcycleError
+from lmcycle.models.device import check_attn_implementation, hf_attn_implementation, resolve_device
 from lmcycle.models.load import ensure_pad_token, eval_mode
 from lmcycle.optimize.quantize import is_quantized_dir, load_quantized
 from lmcycle.train.loop import Batch
@@ -48,8 +49,10 @@ class TextClassifier:
     path: str = ""
 
     @classmethod
-    def load(cls, path_or_name: str | os.PathLike, device: str = "cpu") -> TextClassifier:
-        """Load a saved sequence-classification model (a folder or hub id); labels from ``config.id2label``.
+    def load(cls, path_or_name: str | os.PathLike, device: str | torch.device = "auto",
+             attn_implementation: str = "sdpa") -> TextClassifier:
+        """Load a saved sequence-classification model (a folder or hub id) on ``device`` (``auto``: CUDA when
+        present, else CPU); labels from ``config.id2label``.
 
         A folder of a bare encoder (no classification head, e.g. the sentence-embedding MiniLM) is refused:
         its head would be random.
@@ -57,8 +60,10 @@ class TextClassifier:
         from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
         source = str(path_or_name)
+        device = resolve_device(device)
+        check_attn_implementation(attn_implementation, device)
         if is_quantized_dir(source):
-            model, tokenizer = load_quantized(source, device=device)
+            model, tokenizer = load_quantized(source, device=device, attn_implementation=attn_implementation)
             ensure_pad_token(tokenizer, model)
             labels = [str(model.config.id2label[i]) for i in range(model.config.num_labels)]
             return cls(model=model, tokenizer=tokenizer, labels=labels, path=source)
@@ -68,7 +73,8 @@ class TextClassifier:
             if not any(a.endswith("ForSequenceClassification") for a in architectures):
                 raise LmcycleError(f"not a sequence classifier (architectures: {', '.join(architectures) or 'none'});"
                                    " train one with a 'classifier' stage", file=source)
-            model = AutoModelForSequenceClassification.from_pretrained(source, dtype=torch.float32)
+            model = AutoModelForSequenceClassification.from_pretrained(
+                source, dtype=torch.float32, attn_implementation=hf_attn_implementation(attn_implementation))
             tokenizer = AutoTokenizer.from_pretrained(source)
         except (OSError, ValueError) as e:
             first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
@@ -145,15 +151,19 @@ def classification_loss(weights: torch.Tensor | None = None):
     return loss_fn
 
 
-def load_for_training(source: str, labels: list[str], device: str = "cpu"):
-    """``(model, tokenizer)``: a sequence classifier over ``labels`` from ``source``; a new (random) head when
-    the source has none or has other labels."""
+def load_for_training(source: str, labels: list[str], device: str | torch.device = "auto",
+                      attn_implementation: str = "sdpa"):
+    """``(model, tokenizer)``: a sequence classifier over ``labels`` from ``source``, on ``device`` (``auto``: CUDA
+    when present); a new (random) head when the source has none or has other labels."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    device = resolve_device(device)
+    check_attn_implementation(attn_implementation, device)
     try:
         model = AutoModelForSequenceClassification.from_pretrained(
             source, num_labels=len(labels), id2label=dict(enumerate(labels)),
-            label2id={label: i for i, label in enumerate(labels)}, ignore_mismatched_sizes=True, dtype=torch.float32)
+            label2id={label: i for i, label in enumerate(labels)}, ignore_mismatched_sizes=True, dtype=torch.float32,
+            attn_implementation=hf_attn_implementation(attn_implementation))
         tokenizer = AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as e:
         first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]

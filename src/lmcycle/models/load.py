@@ -32,6 +32,7 @@ from transformers import (
 )
 
 from lmcycle.errors import LmcycleError
+from lmcycle.models.device import check_attn_implementation, hf_attn_implementation, resolve_device
 
 _TRUE = {"1", "ON", "YES", "TRUE"}
 # T5 uses relative positions, so its config has no hard limit; beyond this a tokenizer's value is a placeholder.
@@ -40,25 +41,31 @@ _T5_DEFAULT_LEN = 512
 
 
 def load_pretrained(
-    name_or_path: str | os.PathLike, *, dtype: torch.dtype = torch.float32, device: str = "cpu"
+    name_or_path: str | os.PathLike, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "auto",
+    attn_implementation: str = "sdpa",
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load ``(model, tokenizer)`` of a plain checkpoint from a local directory or a Hub id; the model is in eval
-    mode on ``device``.
+    mode on ``device`` (:func:`lmcycle.models.device.resolve_device`: ``auto`` is CUDA when present, else CPU)
+    and computes attention with ``attn_implementation`` (``sdpa``, ``eager`` or ``flash_attention_2``).
 
     The tokenizer always has a pad token afterwards (its EOS token when it had none). Adapter and quantized
     folders need :func:`lmcycle.artifacts.load_model`, which loads any folder a stage writes.
-    Raises :class:`LmcycleError` for a missing local path, or a Hub id while the Hub is unreachable.
+    Raises :class:`LmcycleError` for a missing local path, a Hub id while the Hub is unreachable, a device this
+    machine lacks, or an attention implementation the model or the machine cannot run.
     """
+    target = resolve_device(device)
+    check_attn_implementation(attn_implementation, target)
     source = _resolve_source(str(name_or_path))
     try:
         config = AutoConfig.from_pretrained(source)
         model_cls = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
         tokenizer = AutoTokenizer.from_pretrained(source)
-        model = model_cls.from_pretrained(source, config=config, dtype=dtype)
+        model = model_cls.from_pretrained(source, config=config, dtype=dtype,
+                                           attn_implementation=hf_attn_implementation(attn_implementation))
     except (OSError, ValueError) as e:
         raise _load_error(str(name_or_path), source, e) from None
     ensure_pad_token(tokenizer)
-    model.to(device)
+    model.to(target)
     model.eval()
     return model, tokenizer
 

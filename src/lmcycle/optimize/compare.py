@@ -6,7 +6,7 @@
 - size on disk of the weight files, and the parameter count (with the share of zeros, which pruning creates);
 - memory: the resident memory the loaded model adds to a fresh process, and the peak while it serves the timed
   batches (batch 1, then batch 32), both minus that process's memory before loading (so the ~400 MB of Python +
-  torch is not counted in every row);
+  torch is not counted in every row); on a GPU, the memory torch allocates there instead;
 - latency at batch 1 (p50 / p95 over real eval texts, one forward pass each) and throughput at batch 32.
 
 :func:`measure_in_child` runs it in its own child process (``python -m lmcycle.optimize.compare SPEC OUT``): peak
@@ -80,15 +80,16 @@ def is_scalar(v: Any) -> bool:
 # -- the parent: one child process per model ----------------------------------------------------------------------
 
 
-def measure_in_child(model_path: str, data: dict[str, list[dict]], cfg: MeasureConfig) -> dict[str, Any]:
-    """Run :func:`measure` for one model in a fresh Python process; its JSON result.
+def measure_in_child(model_path: str, data: dict[str, list[dict]], cfg: MeasureConfig, device: str = "auto"
+                     ) -> dict[str, Any]:
+    """Run :func:`measure` for one model on ``device`` in a fresh Python process; its JSON result.
 
     ``cfg`` may be a config that extends :class:`MeasureConfig` (the compare stage's): the child gets its
     measuring settings only."""
     settings = cfg.model_dump(mode="json", include=set(MeasureConfig.model_fields))
     with tempfile.TemporaryDirectory(prefix="lmcycle-compare-") as tmp:
         spec, out = Path(tmp) / "spec.json", Path(tmp) / "out.json"
-        spec.write_text(json.dumps({"model": str(model_path), "data": data, "cfg": settings}))
+        spec.write_text(json.dumps({"model": str(model_path), "data": data, "cfg": settings, "device": str(device)}))
         env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
         proc = subprocess.run([sys.executable, "-m", "lmcycle.optimize.compare", str(spec), str(out)],
                               env=env, capture_output=True, text=True)
@@ -101,25 +102,33 @@ def measure_in_child(model_path: str, data: dict[str, list[dict]], cfg: MeasureC
 # -- the child: load, score, time -----------------------------------------------------------------------------------
 
 
-def measure(model_path: str, data: dict[str, list[dict]], cfg: MeasureConfig, prepare=None) -> dict[str, Any]:
-    """Load the model at ``model_path`` and return its quality, size, parameters, memory and speed.
+def measure(model_path: str, data: dict[str, list[dict]], cfg: MeasureConfig, prepare=None,
+            device: str = "auto") -> dict[str, Any]:
+    """Load the model at ``model_path`` on ``device`` (``auto``: CUDA when present, else CPU) and return its
+    quality, size, parameters, memory and speed.
 
     ``data``: ``{dataset: [{"input", "targets", "id"}]}``, of which the first ``cfg.n_eval`` examples of each
     dataset are scored and their inputs timed. ``prepare(model) -> (model, size_bytes)``, when given, transforms
     the loaded model first (the benchmarks use it to apply a peer library's method in the same process); its size
-    replaces the folder's.
+    replaces the folder's. On the CPU memory is the process's resident memory; on CUDA it is the memory torch
+    allocates on the GPU (host memory is then not the model's), and timings wait for the GPU's kernels.
     """
     import torch
 
+    from lmcycle.models.device import (  # lazy, like torch (the parent's import)
+        describe_device,
+        resolve_device,
+    )
     from lmcycle.models.load import eval_mode  # lazy, like torch: the stage's parent process never needs them
 
+    target = resolve_device(device)
     data = {name: rows[:cfg.n_eval] for name, rows in data.items()}
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     import_architecture(model_path)
-    rss_before = _rss_mb()
+    memory = _memory_meter(target)
     start = time.perf_counter()
-    model, tokenizer, kind, classifier = load_for_compare(model_path)
+    model, tokenizer, kind, classifier = load_for_compare(model_path, target)
     size = weight_bytes(model_path)
     if prepare is not None:
         model, size = prepare(model)
@@ -128,17 +137,36 @@ def measure(model_path: str, data: dict[str, list[dict]], cfg: MeasureConfig, pr
     load_s = time.perf_counter() - start
     params, zeros = count_parameters(model)
     row: dict[str, Any] = {"kind": kind, "params": params, "zero_params": zeros, "size_bytes": size,
-                           "load_s": round(load_s, 2), "loaded_memory_mb": round(_rss_mb() - rss_before, 1)}
+                           "load_s": round(load_s, 2), "loaded_memory_mb": round(memory("now"), 1)}
     with eval_mode(model), torch.inference_mode():
         # Timing first: the peak is then the model serving batch 1 and batch cfg.batch_size, not the scoring.
         forward = timed_forward(kind, model, cfg.compile)
         inputs = [ex["input"] for rows in data.values() for ex in rows]
-        row.update(time_latency(forward, tokenizer, inputs, cfg))
-        row.update(time_throughput(forward, tokenizer, inputs, cfg))
-        row["peak_memory_mb"] = round(_peak_rss_mb() - rss_before, 1)
+        row.update(time_latency(forward, tokenizer, inputs, cfg, target))
+        row.update(time_throughput(forward, tokenizer, inputs, cfg, target))
+        row["peak_memory_mb"] = round(memory("peak"), 1)
         row["quality"] = score_quality(kind, model, tokenizer, classifier, data, cfg) if cfg.score else {}
     row["threads"] = torch.get_num_threads()
+    row["device"] = describe_device(target)
     return row
+
+
+def _memory_meter(device):
+    """``memory("now" | "peak")``: MB above what the process held when this was called, of resident memory on
+    the CPU, of torch's CUDA allocations on a GPU."""
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+
+        def cuda(which: str) -> float:
+            used = torch.cuda.max_memory_allocated(device) if which == "peak" else torch.cuda.memory_allocated(device)
+            return (used - before) / 2**20
+
+        return cuda
+    rss_before = _rss_mb()
+    return lambda which: (_peak_rss_mb() if which == "peak" else _rss_mb()) - rss_before
 
 
 def import_architecture(model_path: str) -> None:
@@ -154,8 +182,9 @@ def import_architecture(model_path: str) -> None:
         getattr(transformers, name, None)
 
 
-def load_for_compare(model_path: str):
-    """``(model, tokenizer, kind, classifier)``: kind is ``classifier``, ``causal_lm`` or ``seq2seq``."""
+def load_for_compare(model_path: str, device: Any = "auto"):
+    """``(model, tokenizer, kind, classifier)`` on ``device``: kind is ``classifier``, ``causal_lm`` or
+    ``seq2seq``."""
     from transformers import AutoConfig
 
     from lmcycle.artifacts import load_model  # lazy, with the loaders: torch and transformers
@@ -167,9 +196,9 @@ def load_for_compare(model_path: str):
     except (OSError, ValueError):
         architectures = []
     if any(a.endswith("ForSequenceClassification") for a in architectures):
-        clf = TextClassifier.load(model_path)
+        clf = TextClassifier.load(model_path, device=device)
         return clf.model, clf.tokenizer, "classifier", clf
-    model, tokenizer = load_model(model_path)
+    model, tokenizer = load_model(model_path, device=device)
     return model, tokenizer, "seq2seq" if is_seq2seq(model) else "causal_lm", None
 
 
@@ -230,10 +259,14 @@ def score_quality(kind: str, model, tokenizer, classifier, data: dict[str, list[
 
 
 def timed_forward(kind: str, model, compile_model: bool):
-    """``forward(batch)``: one forward pass of the model as a deployment would run it (logits only)."""
+    """``forward(batch)``: one forward pass of the model as a deployment would run it (logits only), returning
+    once the device has computed it."""
     import torch
 
+    from lmcycle.models.device import synchronize  # lazy, like torch
+
     run = torch.compile(model) if compile_model else model
+    device = next(model.parameters()).device
 
     def forward(batch: dict) -> None:
         if kind == "seq2seq":
@@ -243,17 +276,22 @@ def timed_forward(kind: str, model, compile_model: bool):
             run(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
         else:
             run(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        synchronize(device)  # CUDA returns before its kernels ran; a timer must wait for them
 
     return forward
 
 
-def _batch(tokenizer, texts: list[str], max_len: int) -> dict:
-    return dict(tokenizer(texts, truncation=True, max_length=max_len, padding=True, return_tensors="pt"))
+def _batch(tokenizer, texts: list[str], max_len: int, device: Any = "cpu") -> dict:
+    """Tokenized ``texts`` already on ``device``: the timers time the model, not the copy to the GPU."""
+    encoded = tokenizer(texts, truncation=True, max_length=max_len, padding=True, return_tensors="pt")
+    return {k: v.to(device) for k, v in encoded.items()}
 
 
-def time_latency(forward, tokenizer, inputs: list[str], cfg: MeasureConfig) -> dict[str, float]:
-    """p50 / p95 / mean milliseconds of one forward pass at batch 1, cycling through ``inputs``."""
-    batches = [_batch(tokenizer, [inputs[i % len(inputs)]], cfg.max_len)
+def time_latency(forward, tokenizer, inputs: list[str], cfg: MeasureConfig, device: Any = "cpu"
+                 ) -> dict[str, float]:
+    """p50 / p95 / mean milliseconds of one forward pass at batch 1, cycling through ``inputs`` (on ``device``,
+    the model's)."""
+    batches = [_batch(tokenizer, [inputs[i % len(inputs)]], cfg.max_len, device)
                for i in range(cfg.warmup + cfg.latency_runs)]
     times = []
     for i, batch in enumerate(batches):
@@ -267,10 +305,11 @@ def time_latency(forward, tokenizer, inputs: list[str], cfg: MeasureConfig) -> d
             "latency_mean_ms": round(statistics.fmean(times), 3)}
 
 
-def time_throughput(forward, tokenizer, inputs: list[str], cfg: MeasureConfig) -> dict[str, float]:
-    """Examples per second at batch ``cfg.batch_size`` (padded to the batch's longest input)."""
+def time_throughput(forward, tokenizer, inputs: list[str], cfg: MeasureConfig, device: Any = "cpu"
+                    ) -> dict[str, float]:
+    """Examples per second at batch ``cfg.batch_size`` (padded to the batch's longest input), on ``device``."""
     n = cfg.batch_size
-    batches = [_batch(tokenizer, [inputs[(b * n + i) % len(inputs)] for i in range(n)], cfg.max_len)
+    batches = [_batch(tokenizer, [inputs[(b * n + i) % len(inputs)] for i in range(n)], cfg.max_len, device)
                for b in range(cfg.throughput_batches + 1)]
     forward(batches[0])
     start = time.perf_counter()
@@ -315,7 +354,8 @@ def _child_main(spec_path: str, out_path: str) -> int:
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     spec = json.loads(Path(spec_path).read_text())
-    row = measure(spec["model"], spec["data"], MeasureConfig.model_validate(spec["cfg"]))
+    row = measure(spec["model"], spec["data"], MeasureConfig.model_validate(spec["cfg"]),
+                  device=spec.get("device", "auto"))
     Path(out_path).write_text(json.dumps(row))
     return 0
 

@@ -48,6 +48,7 @@ from tqdm.auto import tqdm
 
 from lmcycle.atomic import atomic_dir, atomic_write_json
 from lmcycle.errors import LmcycleError
+from lmcycle.models.device import check_attn_implementation, hf_attn_implementation, resolve_device
 
 QUANT_METHODS = ("fp16", "bf16", "int8_weight_only", "int8_dynamic", "int8_static", "int4_weight_only")
 RECORD_FILE = "quantization.json"
@@ -400,17 +401,21 @@ def model_class(path: Path):
     raise LmcycleError(f"config.json names no known architecture ({architectures})", file=path / "config.json")
 
 
-def load_quantized(path: str | os.PathLike, device: str = "cpu") -> tuple[nn.Module, Any]:
-    """``(model, tokenizer)`` from a :func:`save_quantized` folder, in eval mode on ``device``, with its record as
-    ``model.quantization`` (static activation scales put back)."""
+def load_quantized(path: str | os.PathLike, device: str | torch.device = "auto", attn_implementation: str = "sdpa"
+                   ) -> tuple[nn.Module, Any]:
+    """``(model, tokenizer)`` from a :func:`save_quantized` folder, in eval mode on ``device`` (``auto``: CUDA when
+    present, else CPU), with its record as ``model.quantization`` (static activation scales put back)."""
     from transformers import AutoTokenizer
 
     path = Path(path)
+    device = resolve_device(device)
+    check_attn_implementation(attn_implementation, device)
     record = read_record(path)
     dtype = getattr(torch, record.get("dtype") or "float32")
     try:
         # No device_map: transformers needs accelerate for one, which is not a dependency of ours.
-        model = model_class(path).from_pretrained(path, dtype=dtype).to(device)
+        model = model_class(path).from_pretrained(
+            path, dtype=dtype, attn_implementation=hf_attn_implementation(attn_implementation)).to(device)
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError, RuntimeError) as e:
         first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
@@ -422,7 +427,7 @@ def load_quantized(path: str | os.PathLike, device: str = "cpu") -> tuple[nn.Mod
     return model, tokenizer
 
 
-def _restore_static_scales(model: nn.Module, record: dict[str, Any], device: str) -> None:
+def _restore_static_scales(model: nn.Module, record: dict[str, Any], device: torch.device) -> None:
     modules = dict(model.named_modules())
     for name, r in record.get("calibration", {}).items():
         scale, zero_point = ActivationRange(**r).static_qparams()

@@ -76,8 +76,18 @@ def header(run: Run, title: str | None) -> str:
                      f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(end))} "
                      f"({duration(end - start)})")
     if "seed" in config:
-        lines.append(f"- Seed {config['seed']}, device {config.get('device', 'cpu')}")
+        lines.append(f"- Seed {config['seed']}, device {md(_device(run))}")
     return "\n".join(lines) + "\n"
+
+
+def _device(run: Run) -> str:
+    """The recipe's device as written, and what it resolved to where that differs (``auto: cuda:0 (NVIDIA
+    H200)``); every stage logs the device it ran on, and a resumed run may have run on more than one."""
+    asked = str(run.config.get("device", "cpu"))
+    used = list(dict.fromkeys(str(r["device"]) for r in run.rows if r.get("event") == "stage_start" and r.get("device")))
+    if not used or used == [asked]:
+        return asked
+    return f"{asked}: {', '.join(used)}"
 
 
 def _pending_stages(run: Run) -> list[str]:

@@ -104,20 +104,22 @@ class ApiError(Exception):
 
 
 def create_app(model_dir: str, adapters: dict[str, str] | None = None, api_key: str | None = None, *,
-               device: str = "cpu", max_batch: int = 8, batch_wait_s: float = 0.01, max_queue: int = 256,
+               device: str = "auto", max_batch: int = 8, batch_wait_s: float = 0.01, max_queue: int = 256,
                request_timeout_s: float = 300.0, max_body_bytes: int = 1_000_000,
                max_request_tokens: int = 65_536, max_headers: int = MAX_HEADERS,
-               max_header_bytes: int = MAX_HEADER_BYTES, engine: Engine | None = None) -> FastAPI:
+               max_header_bytes: int = MAX_HEADER_BYTES, attn_implementation: str = "sdpa",
+               engine: Engine | None = None) -> FastAPI:
     """The ASGI app serving ``model_dir`` with LoRA ``adapters`` (name -> PEFT folder) selectable by ``model``.
 
     ``max_queue`` counts waiting sequences (a prompt's ``n`` choices count ``n``); ``max_request_tokens`` bounds
-    prompts x ``n`` x ``max_tokens`` of one request.
+    prompts x ``n`` x ``max_tokens`` of one request. ``device``: ``auto`` (CUDA when present, else CPU), ``cpu``,
+    ``cuda`` or ``cuda:N``.
     """
     if max_request_tokens < 1:
         raise LmcycleError(f"max_request_tokens must be at least 1, got {max_request_tokens}",
                            field="max_request_tokens")
-    engine = engine or Engine(model_dir, adapters, device=device, max_batch=max_batch,
-                              batch_wait_s=batch_wait_s, max_queue=max_queue)
+    engine = engine or Engine(model_dir, adapters, device=device, max_batch=max_batch, batch_wait_s=batch_wait_s,
+                              max_queue=max_queue, attn_implementation=attn_implementation)
     app = FastAPI(title="lmcycle", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine = engine
     app.router.add_event_handler("shutdown", engine.close)

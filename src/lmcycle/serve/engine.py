@@ -91,13 +91,15 @@ class Choice:
 class Engine:
     """Loads the base and adapters once; ``submit`` a :class:`Job`, wait on its future for its choices."""
 
-    def __init__(self, model_dir: str, adapters: dict[str, str] | None = None, *, device: str = "cpu",
-                 max_batch: int = 8, batch_wait_s: float = 0.01, max_queue: int = 256):
+    def __init__(self, model_dir: str, adapters: dict[str, str] | None = None, *, device: str = "auto",
+                 max_batch: int = 8, batch_wait_s: float = 0.01, max_queue: int = 256,
+                 attn_implementation: str = "sdpa"):
         for value, name in ((max_batch, "max_batch"), (max_queue, "max_queue")):
             if value < 1:
                 raise LmcycleError(f"{name} must be at least 1, got {value}", field=name)
 
-        self.model, self.tokenizer = load_model(model_dir, device=device)
+        # device "auto": CUDA when present, else CPU (lmcycle.models.device.resolve_device)
+        self.model, self.tokenizer = load_model(model_dir, device=device, attn_implementation=attn_implementation)
         self.base_name = Path(model_dir).name or str(model_dir)
         self.adapters = dict(adapters or {})
         for name, path in self.adapters.items():

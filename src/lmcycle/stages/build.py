@@ -59,7 +59,7 @@ def run_build(cfg: BuildStage, ctx: RunContext) -> dict[str, str]:
     name = cfg.stage_name
     seq2seq = cfg.arch == "t5"
     tokenizer = train_tokenizer(corpus_texts(cfg, ctx), cfg.vocab_size, seq2seq=seq2seq, max_len=cfg.max_len)
-    model = build_model(cfg.arch, cfg.size, tokenizer, cfg.max_len, ctx.seed)
+    model = build_model(cfg.arch, cfg.size, tokenizer, cfg.max_len, ctx.seed, ctx.attn_implementation)
     out = ctx.stage_dir(name) / "model"
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)  # safetensors is the only format transformers 5 writes

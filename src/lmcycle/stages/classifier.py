@@ -90,7 +90,7 @@ def run_classifier(cfg: ClassifierStage, ctx: RunContext) -> dict[str, str]:
     seed = ctx.seed_for(cfg.train.seed)
     seed_everything(seed)  # the new head's random init is part of the run
     source = default_base_model() if cfg.model is None else ctx.model_path(cfg.model)
-    model, tokenizer = load_for_training(source, labels, ctx.device)
+    model, tokenizer = load_for_training(source, labels, ctx.device, ctx.attn_implementation)
     stage = TrainingStage(name=name, out_dir=ctx.stage_dir(name), model=model, tokenizer=tokenizer,
                           train=cfg.train.model_copy(update={"seed": seed}), ctx=ctx)
 

@@ -66,7 +66,8 @@ class TrainingStage:
 def start_training_stage(cfg: StageConfig, ctx: RunContext) -> TrainingStage:
     """Load the stage's model (``cfg.model``: an earlier stage, a path or a hub id) and resolve its seed."""
     name = cfg.stage_name
-    model, tokenizer = load_model(ctx.model_path(cfg.model), device=ctx.device)
+    model, tokenizer = load_model(ctx.model_path(cfg.model), device=ctx.device,
+                                  attn_implementation=ctx.attn_implementation)
     return TrainingStage(name=name, out_dir=ctx.stage_dir(name), model=model, tokenizer=tokenizer,
                          train=cfg.train.model_copy(update={"seed": ctx.seed_for(cfg.train.seed)}), ctx=ctx)
 

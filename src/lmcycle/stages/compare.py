@@ -19,6 +19,7 @@ from pydantic import Field
 from lmcycle.atomic import atomic_write_json
 from lmcycle.config import DatasetName, ModelRef
 from lmcycle.errors import LmcycleError
+from lmcycle.models.device import describe_device
 from lmcycle.optimize.compare import WEIGHT_SUFFIXES, MeasureConfig, is_scalar, measure_in_child, with_ratios
 from lmcycle.report.markdown import figure, filename, fixed, is_number, md, millions, row, save_png, share
 from lmcycle.report.rundir import Run
@@ -54,28 +55,33 @@ def run_compare(cfg: CompareStage, ctx: RunContext) -> dict[str, str]:
     rows = []
     for label, ref in zip(labels, cfg.models, strict=True):
         path = ctx.model_path(ref)
-        row = measure_in_child(path, data, cfg)
+        row = measure_in_child(path, data, cfg, ctx.device)
         rows.append({"label": label, "model": str(path), **row})
         ctx.log(name, kind="compare", model=label, **{k: v for k, v in row.items() if is_scalar(v)})
-    result = {"rows": with_ratios(rows), "settings": settings(cfg)}
+    result = {"rows": with_ratios(rows), "settings": settings(cfg, ctx.device)}
     path = out_dir / "compare.json"
     atomic_write_json(path, result)
     return {"compare": str(path)}
 
 
-def settings(cfg: CompareStage) -> dict[str, Any]:
-    """How the table was measured (the report prints it under the table)."""
+def settings(cfg: CompareStage, device: str = "cpu") -> dict[str, Any]:
+    """How the table was measured on ``device`` (the run's, resolved; the report prints it under the table)."""
+    on_gpu = torch.device(device).type == "cuda"
+    memory = ("peak CUDA memory torch allocates in a fresh process that loads the model and runs the timed "
+              "batches, minus its allocations before loading" if on_gpu else
+              "peak RSS of a fresh process that loads the model and runs the timed batches, minus its RSS before "
+              "loading")
     return {"threads": cfg.threads or torch.get_num_threads(), "max_len": cfg.max_len,
             "latency": f"batch 1, one forward pass per eval input (cut to {cfg.max_len} tokens), {cfg.warmup} "
                        f"warm-up + {cfg.latency_runs} timed; p50/p95 of the timed passes",
             "throughput": f"batch {cfg.batch_size}, {cfg.throughput_batches} batches of eval inputs (after one "
                           "warm-up batch), examples per second",
-            "peak_memory": "peak RSS of a fresh process that loads the model and runs the timed batches, minus "
-                           "its RSS before loading (quality is scored afterwards)",
-            "loaded_memory": "RSS the loaded model adds to that process",
+            "peak_memory": f"{memory} (quality is scored afterwards)",
+            "loaded_memory": f"{'CUDA memory' if on_gpu else 'RSS'} the loaded model adds to that process",
             "size": f"bytes of the weight files ({', '.join(WEIGHT_SUFFIXES)})",
             "compile": cfg.compile, "n_eval": cfg.n_eval, "eval_data": cfg.eval_data, "label_map": cfg.label_map,
-            "device": "cpu", "cpu": platform.processor() or platform.machine(), "torch": torch.__version__}
+            "device": describe_device(device), "cpu": platform.processor() or platform.machine(),
+            "torch": torch.__version__}
 
 
 def _example_dict(ex: Any) -> dict:
@@ -123,7 +129,8 @@ def _compare_table(run: Run, stage: str, data: dict) -> str:
                           fixed(r.get("latency_p50_ms"), 2), fixed(r.get("latency_p95_ms"), 2),
                           _times(r.get("speedup_b1")), fixed(r.get("throughput"), 1),
                           _times(r.get("speedup_throughput"))]))
-    lines += ["", f"Measured with {settings.get('threads', '?')} thread(s), torch {settings.get('torch', '?')}"
+    on = f" on {md(str(settings['device']))}" if settings.get("device") else ""
+    lines += ["", f"Measured{on} with {settings.get('threads', '?')} thread(s), torch {settings.get('torch', '?')}"
                   f"{', torch.compile' if settings.get('compile') else ', eager'}. Latency: "
                   f"{settings.get('latency', '?')}. Throughput: {settings.get('throughput', '?')}. Loaded: "
                   f"{settings.get('loaded_memory', '?')}. Peak serving: {settings.get('peak_memory', '?')}. Size: "

@@ -18,6 +18,7 @@ from typing import Any
 from lmcycle.atomic import atomic_write_text
 from lmcycle.data.loaders import load_examples
 from lmcycle.errors import LmcycleError
+from lmcycle.models.device import resolve_device
 from lmcycle.models.load import local_copy
 from lmcycle.train.distributed import is_main
 
@@ -28,11 +29,14 @@ class RunContext:
 
     ``artifacts`` maps a stage name to what it produced, e.g. ``{"pretrain": {"model": ".../pretrain/model"}}``;
     stages never hard-code another stage's paths, they ask :meth:`model_path` or :meth:`artifact`.
+    ``device`` is resolved on creation (``auto`` becomes ``cuda:LOCAL_RANK`` or ``cpu``), so stages read the
+    device they run on; every model a stage loads or builds computes attention with ``attn_implementation``.
     """
 
     run_dir: Path
     seed: int = 0
-    device: str = "cpu"
+    device: str = "auto"
+    attn_implementation: str = "sdpa"
     recipe_file: str = "<command line>"
     data: dict[str, Any] = field(default_factory=dict)  # name -> lmcycle.data.loaders.DatasetConfig
     artifacts: dict[str, dict[str, str]] = field(default_factory=dict)
@@ -40,6 +44,7 @@ class RunContext:
 
     def __post_init__(self):
         self.run_dir = Path(self.run_dir)
+        self.device = str(resolve_device(self.device, file=self.recipe_file))
         self.run_dir.mkdir(parents=True, exist_ok=True)
 
     def seed_for(self, seed: int | None) -> int:

@@ -100,7 +100,7 @@ def run_distill(cfg: DistillStage, ctx: RunContext) -> dict[str, str]:
         if not _is_classifier(source):
             raise LmcycleError("task is 'classifier' but the teacher is not a sequence classifier", file=source,
                                field="teacher")
-        teacher_clf = TextClassifier.load(source, device=ctx.device)
+        teacher_clf = TextClassifier.load(source, device=ctx.device, attn_implementation=ctx.attn_implementation)
         teacher, tokenizer = teacher_clf.model, teacher_clf.tokenizer
     else:
         if _is_classifier(source):
@@ -108,7 +108,7 @@ def run_distill(cfg: DistillStage, ctx: RunContext) -> dict[str, str]:
         if cfg.trim_vocab:
             raise LmcycleError("trim_vocab is for classifiers: an LM's output is its vocabulary",
                                file=ctx.recipe_file, field="trim_vocab")
-        teacher, tokenizer = load_model(source, device=ctx.device)
+        teacher, tokenizer = load_model(source, device=ctx.device, attn_implementation=ctx.attn_implementation)
         if getattr(teacher.config, "is_encoder_decoder", False):
             raise LmcycleError("LM distillation supports decoder LMs only (the teacher is an encoder-decoder)",
                                file=source, field="teacher")

@@ -97,7 +97,8 @@ def run_eval(cfg: EvalStage, ctx: RunContext) -> dict[str, str]:
     references = [list(ex.targets) for ex in examples]
     out = _run_baseline(examples) if cfg.baseline is not None else _run_model(cfg, ctx, examples)
     if "toxicity" in cfg.metrics:
-        classifier = TextClassifier.load(ctx.model_path(cfg.toxicity_classifier), device=ctx.device)
+        classifier = TextClassifier.load(ctx.model_path(cfg.toxicity_classifier), device=ctx.device,
+                                         attn_implementation=ctx.attn_implementation)
         out.model_scores["toxicity"] = toxicity_score(classifier, out.predictions)
     metrics, settings, per_example = score_predictions(cfg.metrics, out.predictions, references, out.model_scores)
 
@@ -149,7 +150,7 @@ def _run_baseline(examples: list) -> _Outputs:
 def _run_model(cfg: EvalStage, ctx: RunContext, examples: list) -> _Outputs:
     template = get_template(cfg.template)
     model_path = ctx.model_path(cfg.model)
-    model, tokenizer = load_model(model_path, device=ctx.device)
+    model, tokenizer = load_model(model_path, device=ctx.device, attn_implementation=ctx.attn_implementation)
     seq2seq = is_seq2seq(model)
     window = context_window(model, tokenizer)
     # A decoder's answer shares the context window with the prompt; an encoder-decoder's does not.
@@ -166,7 +167,8 @@ def _run_model(cfg: EvalStage, ctx: RunContext, examples: list) -> _Outputs:
                                                     cfg.decoding.batch_size)
     if cfg.reference_model is not None:
         scores["reference_perplexity"] = completion_perplexity(ctx.model_path(cfg.reference_model), prompts, raw,
-                                                               ctx.device, cfg.decoding.batch_size)
+                                                               ctx.device, cfg.decoding.batch_size,
+                                                               ctx.attn_implementation)
     settings = {
         "model": str(model_path),
         "template_fields": template.model_dump(),

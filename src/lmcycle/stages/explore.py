@@ -57,7 +57,8 @@ def stage_prompt(cfg: ExploreStage, ctx: RunContext) -> str:
 def run_explore(cfg: ExploreStage, ctx: RunContext) -> dict[str, str]:
     """Write ``explore.json``, ``explore.png`` and ``explore.md`` under the stage directory."""
     name = cfg.stage_name
-    model, tokenizer = load_model(ctx.model_path(cfg.model), device=ctx.device)
+    model, tokenizer = load_model(ctx.model_path(cfg.model), device=ctx.device,
+                                  attn_implementation=ctx.attn_implementation)
     result = explore(model, tokenizer, stage_prompt(cfg, ctx), cfg.settings, top_n=cfg.top_n)
     out = ctx.stage_dir(name)
     atomic_write_json(out / "explore.json", result)

@@ -31,7 +31,8 @@ class GenerateStage(StageConfig):
 def run_generate(cfg: GenerateStage, ctx: RunContext) -> dict[str, str]:
     """Write ``generations.jsonl``: one ``{"prompt", "output", "settings"}`` object per prompt."""
     name = cfg.stage_name
-    model, tokenizer = load_model(ctx.model_path(cfg.model), device=ctx.device)
+    model, tokenizer = load_model(ctx.model_path(cfg.model), device=ctx.device,
+                                  attn_implementation=ctx.attn_implementation)
     outputs = generate(model, tokenizer, cfg.prompts, cfg.decoding, progress=True)
     settings = cfg.decoding.model_dump()
     lines = [json.dumps({"prompt": p, "output": o, "settings": settings}, ensure_ascii=False)

@@ -41,7 +41,8 @@ class HarnessStage(StageConfig):
 def run_harness(cfg: HarnessStage, ctx: RunContext) -> dict[str, str]:
     name = cfg.stage_name
     data = ctx.recipe_path(cfg.path)
-    llm = backend_from_spec(cfg.backend) if cfg.backend else LocalLLM(ctx.model_path(cfg.model), device=ctx.device)
+    llm = backend_from_spec(cfg.backend) if cfg.backend else LocalLLM(
+        ctx.model_path(cfg.model), device=ctx.device, attn_implementation=ctx.attn_implementation)
     result = run_benchmark(llm, cfg.benchmark, data, cfg.method, cfg.decoding, limit=cfg.limit, n=cfg.n)
     metric = next(iter(result))
     out = ctx.stage_dir(name)

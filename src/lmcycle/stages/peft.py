@@ -92,7 +92,8 @@ def finish_peft_stage(stage: TrainingStage, result: TrainResult, peft, base_mode
     if isinstance(peft, PromptTuningPeft):
         return {"model": str(adapter_dir), "adapter": str(adapter_dir)}
     if isinstance(peft, QloraPeft):
-        stage.model, _ = load_model(base_model, device=stage.ctx.device)
+        stage.model, _ = load_model(base_model, device=stage.ctx.device,
+                                    attn_implementation=stage.ctx.attn_implementation)
         merge_qlora(stage.model, adapter_dir)
     else:
         merge_and_unload(stage.model)

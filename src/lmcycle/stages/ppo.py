@@ -266,14 +266,15 @@ def run_ppo(cfg: PpoStage, ctx: RunContext) -> dict[str, str]:
     tcfg = TrainConfig(**stage.train.model_dump(exclude={"max_steps", "save_every"}),
                        max_steps=cfg.rollouts * steps, save_every=cfg.save_every_rollouts * steps)
     prompts = load_prompts(cfg, ctx)
-    reward_fn = build_reward(cfg.reward, ctx.model_path)
-    judge_fn = build_reward(cfg.judge, ctx.model_path) if cfg.judge is not None else None
+    reward_fn = build_reward(cfg.reward, ctx.model_path, ctx.device)
+    judge_fn = build_reward(cfg.judge, ctx.model_path, ctx.device) if cfg.judge is not None else None
 
     ref_model = None
     if cfg.peft is not None:
         add_peft_for_training(stage, cfg.peft)
     else:
-        ref_model, _ = load_model(ctx.model_path(cfg.model), device=ctx.device)
+        ref_model, _ = load_model(ctx.model_path(cfg.model), device=ctx.device,
+                                  attn_implementation=ctx.attn_implementation)
     agent = PolicyWithValue(stage.model, cfg.ppo.beta).to(stage.model.device)
     ref = reference_scorer(agent, ref_model, cfg.generation.temperature)
     stage.log(event="ppo_setup", prompts=len(prompts), rollouts=cfg.rollouts, steps_per_rollout=steps,

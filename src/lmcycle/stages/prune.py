@@ -107,7 +107,8 @@ def run_prune(cfg: PruneStage, ctx: RunContext) -> dict[str, str]:
         if cfg.calibration is None:
             raise LmcycleError(f"method '{cfg.method}' with Wanda scores needs 'calibration' (a dataset)",
                                field="calibration", **err)
-    model, tokenizer = load_model(ctx.model_path(cfg.model), device=ctx.device)
+    model, tokenizer = load_model(ctx.model_path(cfg.model), device=ctx.device,
+                                  attn_implementation=ctx.attn_implementation)
     if (cfg.eval_data or cfg.heal) and not _is_causal_lm(model):
         raise LmcycleError(f"eval_data and heal need a causal LM, not {type(model).__name__}",
                            field="eval_data" if cfg.eval_data else "heal", **err)

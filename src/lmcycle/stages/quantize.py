@@ -66,7 +66,7 @@ def run_quantize(cfg: QuantizeStage, ctx: RunContext) -> dict[str, str]:
     name = cfg.stage_name
     out_dir = ctx.stage_dir(name)
     source = ctx.model_path(cfg.model)
-    model, tokenizer = load_for_quantize(source, ctx.device)
+    model, tokenizer = load_for_quantize(source, ctx.device, ctx.attn_implementation)
     calibration, texts = None, []
     if cfg.calibration:
         causal = not getattr(model.config, "is_encoder_decoder", False) and not any(

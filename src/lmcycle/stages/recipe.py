@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field
+from pydantic import Field, ValidationInfo, field_validator
 
 from lmcycle.atomic import atomic_write_json, atomic_write_text
 from lmcycle.config import (
@@ -42,6 +42,13 @@ from lmcycle.config import (
 )
 from lmcycle.data.loaders import DatasetConfig
 from lmcycle.errors import LmcycleError
+from lmcycle.models.device import (
+    ATTENTION,
+    DEVICES,
+    check_attn_implementation,
+    describe_device,
+    resolve_device,
+)
 from lmcycle.stages import STAGES
 from lmcycle.stages.context import RunContext, load_datasets
 from lmcycle.stages.report import write_run_report
@@ -55,9 +62,33 @@ class Recipe(Config):
     description: str = ""
     vars: dict[str, str | int | float] = Field(default_factory=dict)
     seed: int = 0
-    device: str = "cpu"
+    device: str = Field("auto", description=f"where every stage runs: {DEVICES} (auto: CUDA when torch sees a GPU, "
+                                            "else the CPU; under torchrun each process its own GPU)")
+    attn_implementation: str = Field("sdpa", description=f"attention of every model loaded or built: "
+                                                         f"{', '.join(ATTENTION)}")
     data: dict[str, DatasetConfig] = Field(default_factory=dict)
     stages: list[dict[str, Any]] = Field(min_length=1)
+
+    @field_validator("device")
+    @classmethod
+    def _device_here(cls, value: str) -> str:
+        """A device this machine has, checked when the recipe loads; the value stays as written (config.yaml
+        keeps ``auto``; the device it resolved to is logged with every stage)."""
+        try:
+            resolve_device(value)
+        except LmcycleError as e:
+            raise ValueError(e.message) from None
+        return value
+
+    @field_validator("attn_implementation")
+    @classmethod
+    def _attention_here(cls, value: str, info: ValidationInfo) -> str:
+        device = info.data.get("device")  # absent when the device itself failed
+        try:
+            check_attn_implementation(value, resolve_device(device) if device else None)
+        except LmcycleError as e:
+            raise ValueError(e.message) from None
+        return value
 
     def stage_configs(self, file: str | os.PathLike = "<recipe>", lines: Lines | None = None) -> list[Config]:
         """Validate each stage against its own typed config; names default to the type and must be unique."""
@@ -205,7 +236,8 @@ def run_recipe(recipe: Recipe, stages: list[Config], out: str | os.PathLike | No
     if (run_dir / "DONE").exists():
         raise LmcycleError("this run directory already holds a finished run; choose another --out",
                            file=run_dir)
-    ctx = RunContext(run_dir=run_dir, seed=recipe.seed, device=recipe.device, recipe_file=str(recipe_file),
+    ctx = RunContext(run_dir=run_dir, seed=recipe.seed, device=recipe.device,
+                     attn_implementation=recipe.attn_implementation, recipe_file=str(recipe_file),
                      data=dict(recipe.data), _datasets=datasets)
     artifacts_file = run_dir / "artifacts.json"
     if artifacts_file.exists():
@@ -224,7 +256,7 @@ def run_recipe(recipe: Recipe, stages: list[Config], out: str | os.PathLike | No
                 continue
             echo(f"[{i + 1}/{len(stages)}] {name} ({cfg.type})")
             start = time.time()
-            ctx.log(name, event="stage_start", type=cfg.type)
+            ctx.log(name, event="stage_start", type=cfg.type, device=describe_device(ctx.device))
             # Under torchrun the training stages run on every rank (data parallel); the others on rank 0 alone.
             kind = STAGES[cfg.type]
             if is_main() or kind.data_parallel:

@@ -59,8 +59,7 @@ def run_reward(cfg: RewardStage, ctx: RunContext) -> dict[str, str]:
     eval_pairs = pairs_from_examples(ctx.dataset(cfg.eval_data), cfg.eval_data)
     source = ctx.model_path(cfg.model)
     seed_everything(tcfg.seed)  # the fresh score head's init is part of the run
-    model, tokenizer = load_reward_backbone(source, cfg.backbone)
-    model.to(ctx.device)
+    model, tokenizer = load_reward_backbone(source, cfg.backbone, ctx.device, ctx.attn_implementation)
     max_len = min(cfg.max_len, context_window(model.backbone, tokenizer))
 
     def log(**metrics) -> None:

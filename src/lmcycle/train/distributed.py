@@ -60,9 +60,16 @@ def all_reduce_sum(value: float | int | torch.Tensor) -> float | int | torch.Ten
         out = value.detach().clone()
         dist.all_reduce(out, op=dist.ReduceOp.SUM)
         return out
-    t = torch.tensor(float(value), dtype=torch.float64)
+    t = torch.tensor(float(value), dtype=torch.float64, device=_collective_device())
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return int(t.item()) if isinstance(value, int) else t.item()
+
+
+def _collective_device() -> torch.device:
+    """Where a tensor built for a collective must live: NCCL reduces CUDA tensors only, gloo CPU ones."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def all_reduce_grads_(params: list[nn.Parameter]) -> None:

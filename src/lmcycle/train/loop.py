@@ -299,7 +299,8 @@ def compute_gradients(model: nn.Module, micro_batches: list[Batch], loss_fn: Los
     Returns ``(mean loss per token, total tokens)`` over all ranks.
     """
     device = next(model.parameters()).device
-    loss_total = torch.zeros((), dtype=torch.float64)
+    # Summed on the model's device: a .cpu() per micro-batch would wait for every CUDA step to finish.
+    loss_total = torch.zeros((), dtype=torch.float64, device=device)
     tokens = 0
     for batch in micro_batches:
         batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
@@ -307,7 +308,7 @@ def compute_gradients(model: nn.Module, micro_batches: list[Batch], loss_fn: Los
             loss_sum, n_tokens = loss_fn(model, batch)
         if loss_sum.requires_grad:
             loss_sum.float().backward()
-        loss_total += loss_sum.detach().double().cpu()
+        loss_total += loss_sum.detach().double().to(device)
         tokens += int(n_tokens)
     all_reduce_grads_(params)
     tokens = int(all_reduce_sum(tokens))

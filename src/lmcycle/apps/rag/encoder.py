@@ -20,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from lmcycle.errors import LmcycleError
+from lmcycle.models.device import resolve_device
 from lmcycle.models.load import MINILM, local_copy
 
 DEFAULT_ENCODER = MINILM
@@ -30,10 +31,11 @@ class Encoder:
     """Encodes texts with ``name_or_path`` (a local folder or a Hub id).
 
     ``query_prefix`` / ``passage_prefix`` are prepended for asymmetric models (E5: ``"query: "`` /
-    ``"passage: "``); MiniLM is symmetric and needs none.
+    ``"passage: "``); MiniLM is symmetric and needs none. ``device``: ``auto`` (CUDA when present, else CPU),
+    ``cpu``, ``cuda`` or ``cuda:N``.
     """
 
-    def __init__(self, name_or_path: str = DEFAULT_ENCODER, *, batch_size: int = 32, device: str = "cpu",
+    def __init__(self, name_or_path: str = DEFAULT_ENCODER, *, batch_size: int = 32, device: str = "auto",
                  max_length: int | None = None, query_prefix: str = "", passage_prefix: str = ""):
         from transformers import AutoModel, AutoTokenizer
 
@@ -41,12 +43,12 @@ class Encoder:
         source = local_copy(name_or_path)
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(source)
-            self.model = AutoModel.from_pretrained(source).to(device).eval()
+            self.model = AutoModel.from_pretrained(source).to(resolve_device(device)).eval()
         except (OSError, ValueError) as e:
             raise LmcycleError(f"cannot load encoder '{name_or_path}': {e}", field="encoder") from e
         self.pooling, self.normalize, folder_max = _sentence_config(source)
         self.max_length = max_length or folder_max or min(int(self.tokenizer.model_max_length), 512)
-        self.batch_size, self.device = batch_size, device
+        self.batch_size, self.device = batch_size, self.model.device
         self.query_prefix, self.passage_prefix = query_prefix, passage_prefix
 
     @property
