@@ -11,6 +11,7 @@ from transformers import BertForSequenceClassification
 from lmcycle.errors import LmcycleError
 from lmcycle.evals.classification import score_labels
 from lmcycle.evals.perplexity import perplexity
+from lmcycle.models.device import describe_device
 from lmcycle.models.classifier import TextClassifier
 from lmcycle.optimize.compare import with_ratios
 from lmcycle.stages.compare import CompareStage, run_compare
@@ -79,11 +80,14 @@ def test_language_model_quality_is_perplexity_of_inputs_and_targets(tmp_path):
     model = tiny_llama(tok, seed=1)
     path = save_tiny(model, tok, tmp_path / "lm")
     cfg = CompareStage(models=[path], eval_data=["dev"], max_len=32, **FAST)
-    row = json.loads(open(run_compare(cfg, ctx)["compare"]).read())["rows"][0]
+    result = json.loads(open(run_compare(cfg, ctx)["compare"]).read())
+    row = result["rows"][0]
     texts = [t for ex in ctx.dataset("dev") for t in (ex.input, *ex.targets)]
     expected = perplexity(model.eval(), tok, texts, max_len=32).values["perplexity"]
     assert row["kind"] == "causal_lm"
     assert row["quality"]["dev.perplexity"] == pytest.approx(expected, rel=1e-5)
+    # measured on the run's device, and the settings say which (not "cpu" whatever ran)
+    assert row["device"] == result["settings"]["device"] == describe_device(ctx.device)
     assert row["params"] == sum(p.numel() for p in model.parameters())
 
 

@@ -84,7 +84,7 @@ def check_attn_implementation(name: str, device: str | torch.device | None = Non
         raise LmcycleError(f"unknown attention implementation {name!r} (expected one of: {', '.join(ATTENTION)})",
                            **where)
     if name == "flash_attention_2":
-        if importlib.util.find_spec("flash_attn") is None:
+        if not flash_attn_installed():
             raise LmcycleError("flash_attention_2 needs the flash_attn package, which is not installed "
                                "(pip install flash-attn --no-build-isolation, on a CUDA machine); or use sdpa",
                                **where)
@@ -92,6 +92,11 @@ def check_attn_implementation(name: str, device: str | torch.device | None = Non
             raise LmcycleError(f"flash_attention_2 runs on CUDA only, and the device is {device}; use sdpa",
                                **where)
     return name
+
+
+def flash_attn_installed() -> bool:
+    """Whether the ``flash_attn`` package can be imported (found without importing it: it loads CUDA)."""
+    return importlib.util.find_spec("flash_attn") is not None
 
 
 def hf_attn_implementation(name: str) -> str | None:
