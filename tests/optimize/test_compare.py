@@ -11,8 +11,8 @@ from transformers import BertForSequenceClassification
 from lmcycle.errors import LmcycleError
 from lmcycle.evals.classification import score_labels
 from lmcycle.evals.perplexity import perplexity
-from lmcycle.models.device import describe_device
 from lmcycle.models.classifier import TextClassifier
+from lmcycle.models.device import describe_device
 from lmcycle.optimize.compare import with_ratios
 from lmcycle.stages.compare import CompareStage, run_compare
 from lmcycle.stages.context import RunContext

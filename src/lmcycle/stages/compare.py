@@ -64,7 +64,7 @@ def run_compare(cfg: CompareStage, ctx: RunContext) -> dict[str, str]:
     return {"compare": str(path)}
 
 
-def settings(cfg: CompareStage, device: str = "cpu") -> dict[str, Any]:
+def settings(cfg: CompareStage, device: str) -> dict[str, Any]:
     """How the table was measured on ``device`` (the run's, resolved; the report prints it under the table)."""
     on_gpu = torch.device(device).type == "cuda"
     memory = ("peak CUDA memory torch allocates in a fresh process that loads the model and runs the timed "
