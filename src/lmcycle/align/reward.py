@@ -95,7 +95,8 @@ class RewardModel(nn.Module):
             raise LmcycleError(f"a causal reward model needs a decoder-only model, got {type(lm).__name__}",
                                field="model")
         backbone = lm.base_model
-        return cls(backbone, nn.Linear(backbone.config.hidden_size, 1))
+        # The head is float32 over any backbone dtype, like a PPO value head: forward casts the hidden state to it.
+        return cls(backbone, nn.Linear(backbone.config.hidden_size, 1, dtype=torch.float32))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Rewards [B] (float32) of ``input_ids`` [B, T] with ``attention_mask`` [B, T], any padding side."""
@@ -108,7 +109,7 @@ class RewardModel(nn.Module):
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
                                **kwargs).last_hidden_state  # [B, T, H]
         last = hidden[torch.arange(hidden.size(0), device=hidden.device), last_token_index(attention_mask)]
-        return self.head(last).squeeze(-1).float()
+        return self.head(last.to(self.head.weight.dtype)).squeeze(-1).float()
 
     def save(self, path: str | Path, tokenizer=None) -> Path:
         """Write the backbone (``save_pretrained``, safetensors), the head, the stats and optionally the
@@ -124,15 +125,15 @@ class RewardModel(nn.Module):
         return Path(path)
 
     @classmethod
-    def load(cls, path: str | Path) -> RewardModel:
-        """Load what :meth:`save` wrote."""
+    def load(cls, path: str | Path, dtype: torch.dtype = torch.float32) -> RewardModel:
+        """Load what :meth:`save` wrote, the backbone in ``dtype`` (the head as saved)."""
         path = Path(path)
         if not (path / META_FILE).is_file():
             raise LmcycleError(f"not a saved reward model (no {META_FILE})", file=path)
         meta = json.loads((path / META_FILE).read_text())
         if meta.get("kind") == "classifier":
-            return cls(AutoModelForSequenceClassification.from_pretrained(path), stats=meta.get("stats"))
-        backbone = AutoModel.from_pretrained(path)
+            return cls(AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype), stats=meta.get("stats"))
+        backbone = AutoModel.from_pretrained(path, dtype=dtype)
         weights = safetensors.torch.load_file(str(path / HEAD_FILE))
         head = nn.Linear(weights["weight"].size(1), 1, dtype=weights["weight"].dtype)
         head.load_state_dict(weights)
@@ -290,8 +291,9 @@ def normalise(rewards: torch.Tensor, stats: dict[str, float], eps: float = 1e-8)
 # -- loading and held-out metrics ----------------------------------------------------------------------------------
 
 
-def load_reward_backbone(source: str, backbone: str = "auto"):
-    """``(RewardModel, tokenizer)`` to train, from a model folder or hub id.
+def load_reward_backbone(source: str, backbone: str = "auto", dtype: torch.dtype = torch.float32):
+    """``(RewardModel, tokenizer)`` to train, from a model folder or hub id, its backbone in ``dtype`` (a causal
+    backbone's fresh scalar head is float32 whatever ``dtype``).
 
     ``backbone``: ``classifier`` (a sequence classifier with one label; a plain encoder such as all-MiniLM-L6-v2
     gets a fresh one-label head), ``causal_lm`` (the decoder of a causal LM plus a fresh scalar head) or
@@ -299,7 +301,7 @@ def load_reward_backbone(source: str, backbone: str = "auto"):
     A folder saved by :meth:`RewardModel.save` continues as the reward model it is.
     """
     if (Path(source) / META_FILE).is_file():
-        model = RewardModel.load(source)
+        model = RewardModel.load(source, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(source)
     else:
         try:
@@ -311,14 +313,14 @@ def load_reward_backbone(source: str, backbone: str = "auto"):
             causal = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in config.architectures or [])
             backbone = "causal_lm" if causal else "classifier"
         if backbone == "causal_lm":
-            lm, tokenizer = load_model(source)
+            lm, tokenizer = load_model(source, dtype=dtype)
             model = RewardModel.from_causal_lm(lm)
         else:
             if getattr(config, "is_encoder_decoder", False):
                 raise LmcycleError("an encoder-decoder cannot be a sequence-classifier reward model here; use a "
                                    "decoder (backbone: causal_lm) or an encoder", file=source, field="backbone")
             try:
-                classifier = AutoModelForSequenceClassification.from_pretrained(source, num_labels=1)
+                classifier = AutoModelForSequenceClassification.from_pretrained(source, num_labels=1, dtype=dtype)
                 tokenizer = AutoTokenizer.from_pretrained(source)
             except (OSError, ValueError) as e:
                 raise LmcycleError(f"cannot load a sequence classifier: {str(e).splitlines()[0]}", file=source,
