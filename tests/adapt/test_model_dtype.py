@@ -24,6 +24,8 @@ from lmcycle.config import validate
 from lmcycle.errors import LmcycleError
 from lmcycle.models.load import dtype_problem
 from lmcycle.stages.common import model_dtype
+from lmcycle.stages.distill import DistillStage, run_distill
+from lmcycle.stages.eval import EvalStage, run_eval
 from lmcycle.stages.generate import GenerateStage, run_generate
 from lmcycle.stages.recipe import load_recipe
 from lmcycle.stages.sft import SftStage, run_sft
@@ -169,6 +171,49 @@ def test_generation_runs_on_a_bfloat16_model_on_cpu(tok, tmp_path):
     assert cfg.model_dtype == "bfloat16"  # the alias is stored under its full name
     rows = [json.loads(line) for line in Path(run_generate(cfg, ctx)["generations"]).read_text().splitlines()]
     assert [r["prompt"] for r in rows] == ["abc", "de"] and all(isinstance(r["output"], str) for r in rows)
+
+
+def test_eval_in_bfloat16_scores_like_float32_and_records_its_dtype(tok, tmp_path):
+    ctx = context(tmp_path, tiny_lm.tiny_llama(tok), tok)
+    reports = {}
+    for dtype in ("float32", "bfloat16"):
+        cfg = validate(EvalStage, {"name": dtype, "data": "dev", "limit": 4, "model_dtype": dtype,
+                                   "reference_model": "build", "decoding": {"max_new_tokens": 4}})
+        reports[dtype] = json.loads(Path(run_eval(cfg, ctx)["eval"]).read_text())
+    fp32, bf16 = reports["float32"], reports["bfloat16"]
+    assert "model_dtype" not in fp32["settings"] and bf16["settings"]["model_dtype"] == "bfloat16"
+    for key in ("perplexity", "reference_perplexity"):
+        assert bf16["metrics"][key] == pytest.approx(fp32["metrics"][key], rel=0.02)
+        assert bf16["metrics"][key] != fp32["metrics"][key]  # it did run in bfloat16
+
+
+def test_distillation_holds_the_teacher_in_bfloat16_and_trains_a_float32_student(tok, tmp_path, monkeypatch):
+    import lmcycle.stages.distill as distill_module
+
+    seen = {}
+    real = distill_module.finish_training_stage
+
+    def finish(stage, result):
+        seen["student"] = {p.dtype for p in stage.model.parameters()}
+        return real(stage, result)
+
+    def freeze(teacher):
+        seen["teacher"] = {p.dtype for p in teacher.parameters()}
+        real_freeze(teacher)
+
+    real_freeze = distill_module.freeze
+    monkeypatch.setattr(distill_module, "finish_training_stage", finish)
+    monkeypatch.setattr(distill_module, "freeze", freeze)
+    ctx = context(tmp_path, tiny_lm.tiny_llama(tok), tok)
+    cfg = validate(DistillStage, {"teacher": "build", "data": ["reverse"], "eval_data": ["dev"], "max_len": 64,
+                                  "template": "summarize", "model_dtype": "bfloat16", "hidden_weight": 0.1,
+                                  "student_layers": [0],
+                                  "train": {"max_steps": 8, "batch_size": 8, "lr": 3e-3, "log_every": 1}})
+    produced = run_distill(cfg, ctx)
+    assert seen == {"teacher": {torch.bfloat16}, "student": {torch.float32}}
+    losses = [m["loss"] for m in ctx.read_metrics("distill") if "loss" in m]
+    assert len(losses) == 8 and losses[-1] < losses[0]
+    assert saved_dtypes(Path(produced["model"]) / "model.safetensors") == {torch.float32}
 
 
 def test_the_ppo_value_head_stays_float32_on_a_bfloat16_policy(tok):
