@@ -216,6 +216,15 @@ def test_distillation_holds_the_teacher_in_bfloat16_and_trains_a_float32_student
     assert saved_dtypes(Path(produced["model"]) / "model.safetensors") == {torch.float32}
 
 
+def test_an_in_process_llm_for_the_harness_loads_in_the_dtype_asked_for(tok, tmp_path):
+    from lmcycle.apps.llm import LocalLLM
+    from lmcycle.models.generate import DecodingConfig
+
+    llm = LocalLLM(tiny_lm.save_tiny(tiny_lm.tiny_llama(tok), tok, tmp_path / "lm"), dtype=torch.bfloat16)
+    assert {p.dtype for p in llm.model.parameters()} == {torch.bfloat16}
+    assert len(llm.complete(["abc"], DecodingConfig(max_new_tokens=3))) == 1
+
+
 def test_the_ppo_value_head_stays_float32_on_a_bfloat16_policy(tok):
     policy = tiny_lm.tiny_llama(tok).to(torch.bfloat16)
     agent = PolicyWithValue(policy, beta=0.1)

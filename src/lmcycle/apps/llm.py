@@ -45,9 +45,10 @@ class LLM(Protocol):
 class LocalLLM:
     """A model folder or hub id (anything :func:`lmcycle.artifacts.load_model` takes), or a loaded pair."""
 
-    def __init__(self, model_or_path, tokenizer=None, *, device: str = "cpu", name: str | None = None):
+    def __init__(self, model_or_path, tokenizer=None, *, device: str = "cpu", name: str | None = None,
+                 dtype: torch.dtype = torch.float32):
         if isinstance(model_or_path, str):
-            self.model, self.tokenizer = load_model(model_or_path, device=device)
+            self.model, self.tokenizer = load_model(model_or_path, device=device, dtype=dtype)
             self.name = name or model_or_path
         else:
             if tokenizer is None:

@@ -145,15 +145,15 @@ def classification_loss(weights: torch.Tensor | None = None):
     return loss_fn
 
 
-def load_for_training(source: str, labels: list[str], device: str = "cpu"):
-    """``(model, tokenizer)``: a sequence classifier over ``labels`` from ``source``; a new (random) head when
-    the source has none or has other labels."""
+def load_for_training(source: str, labels: list[str], device: str = "cpu", dtype: torch.dtype = torch.float32):
+    """``(model, tokenizer)``: a sequence classifier over ``labels`` from ``source``, held in ``dtype``; a new
+    (random) head when the source has none or has other labels."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     try:
         model = AutoModelForSequenceClassification.from_pretrained(
             source, num_labels=len(labels), id2label=dict(enumerate(labels)),
-            label2id={label: i for i, label in enumerate(labels)}, ignore_mismatched_sizes=True, dtype=torch.float32)
+            label2id={label: i for i, label in enumerate(labels)}, ignore_mismatched_sizes=True, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as e:
         first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
