@@ -131,6 +131,16 @@ def test_t5_lora_steps_in_bfloat16(t5_tok, tmp_path, captured):
     assert saved_dtypes(Path(produced["adapter"]) / "adapter_model.safetensors") == {torch.float32}
 
 
+def test_qlora_over_a_bfloat16_base_merges_into_a_bfloat16_copy(tok, tmp_path, captured):
+    ctx = context(tmp_path, tiny_lm.tiny_llama(tok), tok)
+    produced = run_sft(sft_cfg(4, {"method": "qlora", "r": 4, "alpha": 8, "bits": 4}, lr=3e-2), ctx)
+    assert dtypes(captured["params"], trainable=True) == {torch.float32} and moment_dtypes(captured) == {torch.float32}
+    assert saved_dtypes(Path(produced["adapter"]) / "adapter_model.safetensors") == {torch.float32}
+    assert saved_dtypes(Path(produced["model"]) / "model.safetensors") == {torch.bfloat16}
+    losses = step_losses(ctx)
+    assert len(losses) == 4 and losses[-1] < losses[0]
+
+
 def test_prompt_tuning_keeps_a_float32_prompt_on_a_bfloat16_base(tok, tmp_path, captured):
     ctx = context(tmp_path, tiny_lm.tiny_llama(tok), tok)
     produced = run_sft(sft_cfg(6, {"method": "prompt_tuning", "num_virtual_tokens": 4}, lr=3e-2), ctx)
