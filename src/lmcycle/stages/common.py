@@ -53,13 +53,14 @@ class ModelStage(StageConfig):
     """The header of a stage that loads a model: ``model_dtype``, the dtype its weights are held in.
 
     What stays float32 whatever ``model_dtype`` says: the parameters that train on a frozen base (LoRA's A and B,
-    a soft prompt, PPO's value head, a reward model's score head) and so their gradients and AdamW state; PEFT
-    keeps adapters in float32 over a 16-bit base the same way (its ``autocast_adapter_dtype``). When every
-    parameter trains (full fine-tuning, pre-training, distillation's student, a reward model's backbone),
-    ``bfloat16`` trains them in bfloat16, AdamW state included, as torchtune's ``dtype: bf16`` does: half the
-    memory of float32, with no float32 master copy (``model_dtype: float32`` with ``train.bf16: true`` is
-    the mixed-precision alternative). ``float16`` is for frozen weights only: training every parameter in it
-    would need loss scaling, which lmcycle does not do, so :func:`dtype_problem_of` refuses it.
+    a soft prompt, PPO's value head, a causal reward model's head) and so their gradients and AdamW state; PEFT
+    keeps adapters in float32 over a 16-bit base the same way (its ``autocast_adapter_dtype``). Distillation's
+    student is float32 too (its ``model_dtype`` is the frozen teacher's). When every parameter of the loaded
+    model trains (full fine-tuning, pre-training, a reward model's backbone, a classifier), ``bfloat16`` trains
+    them in bfloat16, AdamW state included, as torchtune's ``dtype: bf16`` does: half the memory of float32, with
+    no float32 master copy (``model_dtype: float32`` with ``train.bf16: true`` is the mixed-precision
+    alternative). ``float16`` is for frozen weights only: training every parameter in it would need loss
+    scaling, which lmcycle does not do, so :func:`dtype_problem_of` refuses it.
     """
 
     model_dtype: ModelDtype = Field("float32", description="dtype of the loaded weights: float32, bfloat16 (bf16) "
