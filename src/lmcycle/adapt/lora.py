@@ -98,10 +98,15 @@ class LoraLinear(nn.Module):
         return self.base_layer.weight
 
     def add_adapter(self, name: str, r: int, scaling: float, dropout: float) -> None:
-        """Add adapter ``name``: A (r × in) kaiming-uniform as PEFT does, B (out × r) zeros."""
+        """Add adapter ``name``: A (r × in) kaiming-uniform as PEFT does, B (out × r) zeros, both float32.
+
+        float32 whatever the base's dtype (PEFT's ``autocast_adapter_dtype`` does the same over a 16-bit base):
+        a bfloat16 B would round away updates smaller than 1/256 of its entries, and AdamW keeps its state in the
+        parameter's dtype. :meth:`forward` casts the input to the adapter's dtype and the update back.
+        """
         w = self.base_layer if isinstance(self.base_layer, QuantLinear) else self.base_layer.weight
-        a = nn.Linear(self.in_features, r, bias=False, device=w.device, dtype=w.dtype)
-        b = nn.Linear(r, self.out_features, bias=False, device=w.device, dtype=w.dtype)
+        a = nn.Linear(self.in_features, r, bias=False, device=w.device, dtype=torch.float32)
+        b = nn.Linear(r, self.out_features, bias=False, device=w.device, dtype=torch.float32)
         nn.init.kaiming_uniform_(a.weight, a=math.sqrt(5))
         nn.init.zeros_(b.weight)
         self.lora_A[name], self.lora_B[name] = a, b

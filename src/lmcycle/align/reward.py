@@ -96,7 +96,8 @@ class RewardModel(nn.Module):
             raise LmcycleError(f"a causal reward model needs a decoder-only model, got {type(lm).__name__}",
                                field="model")
         backbone = lm.base_model
-        return cls(backbone, nn.Linear(backbone.config.hidden_size, 1))
+        # The head is float32 over any backbone dtype, like a PPO value head: forward casts the hidden state to it.
+        return cls(backbone, nn.Linear(backbone.config.hidden_size, 1, dtype=torch.float32))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Rewards [B] (float32) of ``input_ids`` [B, T] with ``attention_mask`` [B, T], any padding side."""
@@ -109,7 +110,7 @@ class RewardModel(nn.Module):
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
                                **kwargs).last_hidden_state  # [B, T, H]
         last = hidden[torch.arange(hidden.size(0), device=hidden.device), last_token_index(attention_mask)]
-        return self.head(last).squeeze(-1).float()
+        return self.head(last.to(self.head.weight.dtype)).squeeze(-1).float()
 
     def save(self, path: str | Path, tokenizer=None) -> Path:
         """Write the backbone (``save_pretrained``, safetensors), the head, the stats and optionally the
@@ -125,18 +126,19 @@ class RewardModel(nn.Module):
         return Path(path)
 
     @classmethod
-    def load(cls, path: str | Path, attn_implementation: str = "sdpa") -> RewardModel:
-        """Load what :meth:`save` wrote, on the CPU (``.to(device)`` it), its backbone computing attention with
-        ``attn_implementation``."""
+    def load(cls, path: str | Path, attn_implementation: str = "sdpa", dtype: torch.dtype = torch.float32
+             ) -> RewardModel:
+        """Load what :meth:`save` wrote, on the CPU (``.to(device)`` it), the backbone in ``dtype`` (the head as
+        saved) computing attention with ``attn_implementation``."""
         attention = hf_attn_implementation(check_attn_implementation(attn_implementation))
         path = Path(path)
         if not (path / META_FILE).is_file():
             raise LmcycleError(f"not a saved reward model (no {META_FILE})", file=path)
         meta = json.loads((path / META_FILE).read_text())
         if meta.get("kind") == "classifier":
-            return cls(AutoModelForSequenceClassification.from_pretrained(path, attn_implementation=attention),
-                       stats=meta.get("stats"))
-        backbone = AutoModel.from_pretrained(path, attn_implementation=attention)
+            return cls(AutoModelForSequenceClassification.from_pretrained(path, attn_implementation=attention,
+                                                                          dtype=dtype), stats=meta.get("stats"))
+        backbone = AutoModel.from_pretrained(path, attn_implementation=attention, dtype=dtype)
         weights = safetensors.torch.load_file(str(path / HEAD_FILE))
         head = nn.Linear(weights["weight"].size(1), 1, dtype=weights["weight"].dtype)
         head.load_state_dict(weights)
@@ -295,9 +297,10 @@ def normalise(rewards: torch.Tensor, stats: dict[str, float], eps: float = 1e-8)
 
 
 def load_reward_backbone(source: str, backbone: str = "auto", device: str | torch.device = "auto",
-                         attn_implementation: str = "sdpa"):
+                         attn_implementation: str = "sdpa", dtype: torch.dtype = torch.float32):
     """``(RewardModel, tokenizer)`` to train, from a model folder or hub id, on ``device`` (``auto``: CUDA when
-    present, else CPU) with ``attn_implementation`` (``sdpa``, ``eager``, ``flash_attention_2``).
+    present, else CPU) with ``attn_implementation`` (``sdpa``, ``eager``, ``flash_attention_2``), its backbone in
+    ``dtype`` (a causal backbone's fresh scalar head is float32 whatever ``dtype``).
 
     ``backbone``: ``classifier`` (a sequence classifier with one label; a plain encoder such as all-MiniLM-L6-v2
     gets a fresh one-label head), ``causal_lm`` (the decoder of a causal LM plus a fresh scalar head) or
@@ -308,7 +311,7 @@ def load_reward_backbone(source: str, backbone: str = "auto", device: str | torc
     check_attn_implementation(attn_implementation, device)
     attention = hf_attn_implementation(attn_implementation)
     if (Path(source) / META_FILE).is_file():
-        model = RewardModel.load(source, attn_implementation=attn_implementation)
+        model = RewardModel.load(source, attn_implementation=attn_implementation, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(source)
     else:
         try:
@@ -320,14 +323,14 @@ def load_reward_backbone(source: str, backbone: str = "auto", device: str | torc
             causal = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in config.architectures or [])
             backbone = "causal_lm" if causal else "classifier"
         if backbone == "causal_lm":
-            lm, tokenizer = load_model(source, device=device, attn_implementation=attn_implementation)
+            lm, tokenizer = load_model(source, device=device, attn_implementation=attn_implementation, dtype=dtype)
             model = RewardModel.from_causal_lm(lm)
         else:
             if getattr(config, "is_encoder_decoder", False):
                 raise LmcycleError("an encoder-decoder cannot be a sequence-classifier reward model here; use a "
                                    "decoder (backbone: causal_lm) or an encoder", file=source, field="backbone")
             try:
-                classifier = AutoModelForSequenceClassification.from_pretrained(source, num_labels=1,
+                classifier = AutoModelForSequenceClassification.from_pretrained(source, num_labels=1, dtype=dtype,
                                                                                 attn_implementation=attention)
                 tokenizer = AutoTokenizer.from_pretrained(source)
             except (OSError, ValueError) as e:

@@ -46,9 +46,9 @@ class LocalLLM:
     """A model folder or hub id (anything :func:`lmcycle.artifacts.load_model` takes), or a loaded pair."""
 
     def __init__(self, model_or_path, tokenizer=None, *, device: str = "auto", name: str | None = None,
-                 attn_implementation: str = "sdpa"):
+                 attn_implementation: str = "sdpa", dtype: torch.dtype = torch.float32):
         if isinstance(model_or_path, str):  # device "auto": CUDA when present, else CPU
-            self.model, self.tokenizer = load_model(model_or_path, device=device,
+            self.model, self.tokenizer = load_model(model_or_path, device=device, dtype=dtype,
                                                     attn_implementation=attn_implementation)
             self.name = name or model_or_path
         else:

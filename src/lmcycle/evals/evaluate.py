@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
+import torch
+
 from lmcycle.artifacts import load_model
 from lmcycle.errors import LmcycleError
 from lmcycle.evals.bleu import bleu
@@ -91,10 +93,11 @@ def reference_perplexity(model, tokenizer, template, examples, seq2seq: bool, wi
 
 
 def completion_perplexity(reference: str, prompts: list[str], completions: list[str], device: str,
-                          batch_size: int, attn_implementation: str = "sdpa") -> Score:
+                          batch_size: int, attn_implementation: str = "sdpa", dtype: torch.dtype = torch.float32
+                          ) -> Score:
     """Perplexity of each generated completion (as generated, before stripping) given its prompt, under the
-    frozen ``reference`` model; an empty completion has no value."""
-    model, tokenizer = load_model(reference, device=device, attn_implementation=attn_implementation)
+    frozen ``reference`` model (loaded in ``dtype``); an empty completion has no value."""
+    model, tokenizer = load_model(reference, device=device, attn_implementation=attn_implementation, dtype=dtype)
     window = context_window(model, tokenizer)
     if is_seq2seq(model):
         score = seq2seq_perplexity(model, tokenizer, prompts, completions, batch_size=batch_size, max_len=window)

@@ -152,9 +152,9 @@ def classification_loss(weights: torch.Tensor | None = None):
 
 
 def load_for_training(source: str, labels: list[str], device: str | torch.device = "auto",
-                      attn_implementation: str = "sdpa"):
+                      attn_implementation: str = "sdpa", dtype: torch.dtype = torch.float32):
     """``(model, tokenizer)``: a sequence classifier over ``labels`` from ``source``, on ``device`` (``auto``: CUDA
-    when present); a new (random) head when the source has none or has other labels."""
+    when present), held in ``dtype``; a new (random) head when the source has none or has other labels."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     device = resolve_device(device)
@@ -162,7 +162,7 @@ def load_for_training(source: str, labels: list[str], device: str | torch.device
     try:
         model = AutoModelForSequenceClassification.from_pretrained(
             source, num_labels=len(labels), id2label=dict(enumerate(labels)),
-            label2id={label: i for i, label in enumerate(labels)}, ignore_mismatched_sizes=True, dtype=torch.float32,
+            label2id={label: i for i, label in enumerate(labels)}, ignore_mismatched_sizes=True, dtype=dtype,
             attn_implementation=hf_attn_implementation(attn_implementation))
         tokenizer = AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as e:

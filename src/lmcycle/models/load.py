@@ -70,6 +70,51 @@ def load_pretrained(
     return model, tokenizer
 
 
+# The dtypes a stage's ``model_dtype`` may name; the aliases are what torchtune and ``lmcycle plan`` write.
+MODEL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a ``model_dtype`` name (``float32``, ``bfloat16``, ``float16`` or an alias)."""
+    name = DTYPE_ALIASES.get(name, name)
+    if name not in MODEL_DTYPES:
+        raise LmcycleError(f"unknown dtype '{name}' (expected one of {', '.join(MODEL_DTYPES)})", field="model_dtype")
+    return MODEL_DTYPES[name]
+
+
+def dtype_problem(dtype: torch.dtype, device: str) -> str | None:
+    """Why ``device`` cannot run a model held in ``dtype`` (a sentence), or None when it can.
+
+    CUDA: bfloat16 needs a GPU with native support (compute capability 8.0+, or ROCm; the emulation torch offers on
+    older GPUs is far slower than float16). Any device: a small matmul and a linear layer in ``dtype`` must run
+    there. A device torch cannot reach at all (``cuda`` on a machine without one) is not a dtype problem: None,
+    and loading the model reports it.
+    """
+    if dtype == torch.float32:
+        return None
+    name = str(dtype).removeprefix("torch.")
+    try:
+        where = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+    except RuntimeError:
+        return None  # not a device name: loading the model reports it
+    if (where.type == "cuda" and not torch.cuda.is_available()) or (
+            where.type == "mps" and not torch.backends.mps.is_available()):
+        return None
+    if where.type == "cuda":
+        if dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported(including_emulation=False):
+            gpu = torch.cuda.get_device_name(where)
+            return (f"this GPU ({gpu}) has no native bfloat16 (torch.cuda.is_bf16_supported() is False); use "
+                    "float16 or float32")
+    try:
+        x = torch.ones(2, 4, dtype=dtype, device=where)
+        torch.nn.functional.linear(x @ x.T, torch.ones(3, 2, dtype=dtype, device=where))
+    except (RuntimeError, TypeError, NotImplementedError) as e:
+        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        return f"the {where.type} device cannot compute in {name} ({first_line}); use float32"
+    return None
+
+
 def ensure_pad_token(tokenizer: PreTrainedTokenizerBase, model: nn.Module | None = None) -> None:
     """Give a tokenizer without a pad token its EOS token as pad (padded positions are always masked), and a
     ``model`` whose config has no pad id the tokenizer's (decoder sequence classifiers find each row's last

@@ -33,12 +33,12 @@ from lmcycle.models.classifier import (
 from lmcycle.models.load import MINILM, local_copy
 from lmcycle.report.markdown import md, number
 from lmcycle.report.rundir import Run
-from lmcycle.stages.common import StageConfig, TrainingStage, finish_training_stage, write_eval
+from lmcycle.stages.common import ModelStage, TrainingStage, finish_training_stage, model_dtype, write_eval
 from lmcycle.stages.context import RunContext
 from lmcycle.train.loop import Batch, TrainConfig, micro_batch_indices, seed_everything, train
 
 
-class ClassifierStage(StageConfig):
+class ClassifierStage(ModelStage):
     """Fine-tune a text classifier on labelled datasets; score it and a TF-IDF baseline on held-out sets."""
 
     type: Literal["classifier"] = "classifier"
@@ -51,6 +51,10 @@ class ClassifierStage(StageConfig):
     balance: bool = Field(False, description="weight the cross-entropy by inverse class frequency")
     baseline: bool = Field(True, description="also fit TF-IDF + logistic regression (needs scikit-learn)")
     train: TrainConfig
+
+    @property
+    def trains_every_parameter(self) -> bool:
+        return True
 
     @field_validator("label_map")
     @classmethod
@@ -84,13 +88,14 @@ def default_base_model() -> str:
 def run_classifier(cfg: ClassifierStage, ctx: RunContext) -> dict[str, str]:
     """Train the classifier; save ``<stage>/model``; write ``<stage>/eval.json``; return ``{"model", "eval"}``."""
     name = cfg.stage_name
+    dtype = model_dtype(cfg, ctx)
     labels = class_names(cfg.label_map)
     texts, classes = labelled_texts(ctx, cfg.data, cfg.label_map, "data")
     y = [labels.index(c) for c in classes]
     seed = ctx.seed_for(cfg.train.seed)
     seed_everything(seed)  # the new head's random init is part of the run
     source = default_base_model() if cfg.model is None else ctx.model_path(cfg.model)
-    model, tokenizer = load_for_training(source, labels, ctx.device, ctx.attn_implementation)
+    model, tokenizer = load_for_training(source, labels, ctx.device, ctx.attn_implementation, dtype=dtype)
     stage = TrainingStage(name=name, out_dir=ctx.stage_dir(name), model=model, tokenizer=tokenizer,
                           train=cfg.train.model_copy(update={"seed": seed}), ctx=ctx)
 

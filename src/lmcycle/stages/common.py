@@ -14,11 +14,16 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
+
+import torch
+from pydantic import BeforeValidator, Field
 
 from lmcycle.artifacts import load_model
 from lmcycle.atomic import atomic_write_json
 from lmcycle.config import Config
+from lmcycle.errors import LmcycleError
+from lmcycle.models.load import DTYPE_ALIASES, dtype_problem, torch_dtype
 from lmcycle.stages.context import RunContext
 from lmcycle.train.checkpoint import save_model_dir
 from lmcycle.train.distributed import barrier, is_main
@@ -35,6 +40,56 @@ class StageConfig(Config):
     def stage_name(self) -> str:
         """The stage's name in the run (its sub-directory and metrics rows): ``name``, else its type."""
         return self.name or self.type
+
+
+def _dtype_alias(value: Any) -> Any:
+    return DTYPE_ALIASES.get(value, value) if isinstance(value, str) else value
+
+
+ModelDtype = Annotated[Literal["float32", "bfloat16", "float16"], BeforeValidator(_dtype_alias)]
+
+
+class ModelStage(StageConfig):
+    """The header of a stage that loads a model: ``model_dtype``, the dtype its weights are held in.
+
+    What stays float32 whatever ``model_dtype`` says: the parameters that train on a frozen base (LoRA's A and B,
+    a soft prompt, PPO's value head, a causal reward model's head) and so their gradients and AdamW state; PEFT
+    keeps adapters in float32 over a 16-bit base the same way (its ``autocast_adapter_dtype``). Distillation's
+    student is float32 too (its ``model_dtype`` is the frozen teacher's). When every parameter of the loaded
+    model trains (full fine-tuning, pre-training, a reward model's backbone, a classifier), ``bfloat16`` trains
+    them in bfloat16, AdamW state included, as torchtune's ``dtype: bf16`` does: half the memory of float32, with
+    no float32 master copy (``model_dtype: float32`` with ``train.bf16: true`` is the mixed-precision
+    alternative). ``float16`` is for frozen weights only: training every parameter in it would need loss
+    scaling, which lmcycle does not do, so :func:`dtype_problem_of` refuses it.
+    """
+
+    model_dtype: ModelDtype = Field("float32", description="dtype of the loaded weights: float32, bfloat16 (bf16) "
+                                                           "or float16 (fp16, frozen weights only)")
+
+    @property
+    def trains_every_parameter(self) -> bool:
+        """Whether the stage trains the weights it loads (not only adapters on them); the training stages say."""
+        return False
+
+
+def dtype_problem_of(cfg: StageConfig, device: str) -> str | None:
+    """Why the stage cannot hold its model in its ``model_dtype`` on ``device``, or None (also for a stage
+    that loads no model)."""
+    name = getattr(cfg, "model_dtype", "float32")
+    if name == "float16" and getattr(cfg, "trains_every_parameter", False):
+        return ("float16 is for frozen weights (evaluation, generation, the base under peft); training every "
+                "parameter in float16 needs loss scaling, which lmcycle does not do: use bfloat16, or float32 "
+                "with train.bf16")
+    return dtype_problem(torch_dtype(name), device)
+
+
+def model_dtype(cfg: StageConfig, ctx: RunContext) -> torch.dtype:
+    """The stage's ``model_dtype`` as a torch dtype, checked against the run's device before anything loads
+    (the recipe checked it too, with the line; this is for a stage config run on its own)."""
+    problem = dtype_problem_of(cfg, ctx.device)
+    if problem:
+        raise LmcycleError(problem, file=ctx.recipe_file, field="model_dtype")
+    return torch_dtype(getattr(cfg, "model_dtype", "float32"))
 
 
 def write_eval(stage_dir: str | os.PathLike, payload: dict[str, Any]) -> str:
@@ -54,6 +109,7 @@ class TrainingStage:
     tokenizer: Any
     train: TrainConfig  # the stage's TrainConfig with its seed resolved (the stage's, else the recipe's)
     ctx: RunContext
+    dtype: torch.dtype = torch.float32  # the stage's model_dtype: what a reloaded base (QLoRA's merge) is held in
 
     @property
     def seed(self) -> int:
@@ -64,12 +120,15 @@ class TrainingStage:
 
 
 def start_training_stage(cfg: StageConfig, ctx: RunContext) -> TrainingStage:
-    """Load the stage's model (``cfg.model``: an earlier stage, a path or a hub id) and resolve its seed."""
+    """Load the stage's model (``cfg.model``: an earlier stage, a path or a hub id) in its ``model_dtype`` and
+    resolve its seed."""
     name = cfg.stage_name
-    model, tokenizer = load_model(ctx.model_path(cfg.model), device=ctx.device,
+    dtype = model_dtype(cfg, ctx)
+    model, tokenizer = load_model(ctx.model_path(cfg.model), device=ctx.device, dtype=dtype,
                                   attn_implementation=ctx.attn_implementation)
     return TrainingStage(name=name, out_dir=ctx.stage_dir(name), model=model, tokenizer=tokenizer,
-                         train=cfg.train.model_copy(update={"seed": ctx.seed_for(cfg.train.seed)}), ctx=ctx)
+                         train=cfg.train.model_copy(update={"seed": ctx.seed_for(cfg.train.seed)}), ctx=ctx,
+                         dtype=dtype)
 
 
 def finish_training_stage(stage: TrainingStage, result: TrainResult) -> dict[str, str]:

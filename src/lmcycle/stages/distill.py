@@ -47,7 +47,7 @@ from lmcycle.optimize.student import hidden_size_of, num_layers_of, param_count
 from lmcycle.report.markdown import fixed, is_number, md, millions, share
 from lmcycle.report.rundir import Run
 from lmcycle.stages.classifier import labelled_texts
-from lmcycle.stages.common import StageConfig, TrainingStage, finish_training_stage, write_eval
+from lmcycle.stages.common import ModelStage, TrainingStage, finish_training_stage, model_dtype, write_eval
 from lmcycle.stages.context import RunContext, is_scorer
 from lmcycle.train.loop import (
     Batch,
@@ -59,8 +59,11 @@ from lmcycle.train.loop import (
 )
 
 
-class DistillStage(StageConfig):
-    """Distil a frozen teacher (classifier or decoder LM) into a smaller student; score both on held-out sets."""
+class DistillStage(ModelStage):
+    """Distil a frozen teacher (classifier or decoder LM) into a smaller student; score both on held-out sets.
+
+    ``model_dtype`` is the teacher's: the student trains in float32 whatever it says (it is what trains).
+    """
 
     type: Literal["distill"] = "distill"
     teacher: ModelRef = Field(description="an earlier stage, a path or a hub id")
@@ -94,6 +97,7 @@ def run_distill(cfg: DistillStage, ctx: RunContext) -> dict[str, str]:
         raise LmcycleError("set student_layers (copy teacher layers) or student_config (from scratch), not both",
                            file=ctx.recipe_file, field="student_config")
     name = cfg.stage_name
+    dtype = model_dtype(cfg, ctx)
     source = ctx.model_path(cfg.teacher)
     task = cfg.task or ("classifier" if _is_classifier(source) else "lm")
     if task == "classifier":
@@ -101,14 +105,15 @@ def run_distill(cfg: DistillStage, ctx: RunContext) -> dict[str, str]:
             raise LmcycleError("task is 'classifier' but the teacher is not a sequence classifier", file=source,
                                field="teacher")
         teacher_clf = TextClassifier.load(source, device=ctx.device, attn_implementation=ctx.attn_implementation)
-        teacher, tokenizer = teacher_clf.model, teacher_clf.tokenizer
+        teacher, tokenizer = teacher_clf.model.to(dtype), teacher_clf.tokenizer
     else:
         if _is_classifier(source):
             raise LmcycleError("task is 'lm' but the teacher is a sequence classifier", file=source, field="teacher")
         if cfg.trim_vocab:
             raise LmcycleError("trim_vocab is for classifiers: an LM's output is its vocabulary",
                                file=ctx.recipe_file, field="trim_vocab")
-        teacher, tokenizer = load_model(source, device=ctx.device, attn_implementation=ctx.attn_implementation)
+        teacher, tokenizer = load_model(source, device=ctx.device, dtype=dtype,
+                                        attn_implementation=ctx.attn_implementation)
         if getattr(teacher.config, "is_encoder_decoder", False):
             raise LmcycleError("LM distillation supports decoder LMs only (the teacher is an encoder-decoder)",
                                file=source, field="teacher")
@@ -118,6 +123,7 @@ def run_distill(cfg: DistillStage, ctx: RunContext) -> dict[str, str]:
     seed_everything(seed)  # a from-scratch student's init and a projection's are part of the run
     try:
         student, copied = build_student(teacher, cfg.student_layers, cfg.student_config)
+        student.float()  # copied layers come in the teacher's dtype; the student trains in float32
         n_student_layers, n_teacher_layers = num_layers_of(student.config), num_layers_of(teacher.config)
         layer_map = cfg.layer_map or default_layer_map(n_student_layers, n_teacher_layers, copied)
         check_layer_map(layer_map, n_student_layers, n_teacher_layers)

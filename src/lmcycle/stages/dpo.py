@@ -22,14 +22,14 @@ from lmcycle.data.preferences import pairs_from_examples
 from lmcycle.models.load import context_window
 from lmcycle.report.markdown import fraction, md
 from lmcycle.report.rundir import Run
-from lmcycle.stages.common import StageConfig, finish_training_stage, start_training_stage, write_eval
+from lmcycle.stages.common import ModelStage, finish_training_stage, start_training_stage, write_eval
 from lmcycle.stages.context import RunContext
 from lmcycle.stages.peft import LoraPeft, add_peft_for_training, finish_peft_stage
 from lmcycle.stages.reward import PREFERENCE_INTRO
 from lmcycle.train.loop import TrainConfig
 
 
-class DpoStage(StageConfig):
+class DpoStage(ModelStage):
     """Align a model to a preference dataset with DPO or IPO: every parameter, or a LoRA adapter."""
 
     type: Literal["dpo"] = "dpo"
@@ -46,6 +46,10 @@ class DpoStage(StageConfig):
     group_by_length: bool = Field(True, description="batch pairs of similar length together (less padding, "
                                                     "faster steps); off: plainly shuffled batches")
     train: TrainConfig
+
+    @property
+    def trains_every_parameter(self) -> bool:
+        return self.peft is None
 
 
 def run_dpo(cfg: DpoStage, ctx: RunContext) -> dict[str, str]:

@@ -42,11 +42,11 @@ from lmcycle.models.generate import DecodingConfig, generate
 from lmcycle.models.load import context_window, is_seq2seq
 from lmcycle.report.markdown import figure, fraction, is_number, md, number, row, save_png
 from lmcycle.report.rundir import Eval, Run
-from lmcycle.stages.common import StageConfig, write_eval
+from lmcycle.stages.common import ModelStage, model_dtype, write_eval
 from lmcycle.stages.context import RunContext
 
 
-class EvalStage(StageConfig):
+class EvalStage(ModelStage):
     """Score a model (or a baseline) on a dataset with the chosen metrics and perplexity."""
 
     type: Literal["eval"] = "eval"
@@ -150,7 +150,9 @@ def _run_baseline(examples: list) -> _Outputs:
 def _run_model(cfg: EvalStage, ctx: RunContext, examples: list) -> _Outputs:
     template = get_template(cfg.template)
     model_path = ctx.model_path(cfg.model)
-    model, tokenizer = load_model(model_path, device=ctx.device, attn_implementation=ctx.attn_implementation)
+    dtype = model_dtype(cfg, ctx)
+    model, tokenizer = load_model(model_path, device=ctx.device, dtype=dtype,
+                                  attn_implementation=ctx.attn_implementation)
     seq2seq = is_seq2seq(model)
     window = context_window(model, tokenizer)
     # A decoder's answer shares the context window with the prompt; an encoder-decoder's does not.
@@ -168,7 +170,7 @@ def _run_model(cfg: EvalStage, ctx: RunContext, examples: list) -> _Outputs:
     if cfg.reference_model is not None:
         scores["reference_perplexity"] = completion_perplexity(ctx.model_path(cfg.reference_model), prompts, raw,
                                                                ctx.device, cfg.decoding.batch_size,
-                                                               ctx.attn_implementation)
+                                                               ctx.attn_implementation, dtype=dtype)
     settings = {
         "model": str(model_path),
         "template_fields": template.model_dump(),
@@ -178,6 +180,8 @@ def _run_model(cfg: EvalStage, ctx: RunContext, examples: list) -> _Outputs:
         "prompt_tokens_mean": sum(b.n_tokens for b in built) / len(built),
         "seed": ctx.seed,
         "prediction_postprocess": "generated text cut at the first stop string, then stripped of whitespace",
+        # Only when set: 16-bit weights change the scores a little, and float32 runs record what they always did.
+        **({"model_dtype": cfg.model_dtype} if cfg.model_dtype != "float32" else {}),
     }
     return _Outputs(prompts, [text.strip() for text in raw], scores, settings)
 

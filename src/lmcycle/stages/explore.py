@@ -20,11 +20,11 @@ from lmcycle.models.explore import default_settings, exploration_markdown, explo
 from lmcycle.models.generate import DecodingConfig
 from lmcycle.report.markdown import md
 from lmcycle.report.rundir import Run
-from lmcycle.stages.common import StageConfig
+from lmcycle.stages.common import ModelStage, model_dtype
 from lmcycle.stages.context import RunContext
 
 
-class ExploreStage(StageConfig):
+class ExploreStage(ModelStage):
     """Show how decoding settings reshape the next-token distribution of one prompt."""
 
     type: Literal["explore"] = "explore"
@@ -57,7 +57,7 @@ def stage_prompt(cfg: ExploreStage, ctx: RunContext) -> str:
 def run_explore(cfg: ExploreStage, ctx: RunContext) -> dict[str, str]:
     """Write ``explore.json``, ``explore.png`` and ``explore.md`` under the stage directory."""
     name = cfg.stage_name
-    model, tokenizer = load_model(ctx.model_path(cfg.model), device=ctx.device,
+    model, tokenizer = load_model(ctx.model_path(cfg.model), device=ctx.device, dtype=model_dtype(cfg, ctx),
                                   attn_implementation=ctx.attn_implementation)
     result = explore(model, tokenizer, stage_prompt(cfg, ctx), cfg.settings, top_n=cfg.top_n)
     out = ctx.stage_dir(name)

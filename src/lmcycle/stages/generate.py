@@ -15,11 +15,11 @@ from lmcycle.artifacts import load_model
 from lmcycle.atomic import atomic_write_text
 from lmcycle.config import ModelRef
 from lmcycle.models.generate import DecodingConfig, generate
-from lmcycle.stages.common import StageConfig
+from lmcycle.stages.common import ModelStage, model_dtype
 from lmcycle.stages.context import RunContext
 
 
-class GenerateStage(StageConfig):
+class GenerateStage(ModelStage):
     """Generate continuations of fixed prompts with one decoding setting."""
 
     type: Literal["generate"] = "generate"
@@ -31,7 +31,7 @@ class GenerateStage(StageConfig):
 def run_generate(cfg: GenerateStage, ctx: RunContext) -> dict[str, str]:
     """Write ``generations.jsonl``: one ``{"prompt", "output", "settings"}`` object per prompt."""
     name = cfg.stage_name
-    model, tokenizer = load_model(ctx.model_path(cfg.model), device=ctx.device,
+    model, tokenizer = load_model(ctx.model_path(cfg.model), device=ctx.device, dtype=model_dtype(cfg, ctx),
                                   attn_implementation=ctx.attn_implementation)
     outputs = generate(model, tokenizer, cfg.prompts, cfg.decoding, progress=True)
     settings = cfg.decoding.model_dump()

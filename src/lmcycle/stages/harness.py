@@ -20,11 +20,11 @@ from lmcycle.config import ModelRef
 from lmcycle.models.generate import DecodingConfig
 from lmcycle.report.markdown import md
 from lmcycle.report.rundir import Run
-from lmcycle.stages.common import StageConfig, write_eval
+from lmcycle.stages.common import ModelStage, model_dtype, write_eval
 from lmcycle.stages.context import RunContext
 
 
-class HarnessStage(StageConfig):
+class HarnessStage(ModelStage):
     """A benchmark harness over a model of the run or any OpenAI-compatible server."""
 
     type: Literal["harness"] = "harness"
@@ -42,7 +42,8 @@ def run_harness(cfg: HarnessStage, ctx: RunContext) -> dict[str, str]:
     name = cfg.stage_name
     data = ctx.recipe_path(cfg.path)
     llm = backend_from_spec(cfg.backend) if cfg.backend else LocalLLM(
-        ctx.model_path(cfg.model), device=ctx.device, attn_implementation=ctx.attn_implementation)
+        ctx.model_path(cfg.model), device=ctx.device, attn_implementation=ctx.attn_implementation,
+        dtype=model_dtype(cfg, ctx))
     result = run_benchmark(llm, cfg.benchmark, data, cfg.method, cfg.decoding, limit=cfg.limit, n=cfg.n)
     metric = next(iter(result))
     out = ctx.stage_dir(name)

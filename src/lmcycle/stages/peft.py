@@ -76,6 +76,10 @@ def finish_peft_stage(stage: TrainingStage, result: TrainResult, peft, base_mode
     """Save the adapter to ``<stage>/adapter``; for (Q)LoRA also save the merged plain model as ``model``.
     ``base_model`` is the model the stage started from; the adapter records it (a local one as an absolute path).
 
+    Dtypes: the adapter is saved as it trained, in float32 (PEFT saves and loads it so too); the merged model in
+    the stage's ``model_dtype`` (each weight plus the float32 delta, rounded once), and its config.json records
+    that dtype. A later stage loads it in its own ``model_dtype`` whatever it was saved in.
+
     QLoRA merges into the full-precision base reloaded from disk, not into its quantized weights. A soft prompt
     cannot be merged: the stage's model is the adapter folder, which loads with its base.
     """
@@ -92,7 +96,8 @@ def finish_peft_stage(stage: TrainingStage, result: TrainResult, peft, base_mode
     if isinstance(peft, PromptTuningPeft):
         return {"model": str(adapter_dir), "adapter": str(adapter_dir)}
     if isinstance(peft, QloraPeft):
-        stage.model, _ = load_model(base_model, device=stage.ctx.device,
+        # The merged model is saved in model_dtype like a LoRA stage's: the float32 delta rounds into it once.
+        stage.model, _ = load_model(base_model, device=stage.ctx.device, dtype=stage.dtype,
                                     attn_implementation=stage.ctx.attn_implementation)
         merge_qlora(stage.model, adapter_dir)
     else:

@@ -64,7 +64,7 @@ from lmcycle.errors import LmcycleError
 from lmcycle.models.generate import DecodingConfig
 from lmcycle.report.markdown import figure, filename, fraction, is_number, md, plain, save_png
 from lmcycle.report.rundir import Run
-from lmcycle.stages.common import StageConfig, TrainingStage, finish_training_stage, start_training_stage
+from lmcycle.stages.common import ModelStage, TrainingStage, finish_training_stage, start_training_stage
 from lmcycle.stages.context import RunContext
 from lmcycle.stages.peft import LoraPeft, add_peft_for_training, finish_peft_stage
 from lmcycle.train.loop import StopTraining, TrainConfig, micro_batch_indices, train
@@ -84,7 +84,7 @@ class PpoTrain(TrainConfig):
                                        "jump when the rewards do")
 
 
-class PpoStage(StageConfig):
+class PpoStage(ModelStage):
     """Optimise a policy with PPO against a reward (model, classifier or Python function) and a KL leash."""
 
     type: Literal["ppo"] = "ppo"
@@ -102,6 +102,10 @@ class PpoStage(StageConfig):
     samples_every: int = Field(10, ge=1, description="keep samples of rollout 0, every N-th and the last")
     save_every_rollouts: int = Field(0, ge=0, description="0: checkpoint after the last rollout only")
     train: PpoTrain = PpoTrain()
+
+    @property
+    def trains_every_parameter(self) -> bool:
+        return self.peft is None
 
     @field_validator("train")
     @classmethod
@@ -273,7 +277,7 @@ def run_ppo(cfg: PpoStage, ctx: RunContext) -> dict[str, str]:
     if cfg.peft is not None:
         add_peft_for_training(stage, cfg.peft)
     else:
-        ref_model, _ = load_model(ctx.model_path(cfg.model), device=ctx.device,
+        ref_model, _ = load_model(ctx.model_path(cfg.model), device=ctx.device, dtype=stage.dtype,
                                   attn_implementation=ctx.attn_implementation)
     agent = PolicyWithValue(stage.model, cfg.ppo.beta).to(stage.model.device)
     ref = reference_scorer(agent, ref_model, cfg.generation.temperature)

@@ -26,7 +26,7 @@ from lmcycle.data.packing import pack_sequences
 from lmcycle.data.sft import collate_sft
 from lmcycle.errors import LmcycleError
 from lmcycle.models.load import context_window, is_seq2seq
-from lmcycle.stages.common import StageConfig, finish_training_stage, start_training_stage
+from lmcycle.stages.common import ModelStage, finish_training_stage, start_training_stage
 from lmcycle.stages.context import RunContext
 from lmcycle.train.loop import TrainConfig, held_out_metrics, lm_loss_sum, train
 from lmcycle.train.pretrain import (
@@ -40,7 +40,7 @@ from lmcycle.train.pretrain import (
 TEXT_SUFFIXES = (".txt", ".md", ".text", ".markdown")
 
 
-class PretrainStage(StageConfig):
+class PretrainStage(ModelStage):
     """Pre-train (or continue pre-training) on recipe datasets and/or text files."""
 
     type: Literal["pretrain"] = "pretrain"
@@ -50,6 +50,10 @@ class PretrainStage(StageConfig):
     seq_len: int = Field(256, ge=8)
     eval_fraction: float = Field(0.05, ge=0, lt=1)
     train: TrainConfig
+
+    @property
+    def trains_every_parameter(self) -> bool:
+        return True
 
 
 def run_pretrain(cfg: PretrainStage, ctx: RunContext) -> dict[str, str]:

@@ -110,7 +110,21 @@ class Recipe(Config):
             seen.add(name)
             out.append(cfg)
         self.check_references(out, file, lines or {})
+        self.check_model_dtypes(out, file, lines or {})
         return out
+
+    def check_model_dtypes(self, stages: list[Config], file: str | os.PathLike, lines: Lines) -> None:
+        """Every stage's ``model_dtype`` runs on the recipe's device (bfloat16 on a GPU without it, float16 where
+        matmuls lack it) and suits what the stage trains: found before any stage loads a model."""
+        if all(getattr(cfg, "model_dtype", "float32") == "float32" for cfg in stages):
+            return  # nothing to probe: a float32 recipe never touches torch here
+        from lmcycle.stages.common import dtype_problem_of  # lazy: torch, only for a recipe that sets a dtype
+
+        for i, cfg in enumerate(stages):
+            problem = dtype_problem_of(cfg, self.device)
+            if problem:
+                key = ("stages", i, "model_dtype")
+                raise LmcycleError(problem, file=file, line=line_for(key, lines), field=".".join(map(str, key)))
 
     def check_references(self, stages: list[Config], file: str | os.PathLike, lines: Lines) -> None:
         """Every dataset a stage names is in the ``data`` section, and every model it names is not a misspelt

@@ -27,12 +27,12 @@ from lmcycle.data.preferences import pairs_from_examples
 from lmcycle.models.load import context_window
 from lmcycle.report.markdown import figure, fraction, is_number, md, save_png
 from lmcycle.report.rundir import Run
-from lmcycle.stages.common import StageConfig, write_eval
+from lmcycle.stages.common import ModelStage, model_dtype, write_eval
 from lmcycle.stages.context import RunContext
 from lmcycle.train.loop import TrainConfig, seed_everything
 
 
-class RewardStage(StageConfig):
+class RewardStage(ModelStage):
     """Train a reward model on a preference dataset; score held-out pairs; save it with its reward statistics."""
 
     type: Literal["reward"] = "reward"
@@ -47,19 +47,24 @@ class RewardStage(StageConfig):
                                                     "faster steps); off: plainly shuffled batches")
     train: TrainConfig
 
+    @property
+    def trains_every_parameter(self) -> bool:
+        return True  # the backbone trains with the head
+
 
 def run_reward(cfg: RewardStage, ctx: RunContext) -> dict[str, str]:
     """Train the reward model; save it to ``<stage>/model`` (:meth:`~lmcycle.align.reward.RewardModel.save`,
     with the training pairs' reward mean/std) and its held-out metrics to ``<stage>/eval.json``; return
     ``{"model", "eval"}``."""
     name = cfg.stage_name
+    dtype = model_dtype(cfg, ctx)
     out_dir = ctx.stage_dir(name)
     tcfg = cfg.train.model_copy(update={"seed": ctx.seed_for(cfg.train.seed)})
     pairs = pairs_from_examples(ctx.dataset(cfg.data), cfg.data)
     eval_pairs = pairs_from_examples(ctx.dataset(cfg.eval_data), cfg.eval_data)
     source = ctx.model_path(cfg.model)
     seed_everything(tcfg.seed)  # the fresh score head's init is part of the run
-    model, tokenizer = load_reward_backbone(source, cfg.backbone, ctx.device, ctx.attn_implementation)
+    model, tokenizer = load_reward_backbone(source, cfg.backbone, ctx.device, ctx.attn_implementation, dtype=dtype)
     max_len = min(cfg.max_len, context_window(model.backbone, tokenizer))
 
     def log(**metrics) -> None:

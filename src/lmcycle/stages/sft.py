@@ -23,7 +23,7 @@ from lmcycle.data.templates import get_template
 from lmcycle.models.load import context_window, is_seq2seq
 from lmcycle.report.markdown import duration, is_number, md, number, row
 from lmcycle.report.rundir import Run
-from lmcycle.stages.common import StageConfig, finish_training_stage, start_training_stage
+from lmcycle.stages.common import ModelStage, finish_training_stage, start_training_stage
 from lmcycle.stages.context import RunContext
 from lmcycle.stages.peft import PeftConfig, PromptTuningPeft, add_peft_for_training, finish_peft_stage
 from lmcycle.train.checkpoint import saved_param_count
@@ -44,7 +44,7 @@ class SftData(Config):
     template: str | dict | None = Field(None, description="None: the stage's template")
 
 
-class SftStage(StageConfig):
+class SftStage(ModelStage):
     """Fine-tune a model (every parameter, or LoRA adapters) on one task or a weighted mixture of tasks."""
 
     type: Literal["sft"] = "sft"
@@ -55,6 +55,10 @@ class SftStage(StageConfig):
     eval_data: DatasetName | None = Field(None, description="dataset whose held-out loss is logged every eval_every")
     peft: PeftConfig | None = Field(None, description="None: full fine-tuning of every parameter")
     train: TrainConfig
+
+    @property
+    def trains_every_parameter(self) -> bool:
+        return self.peft is None
 
 
 def run_sft(cfg: SftStage, ctx: RunContext) -> dict[str, str]:
