@@ -410,6 +410,10 @@ def activation_bytes(sh: ModelShape, seq_len: int, batch: int, roles: set[str] |
     if lm_head:
         total += e * ab  # the LM head's input
     logits = 3 * s * b * sh.vocab * 4  # fp32 log-probs saved + two [b, s, V] gradient buffers in backward
+    if checkpointing:
+        # While the recomputed block's backward runs, its gradients are alive too (the plain peak, at the head,
+        # has none): dL/d of its output and about three [b, s, ffn] of the MLP's backward.
+        recompute += (e + 3 * s * b * sh.ffn) * ab
     # The recomputed block counts where it outgrows what the head's backward held (the head's inputs, logits).
     total += max(0.0, recompute - (total - before_head) - logits)
     return {"layers": total, "logits": logits}
