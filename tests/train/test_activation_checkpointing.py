@@ -237,6 +237,9 @@ def test_train_gives_the_same_losses_and_resumes_with_the_setting_changed(tmp_pa
     checkpointed = tiny_train(model, tmp_path / "b", 4, checkpointed=True)
     assert checkpointed.losses == pytest.approx(plain.losses, rel=1e-5, abs=1e-6)
     assert not any(is_checkpointed(b) for b in transformer_blocks(model))
+    # under bf16 autocast too: the recomputation runs in the autocast state of the first pass
+    bf16 = [tiny_train(llama(), tmp_path / f"bf16-{on}", 2, checkpointed=on, bf16=True).losses for on in (0, 1)]
+    assert bf16[1] == pytest.approx(bf16[0], rel=1e-5, abs=1e-6) and bf16[0] != pytest.approx(plain.losses[:2])
 
     # Memory settings are not part of what a resumed run must repeat: a run that ran out of memory resumes with
     # checkpointing on, and continues as it would have without.
@@ -273,3 +276,31 @@ def test_sft_with_checkpointing_saves_the_same_files_with_the_same_keys(arch, pe
     if peft:
         config = json.loads((Path(produced[True]["adapter"]) / "adapter_config.json").read_text())
         assert config["peft_type"] == "LORA"
+
+
+@pytest.mark.parametrize("make", [llama, t5], ids=["llama", "t5"])
+@pytest.mark.parametrize("order", ["checkpoint-then-shard", "shard-then-checkpoint"])
+def test_composes_with_fsdp2_fully_shard_per_block(make, order, tmp_path):
+    """FSDP2 on every block and the root (one gloo rank, as the fsdp strategy will shard) with checkpointing on
+    in either order: the same gradients, and no wrapper in the parameter names."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    batch = lm_batch(seq2seq=make is t5)
+    model = add_lora(make(), LoraConfig(r=4))
+    plain = loss_and_grads(model, lm_loss, batch, checkpointed=False)
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        model = add_lora(make(), LoraConfig(r=4))
+        names = list(model.state_dict())
+        if order == "checkpoint-then-shard":
+            apply_activation_checkpointing(model)
+        for block in transformer_blocks(model):
+            fully_shard(block)
+        fully_shard(model)
+        loss, grads = loss_and_grads(model, lm_loss, batch, checkpointed=order == "shard-then-checkpoint")
+        grads = {n: g.full_tensor() for n, g in grads.items()}
+        assert list(model.state_dict()) == names
+    finally:
+        dist.destroy_process_group()
+    assert_same(plain, (loss, grads))
