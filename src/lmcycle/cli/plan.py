@@ -25,6 +25,8 @@ def add_parser(sub) -> None:
     pl.add_argument("--virtual-tokens", type=int, default=20, help="prompt tuning's soft prompt length")
     pl.add_argument("--tokens-per-s", type=float, help="training throughput, for the time of the token budget")
     pl.add_argument("--flops-per-s", type=float, help="sustained FLOP/s, the alternative to --tokens-per-s")
+    pl.add_argument("--activation-checkpointing", action="store_true",
+                    help="as train.activation_checkpointing: blocks keep their inputs, recompute the rest")
     pl.add_argument("--json", action="store_true", help="print the plan as JSON")
     pl.set_defaults(fields=[])  # main() files stray key=value items here; run() rejects them
 
@@ -40,6 +42,7 @@ def run(args) -> int:
     targets = [t.strip() for t in args.lora_targets.split(",") if t.strip()] if args.lora_targets else None
     plan = make_plan(config, seq_len=args.seq_len, batch=args.batch, precision=args.precision, lora_r=args.lora_r,
                      lora_targets=targets, virtual_tokens=args.virtual_tokens, tokens_per_s=args.tokens_per_s,
-                     flops_per_s=args.flops_per_s, name=name)
+                     flops_per_s=args.flops_per_s, name=name,
+                     activation_checkpointing=args.activation_checkpointing)
     print(json.dumps(plan.to_dict(), indent=2, ensure_ascii=False) if args.json else render(plan))
     return 0

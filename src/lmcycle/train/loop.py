@@ -52,6 +52,7 @@ from lmcycle.train.distributed import (
     rank,
     world_size,
 )
+from lmcycle.train.memory import activation_checkpointing
 from lmcycle.train.schedule import lr_at
 
 Batch = dict[str, torch.Tensor]
@@ -88,6 +89,9 @@ class TrainConfig(Config):
     spike_patience: int = Field(3, ge=1, description="consecutive spiking steps before the run stops: one bad "
                                 "batch of a noisy loss (a classifier's, a reward model's) is no divergence")
     force_resume: bool = Field(False, description="resume even from a checkpoint written with other settings")
+    activation_checkpointing: bool = Field(False, description="keep only each transformer block's inputs and "
+                                           "recompute its activations in backward (train/memory.py): less "
+                                           "memory for about one more forward pass per step")
 
 
     @field_validator("warmup_steps")
@@ -103,6 +107,9 @@ class TrainConfig(Config):
 # Settings that change no number the training computes: a resumed run may change them freely.
 CADENCE_FIELDS = frozenset({"eval_every", "save_every", "log_every", "keep_checkpoints", "spike_factor",
                             "spike_window", "spike_patience", "force_resume"})
+# Settings that change how much memory a step takes, not what it computes: a run that ran out of memory may resume
+# with them changed (and checkpoints written before they existed still resume).
+MEMORY_FIELDS = frozenset({"activation_checkpointing"})
 # A loss near zero that quadruples is noise of a nearly learned task, not divergence: a spike must also rise
 # by this many nats over the median.
 SPIKE_MIN_RISE = 1.0
@@ -162,8 +169,10 @@ def train(model: nn.Module, batch_at: Callable[[int], list[Batch]], loss_fn: Los
         return Progress(steps, losses, done_before.elapsed + time.perf_counter() - started,
                         done_before.tokens + tokens_seen)
 
-    with tqdm(total=cfg.max_steps, initial=start, desc=desc, disable=None if is_main() else True,
-              file=sys.stderr, dynamic_ncols=True) as bar:
+    # Checkpointing is undone when the loop ends, so the trainer gets its model back as it gave it.
+    with (activation_checkpointing(model, cfg.activation_checkpointing),
+          tqdm(total=cfg.max_steps, initial=start, desc=desc, disable=None if is_main() else True,
+               file=sys.stderr, dynamic_ncols=True) as bar):
         for step in range(start, cfg.max_steps):
             lr = set_lr(optimizer, lr_at(step, lr=cfg.lr, max_steps=cfg.max_steps, warmup_steps=cfg.warmup_steps,
                                          min_lr_ratio=cfg.min_lr_ratio))
@@ -253,7 +262,7 @@ def resume(out_dir: str | Path, model: nn.Module, optimizer: torch.optim.Optimiz
 
 def resume_settings(cfg: TrainConfig) -> dict:
     """The settings a resumed run must share with its checkpoint: every one that changes what is computed."""
-    return cfg.model_dump(mode="json", exclude=set(CADENCE_FIELDS))
+    return cfg.model_dump(mode="json", exclude=set(CADENCE_FIELDS | MEMORY_FIELDS))
 
 
 def check_same_settings(saved: dict, now: dict, path: Path) -> None:

@@ -13,7 +13,8 @@ Memory per method = weights + gradients + optimizer states + activations, where
   (plus an fp32 master copy of the weights when training in bf16 mixed precision);
 - activations: the tensors autograd saves for the backward pass, counted per module for the way lmcycle runs
   these models (SDPA attention, which on CPU saves q, k, v, the output and a log-sum-exp but never the
-  b·a·s² attention probabilities; no recomputation; no dropout). A frozen Linear saves nothing for its own
+  b·a·s² attention probabilities; no dropout; no recomputation, or with activation checkpointing per block each
+  block's input plus one block's saved tensors at a time). A frozen Linear saves nothing for its own
   weight, which is why LoRA and prompt tuning save fewer activations than full fine-tuning. Plus the logits:
   lmcycle's loss takes an fp32 log-softmax over [b, s, V] (saved), and the first backward step holds two more
   [b, s, V] fp32 buffers (the gradients of the log-probabilities and of the logits). For comparison the plan's
@@ -203,6 +204,25 @@ def lora_layers(model: nn.Module, targets: list[str] | None) -> int:
     return len(find_targets(model, targets or default_targets(model)))
 
 
+def lora_layers_held(model: nn.Module, targets: list[str] | None, checkpointing: bool) -> int:
+    """How many LoRA layers hold their [b, s, r] activation at the peak: all of them (:func:`lora_layers`), or
+    with activation checkpointing those outside the blocks plus the most that one block has."""
+    paths = find_targets(model, targets or default_targets(model))
+    if not checkpointing:
+        return len(paths)
+    per_block: dict[str, int] = {}
+    outside = 0
+    for path in paths:
+        parts = path.split(".")
+        index = next((i for i, part in enumerate(parts) if part.isdigit()), None)
+        if index is None:
+            outside += 1
+        else:
+            block = ".".join(parts[:index + 1])
+            per_block[block] = per_block.get(block, 0) + 1
+    return outside + max(per_block.values(), default=0)
+
+
 def _role(path: str) -> str:
     parts = path.split(".")
     for i, part in enumerate(parts):
@@ -326,14 +346,19 @@ def _t5_layer(sh: ModelShape, s: int, s_kv: int, b: int, roles: set[str] | None,
 
 
 def activation_bytes(sh: ModelShape, seq_len: int, batch: int, roles: set[str] | None, *, act_bytes: float = 4,
-                     input_grad: bool = True) -> dict[str, float]:
+                     input_grad: bool = True, checkpointing: bool = False) -> dict[str, float]:
     """Bytes saved for backward at peak: ``layers`` (all blocks and the final norm) and ``logits``.
 
     ``roles``: the trained Linear roles (None: full fine-tuning); ``input_grad``: whether the embeddings' output
     requires grad (full fine-tuning, prompt tuning). For T5 the decoder is assumed as long as the encoder.
+    ``checkpointing``: activation checkpointing per block (train/memory.py): each block keeps only its input
+    through the forward pass (plus the tensors the blocks of a stack share), and one block at a time holds its
+    own saved tensors again, while its backward runs. By then the backward of the loss and the LM head is done
+    and the logits' buffers are freed, so the peak holds the larger of the two, not both.
     """
     s, b, ab = seq_len, batch, act_bytes
     lm_head = roles is None or "lm_head" in roles
+    recompute = 0.0  # with checkpointing: what the block whose backward runs holds again
     # int64 labels (the loss) and token ids (a trained embedding's backward)
     total, grad = 8 * b * s * (2 if roles is None else 1), input_grad
     if sh.arch == "t5":
@@ -341,25 +366,43 @@ def activation_bytes(sh: ModelShape, seq_len: int, batch: int, roles: set[str] |
         # cross-attention's (zero) position-bias mask [1, a, s, s], shared by the decoder's layers
         total += 2 * s * s * 8 if roles is None else 0
         total += 4 * sh.heads * s * s
+        encoder = []
         for _ in range(sh.layers):
             n, grad = _t5_layer(sh, s, s, b, roles, grad, ab, cross=False)
-            total += n
+            encoder.append(n)
         e = s * b * sh.hidden
         total += (e + s * b) * ab if grad else 0  # encoder final norm's input and rsqrt
         total += e * ab if roles is None else 0
-        if _trained(roles, "EncDecAttention.k", "EncDecAttention.v"):
+        kv_trained = _trained(roles, "EncDecAttention.k", "EncDecAttention.v")
+        if kv_trained:
             total += e * ab  # the encoder output, input of every cross-attention's k and v
-        cross_grad = grad or _trained(roles, "EncDecAttention.k", "EncDecAttention.v")
+        cross_grad = grad or kv_trained
         grad = input_grad
+        decoder = []
         for _ in range(sh.decoder_layers):
             n, grad = _t5_layer(sh, s, s, b, roles, grad, ab, cross=True, kv_grad=cross_grad)
-            total += n
+            decoder.append(n)
+        if not checkpointing:
+            total += sum(encoder) + sum(decoder)
+        else:
+            # Kept by the checkpoints: every block's input, each stack's fp32 self-attention position bias (block
+            # 0 computes it, the others take it as an input) and the encoder output (an input of every decoder
+            # block). The decoder's backward runs first, while the encoder's block inputs are still held.
+            total += (len(encoder) + len(decoder)) * e * ab + 2 * 4 * sh.heads * s * s + (0 if kv_trained else e * ab)
+            recompute = max(max(decoder, default=0), max(encoder, default=0) - len(decoder) * e * ab)
     else:
+        blocks = []
         for _ in range(sh.layers):
             n, grad = _decoder_layer(sh, s, b, roles, grad, ab)
-            total += n
+            blocks.append(n)
+        if not checkpointing:
+            total += sum(blocks)
+        else:
+            total += len(blocks) * s * b * sh.hidden * ab  # every block's input
+            recompute = max(blocks, default=0)
         total += 2 * s * sh.head_dim * 4 if sh.arch == "llama" else 0  # rotary cos and sin, shared by all layers
     e = s * b * sh.hidden
+    before_head = total
     if grad:
         total += (e + (1 if sh.arch != "gpt2" else 2) * s * b) * ab  # final norm's input and statistics
     if roles is None and sh.arch != "gpt2":
@@ -367,6 +410,12 @@ def activation_bytes(sh: ModelShape, seq_len: int, batch: int, roles: set[str] |
     if lm_head:
         total += e * ab  # the LM head's input
     logits = 3 * s * b * sh.vocab * 4  # fp32 log-probs saved + two [b, s, V] gradient buffers in backward
+    if checkpointing:
+        # While the recomputed block's backward runs, its gradients are alive too (the plain peak, at the head,
+        # has none): dL/d of its output and about three [b, s, ffn] of the MLP's backward.
+        recompute += (e + 3 * s * b * sh.ffn) * ab
+    # The recomputed block counts where it outgrows what the head's backward held (the head's inputs, logits).
+    total += max(0.0, recompute - (total - before_head) - logits)
     return {"layers": total, "logits": logits}
 
 
@@ -435,9 +484,11 @@ def _check_positive(name: str, value: float | None, allow_none: bool = True) -> 
 
 def make_plan(config: PretrainedConfig, *, seq_len: int = 512, batch: int = 8, precision: str = "fp32",
               lora_r: int = 8, lora_targets: list[str] | None = None, virtual_tokens: int = 20,
-              tokens_per_s: float | None = None, flops_per_s: float | None = None, name: str = "") -> Plan:
+              tokens_per_s: float | None = None, flops_per_s: float | None = None, name: str = "",
+              activation_checkpointing: bool = False) -> Plan:
     """Plan full fine-tuning, LoRA, QLoRA (8- and 4-bit) and prompt tuning of ``config``'s model, plus its
-    Chinchilla budget. ``seq_len`` × ``batch`` tokens per micro-batch; ``precision`` of the (frozen) weights."""
+    Chinchilla budget. ``seq_len`` × ``batch`` tokens per micro-batch; ``precision`` of the (frozen) weights;
+    ``activation_checkpointing``: as ``train.activation_checkpointing`` (see :func:`activation_bytes`)."""
     for key, v in (("--seq-len", seq_len), ("--batch", batch), ("--lora-r", lora_r),
                    ("--virtual-tokens", virtual_tokens)):
         if not isinstance(v, int) or v <= 0:
@@ -462,13 +513,14 @@ def make_plan(config: PretrainedConfig, *, seq_len: int = 512, batch: int = 8, p
     else:
         note_full = "" if precision == "fp32" else "bf16 mixed precision: fp32 master weights in the optimizer"
     full_prec = "fp32" if precision == "fp32" else "bf16"
-    act = activation_bytes(sh, seq_len, batch, None, act_bytes=4 if full_prec == "fp32" else 2)
+    ckpt = activation_checkpointing
+    act = activation_bytes(sh, seq_len, batch, None, act_bytes=4 if full_prec == "fp32" else 2, checkpointing=ckpt)
     p = params["total"]
     rows.append(MethodMemory(f"full FT ({full_prec})", weight_bytes(params, full_prec),
                              (4 if full_prec == "fp32" else 2) * p, (8 if full_prec == "fp32" else 12) * p,
                              act["layers"] + act["logits"], p, note_full))
-    lora_act = activation_bytes(sh, seq_len, batch, roles, act_bytes=ab, input_grad=False)
-    lora_extra = seq_len * batch * lora_r * ab * lora_layers(model, lora_targets)
+    lora_act = activation_bytes(sh, seq_len, batch, roles, act_bytes=ab, input_grad=False, checkpointing=ckpt)
+    lora_extra = seq_len * batch * lora_r * ab * lora_layers_held(model, lora_targets, ckpt)
     lora_note = f"r={lora_r} on {', '.join(sorted(roles))}; fp32 adapters"
     label = f"LoRA ({precision} base)" if not quantized else f"QLoRA ({precision} base)"
     rows.append(MethodMemory(label, base + 4 * n_lora, 4 * n_lora, 8 * n_lora,
@@ -482,7 +534,8 @@ def make_plan(config: PretrainedConfig, *, seq_len: int = 512, batch: int = 8, p
                                  lora_act["layers"] + lora_act["logits"] + lora_extra, n_lora,
                                  lora_note + ("; bf16 compute" if ab == 2 else "; fp32 compute")))
     n_prompt = virtual_tokens * sh.hidden
-    pt_act = activation_bytes(sh, seq_len + virtual_tokens, batch, set(), act_bytes=ab, input_grad=True)
+    pt_act = activation_bytes(sh, seq_len + virtual_tokens, batch, set(), act_bytes=ab, input_grad=True,
+                              checkpointing=ckpt)
     rows.append(MethodMemory(f"prompt tuning ({precision} base)", base + 4 * n_prompt, 4 * n_prompt, 8 * n_prompt,
                              pt_act["layers"] + pt_act["logits"], n_prompt,
                              f"{virtual_tokens} virtual tokens (sequence {seq_len + virtual_tokens})"))
@@ -490,7 +543,9 @@ def make_plan(config: PretrainedConfig, *, seq_len: int = 512, batch: int = 8, p
     settings = {
         "arch": sh.arch, "seq_len": seq_len, "batch": batch, "precision": precision, "lora_r": lora_r,
         "lora_targets": sorted(roles), "virtual_tokens": virtual_tokens, "optimizer": "AdamW, 2 fp32 states",
-        "attention": "SDPA (no b·a·s² probabilities saved)", "recomputation": "none",
+        "attention": "SDPA (no b·a·s² probabilities saved)",
+        "recomputation": ("per transformer block (activation checkpointing): each block keeps its input, one "
+                          "block's activations at a time" if ckpt else "none"),
         "dropout": f"ignored (config has {sh.dropout:g})" if sh.dropout else "none",
         "logits": "fp32: log-probs saved + 2 backward buffers of [b, s, V]",
         "quantized_bytes_per_param": QUANT_BYTES,
