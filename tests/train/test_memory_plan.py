@@ -34,6 +34,7 @@ from lmcycle.train.memory_plan import (
     lora_trainable,
     make_plan,
     meta_model,
+    model_parts,
     params_by_kind,
     parse_count,
     shape_of,
@@ -213,7 +214,8 @@ def test_cli_json_totals_add_up(capsys, tmp_path):
                  "--lora-r", "16", "--lora-targets", "q_proj,k_proj,v_proj,o_proj", "--json"]) == 0
     plan = json.loads(capsys.readouterr().out)
     for row in plan["rows"]:
-        assert row["total"] == pytest.approx(row["weights"] + row["grads"] + row["optimizer"] + row["activations"])
+        assert row["total"] == pytest.approx(row["weights"] + row["grads"] + row["optimizer"] + row["activations"]
+                                             + row["distributed"])
     assert plan["settings"]["lora_targets"] == ["self_attn.k_proj", "self_attn.o_proj", "self_attn.q_proj",
                                                 "self_attn.v_proj"]
 
@@ -246,6 +248,148 @@ def test_cli_bad_input_is_one_line_and_exit_1(argv, message, tmp_path, capsys):
     assert main(["plan", *argv]) == 1
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
+
+
+# -- per rank: ddp / fsdp, model_dtype -----------------------------------------------------------------------------
+def _rows(plan):
+    return {r.method: r for r in plan.rows}
+
+
+def test_ddp_per_rank_is_the_single_process_figure_plus_buckets():
+    config = config_for_size("llama", "1m")
+    one = _rows(make_plan(config, seq_len=64, batch=2))
+    ddp = _rows(make_plan(config, seq_len=64, batch=2, strategy="ddp", world_size=8))
+    for method, r in one.items():
+        d = ddp[method]
+        assert r.distributed == 0  # one process: no DDP wrapper
+        assert (d.weights, d.grads, d.optimizer, d.activations) == (r.weights, r.grads, r.optimizer, r.activations)
+        assert d.distributed == r.grads  # the buckets: one more copy of the trainable grads
+        assert d.total == pytest.approx(r.total + r.grads)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "t5"])
+def test_fsdp_shards_weights_grads_and_optimizer_plus_the_unsharded_blocks(arch):
+    config = config_for_size(arch, "1m")
+    one = _rows(make_plan(config, seq_len=64, batch=2))
+    parts = model_parts(meta_model(config), 8, None)
+    sizes = sorted(b["total"] for b in parts.blocks)
+    root, block, two = parts.root["total"], sizes[-1], sum(sizes[-2:])  # T5: block 0 also holds the position bias
+    assert root + sum(b["total"] for b in parts.blocks) == params_by_kind(meta_model(config))["total"]
+    for n in (1, 2, 8):
+        fsdp = _rows(make_plan(config, seq_len=64, batch=2, strategy="fsdp", world_size=n))
+        for method, r in one.items():
+            f = fsdp[method]
+            assert f.weights == pytest.approx(r.weights / n) and f.optimizer == pytest.approx(r.optimizer / n)
+            assert f.grads == pytest.approx(r.grads / n)
+            assert f.activations == r.activations  # the micro-batch is per rank: strategy changes nothing here
+        full = fsdp["full FT (fp32)"]
+        # fp32: the root's and the two largest blocks' full parameters, plus the root's and one block's grads
+        assert full.distributed == pytest.approx(4 * (root + two) + 4 * (root + block))
+        assert full.weights + full.distributed > one["full FT (fp32)"].weights / n
+
+
+def test_fsdp_on_one_rank_is_about_the_single_process_figure():
+    config = config_for_params(1e9)  # 16+ blocks: the working set is the root and two blocks of many
+    one = _rows(make_plan(config, seq_len=512, batch=1))
+    fsdp = _rows(make_plan(config, seq_len=512, batch=1, strategy="fsdp", world_size=1))
+    for method, r in one.items():
+        f = fsdp[method]
+        assert f.total == pytest.approx(r.total + f.distributed)
+    lora = fsdp["LoRA (fp32 base)"]
+    assert lora.distributed < 0.4 * one["LoRA (fp32 base)"].weights
+    assert fsdp["full FT (fp32)"].total == pytest.approx(one["full FT (fp32)"].total, rel=0.3)
+
+
+def test_fsdp_per_rank_weights_shrink_about_one_over_n():
+    config = config_for_params(1e9)
+    parts = model_parts(meta_model(config), 8, None)
+    lora = {n: _rows(make_plan(config, seq_len=256, batch=1, strategy="fsdp", world_size=n,
+                               model_dtype="bfloat16"))["LoRA (bf16 base)"] for n in (1, 8)}
+    # the sharded part is exactly 1/8; the unsharded part is the root + 2 blocks in bf16 (+ fp32 adapters)
+    assert lora[8].weights == pytest.approx(lora[1].weights / 8)
+    held = 2 * (parts.root["total"] + 2 * max(b["total"] for b in parts.blocks))
+    assert lora[8].distributed == pytest.approx(held, rel=0.01)
+    assert lora[8].weights + lora[8].distributed < 0.55 * lora[1].weights
+
+
+def test_model_dtype_bfloat16_halves_frozen_weights_and_trains_full_ft_in_pure_bf16():
+    config = config_for_size("llama", "1m")
+    fp32 = _rows(make_plan(config, seq_len=16, batch=1, model_dtype="float32"))
+    bf16 = _rows(make_plan(config, seq_len=16, batch=1, model_dtype="bfloat16"))
+    n = sum(p.numel() for p in meta_model(config).parameters())
+    assert fp32 == _rows(make_plan(config, seq_len=16, batch=1))  # float32 is the default: nothing changes
+    lora32, lora16 = fp32["LoRA (fp32 base)"], bf16["LoRA (bf16 base)"]
+    assert lora16.weights - 4 * lora16.trainable == pytest.approx((lora32.weights - 4 * lora32.trainable) / 2)
+    assert (lora16.grads, lora16.optimizer) == (lora32.grads, lora32.optimizer)  # adapters and Adam stay fp32
+    full = bf16["full FT (pure bf16)"]
+    assert (full.weights, full.grads, full.optimizer) == (2 * n, 2 * n, 4 * n)  # no fp32 master copy
+    mixed = _rows(make_plan(config, seq_len=16, batch=1, precision="bf16"))["full FT (bf16)"]
+    assert mixed.optimizer == 12 * n  # --precision bf16 alone keeps the mixed-precision accounting
+    assert make_plan(config, seq_len=16, batch=1, model_dtype="bf16").settings["model_dtype"] == "bfloat16"
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(model_dtype="bfloat16", precision="fp32"), "contradicts --precision fp32"),
+    (dict(model_dtype="float32", precision="bf16"), "contradicts --precision bf16"),
+    (dict(model_dtype="bfloat16", precision="nf4"), "contradicts --precision nf4"),
+    (dict(model_dtype="float16"), "unknown model dtype"),
+    (dict(strategy="zero3"), "unknown strategy"),
+    (dict(world_size=0), "must be a positive integer"),
+])
+def test_bad_strategy_and_dtype_combinations_are_refused(kwargs, message):
+    with pytest.raises(LmcycleError, match=message):
+        make_plan(config_for_size("llama", "100k"), seq_len=16, batch=1, **kwargs)
+
+
+def test_cli_strategy_world_size_and_model_dtype_reach_the_plan(capsys):
+    assert main(["plan", "--params", "1B", "--strategy", "fsdp", "--world-size", "8", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert (plan["settings"]["strategy"], plan["settings"]["world_size"]) == ("fsdp", 8)
+    assert "per rank" in plan["settings"]["per_rank"] or "rank" in plan["settings"]["per_rank"]
+    single = make_plan(config_for_params(1e9))
+    assert plan["rows"][0]["weights"] == pytest.approx(single.rows[0].weights / 8)
+    assert plan["rows"][0]["distributed"] > 0
+    assert main(["plan", "--params", "1B", "--model-dtype", "bf16", "--world-size", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "per rank: strategy ddp, world size 2, weights bf16 (model_dtype bfloat16)" in out
+    assert "| full FT (pure bf16) |" in out and "| distributed |" in out
+    assert main(["plan", "--params", "1B", "--model-dtype", "bf16", "--precision", "fp32"]) == 1
+    err = capsys.readouterr().err
+    assert "field '--model-dtype'" in err and "contradicts" in err and len(err.strip().splitlines()) == 1
+
+
+def test_llama_2_7b_lora_fsdp_8_ranks_row(capsys):
+    """The 7B row: Llama-2-7B's shape (hidden 4096, 32 layers, SwiGLU 11008, vocab 32000, untied), LoRA r=8 on
+    q/v over a bf16 base, FSDP on 8 ranks, sequence 2048, micro-batch 1, activation checkpointing."""
+    argv = ["plan", "--params", "7B", "--strategy", "fsdp", "--world-size", "8", "--model-dtype", "bfloat16",
+            "--seq-len", "2048", "--batch", "1", "--activation-checkpointing", "--json"]
+    assert main(argv) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["params"]["total"] == 6_738_415_616  # Llama-2-7B's published count
+    lora = next(r for r in plan["rows"] if r["method"] == "LoRA (bf16 base)")
+    assert lora["trainable"] == 4_194_304  # 32 layers × (q, v) × 8 × (4096 + 4096)
+    assert lora["weights"] == pytest.approx((2 * 6_738_415_616 + 4 * 4_194_304) / 8)
+    # unsharded: embeddings + LM head + final norm (262M) and two blocks (2 × 202M), in bf16, ≈ 1.33 GB
+    assert 1.2e9 < lora["distributed"] < 1.45e9
+    assert 3e9 < lora["total"] < 6e9
+    print("7B LoRA fsdp×8:", {k: lora[k] for k in ("weights", "grads", "optimizer", "activations",
+                                                   "distributed", "total")})
+
+
+def test_llama_3_2_1b_config_plans_per_rank(tmp_path, capsys):
+    """Llama-3.2-1B's published config (tied embeddings, GQA 32/8 heads) from a config.json, planned for fsdp."""
+    LlamaConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=True, head_dim=64,
+                max_position_embeddings=131072).save_pretrained(tmp_path)
+    plans = {}
+    for strategy in ("ddp", "fsdp"):
+        assert main(["plan", str(tmp_path), "--strategy", strategy, "--world-size", "2", "--model-dtype", "bf16",
+                     "--seq-len", "512", "--batch", "1", "--activation-checkpointing", "--json"]) == 0
+        plans[strategy] = json.loads(capsys.readouterr().out)
+    assert plans["fsdp"]["params"]["total"] == 1_235_814_400  # Llama-3.2-1B's count (tied head counted once)
+    ddp, fsdp = (next(r for r in plans[s]["rows"] if r["method"] == "LoRA (bf16 base)") for s in ("ddp", "fsdp"))
+    assert fsdp["weights"] == pytest.approx(ddp["weights"] / 2)
+    assert fsdp["activations"] == ddp["activations"]
 
 
 # -- the memory model against measured peak memory --------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""``lmcycle plan``: training memory (full FT / LoRA / QLoRA / prompt tuning) and the compute-optimal budget."""
+"""``lmcycle plan``: training memory per rank (full FT / LoRA / QLoRA / prompt tuning, ddp or fsdp over N ranks)
+and the compute-optimal budget."""
 
 from __future__ import annotations
 
@@ -18,8 +19,14 @@ def add_parser(sub) -> None:
     pl.add_argument("--vocab", type=int, help="vocabulary for --size (default 2048) or --params (default 32000)")
     pl.add_argument("--seq-len", type=int, default=512)
     pl.add_argument("--batch", type=int, default=8, help="sequences per micro-batch")
-    pl.add_argument("--precision", choices=("fp32", "bf16", "int8", "nf4"), default="fp32",
-                    help="weights (and the frozen base of LoRA / prompt tuning)")
+    pl.add_argument("--precision", choices=("fp32", "bf16", "int8", "nf4"),
+                    help="weights (and the frozen base of LoRA / prompt tuning); default fp32, or --model-dtype's")
+    pl.add_argument("--model-dtype", choices=("float32", "bfloat16", "fp32", "bf16"),
+                    help="as a stage's model_dtype: sets the weights to fp32/bf16; bfloat16 full FT is pure bf16 "
+                         "(no fp32 master copy); contradicting --precision is an error")
+    pl.add_argument("--strategy", choices=("ddp", "fsdp"), default="ddp",
+                    help="ddp: full replicas + gradient buckets; fsdp: FSDP2 per block, sharded over the ranks")
+    pl.add_argument("--world-size", type=int, default=1, help="ranks (processes); the figures are per rank")
     pl.add_argument("--lora-r", type=int, default=8)
     pl.add_argument("--lora-targets", help="comma-separated module names or regex suffixes (default: q/v)")
     pl.add_argument("--virtual-tokens", type=int, default=20, help="prompt tuning's soft prompt length")
@@ -43,6 +50,7 @@ def run(args) -> int:
     plan = make_plan(config, seq_len=args.seq_len, batch=args.batch, precision=args.precision, lora_r=args.lora_r,
                      lora_targets=targets, virtual_tokens=args.virtual_tokens, tokens_per_s=args.tokens_per_s,
                      flops_per_s=args.flops_per_s, name=name,
-                     activation_checkpointing=args.activation_checkpointing)
+                     activation_checkpointing=args.activation_checkpointing, strategy=args.strategy,
+                     world_size=args.world_size, model_dtype=args.model_dtype)
     print(json.dumps(plan.to_dict(), indent=2, ensure_ascii=False) if args.json else render(plan))
     return 0

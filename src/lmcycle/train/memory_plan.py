@@ -21,6 +21,24 @@ Memory per method = weights + gradients + optimizer states + activations, where
   settings also give Korthikanti et al. (2022)'s s·b·h·(34 + 5·a·s/h) bytes per GPT layer (16-bit, dropout,
   attention probabilities kept); the saved-tensor accounting here is checked exactly against autograd in tests.
 
+Per rank, with ``--world-size`` N processes (each with its own micro-batch, so activations are per rank and the
+same under either strategy):
+
+- ``ddp``: every rank holds the full weights, gradients and AdamW state, plus DDP's gradient buckets, about one
+  more copy of the trainable gradients (torch's default ``gradient_as_bucket_view=False``; lmcycle's flat
+  all-reduce buffer is the same size). One process runs without any wrapper, so no buckets.
+- ``fsdp`` (FSDP2 ``fully_shard`` per transformer block, then the root, ``reshard_after_forward=True``): weights,
+  gradients and optimizer state divided by N, plus the unsharded working set: the two largest blocks' full
+  parameters (the one computing and the one prefetched), the root's (embeddings, final norm, LM head: the root is
+  not resharded after forward, its parameters are needed first in backward), and the unsharded gradients of the
+  root and of one block before their reduce-scatter. FSDP2 all-gathers into buffers of its own even on one rank,
+  so the working set is counted there too.
+
+``model_dtype`` (the recipe stage's field) is the dtype the weights are held in: ``bfloat16`` holds a frozen base
+in bf16 with the trainable LoRA / prompt parameters and their AdamW state in fp32, and trains a full fine-tuning
+in pure bf16 (weights, gradients and both AdamW states, 8 bytes/param, no fp32 master copy, as torchtune's
+``dtype: bf16``); ``float32`` is ``precision`` fp32.
+
 Compute: Chinchilla's compute-optimal budget D ≈ 20 tokens per parameter, C ≈ 6·N·D training FLOPs (Hoffmann et
 al. 2022; Kaplan et al. 2020), time = D / tokens-per-second or C / FLOP-per-second.
 """
@@ -40,8 +58,12 @@ from transformers.pytorch_utils import Conv1D
 from lmcycle.adapt.lora import default_targets, find_targets
 from lmcycle.errors import LmcycleError
 from lmcycle.models.build import SIZES, model_config
+from lmcycle.train.memory import transformer_blocks
 
 PRECISIONS = ("fp32", "bf16", "int8", "nf4")
+STRATEGIES = ("ddp", "fsdp")
+# The stage field's spellings (stages/common.py's aliases) and the weight precision each one means.
+MODEL_DTYPES = {"float32": "fp32", "fp32": "fp32", "bfloat16": "bf16", "bf16": "bf16"}
 QUANT_BYTES = {"int8": 1.0, "nf4": 0.516}  # nf4: 4 bits + 8-bit scale per 64 + fp32 scale per 256 blocks
 TOKENS_PER_PARAM = 20
 GB = 1e9
@@ -431,10 +453,11 @@ class MethodMemory:
     activations: float
     trainable: int
     note: str = ""
+    distributed: float = 0.0  # DDP's gradient buckets, or FSDP's unsharded parameters and gradients
 
     @property
     def total(self) -> float:
-        return self.weights + self.grads + self.optimizer + self.activations
+        return self.weights + self.grads + self.optimizer + self.activations + self.distributed
 
 
 @dataclass
@@ -451,6 +474,59 @@ class Plan:
         rows = [{**asdict(r), "total": r.total} for r in self.rows]
         return {"model": self.model, "params": self.params, "rows": rows, "compute": self.compute,
                 "settings": self.settings}
+
+
+# -- per rank -----------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Parts:
+    """The model split the way FSDP2 shards it: the root's own parameters (by kind, as :func:`params_by_kind`)
+    and each transformer block's, plus where LoRA's adapter parameters fall (``lora_root``, ``lora_blocks``)."""
+
+    root: dict[str, int]
+    blocks: list[dict[str, int]]
+    lora_root: int
+    lora_blocks: list[int]
+
+
+def model_parts(model: nn.Module, lora_r: int, lora_targets: list[str] | None) -> Parts:
+    """:class:`Parts` of ``model`` (a meta model): blocks as ``lmcycle.train.memory.transformer_blocks`` finds them
+    (the modules lmcycle's FSDP wraps one by one), the root everything else."""
+    whole = params_by_kind(model)
+    blocks = transformer_blocks(model)
+    per_block = [params_by_kind(b) for b in blocks]
+    root = {k: whole[k] - sum(b[k] for b in per_block) for k in whole}
+    lora_blocks = [0] * len(blocks)
+    lora_root = 0
+    owner = {id(m): i for i, b in enumerate(blocks) for m in b.modules()}  # module -> the block it is in
+    for path in find_targets(model, lora_targets or default_targets(model)):
+        module = model.get_submodule(path)
+        n = lora_r * sum(module.weight.shape)
+        i = owner.get(id(module))
+        if i is None:
+            lora_root += n
+        else:
+            lora_blocks[i] += n
+    return Parts(root, per_block, lora_root, lora_blocks)
+
+
+def per_rank(row: MethodMemory, parts: Parts, strategy: str, world_size: int, *, store, trainable_root: int,
+             trainable_blocks: list[int], grad_bytes: float) -> MethodMemory:
+    """``row`` (one process) as one rank of ``world_size`` sees it under ``strategy``.
+
+    ``store(kinds)``: bytes of the weights of a part (a :func:`params_by_kind` dict) as this method holds them;
+    ``trainable_root`` / ``trainable_blocks``: trainable parameters of the root and of each block, whose
+    gradients (``grad_bytes`` each) FSDP holds unsharded until their reduce-scatter.
+    """
+    n = world_size
+    if strategy == "ddp":
+        buckets = row.grads if n > 1 else 0.0  # one process: no DDP wrapper, no buckets
+        return MethodMemory(row.method, row.weights, row.grads, row.optimizer, row.activations, row.trainable,
+                            row.note, buckets)
+    biggest = sorted(range(len(parts.blocks)), key=lambda i: store(parts.blocks[i], i), reverse=True)
+    unsharded = store(parts.root, None) + sum(store(parts.blocks[i], i) for i in biggest[:2])
+    grads = grad_bytes * (trainable_root + max(trainable_blocks, default=0))
+    return MethodMemory(row.method, row.weights / n, row.grads / n, row.optimizer / n, row.activations,
+                        row.trainable, row.note, unsharded + grads)
 
 
 def weight_bytes(params: dict[str, int], precision: str) -> float:
@@ -482,21 +558,49 @@ def _check_positive(name: str, value: float | None, allow_none: bool = True) -> 
         raise LmcycleError(f"must be a positive number, got {value}", field=name)
 
 
-def make_plan(config: PretrainedConfig, *, seq_len: int = 512, batch: int = 8, precision: str = "fp32",
+def resolve_precision(precision: str | None, model_dtype: str | None) -> tuple[str, bool]:
+    """(the weights' precision, whether full fine-tuning is pure bf16) from ``--precision`` and ``--model-dtype``.
+
+    ``--model-dtype`` is the recipe's ``model_dtype``: the dtype the weights are held in, so it sets the precision
+    to fp32 or bf16. It differs from ``--precision bf16`` only in the full fine-tuning row: lmcycle trains a
+    bfloat16 model in pure bf16 (no fp32 master copy), while ``--precision bf16`` keeps the classic mixed-precision
+    accounting (fp32 master weights in the optimizer). An int8/nf4 base is a quantized checkpoint, not a
+    ``model_dtype``, and a precision that names another dtype contradicts it: both are refused.
+    """
+    if model_dtype is None:
+        precision = precision or "fp32"
+        if precision not in PRECISIONS:
+            raise LmcycleError(f"unknown precision '{precision}' (one of {', '.join(PRECISIONS)})",
+                               field="--precision")
+        return precision, False
+    if model_dtype not in MODEL_DTYPES:
+        raise LmcycleError(f"unknown model dtype '{model_dtype}' (float32 or bfloat16)", field="--model-dtype")
+    implied = MODEL_DTYPES[model_dtype]
+    if precision is not None and precision != implied:
+        raise LmcycleError(f"--model-dtype {model_dtype} holds the weights in {implied}, which contradicts "
+                           f"--precision {precision}: give one of them", field="--model-dtype")
+    return implied, implied == "bf16"
+
+
+def make_plan(config: PretrainedConfig, *, seq_len: int = 512, batch: int = 8, precision: str | None = None,
               lora_r: int = 8, lora_targets: list[str] | None = None, virtual_tokens: int = 20,
               tokens_per_s: float | None = None, flops_per_s: float | None = None, name: str = "",
-              activation_checkpointing: bool = False) -> Plan:
+              activation_checkpointing: bool = False, strategy: str = "ddp", world_size: int = 1,
+              model_dtype: str | None = None) -> Plan:
     """Plan full fine-tuning, LoRA, QLoRA (8- and 4-bit) and prompt tuning of ``config``'s model, plus its
-    Chinchilla budget. ``seq_len`` × ``batch`` tokens per micro-batch; ``precision`` of the (frozen) weights;
-    ``activation_checkpointing``: as ``train.activation_checkpointing`` (see :func:`activation_bytes`)."""
+    Chinchilla budget, per rank. ``seq_len`` × ``batch`` tokens per micro-batch (per rank); ``precision`` of the
+    (frozen) weights (None: fp32, or what ``model_dtype`` says, see :func:`resolve_precision`);
+    ``activation_checkpointing``: as ``train.activation_checkpointing`` (see :func:`activation_bytes`);
+    ``strategy`` ddp | fsdp over ``world_size`` ranks (see the module's docstring)."""
     for key, v in (("--seq-len", seq_len), ("--batch", batch), ("--lora-r", lora_r),
-                   ("--virtual-tokens", virtual_tokens)):
-        if not isinstance(v, int) or v <= 0:
+                   ("--virtual-tokens", virtual_tokens), ("--world-size", world_size)):
+        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
             raise LmcycleError(f"must be a positive integer, got {v}", field=key)
     _check_positive("--tokens-per-s", tokens_per_s)
     _check_positive("--flops-per-s", flops_per_s)
-    if precision not in PRECISIONS:
-        raise LmcycleError(f"unknown precision '{precision}' (one of {', '.join(PRECISIONS)})", field="--precision")
+    if strategy not in STRATEGIES:
+        raise LmcycleError(f"unknown strategy '{strategy}' (one of {', '.join(STRATEGIES)})", field="--strategy")
+    precision, pure_bf16 = resolve_precision(precision, model_dtype)
     sh = shape_of(config)
     model = meta_model(config)
     params = params_by_kind(model)
@@ -504,45 +608,79 @@ def make_plan(config: PretrainedConfig, *, seq_len: int = 512, batch: int = 8, p
         n_lora, roles = lora_trainable(model, lora_r, lora_targets)
     except LmcycleError as e:
         raise LmcycleError(e.message, field="--lora-targets") from None
+    parts = model_parts(model, lora_r, lora_targets)
     quantized = precision in QUANT_BYTES
     ab = 4 if precision == "fp32" else 2  # activations in the compute dtype: fp32, else bf16
     base = weight_bytes(params, precision)
     rows = []
     if quantized:
         note_full = f"full fine-tuning cannot update {precision} weights: shown for bf16 mixed precision"
+    elif pure_bf16:
+        note_full = "model_dtype bfloat16: weights, grads and both AdamW states in bf16, no fp32 master copy"
     else:
         note_full = "" if precision == "fp32" else "bf16 mixed precision: fp32 master weights in the optimizer"
     full_prec = "fp32" if precision == "fp32" else "bf16"
     ckpt = activation_checkpointing
     act = activation_bytes(sh, seq_len, batch, None, act_bytes=4 if full_prec == "fp32" else 2, checkpointing=ckpt)
     p = params["total"]
-    rows.append(MethodMemory(f"full FT ({full_prec})", weight_bytes(params, full_prec),
-                             (4 if full_prec == "fp32" else 2) * p, (8 if full_prec == "fp32" else 12) * p,
-                             act["layers"] + act["logits"], p, note_full))
+    full_grad = 4 if full_prec == "fp32" else 2
+    full_opt = 8 if full_prec == "fp32" else (4 if pure_bf16 else 12)
+    label_full = "full FT (pure bf16)" if pure_bf16 else f"full FT ({full_prec})"
+    full_row = MethodMemory(label_full, weight_bytes(params, full_prec), full_grad * p, full_opt * p,
+                            act["layers"] + act["logits"], p, note_full)
+    rows.append(per_rank(full_row, parts, strategy, world_size,
+                         store=lambda kinds, i: weight_bytes(kinds, full_prec), trainable_root=parts.root["total"],
+                         trainable_blocks=[b["total"] for b in parts.blocks], grad_bytes=full_grad))
+
+    def lora_store(q: str):
+        # the base in ``q`` plus the fp32 adapters of that part (i: the block, None: the root)
+        return lambda kinds, i: weight_bytes(kinds, q) + 4 * (parts.lora_root if i is None else parts.lora_blocks[i])
+
     lora_act = activation_bytes(sh, seq_len, batch, roles, act_bytes=ab, input_grad=False, checkpointing=ckpt)
     lora_extra = seq_len * batch * lora_r * ab * lora_layers_held(model, lora_targets, ckpt)
     lora_note = f"r={lora_r} on {', '.join(sorted(roles))}; fp32 adapters"
     label = f"LoRA ({precision} base)" if not quantized else f"QLoRA ({precision} base)"
-    rows.append(MethodMemory(label, base + 4 * n_lora, 4 * n_lora, 8 * n_lora,
-                             lora_act["layers"] + lora_act["logits"] + lora_extra, n_lora,
-                             lora_note + ("; bf16 compute" if ab == 2 else "")))
+    lora_kw = dict(trainable_root=parts.lora_root, trainable_blocks=parts.lora_blocks, grad_bytes=4)
+    rows.append(per_rank(MethodMemory(label, base + 4 * n_lora, 4 * n_lora, 8 * n_lora,
+                                      lora_act["layers"] + lora_act["logits"] + lora_extra, n_lora,
+                                      lora_note + ("; bf16 compute" if ab == 2 else "")),
+                         parts, strategy, world_size, store=lora_store(precision), **lora_kw))
     for q in ("int8", "nf4"):
         if q == precision:
             continue
         # The quantized weights are dequantized to the compute dtype, the one of --precision (fp32 or bf16).
-        rows.append(MethodMemory(f"QLoRA ({q} base)", weight_bytes(params, q) + 4 * n_lora, 4 * n_lora, 8 * n_lora,
-                                 lora_act["layers"] + lora_act["logits"] + lora_extra, n_lora,
-                                 lora_note + ("; bf16 compute" if ab == 2 else "; fp32 compute")))
+        row = MethodMemory(f"QLoRA ({q} base)", weight_bytes(params, q) + 4 * n_lora, 4 * n_lora, 8 * n_lora,
+                           lora_act["layers"] + lora_act["logits"] + lora_extra, n_lora,
+                           lora_note + ("; bf16 compute" if ab == 2 else "; fp32 compute"))
+        rows.append(per_rank(row, parts, strategy, world_size, store=lora_store(q), **lora_kw))
     n_prompt = virtual_tokens * sh.hidden
     pt_act = activation_bytes(sh, seq_len + virtual_tokens, batch, set(), act_bytes=ab, input_grad=True,
                               checkpointing=ckpt)
-    rows.append(MethodMemory(f"prompt tuning ({precision} base)", base + 4 * n_prompt, 4 * n_prompt, 8 * n_prompt,
-                             pt_act["layers"] + pt_act["logits"], n_prompt,
-                             f"{virtual_tokens} virtual tokens (sequence {seq_len + virtual_tokens})"))
+    row = MethodMemory(f"prompt tuning ({precision} base)", base + 4 * n_prompt, 4 * n_prompt, 8 * n_prompt,
+                       pt_act["layers"] + pt_act["logits"], n_prompt,
+                       f"{virtual_tokens} virtual tokens (sequence {seq_len + virtual_tokens})")
+    # the soft prompt is a parameter of the root (the wrapper around the model), outside every block
+    rows.append(per_rank(row, parts, strategy, world_size,
+                         store=lambda kinds, i: weight_bytes(kinds, precision) + (4 * n_prompt if i is None else 0),
+                         trainable_root=n_prompt, trainable_blocks=[], grad_bytes=4))
     compute = chinchilla(p, tokens_per_s, flops_per_s)
+    if strategy == "ddp":
+        dist_note = ("one process: no wrapper, nothing extra" if world_size == 1 else
+                     "DDP's gradient buckets: about one more copy of the trainable grads (gradient_as_bucket_view"
+                     "=False, torch's default), in 'distributed'")
+    else:
+        dist_note = (f"FSDP2 fully_shard per block + root, reshard_after_forward=True: weights, grads and optimizer "
+                     f"/ {world_size}; 'distributed' is the unsharded working set: the root's parameters "
+                     "(embeddings, final norm, LM head) and the 2 largest blocks' (current + prefetched), plus "
+                     "the unsharded grads of the root and one block before their reduce-scatter")
     settings = {
-        "arch": sh.arch, "seq_len": seq_len, "batch": batch, "precision": precision, "lora_r": lora_r,
-        "lora_targets": sorted(roles), "virtual_tokens": virtual_tokens, "optimizer": "AdamW, 2 fp32 states",
+        "arch": sh.arch, "seq_len": seq_len, "batch": batch, "precision": precision,
+        "model_dtype": {"fp32": "float32", "bf16": "bfloat16"}.get(precision) if model_dtype else None,
+        "strategy": strategy, "world_size": world_size,
+        "per_rank": f"every figure is one rank's; batch {batch} is the micro-batch of each rank; {dist_note}",
+        "lora_r": lora_r,
+        "lora_targets": sorted(roles), "virtual_tokens": virtual_tokens,
+        "optimizer": "AdamW, 2 bf16 states for pure-bf16 full FT" if pure_bf16 else "AdamW, 2 fp32 states",
         "attention": "SDPA (no b·a·s² probabilities saved)",
         "recomputation": ("per transformer block (activation checkpointing): each block keeps its input, one "
                           "block's activations at a time" if ckpt else "none"),
@@ -627,12 +765,16 @@ def render(plan: Plan) -> str:
     lines = [f"# Training plan: {plan.model}", "",
              f"parameters: {p['total']:,} (embeddings {p['embeddings']:,}, attention {p['attention']:,}, "
              f"mlp {p['mlp']:,}, norms {p['norms']:,}, lm_head {p['lm_head']:,}, other {p['other']:,})", "",
-             "| method | weights | grads | optimizer | activations | total | trainable params |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+             f"per rank: strategy {plan.settings['strategy']}, world size {plan.settings['world_size']}, "
+             f"weights {plan.settings['precision']}"
+             + (f" (model_dtype {plan.settings['model_dtype']})" if plan.settings.get("model_dtype") else ""), "",
+             "| method | weights | grads | optimizer | activations | distributed | total | trainable params |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in plan.rows:
         share = f" ({100 * r.trainable / p['total']:.3g}%)"
         lines.append(f"| {r.method} | {human_bytes(r.weights)} | {human_bytes(r.grads)} | "
-                     f"{human_bytes(r.optimizer)} | {human_bytes(r.activations)} | **{human_bytes(r.total)}** | "
+                     f"{human_bytes(r.optimizer)} | {human_bytes(r.activations)} | {human_bytes(r.distributed)} | "
+                     f"**{human_bytes(r.total)}** | "
                      f"{r.trainable:,}{share} |")
     lines += ["", "notes: " + "; ".join(f"{r.method}: {r.note}" for r in plan.rows if r.note), "",
               f"rule of thumb: weights ≈ 4 bytes/param = {human_bytes(4 * p['total'])}; training fully ≈ 4 + 12..20 "
