@@ -345,7 +345,7 @@ def test_cli_strategy_world_size_and_model_dtype_reach_the_plan(capsys):
     assert main(["plan", "--params", "1B", "--strategy", "fsdp", "--world-size", "8", "--json"]) == 0
     plan = json.loads(capsys.readouterr().out)
     assert (plan["settings"]["strategy"], plan["settings"]["world_size"]) == ("fsdp", 8)
-    assert "per rank" in plan["settings"]["per_rank"] or "rank" in plan["settings"]["per_rank"]
+    assert plan["settings"]["per_rank"].startswith("every figure is one rank's") and "/ 8" in plan["settings"]["per_rank"]
     single = make_plan(config_for_params(1e9))
     assert plan["rows"][0]["weights"] == pytest.approx(single.rows[0].weights / 8)
     assert plan["rows"][0]["distributed"] > 0
