@@ -1,4 +1,5 @@
-"""A recipe under torchrun: 2 processes (gloo) train like one process with the same global batch."""
+"""A recipe under torchrun: 2 processes (gloo) train like one process with the same global batch, on either
+engine (``distributed.strategy`` ddp or fsdp) and in every causal-LM trainer."""
 
 import json
 import os
@@ -7,6 +8,7 @@ import sys
 import textwrap
 
 import pytest
+from safetensors.torch import load_file
 
 RECIPE = """\
 name: ddp
@@ -22,21 +24,80 @@ stages:
     train: {max_steps: 4, batch_size: 4, grad_accum: GRAD_ACCUM, lr: 1.0e-3, log_every: 1}
 """
 
+# Every causal-LM trainer, each for a few steps with the same global batch (global_batch_size: grad_accum is
+# 2 in one process, 1 on two ranks). PPO decodes greedily so that both launches make the same rollouts.
+TRAIN = "batch_size: 2, global_batch_size: 4, lr: 2.0e-3, log_every: 1"
+EVERY_TRAINER = f"""\
+name: engines
+seed: 3
+data:
+  train: {{format: synthetic, n: 48, seed: 1}}
+  prefs: {{format: synthetic_preferences, n: 24, seed: 1}}
+stages:
+  - {{type: build, arch: llama, size: 100k, corpus: [train], vocab_size: 300, max_len: 160}}
+  - {{type: pretrain, corpus: [train], seq_len: 32, train: {{max_steps: 3, {TRAIN}}}}}
+  - {{type: sft, name: sft_full, model: pretrain, data: [{{dataset: train}}], train: {{max_steps: 2, {TRAIN}}}}}
+  - {{type: sft, name: sft_lora, model: pretrain, data: [{{dataset: train}}], peft: {{method: lora, r: 4, alpha: 8}},
+     train: {{max_steps: 2, {TRAIN}}}}}
+  - {{type: sft, name: sft_qlora, model: pretrain, data: [{{dataset: train}}],
+     peft: {{method: qlora, bits: 4, r: 4, alpha: 8}}, train: {{max_steps: 2, {TRAIN}}}}}
+  - {{type: sft, name: sft_prompt, model: pretrain, data: [{{dataset: train}}],
+     peft: {{method: prompt_tuning, num_virtual_tokens: 4}}, train: {{max_steps: 2, {TRAIN}}}}}
+  - {{type: reward, name: rm, model: pretrain, backbone: causal_lm, data: prefs, eval_data: prefs, max_len: 128,
+     train: {{max_steps: 2, {TRAIN}}}}}
+  - {{type: dpo, model: pretrain, data: prefs, eval_data: prefs, max_len: 128, peft: {{r: 4, alpha: 8}},
+     train: {{max_steps: 2, {TRAIN}}}}}
+  - {{type: ppo, model: sft_lora, prompts: train, template: summarize, reward: {{kind: model, path: rm}},
+     generation: {{do_sample: false, max_new_tokens: 8}}, rollouts: 2, ppo: {{rollout_size: 8, ppo_epochs: 1}},
+     peft: {{r: 4, alpha: 8}}, train: {{{TRAIN}}}}}
+  - {{type: distill, teacher: pretrain, task: lm, student_layers: [0], data: [train], max_len: 96,
+     train: {{max_steps: 2, {TRAIN}}}}}
+"""
+TRAINERS = ["pretrain", "sft_full", "sft_lora", "sft_qlora", "sft_prompt", "rm", "dpo", "ppo", "distill"]
+
+# An encoder-decoder (T5's encoder and decoder blocks are sharded separately), full and LoRA.
+T5 = f"""\
+name: t5
+seed: 3
+data:
+  train: {{format: synthetic, n: 32, seed: 1}}
+stages:
+  - {{type: build, arch: t5, size: 100k, corpus: [train], vocab_size: 300, max_len: 128}}
+  - {{type: sft, name: t5_full, data: [{{dataset: train}}], train: {{max_steps: 2, {TRAIN}}}}}
+  - {{type: sft, name: t5_lora, model: build, data: [{{dataset: train}}], peft: {{method: lora, r: 4, alpha: 8}},
+     train: {{max_steps: 2, {TRAIN}, activation_checkpointing: true}}}}
+"""
+
+
+def launch(recipe_text: str, tmp_path, name: str, procs: int, *overrides: str):
+    """Run ``recipe_text`` with ``procs`` processes; the run directory and the process."""
+    recipe = tmp_path / f"{name}.yaml"
+    recipe.write_text(textwrap.dedent(recipe_text))
+    out = tmp_path / name
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cli = ["-m", "lmcycle.cli", "run", str(recipe), "--out", str(out), *overrides]
+    if procs == 1:
+        cmd = [sys.executable, *cli]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}", *cli]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / "DONE").exists()
+    return out, proc
+
+
+def stage_losses(out) -> dict[str, list[float]]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    losses: dict[str, list[float]] = {}
+    for r in rows:
+        if "loss" in r and "step" in r and r.get("event") is None:
+            losses.setdefault(r["stage"], []).append(r["loss"])
+    return losses
+
 
 def run(tmp_path, procs: int, grad_accum: int):
-    recipe = tmp_path / f"r{procs}.yaml"
-    recipe.write_text(textwrap.dedent(RECIPE).replace("GRAD_ACCUM", str(grad_accum)))
-    out = tmp_path / f"run{procs}"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    if procs == 1:
-        cmd = [sys.executable, "-m", "lmcycle.cli", "run", str(recipe), "--out", str(out)]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}",
-               "-m", "lmcycle.cli", "run", str(recipe), "--out", str(out)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return out, proc, [r["loss"] for r in rows if r["stage"] == "pretrain" and "loss" in r]
+    out, proc = launch(RECIPE.replace("GRAD_ACCUM", str(grad_accum)), tmp_path, f"run{procs}", procs)
+    return out, proc, stage_losses(out)["pretrain"]
 
 
 @pytest.mark.slow
@@ -45,8 +106,44 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     out2, proc2, losses2 = run(tmp_path, 2, grad_accum=1)
     assert len(losses1) == len(losses2) == 4
     assert losses1 == pytest.approx(losses2, rel=1e-4, abs=1e-5)
-    assert (out2 / "DONE").exists()
     # only rank 0 wrote: one stage_start per stage in the log, one line per stage header on stdout
     rows = [json.loads(line) for line in (out2 / "metrics.jsonl").read_text().splitlines()]
     assert sum(r.get("event") == "stage_start" for r in rows) == 2
     assert proc2.stdout.count("(pretrain)") == 1
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("one")
+    return {"every": launch(EVERY_TRAINER, tmp, "every", 1)[0], "t5": launch(T5, tmp, "t5", 1)[0]}
+
+
+def assert_same_training(single, ranks, stages, rel=2e-3):
+    """Every stage's losses (and the final weights of its saved model) agree between the two launches."""
+    losses1, losses2 = stage_losses(single), stage_losses(ranks)
+    for stage in stages:
+        assert losses1[stage], stage
+        assert losses2[stage] == pytest.approx(losses1[stage], rel=rel, abs=1e-4), stage
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_every_trainer_on_two_ranks_matches_one_process(one_process, tmp_path, strategy):
+    out, proc = launch(EVERY_TRAINER, tmp_path, "every", 2, f"distributed.strategy={strategy}")
+    assert_same_training(one_process["every"], out, TRAINERS)
+    # The artifacts stay whole: the full fine-tune's safetensors hold the whole model, gathered from the shards.
+    single = load_file(one_process["every"] / "sft_full" / "model" / "model.safetensors")
+    sharded = load_file(out / "sft_full" / "model" / "model.safetensors")
+    assert single.keys() == sharded.keys()
+    for k, v in single.items():
+        assert sharded[k].shape == v.shape, k
+        assert (sharded[k] - v).abs().max() < 1e-3, k
+
+
+@pytest.mark.slow
+def test_t5_trains_under_fsdp_and_hsdp_like_one_process(one_process, tmp_path):
+    out, _ = launch(T5, tmp_path, "t5", 2, "distributed.strategy=fsdp")
+    assert_same_training(one_process["t5"], out, ["t5_full", "t5_lora"])
+    # HSDP: 2 replicas of a 1-rank shard group (a 2-D mesh) trains the same way.
+    hsdp, _ = launch(T5, tmp_path, "t5_hsdp", 2, "distributed.strategy=fsdp", "distributed.replicas=2")
+    assert_same_training(one_process["t5"], hsdp, ["t5_full", "t5_lora"])

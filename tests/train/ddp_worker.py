@@ -1,6 +1,6 @@
 """Started by test_ddp.py under ``torchrun --nproc_per_node=2``: train a tiny model data-parallel.
 
-Usage: ddp_worker.py MODEL_DIR OUT_DIR. Each rank writes ``OUT_DIR/rank<r>.pt`` with its losses and final
+Usage: ddp_worker.py MODEL_DIR OUT_DIR [STRATEGY]. Each rank writes ``OUT_DIR/rank<r>.pt`` with its losses and final
 weights; the checkpoints go to ``OUT_DIR/run`` (rank 0 only).
 """
 
@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from lmcycle.data.sft import collate_sft, encode_sft
 from lmcycle.data.templates import get_template
 from lmcycle.train.distributed import init_distributed
+from lmcycle.train.engines import DistributedConfig
 from lmcycle.train.loop import TrainConfig, lm_loss_sum, micro_batch_indices, train
 
 # The global batch of each step is 8 examples: 2 ranks x 2 micro-batches x 2 examples.
@@ -34,7 +35,7 @@ def batches(items, cfg: TrainConfig):
     return batch_at
 
 
-def main(model_dir: str, out_dir: str) -> None:
+def main(model_dir: str, out_dir: str, strategy: str = "ddp") -> None:
     rank, world = init_distributed()
     assert world == 2, world
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -44,7 +45,8 @@ def main(model_dir: str, out_dir: str) -> None:
             for p in model.parameters():
                 p.add_(1.0)
     logged = []
-    result = train(model, batches(sft_items(tokenizer), CFG), lm_loss_sum, CFG, Path(out_dir) / "run",
+    cfg = CFG.model_copy(update={"distributed": DistributedConfig(strategy=strategy)})
+    result = train(model, batches(sft_items(tokenizer), cfg), lm_loss_sum, cfg, Path(out_dir) / "run",
                    log=lambda **m: logged.append(m))
     steps_logged = [m for m in logged if m.get("event") != "train_start"]
     torch.save({"losses": result.losses, "state": model.state_dict(), "logged": len(steps_logged)},
@@ -52,4 +54,4 @@ def main(model_dir: str, out_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(*sys.argv[1:])

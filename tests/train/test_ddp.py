@@ -18,12 +18,13 @@ WORKER = Path(__file__).resolve().parent / "ddp_worker.py"
 
 
 @pytest.mark.slow
-def test_two_ranks_match_one_process_with_the_same_global_batch(tok, tmp_path):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_ranks_match_one_process_with_the_same_global_batch(tok, tmp_path, strategy):
     model_dir = tiny_lm.save_tiny(tiny_lm.tiny_llama(tok), tok, tmp_path / "model")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(WORKER.parent)}
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", str(WORKER),
-         model_dir, str(tmp_path)], env=env, capture_output=True, text=True, timeout=300)
+         model_dir, str(tmp_path), strategy], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
 

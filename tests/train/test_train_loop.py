@@ -12,6 +12,7 @@ from lmcycle.data.sft import collate_sft, encode_sft
 from lmcycle.data.templates import get_template
 from lmcycle.errors import LmcycleError
 from lmcycle.train.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
+from lmcycle.train.engines import LocalEngine
 from lmcycle.train.loop import (
     TrainConfig,
     clip_gradients,
@@ -48,8 +49,8 @@ def test_gradient_accumulation_gives_the_gradient_of_one_big_batch(tok, items):
     counts = [int((h["labels"][:, 1:] != -100).sum()) for h in halves]
     assert counts[0] != counts[1]  # a mean of per-micro-batch means would be wrong here
 
-    loss_a, n_a = compute_gradients(model, halves, lm_loss_sum, list(model.parameters()))
-    loss_b, n_b = compute_gradients(twin, [collate_sft(eight, 0)], lm_loss_sum, list(twin.parameters()))
+    loss_a, n_a = compute_gradients(LocalEngine(model, list(model.parameters())), halves, lm_loss_sum)
+    loss_b, n_b = compute_gradients(LocalEngine(twin, list(twin.parameters())), [collate_sft(eight, 0)], lm_loss_sum)
     assert n_a == n_b == sum(counts)
     assert loss_a == pytest.approx(loss_b, abs=1e-6)
     for (name, p), q in zip(model.named_parameters(), twin.parameters(), strict=True):
@@ -154,7 +155,7 @@ def test_only_the_newest_checkpoints_are_kept(tok, items, tmp_path):
     train(tiny_lm.tiny_llama(tok), sft_batches(items, cfg), lm_loss_sum, cfg, tmp_path, no_log)
     assert [s for s, _ in list_checkpoints(tmp_path)] == [4, 5]
     files = {p.name for p in latest_checkpoint(tmp_path).iterdir()}
-    assert files == {"model.safetensors", "optimizer.pt", "rng.pt", "state.json"}
+    assert files == {".metadata", "__0_0.distcp", "rng.pt", "state.json"}  # DCP: one shard file per rank
     assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith(".")]
 
 
@@ -190,7 +191,7 @@ def test_weight_decay_skips_biases_and_norm_gains(tok):
 def test_clipping_bounds_the_norm_and_reports_it_unclipped(tok, items):
     model = tiny_lm.tiny_llama(tok)
     params = list(model.parameters())
-    compute_gradients(model, [collate_sft(items[:4], 0)], lm_loss_sum, params)
+    compute_gradients(LocalEngine(model, params), [collate_sft(items[:4], 0)], lm_loss_sum)
     norm = clip_gradients(params, 1e-3)
     after = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
     assert norm > 1e-3 and after.item() == pytest.approx(1e-3, rel=1e-4)
@@ -425,13 +426,14 @@ import tiny_lm, test_train_loop as t
 from lmcycle.train.loop import TrainConfig, lm_loss_sum, train
 tok = tiny_lm.make_tokenizer()
 model = tiny_lm.tiny_llama(tok)
-saves, state_dict = [], model.state_dict
-def state_dict_then_die(*args, **kwargs):  # safetensors reads the weights inside the checkpoint's atomic_dir
+import lmcycle.train.checkpoint as ck
+saves, rng_state = [], ck.rng_state
+def rng_state_then_die():  # called inside the checkpoint's atomic_dir, after DCP wrote the shards there
     saves.append(1)
     if len(saves) == 2:
         os.kill(os.getpid(), signal.SIGKILL)
-    return state_dict(*args, **kwargs)
-model.state_dict = state_dict_then_die
+    return rng_state()
+ck.rng_state = rng_state_then_die
 cfg = TrainConfig(max_steps=3, batch_size=2, save_every=1, seed=0)
 items = t.encode_sft(tiny_lm.examples(32, seed=2), t.get_template("summarize"), tok, max_len=64, seq2seq=False)
 train(model, t.sft_batches(items, cfg), lm_loss_sum, cfg, sys.argv[1], t.no_log)

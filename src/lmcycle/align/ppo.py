@@ -389,12 +389,14 @@ def ppo_loss(agent: PolicyWithValue, batch: dict[str, Tensor], cfg: PpoSettings,
     return loss, int(n)
 
 
-def steps_per_rollout(cfg: PpoSettings, batch_size: int, grad_accum: int) -> int:
-    """Optimizer steps one rollout gives: ``ppo_epochs × rollout_size / (batch_size · grad_accum)``."""
-    per_step = batch_size * grad_accum
+def steps_per_rollout(cfg: PpoSettings, batch_size: int, grad_accum: int, world: int = 1) -> int:
+    """Optimizer steps one rollout gives: ``ppo_epochs × rollout_size / (batch_size · grad_accum · world)``
+    (``world`` ranks train on one global minibatch per step)."""
+    per_step = batch_size * grad_accum * world
     if cfg.rollout_size % per_step:
+        ranks = f" x {world} ranks" if world > 1 else ""
         raise LmcycleError(f"rollout_size ({cfg.rollout_size}) must be a multiple of train.batch_size x "
-                           f"train.grad_accum ({per_step}): each PPO epoch splits the rollout into minibatches",
-                           field="ppo.rollout_size")
+                           f"train.grad_accum{ranks} ({per_step}): each PPO epoch splits the rollout into "
+                           "minibatches", field="ppo.rollout_size")
     return cfg.ppo_epochs * cfg.rollout_size // per_step
 

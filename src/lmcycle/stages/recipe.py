@@ -53,6 +53,8 @@ from lmcycle.stages import STAGES
 from lmcycle.stages.context import RunContext, load_datasets
 from lmcycle.stages.report import write_run_report
 from lmcycle.train.distributed import barrier, is_main, world_size
+from lmcycle.train.engines import DistributedConfig
+from lmcycle.train.loop import TrainConfig
 
 
 class Recipe(Config):
@@ -66,6 +68,9 @@ class Recipe(Config):
                                             "else the CPU; under torchrun each process its own GPU)")
     attn_implementation: str = Field("sdpa", description=f"attention of every model loaded or built: "
                                                          f"{', '.join(ATTENTION)}")
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig,
+                                           description="the engine every training stage uses under torchrun "
+                                           "(ddp or fsdp); a stage's own train.distributed overrides it")
     data: dict[str, DatasetConfig] = Field(default_factory=dict)
     stages: list[dict[str, Any]] = Field(min_length=1)
 
@@ -108,6 +113,9 @@ class Recipe(Config):
                 raise LmcycleError(f"two stages are named '{name}'; give one a distinct 'name'", file=file,
                                    line=line, field=f"stages.{i}.name")
             seen.add(name)
+            train = getattr(cfg, "train", None)
+            if isinstance(train, TrainConfig) and "distributed" not in train.model_fields_set:
+                train.distributed = self.distributed.model_copy()
             out.append(cfg)
         self.check_references(out, file, lines or {})
         self.check_model_dtypes(out, file, lines or {})

@@ -2,10 +2,13 @@
 
 A checkpoint is the directory ``<out_dir>/checkpoints/step-<N>`` (``N`` = optimizer steps done) holding
 
-- ``model.safetensors``  the model's weights (tied weights stored once),
-- ``optimizer.pt``       the optimizer's state (AdamW moments, step counts),
-- ``rng.pt``             torch / Python / NumPy random states,
-- ``state.json``         the step, the per-step losses so far and anything else the loop records.
+- ``.metadata``, ``*.distcp``  the model's weights and the optimizer's state (AdamW moments, step counts) in
+  PyTorch's distributed checkpoint format (DCP): each rank writes its own shards, and the files hold every
+  tensor under its parameter name, whatever the world size and engine that wrote them (one process, DDP, FSDP),
+  so a run saved by 2 ranks resumes on 1 or on 8,
+- ``rng.pt``             torch / Python / NumPy random states (rank 0's: every rank resumes from them),
+- ``state.json``         the step, the per-step losses so far and anything else the loop records. The step is
+  also the data position: a step's batches depend on the step only.
 
 Pruning keeps the newest ``keep`` checkpoints and also the newest *steady* one (``state.json`` ``"steady"``:
 the loop saw no rising loss when it wrote it), so that a spike noticed several saves later still finds a
@@ -13,25 +16,39 @@ checkpoint from before it.
 
 The learning-rate schedule is a function of the step (:mod:`lmcycle.train.schedule`), so the step *is* its
 state. Each checkpoint is written with :func:`lmcycle.atomic.atomic_dir`, so a ``step-N`` directory that exists
-is complete; a run killed while saving leaves the previous checkpoint untouched.
+is complete; a run killed while saving leaves the previous checkpoint untouched. Under ``torchrun`` rank 0 makes
+the temporary directory, every rank writes its shards into it, and rank 0 renames it (the directory must be on a
+file system all ranks share).
+
+A finished model is not a checkpoint: it is saved whole with ``save_pretrained`` (:func:`save_model_dir`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import random
 import shutil
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import safetensors.torch
 import torch
+import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
 
 from lmcycle.atomic import atomic_dir
+from lmcycle.train.distributed import barrier, broadcast_object, is_main
 
 CHECKPOINTS = "checkpoints"
 
@@ -56,14 +73,23 @@ def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
 
 def save_checkpoint(out_dir: str | os.PathLike, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
                     state: dict[str, Any] | None = None, keep: int = 2) -> Path:
-    """Write ``out_dir/checkpoints/step-<step>`` atomically, then delete all but the newest ``keep``."""
+    """Write ``out_dir/checkpoints/step-<step>`` atomically, then delete all but the newest ``keep``.
+
+    A collective under ``torchrun``: every rank calls it with its part of the model (its FSDP shards, or its
+    replica) and ``optimizer``; ``state`` is taken from rank 0.
+    """
     path = Path(out_dir) / CHECKPOINTS / f"step-{step}"
-    with atomic_dir(path) as tmp:
-        safetensors.torch.save_model(model, str(tmp / "model.safetensors"))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(rng_state(), tmp / "rng.pt")
-        (tmp / "state.json").write_text(json.dumps({**(state or {}), "step": step}), encoding="utf-8")
-    prune_checkpoints(out_dir, keep)
+    model_state, optim_state = get_state_dict(model, optimizer)
+    with atomic_dir(path) if is_main() else contextlib.nullcontext() as tmp:
+        tmp = broadcast_object(tmp)
+        with _one_process_is_meant():
+            dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp)
+        if is_main():
+            torch.save(rng_state(), tmp / "rng.pt")
+            (tmp / "state.json").write_text(json.dumps({**(state or {}), "step": step}), encoding="utf-8")
+    if is_main():
+        prune_checkpoints(out_dir, keep)
+    barrier()  # no rank goes on (and may read the checkpoint) before rank 0 has renamed it into place
     return path
 
 
@@ -107,14 +133,37 @@ def remove_unfinished_saves(out_dir: str | os.PathLike) -> None:
 
 def load_checkpoint(path: str | os.PathLike, model: nn.Module,
                     optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
-    """Restore weights, optimizer state and RNG states from ``path``; return its ``state.json``."""
+    """Restore weights, optimizer state and RNG states from ``path``; return its ``state.json``.
+
+    A collective under ``torchrun`` (every rank reads its own part). Raises what DCP raises for a checkpoint of
+    another model (``CheckpointException``, ``RuntimeError``) and :class:`FileNotFoundError` for one that is no
+    DCP checkpoint.
+    """
     path = Path(path)
-    device = next(model.parameters()).device
-    safetensors.torch.load_model(model, path / "model.safetensors", device=str(device))
-    if optimizer is not None:
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=device, weights_only=True))
+    if not (path / ".metadata").is_file():
+        raise FileNotFoundError(f"{path} holds no distributed checkpoint (.metadata); checkpoints written before "
+                                "lmcycle used DCP cannot be resumed")
+    if optimizer is None:
+        loaded = {"model": get_model_state_dict(model)}
+        with _one_process_is_meant():
+            dcp.load(loaded, checkpoint_id=path)
+        set_model_state_dict(model, loaded["model"])
+    else:
+        model_state, optim_state = get_state_dict(model, optimizer)
+        loaded = {"model": model_state, "optim": optim_state}
+        with _one_process_is_meant():
+            dcp.load(loaded, checkpoint_id=path)
+        set_state_dict(model, optimizer, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"])
     set_rng_state(torch.load(path / "rng.pt", weights_only=True))
     return json.loads((path / "state.json").read_text(encoding="utf-8"))
+
+
+@contextlib.contextmanager
+def _one_process_is_meant() -> Iterator[None]:
+    """Silence DCP's warning that, without a process group, it saves or loads in one process: that is intended."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
 
 
 def rng_state() -> dict[str, Any]:

@@ -1,10 +1,7 @@
 """Data-parallel training across processes started by ``torchrun`` (gloo on CPU, nccl on GPU).
 
 Outside ``torchrun`` every helper is a no-op for a world of one process, so the same training code runs in both.
-The training loop does not wrap the model in ``DistributedDataParallel``: it sums the gradients of all ranks
-itself after the local backward passes (:func:`all_reduce_grads_`). That keeps ``loss_fn(model, batch)`` free
-to call anything on the plain model (``generate``, sub-modules, several forwards) — DDP only sees gradients
-that flow through its own ``forward``. :func:`wrap_ddp` is here for code that wants DDP proper.
+The engines that compute gradients across ranks (DDP, FSDP2) are in :mod:`lmcycle.train.engines`.
 """
 
 from __future__ import annotations
@@ -21,7 +18,7 @@ def init_distributed() -> tuple[int, int]:
 
     Without ``WORLD_SIZE`` > 1 in the environment this does nothing and returns ``(0, 1)``.
     """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = launch_world_size()
     if world > 1 and not is_distributed():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend=backend)
@@ -72,23 +69,28 @@ def _collective_device() -> torch.device:
     return torch.device("cpu")
 
 
-def all_reduce_grads_(params: list[nn.Parameter]) -> None:
-    """Sum every parameter's ``.grad`` over all ranks, in place, with one collective call.
+def launch_world_size() -> int:
+    """The number of processes torchrun started (its ``WORLD_SIZE``), known before any process group exists:
+    what a config checks its batch sizes against when it loads."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
-    A parameter without a gradient on this rank counts as zeros, so every rank sends the same buffer shape.
-    """
-    if not is_distributed() or not params:
-        return
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-    flat = torch.cat([p.grad.reshape(-1) for p in params])
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-    offset = 0
-    for p in params:
-        n = p.grad.numel()
-        p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
-        offset += n
+
+def all_gather_object(obj) -> list:
+    """Every rank's ``obj``, in rank order (``[obj]`` outside torchrun)."""
+    if not is_distributed():
+        return [obj]
+    out = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj):
+    """Rank 0's ``obj`` on every rank (any picklable object; ``obj`` itself outside torchrun)."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def broadcast_params_(model: nn.Module) -> None:
@@ -98,11 +100,3 @@ def broadcast_params_(model: nn.Module) -> None:
     with torch.no_grad():
         for t in [*model.parameters(), *model.buffers()]:
             dist.broadcast(t.data, src=0)
-
-
-def wrap_ddp(model: nn.Module) -> nn.Module:
-    """``DistributedDataParallel(model)`` under torchrun, the model itself otherwise."""
-    if not is_distributed():
-        return model
-    device_ids = [torch.cuda.current_device()] if next(model.parameters()).is_cuda else None
-    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)

@@ -15,6 +15,7 @@ below it. What a trainer supplies:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import random
@@ -29,8 +30,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import Field, ValidationInfo, field_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 from torch import nn
+from torch.distributed.checkpoint import CheckpointException
+from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 
 from lmcycle.config import Config
@@ -44,14 +47,15 @@ from lmcycle.train.checkpoint import (
     set_aside_checkpoints_after,
 )
 from lmcycle.train.distributed import (
-    all_reduce_grads_,
     all_reduce_sum,
     barrier,
     broadcast_params_,
     is_main,
+    launch_world_size,
     rank,
     world_size,
 )
+from lmcycle.train.engines import DistributedConfig, LocalEngine, build_engine
 from lmcycle.train.memory import activation_checkpointing
 from lmcycle.train.schedule import lr_at
 
@@ -71,6 +75,9 @@ class TrainConfig(Config):
     max_steps: int = Field(ge=1)
     batch_size: int = Field(8, ge=1, description="micro-batch size per rank")
     grad_accum: int = Field(1, ge=1)
+    global_batch_size: int | None = Field(None, ge=1, description="examples per optimizer step over all ranks: "
+                                          "grad_accum becomes this / (batch_size x ranks), so the same recipe "
+                                          "trains the same way on any number of ranks")
     lr: float = Field(3e-4, gt=0)
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
     warmup_steps: int = Field(0, ge=0)
@@ -92,7 +99,9 @@ class TrainConfig(Config):
     activation_checkpointing: bool = Field(False, description="keep only each transformer block's inputs and "
                                            "recompute its activations in backward (train/memory.py): less "
                                            "memory for about one more forward pass per step")
-
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig,
+                                           description="the engine under torchrun (set by the recipe's "
+                                           "distributed: section)")
 
     @field_validator("warmup_steps")
     @classmethod
@@ -103,13 +112,32 @@ class TrainConfig(Config):
             raise ValueError(f"warmup_steps ({warmup}) is more than max_steps ({max_steps})")
         return warmup
 
+    @model_validator(mode="after")
+    def _accumulate_to_global_batch(self) -> TrainConfig:
+        if self.global_batch_size is None:
+            return self
+        world = launch_world_size()
+        per_pass = self.batch_size * world
+        if self.global_batch_size % per_pass:
+            raise ValueError(f"global_batch_size {self.global_batch_size} is not a multiple of batch_size "
+                             f"{self.batch_size} x {world} rank(s) = {per_pass}")
+        accum = self.global_batch_size // per_pass
+        if "grad_accum" in self.model_fields_set and self.grad_accum != accum:
+            raise ValueError(f"grad_accum {self.grad_accum} contradicts global_batch_size {self.global_batch_size}"
+                             f" (= batch_size {self.batch_size} x {world} rank(s) x {accum}): set only one")
+        self.__dict__["grad_accum"] = accum  # not setattr: validate_assignment would run this validator again
+        return self
+
 
 # Settings that change no number the training computes: a resumed run may change them freely.
 CADENCE_FIELDS = frozenset({"eval_every", "save_every", "log_every", "keep_checkpoints", "spike_factor",
                             "spike_window", "spike_patience", "force_resume"})
 # Settings that change how much memory a step takes, not what it computes: a run that ran out of memory may resume
 # with them changed (and checkpoints written before they existed still resume).
-MEMORY_FIELDS = frozenset({"activation_checkpointing"})
+MEMORY_FIELDS = frozenset({"activation_checkpointing", "distributed"})
+# How the global batch is split (per rank, per micro-batch) changes no number but the rounding: a run saved on 2
+# ranks resumes on 1 or 8 when the global batch (batch_size x grad_accum x ranks) stays the same.
+SPLIT_FIELDS = frozenset({"batch_size", "grad_accum", "global_batch_size"})
 # A loss near zero that quadruples is noise of a nearly learned task, not divergence: a spike must also rise
 # by this many nats over the median.
 SPIKE_MIN_RISE = 1.0
@@ -138,27 +166,33 @@ class Progress:
 
 def train(model: nn.Module, batch_at: Callable[[int], list[Batch]], loss_fn: LossFn, cfg: TrainConfig,
           out_dir: str | Path, log: Callable[..., None], eval_fn: Callable[[nn.Module], dict] | None = None,
-          params: list[nn.Parameter] | None = None, desc: str = "train") -> TrainResult:
+          params: list[nn.Parameter] | None = None, desc: str = "train",
+          batch_needs_model: Callable[[int], bool] | None = None) -> TrainResult:
     """Train ``model`` in place for ``cfg.max_steps`` optimizer steps; resume from ``out_dir/checkpoints``.
 
     ``params`` restricts training to those parameters (default: every parameter that requires grad).
-    Only rank 0 calls ``log`` and writes checkpoints. A non-finite loss or gradient norm, or a loss spike
+    Under ``torchrun`` the engine of ``cfg.distributed`` computes the gradients (:mod:`lmcycle.train.engines`);
+    ``batch_needs_model(step)`` says whether ``batch_at(step)`` runs ``model`` itself (PPO's rollouts), so that
+    a sharding engine gathers the weights for it; ``eval_fn`` always gets the whole model. Every rank writes its
+    part of each checkpoint; only rank 0 calls ``log``. A non-finite loss or gradient norm, or a loss spike
     (see :func:`check_spike`), raises :class:`LmcycleError` before the optimizer step and without saving; the
     checkpoints written after the loss began to rise are set aside, so the newest one left is good.
     The first row logged is ``event="train_start"`` with the steps already done (see :meth:`RunContext.log`).
+    When it returns, ``model`` holds the trained weights on every rank, whatever the engine.
     """
     params = params if params is not None else [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(params, cfg)
     if cfg.seed is not None:
         seed_everything(cfg.seed)
     broadcast_params_(model)
+    engine = build_engine(model, params, cfg.distributed, cfg.bf16)
+    optimizer = make_optimizer(engine.params, cfg)
     if is_main():
         remove_unfinished_saves(out_dir)
-    done_before = resume(out_dir, model, optimizer, cfg)
+    done_before = resume(out_dir, engine.state_model, optimizer, cfg)
     start, losses = done_before.step, done_before.losses
     if is_main():
         log(event="train_start", step=start)
-    model.train()
+    engine.compute_model.train()
     reset_peak_rss()
     rss_start = peak_rss_mb()
 
@@ -170,21 +204,23 @@ def train(model: nn.Module, batch_at: Callable[[int], list[Batch]], loss_fn: Los
                         done_before.tokens + tokens_seen)
 
     # Checkpointing is undone when the loop ends, so the trainer gets its model back as it gave it.
-    with (activation_checkpointing(model, cfg.activation_checkpointing),
+    with (activation_checkpointing(engine.compute_model, cfg.activation_checkpointing),
           tqdm(total=cfg.max_steps, initial=start, desc=desc, disable=None if is_main() else True,
                file=sys.stderr, dynamic_ncols=True) as bar):
         for step in range(start, cfg.max_steps):
             lr = set_lr(optimizer, lr_at(step, lr=cfg.lr, max_steps=cfg.max_steps, warmup_steps=cfg.warmup_steps,
                                          min_lr_ratio=cfg.min_lr_ratio))
             try:
-                micro_batches = batch_at(step)
+                uses_model = batch_needs_model is not None and (step == start or batch_needs_model(step))
+                with engine.full_model() if uses_model else contextlib.nullcontext():
+                    micro_batches = batch_at(step)
             except StopTraining:
                 end = step
-                if is_main() and step > start:
-                    checkpoint(out_dir, progress(step), model, optimizer, cfg, lr)
+                if step > start:
+                    checkpoint(out_dir, progress(step), engine.state_model, optimizer, cfg, lr)
                 break
-            loss, n_tokens = compute_gradients(model, micro_batches, loss_fn, params, bf16=cfg.bf16)
-            grad_norm = clip_gradients(params, cfg.max_grad_norm)
+            loss, n_tokens = compute_gradients(engine, micro_batches, loss_fn, bf16=cfg.bf16)
+            grad_norm = clip_gradients(engine.params, cfg.max_grad_norm)
             check_finite(step, loss, grad_norm, losses, cfg, out_dir)
             check_spike(step, loss, losses, cfg, out_dir)
             optimizer.step()
@@ -202,12 +238,15 @@ def train(model: nn.Module, batch_at: Callable[[int], list[Batch]], loss_fn: Los
                 log(step=done, loss=sum(window) / len(window), lr=lr, grad_norm=grad_norm,
                     tokens_per_s=round(tokens_per_s, 1))
                 window = []
-            if is_main() and eval_fn is not None and due(done, cfg.eval_every, cfg.max_steps):
-                last_eval = evaluate(model, eval_fn)
-                log(step=done, **last_eval)
-            if is_main() and due(done, cfg.save_every, cfg.max_steps):
-                checkpoint(out_dir, progress(done), model, optimizer, cfg, lr)
-    barrier()  # no rank returns before rank 0 has written the final checkpoint
+            if eval_fn is not None and due(done, cfg.eval_every, cfg.max_steps):
+                with engine.full_model():  # a collective under FSDP: every rank gathers, rank 0 evaluates
+                    if is_main():
+                        last_eval = evaluate(model, eval_fn)
+                        log(step=done, **last_eval)
+            if due(done, cfg.save_every, cfg.max_steps):
+                checkpoint(out_dir, progress(done), engine.state_model, optimizer, cfg, lr)
+    engine.finish()
+    barrier()  # no rank returns before every rank has its trained weights and the last checkpoint is written
 
     total = progress(max(start, end))
     return TrainResult(step=total.step, losses=losses, wall_time=total.elapsed,
@@ -247,7 +286,7 @@ def resume(out_dir: str | Path, model: nn.Module, optimizer: torch.optim.Optimiz
         return Progress()
     try:
         state = load_checkpoint(path, model, optimizer)
-    except (RuntimeError, ValueError, KeyError, OSError) as e:
+    except (CheckpointException, RuntimeError, ValueError, KeyError, OSError) as e:
         first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise LmcycleError(f"cannot resume from this checkpoint ({first_line}); it was written for another "
                            "model or settings: delete it or train into another run directory", file=path) from None
@@ -261,8 +300,10 @@ def resume(out_dir: str | Path, model: nn.Module, optimizer: torch.optim.Optimiz
 
 
 def resume_settings(cfg: TrainConfig) -> dict:
-    """The settings a resumed run must share with its checkpoint: every one that changes what is computed."""
-    return cfg.model_dump(mode="json", exclude=set(CADENCE_FIELDS | MEMORY_FIELDS))
+    """The settings a resumed run must share with its checkpoint: every one that changes what is computed, with
+    the global batch in place of how it is split over ranks and micro-batches."""
+    settings = cfg.model_dump(mode="json", exclude=set(CADENCE_FIELDS | MEMORY_FIELDS | SPLIT_FIELDS))
+    return {**settings, "global_batch_size": cfg.batch_size * cfg.grad_accum * world_size()}
 
 
 def check_same_settings(saved: dict, now: dict, path: Path) -> None:
@@ -299,32 +340,36 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> float:
     return lr
 
 
-def compute_gradients(model: nn.Module, micro_batches: list[Batch], loss_fn: LossFn, params: list[nn.Parameter],
+def compute_gradients(engine: LocalEngine, micro_batches: list[Batch], loss_fn: LossFn,
                       bf16: bool = False) -> tuple[float, int]:
-    """Accumulate into ``p.grad`` the gradient of (summed loss / token count) over all micro-batches and ranks.
+    """Accumulate into ``engine.params``' ``.grad`` the gradient of (summed loss / token count) over all
+    micro-batches and ranks.
 
-    Each micro-batch backpropagates its *summed* loss; the sum of gradients is then divided once by the total
-    token count, so the result equals the gradient of the token-mean loss of the concatenated batch.
-    Returns ``(mean loss per token, total tokens)`` over all ranks.
+    Each micro-batch backpropagates its *summed* loss through ``engine`` (which syncs gradients across ranks
+    after the last one); the sum of gradients is then divided once by the total token count, so the result
+    equals the gradient of the token-mean loss of the concatenated batch. Returns ``(mean loss per token, total
+    tokens)`` over all ranks.
     """
-    device = next(model.parameters()).device
+    device = next(engine.model.parameters()).device
     # Summed on the model's device: a .cpu() per micro-batch would wait for every CUDA step to finish.
     loss_total = torch.zeros((), dtype=torch.float64, device=device)
     tokens = 0
-    for batch in micro_batches:
+    for i, batch in enumerate(micro_batches):
         batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss_sum, n_tokens = loss_fn(model, batch)
-        if loss_sum.requires_grad:
-            loss_sum.float().backward()
+        with engine.accumulating(last=i == len(micro_batches) - 1):
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
+                loss_sum, n_tokens = engine.forward(loss_fn, batch)
+            if loss_sum.requires_grad:
+                loss_sum.float().backward()
         loss_total += loss_sum.detach().double().to(device)
         tokens += int(n_tokens)
-    all_reduce_grads_(params)
     tokens = int(all_reduce_sum(tokens))
     loss_total = all_reduce_sum(loss_total)
-    grads = [p.grad for p in params if p.grad is not None]
+    grads = [p.grad for p in engine.params if p.grad is not None]
     if grads:
-        torch._foreach_mul_(grads, 1.0 / max(tokens, 1))  # one fused kernel instead of one per parameter
+        # The engine averaged over ranks (grad_divisor); undo that and divide the sum by the tokens, in one fused
+        # kernel instead of one per parameter.
+        torch._foreach_mul_(grads, engine.grad_divisor / max(tokens, 1))
     return float(loss_total) / max(tokens, 1), tokens
 
 
@@ -333,7 +378,8 @@ def clip_gradients(params: list[nn.Parameter], max_norm: float | None) -> float:
     grads = [p for p in params if p.grad is not None]
     if not grads:
         return 0.0
-    return float(torch.nn.utils.clip_grad_norm_(grads, max_norm if max_norm is not None else math.inf))
+    norm = torch.nn.utils.clip_grad_norm_(grads, max_norm if max_norm is not None else math.inf)
+    return float(norm.full_tensor() if isinstance(norm, DTensor) else norm)  # FSDP: a norm over all shards
 
 
 def check_finite(step: int, loss: float, grad_norm: float, losses: list[float], cfg: TrainConfig,
