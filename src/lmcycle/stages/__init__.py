@@ -20,7 +20,9 @@ from lmcycle.report.page import Section, chapter, training
 class Kind:
     name: str  # the recipe's `type:`
     command: str | None = None  # its single-stage command (`lmcycle <command> key=value ...`), if it has one
-    data_parallel: bool = False  # under torchrun it runs on every rank; other kinds run on rank 0 alone
+    # Under torchrun it runs on every rank (it trains: every rank takes its share of each batch, and only rank 0
+    # writes); other kinds run on rank 0 alone.
+    data_parallel: bool = False
 
     @property
     def module_name(self) -> str:
@@ -50,13 +52,13 @@ KINDS: tuple[Kind, ...] = (
     Kind("generate", "generate"),
     Kind("explore", "explore"),
     Kind("eval", "eval"),
-    Kind("reward", "rm"),
-    Kind("dpo", "dpo"),
-    Kind("classifier", "classifier"),
-    Kind("ppo", "ppo"),
-    Kind("distill", "distill"),
+    Kind("reward", "rm", data_parallel=True),
+    Kind("dpo", "dpo", data_parallel=True),
+    Kind("classifier", "classifier", data_parallel=True),
+    Kind("ppo", "ppo", data_parallel=True),
+    Kind("distill", "distill", data_parallel=True),
     Kind("quantize", "quantize"),
-    Kind("prune", "prune"),
+    Kind("prune", "prune", data_parallel=True),
     Kind("compare", "compare"),
     Kind("retrieval"),
     Kind("harness"),

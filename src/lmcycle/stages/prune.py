@@ -38,6 +38,7 @@ from lmcycle.report.rundir import Run
 from lmcycle.stages.common import StageConfig, write_eval
 from lmcycle.stages.context import RunContext
 from lmcycle.train.checkpoint import save_model_dir
+from lmcycle.train.distributed import is_main
 from lmcycle.train.loop import TrainConfig, seed_everything
 
 
@@ -150,8 +151,10 @@ def run_prune(cfg: PruneStage, ctx: RunContext) -> dict[str, str]:
         ctx.log(name, event="heal", sparsity=report[-2]["sparsity"],
                 **{f"ppl_after_heal/{d}": v for d, v in ppl["after_heal"].items()})
 
-    model_dir = save_model_dir(model, tokenizer, out / "model")
-    atomic_write_json(out / "sparsity.json", report)
+    model_dir = out / "model"
+    if is_main():  # under torchrun every rank pruned and healed the same way (the healing data-parallel)
+        save_model_dir(model, tokenizer, model_dir)
+        atomic_write_json(out / "sparsity.json", report)
     settings = cfg.model_dump(exclude={"type", "name", "heal"}) | {
         "seed": seed, "calibration_texts": sum(int(b["attention_mask"].shape[0]) for b in batches or []),
         "heal": cfg.heal.model_dump() if cfg.heal else None,

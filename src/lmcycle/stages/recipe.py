@@ -57,6 +57,18 @@ from lmcycle.train.engines import DistributedConfig
 from lmcycle.train.loop import TrainConfig
 
 
+def train_configs(cfg: Config) -> list[TrainConfig]:
+    """The training loops a stage config holds: its ``train``, and one a section of it holds (prune's
+    ``heal.train``)."""
+    found = []
+    for value in (getattr(cfg, name) for name in type(cfg).model_fields):
+        if isinstance(value, TrainConfig):
+            found.append(value)
+        elif isinstance(value, Config):
+            found += [v for v in (getattr(value, n) for n in type(value).model_fields) if isinstance(v, TrainConfig)]
+    return found
+
+
 class Recipe(Config):
     """A recipe file: datasets by name and the stages to run."""
 
@@ -113,9 +125,9 @@ class Recipe(Config):
                 raise LmcycleError(f"two stages are named '{name}'; give one a distinct 'name'", file=file,
                                    line=line, field=f"stages.{i}.name")
             seen.add(name)
-            train = getattr(cfg, "train", None)
-            if isinstance(train, TrainConfig) and "distributed" not in train.model_fields_set:
-                train.distributed = self.distributed.model_copy()
+            for train in train_configs(cfg):
+                if "distributed" not in train.model_fields_set:
+                    train.distributed = self.distributed.model_copy()
             out.append(cfg)
         self.check_references(out, file, lines or {})
         self.check_model_dtypes(out, file, lines or {})

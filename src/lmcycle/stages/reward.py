@@ -29,6 +29,7 @@ from lmcycle.report.markdown import figure, fraction, is_number, md, save_png
 from lmcycle.report.rundir import Run
 from lmcycle.stages.common import ModelStage, model_dtype, write_eval
 from lmcycle.stages.context import RunContext
+from lmcycle.train.distributed import is_main
 from lmcycle.train.loop import TrainConfig, seed_everything
 
 
@@ -77,7 +78,9 @@ def run_reward(cfg: RewardStage, ctx: RunContext) -> dict[str, str]:
     metrics = held_out_reward_metrics(model, pair_batches(encode_pairs(eval_pairs, tokenizer, max_len), tokenizer,
                                                           tcfg.batch_size), cfg.margin)
     log(event="held_out", **{f"eval_{k}": v for k, v in metrics.items()})
-    model_dir = model.save(out_dir / "model", tokenizer)
+    model_dir = out_dir / "model"
+    if is_main():
+        model.save(model_dir, tokenizer)
     settings = {"model": source, "backbone": model.kind, "data": cfg.data, "eval_data": cfg.eval_data,
                 "max_len": max_len, "margin": cfg.margin, "group_by_length": cfg.group_by_length,
                 "train_pairs": len(pairs), "steps": result.step,
