@@ -17,11 +17,12 @@ BUSY_WARNING = ("\nWARNING: a best run had less than 95% of its cores (CPU share
                 "the wall-clock numbers are not reliable; run again on an idle machine.")
 
 
-def rss_mb() -> float:
-    """Current resident memory of this process in MiB (Linux)."""
+def rss_mb(field: str = "VmRSS") -> float:
+    """Current resident memory of this process in MiB (Linux): ``VmRSS``, or its parts ``RssAnon`` (the
+    process's own memory) and ``RssFile`` (pages of mapped files, e.g. safetensors being read)."""
     with open("/proc/self/status", encoding="ascii") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) / 1024
     return float("nan")
 

@@ -77,7 +77,7 @@ TINY = {**LLAMA_32_1B, "hidden_size": 384, "intermediate_size": 1024, "num_hidde
 LLAMA_2_7B = {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32,
               "num_key_value_heads": 32, "vocab_size": 32000, "max_position_embeddings": 4096,
               "rms_norm_eps": 1e-5, "hidden_act": "silu", "tie_word_embeddings": False, "rope_theta": 10000.0}
-SHAPES = {"1b": LLAMA_32_1B, "tiny": TINY}
+SHAPES = {"1b": LLAMA_32_1B, "tiny": TINY, "7b": LLAMA_2_7B}
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 H200_BF16_TFLOPS = 989.0  # dense bf16, NVIDIA's H200 SXM datasheet
 
@@ -162,8 +162,18 @@ def run_rank(args: argparse.Namespace) -> dict:
 
     torch.manual_seed(args.seed)
     started = time.perf_counter()
-    with device:
-        model = LlamaForCausalLM._from_config(config, dtype=torch.bfloat16)
+    if args.checkpoint:  # as a stage loads it: FSDP builds on the meta device and reads its shards only
+        from lmcycle.models.load import load_empty, load_pretrained
+
+        loaded = None
+        if args.strategy == "fsdp" and world > 1:
+            loaded = load_empty(args.checkpoint, dtype=torch.bfloat16, device=device)
+        model = (loaded or load_pretrained(args.checkpoint, dtype=torch.bfloat16, device=device))[0]
+        info_load = "sharded (load_empty)" if loaded else "whole (load_pretrained)"
+    else:
+        with device:
+            model = LlamaForCausalLM._from_config(config, dtype=torch.bfloat16)
+        info_load = "built in memory"
     add_lora(model, LoraConfig(r=args.r, alpha=2 * args.r, dropout=0.0, target_modules=TARGETS))
     build_s = time.perf_counter() - started
     n_params = sum(p.numel() for p in model.parameters())
@@ -180,13 +190,14 @@ def run_rank(args: argparse.Namespace) -> dict:
         # VmHWM up to here: building the model, then the engine (FSDP: sharding while the full copy still exists);
         # train() resets it right after.
         info["setup_and_engine_peak_rss_mb"] = loop.peak_rss_mb()
+        info["after_engine_rss_anon_mb"], info["after_engine_rss_file_mb"] = rss_mb("RssAnon"), rss_mb("RssFile")
         return engines[-1]
 
     loop.build_engine = capture
     total = args.steps + 1  # step 0 warms up; steps 1..steps are timed; the run stops at the start of the next
     times: dict[int, float] = {}
     cpu: dict[int, float] = {}
-    info: dict = {}
+    info: dict = {"load": info_load}
     vocab = config.vocab_size
 
     def batch_at(step: int):
@@ -242,6 +253,19 @@ def run_rank(args: argparse.Namespace) -> dict:
 # -- the launcher ---------------------------------------------------------------------------------------------
 
 
+def write_checkpoint(args: argparse.Namespace, path: Path) -> None:
+    """Save the shape's seeded random bf16 model (and a stand-in tokenizer) with ``save_pretrained``."""
+    import torch
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+
+    torch.manual_seed(args.seed)
+    LlamaForCausalLM._from_config(llama_config(args.shape), dtype=torch.bfloat16).save_pretrained(path)
+    vocab = Tokenizer(WordLevel({"<unk>": 0, "<eos>": 1}, unk_token="<unk>"))
+    PreTrainedTokenizerFast(tokenizer_object=vocab, eos_token="<eos>").save_pretrained(path)
+
+
 def launch(strategy: str, args: argparse.Namespace, out: Path) -> list[dict]:
     """Run ``strategy`` on ``args.nproc`` CPU ranks under torchrun; every rank's result."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.nproc),
@@ -263,6 +287,7 @@ def common_args(args: argparse.Namespace) -> list[str]:
     out = ["--shape", args.shape, "--seq-len", str(args.seq_len), "--batch", str(args.batch), "--steps",
            str(args.steps), "--lora-r", str(args.r), "--seed", str(args.seed), "--threads", str(args.threads),
            "--device", "cpu"]
+    out += ["--checkpoint", args.checkpoint] if args.checkpoint else []
     return out + (["--no-checkpointing"] if args.no_checkpointing else [])
 
 
@@ -341,13 +366,17 @@ def table_cpu(s: dict) -> str:
         lines.append(f"plan {strategy} (MiB): {parts}; total {p['total'] / 2**20:.0f}")
     lines.append("baseline = RSS before the model is built (Python, torch, transformers, process group): "
                  + ", ".join(f"{k} {v['ranks'][0]['baseline_rss_mb']:.0f} MiB" for k, v in s["strategies"].items())
-                 + "; peak while building the model, before train() (every rank builds the whole bf16 model "
-                 "before the engine shards it): "
+                 + "; the model " + ", ".join(f"{k} {v['ranks'][0]['load']}" for k, v in s["strategies"].items())
+                 + "; peak while building or loading the model, before train(): "
                  + ", ".join(f"{k} {max(r['setup_peak_rss_mb'] for r in v['ranks']):.0f} MiB"
                              for k, v in s["strategies"].items())
                  + "; peak up to the engine built (model + DDP wrapper / FSDP sharding): "
                  + ", ".join(f"{k} {max(r.get('setup_and_engine_peak_rss_mb', float('nan')) for r in v['ranks']):.0f}"
-                             " MiB" for k, v in s["strategies"].items()))
+                             " MiB" for k, v in s["strategies"].items())
+                 + "; right after the engine is built, the rank's own memory (RssAnon) / mapped file pages "
+                 "(RssFile): " + ", ".join(f"{k} {max(r.get('after_engine_rss_anon_mb', float('nan')) for r in v['ranks']):.0f}"
+                                         f" / {max(r.get('after_engine_rss_file_mb', float('nan')) for r in v['ranks']):.0f} MiB"
+                                         for k, v in s["strategies"].items()))
     return "\n".join(lines)
 
 
@@ -422,12 +451,19 @@ def main() -> None:
     p.add_argument("--peak-tflops", type=float, default=H200_BF16_TFLOPS, help="GPU: dense bf16 peak for MFU")
     p.add_argument("--plan-7b", action="store_true", help="print the Llama-2-7B plan table and exit")
     p.add_argument("--json", help="also write the summary to this JSON file")
+    p.add_argument("--from-checkpoint", action="store_true",
+                   help="save the model first, then load it as a stage does (fsdp: sharded, from the meta device)")
+    p.add_argument("--checkpoint", help=argparse.SUPPRESS)
+    p.add_argument("--write-checkpoint", help=argparse.SUPPRESS)
     p.add_argument("--rank-worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--strategy", default="ddp", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.rank_worker:
         run_rank(args)
+        return
+    if args.write_checkpoint:
+        write_checkpoint(args, Path(args.write_checkpoint))
         return
     if args.plan_7b:
         print(plan_7b_table(args.seq_len or 512, args.batch or 1, args.r, not args.no_checkpointing))
@@ -448,6 +484,10 @@ def main() -> None:
             text = table_gpu(summary)
         else:
             runs = {}
+            if args.from_checkpoint:  # in its own process, so that its memory is given back before the ranks start
+                args.checkpoint = str(Path(tmp) / "checkpoint")
+                subprocess.run([sys.executable, __file__, "--shape", args.shape, "--seed", str(args.seed),
+                                "--write-checkpoint", args.checkpoint], check=True)
             for strategy in args.strategies.split(","):
                 print(f"{strategy}: torchrun --nproc_per_node {args.nproc} ...", file=sys.stderr, flush=True)
                 runs[strategy] = launch(strategy, args, Path(tmp))

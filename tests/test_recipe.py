@@ -348,3 +348,41 @@ def test_ppo_warmup_longer_than_its_rollouts_is_an_error(tmp_path):
     assert (e.value.line, e.value.field) == (10, "stages.1.train")
     assert "warmup_steps (5) is more than the 4 optimizer steps of 2 rollouts" in e.value.message
     assert load_recipe(write(tmp_path, text.replace("warmup_steps: 5", "warmup_steps: 4")))[1][1].train.warmup_steps == 4
+
+
+def test_a_global_batch_the_ranks_cannot_split_is_an_error_on_its_field(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # what torchrun sets before the recipe loads
+    text = TINY.replace("train: {max_steps: 4, batch_size: 4,", "train: {max_steps: 4, global_batch_size: 12, batch_size: 4,")
+    with pytest.raises(LmcycleError) as e:
+        load_recipe(write(tmp_path, text))
+    assert (e.value.line, e.value.field) == (line_of(text, "global_batch_size: 12"), "stages.1.train.global_batch_size")
+    assert "not a multiple of batch_size 4 x 2 rank(s) = 8" in e.value.message
+    fits = text.replace("global_batch_size: 12", "global_batch_size: 16")
+    assert load_recipe(write(tmp_path, fits))[1][1].train.grad_accum == 2  # 16 = 4 x 2 ranks x 2
+    both = text.replace("global_batch_size: 12", "global_batch_size: 16, grad_accum: 1")
+    with pytest.raises(LmcycleError, match="grad_accum 1 contradicts global_batch_size 16"):
+        load_recipe(write(tmp_path, both))
+
+
+@pytest.mark.parametrize("world, section, field, words", [
+    (2, "distributed: {strategy: fsdp, cpu_offload: true}", "distributed.cpu_offload", "this run is on cpu"),
+    (4, "distributed: {strategy: fsdp, replicas: 3}", "distributed.replicas", "(3) does not divide the 4 ranks"),
+])
+def test_engine_settings_this_launch_cannot_run_stop_the_recipe_when_it_loads(tmp_path, monkeypatch, world, section,
+                                                                             field, words):
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    text = TINY.replace("seed: 0\n", f"seed: 0\ndevice: cpu\n{section}\n", 1)
+    with pytest.raises(LmcycleError) as e:
+        load_recipe(write(tmp_path, text))
+    assert (e.value.line, e.value.field) == (line_of(text, section), field) and words in e.value.message
+    # A stage's own train.distributed is checked where it is written.
+    own = TINY.replace("lr: 1.0e-3, log_every: 1}\n  - {type: eval, name: after",
+                       f"lr: 1.0e-3, log_every: 1, {section}}}\n  - {{type: eval, name: after")
+    with pytest.raises(LmcycleError) as e:
+        load_recipe(write(tmp_path, own))
+    assert e.value.field == f"stages.3.train.{field}" and e.value.line == line_of(own, section)
+    # One process, or ddp, ignores these settings.
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert load_recipe(write(tmp_path, text))[0].distributed.strategy == "fsdp"
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    assert load_recipe(write(tmp_path, text.replace("strategy: fsdp", "strategy: ddp")))

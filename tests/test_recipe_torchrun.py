@@ -50,12 +50,16 @@ stages:
   - {{type: ppo, model: sft_lora, prompts: train, template: summarize, reward: {{kind: model, path: rm}},
      generation: {{do_sample: false, max_new_tokens: 8}}, rollouts: 2, ppo: {{rollout_size: 8, ppo_epochs: 1}},
      peft: {{r: 4, alpha: 8}}, train: {{{TRAIN}}}}}
+  - {{type: ppo, name: ppo_full, model: sft_full, prompts: train, template: summarize, reward: {{kind: model, path: rm}},
+     generation: {{do_sample: false, max_new_tokens: 8}}, rollouts: 2, ppo: {{rollout_size: 8, ppo_epochs: 1}},
+     train: {{{TRAIN}}}}}
   - {{type: distill, teacher: pretrain, task: lm, student_layers: [0], data: [train], max_len: 96,
      train: {{max_steps: 2, {TRAIN}}}}}
   - {{type: prune, model: pretrain, method: magnitude, sparsity: 0.5,
      heal: {{data: [train], r: 4, alpha: 8, train: {{max_steps: 2, {TRAIN}}}}}}}
 """
-TRAINERS = ["pretrain", "sft_full", "sft_lora", "sft_qlora", "sft_prompt", "rm", "dpo", "ppo", "distill", "prune"]
+TRAINERS = ["pretrain", "sft_full", "sft_lora", "sft_qlora", "sft_prompt", "rm", "dpo", "ppo", "ppo_full", "distill",
+            "prune"]
 
 # An encoder-decoder (T5's encoder and decoder blocks are sharded separately), full and LoRA.
 T5 = f"""\
@@ -97,6 +101,17 @@ def stage_losses(out) -> dict[str, list[float]]:
     return losses
 
 
+def stage_rows(out, event: str) -> list[dict]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if r.get("event") == event]
+
+
+def sharded_loads(out) -> set[str]:
+    """The stages whose model each rank filled shard by shard from the checkpoint."""
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["stage"] for r in rows if r.get("event") == "model_load" and r.get("weights") == "sharded"}
+
+
 def run(tmp_path, procs: int, grad_accum: int):
     out, proc = launch(RECIPE.replace("GRAD_ACCUM", str(grad_accum)), tmp_path, f"run{procs}", procs)
     return out, proc, stage_losses(out)["pretrain"]
@@ -130,8 +145,21 @@ def assert_same_training(single, ranks, stages, rel=2e-3):
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_every_trainer_on_two_ranks_matches_one_process(every_trainer_one_process, tmp_path, strategy):
-    out, proc = launch(EVERY_TRAINER, tmp_path, "every", 2, f"distributed.strategy={strategy}")
+    # Under fsdp, PPO's reward model and full fine-tuning reference are sharded too; under ddp they are replicated.
+    frozen = "shard" if strategy == "fsdp" else "replicate"
+    out, proc = launch(EVERY_TRAINER, tmp_path, "every", 2, f"distributed.strategy={strategy}",
+                       f"distributed.frozen_models={frozen}")
     assert_same_training(every_trainer_one_process, out, TRAINERS)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    setup = {r["stage"]: r for r in rows if r.get("event") == "ppo_setup"}
+    assert {stage: r["frozen_models"] for stage, r in setup.items()} == {"ppo": frozen, "ppo_full": frozen}
+    whole = next(r for r in stage_rows(every_trainer_one_process, "ppo_setup") if r["stage"] == "ppo_full")
+    held, total = setup["ppo_full"]["reference_params_on_rank0"], whole["reference_params_on_rank0"]
+    # Sharded: rank 0 keeps the first half (rounded up) of every weight's rows.
+    assert total / 2 <= held < 0.51 * total if frozen == "shard" else held == total
+    # Under FSDP the stages that read no weight before training build the model on the meta device and each rank
+    # reads only its shards; the others load it whole.
+    assert sharded_loads(out) == ({"pretrain", "sft_full", "sft_lora"} if strategy == "fsdp" else set())
     # The artifacts stay whole: the full fine-tune's safetensors hold the whole model, gathered from the shards.
     single = load_file(every_trainer_one_process / "sft_full" / "model" / "model.safetensors")
     sharded = load_file(out / "sft_full" / "model" / "model.safetensors")
@@ -146,6 +174,7 @@ def test_t5_trains_under_fsdp_and_hsdp_like_one_process(tmp_path):
     single, _ = launch(T5, tmp_path, "t5_one", 1)
     out, _ = launch(T5, tmp_path, "t5", 2, "distributed.strategy=fsdp")
     assert_same_training(single, out, ["t5_full", "t5_lora"])
+    assert sharded_loads(out) == {"t5_full", "t5_lora"} and not sharded_loads(single)
     # HSDP: 2 replicas of a 1-rank shard group (a 2-D mesh) trains the same way.
     hsdp, _ = launch(T5, tmp_path, "t5_hsdp", 2, "distributed.strategy=fsdp", "distributed.replicas=2")
     assert_same_training(single, hsdp, ["t5_full", "t5_lora"])

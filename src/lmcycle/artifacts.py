@@ -26,14 +26,14 @@ from lmcycle.adapt.lora import load_lora, merge_and_unload
 from lmcycle.adapt.prompt_tuning import load_prompt_tuning
 from lmcycle.errors import LmcycleError
 from lmcycle.models.device import check_attn_implementation, hf_attn_implementation, resolve_device
-from lmcycle.models.load import ensure_pad_token, load_pretrained
+from lmcycle.models.load import ensure_pad_token, load_empty, load_pretrained
 from lmcycle.optimize.quantize import is_quantized_dir, load_quantized, model_class
 from lmcycle.train.checkpoint import save_model_dir
 
 
 def load_model(
     name_or_path: str | os.PathLike, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "auto",
-    attn_implementation: str = "sdpa",
+    attn_implementation: str = "sdpa", empty: bool = False,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load ``(model, tokenizer)`` from any folder a stage writes, or a Hub id; the model is in eval mode on
     ``device`` (``auto``: CUDA when present, else CPU; :func:`lmcycle.models.device.resolve_device`), computes
@@ -42,7 +42,8 @@ def load_model(
 
     A PEFT-format adapter folder (LoRA, QLoRA or a soft prompt) loads its base model with the adapter on it
     (:func:`load_adapted`); a quantized folder loads quantized, in the quantization's dtype rather than
-    ``dtype``; anything else through :func:`lmcycle.models.load.load_pretrained`.
+    ``dtype``; anything else through :func:`lmcycle.models.load.load_pretrained`, or with ``empty`` through
+    :func:`lmcycle.models.load.load_empty` where it can (parameters left on the meta device for FSDP to fill).
     Raises :class:`LmcycleError` for a missing local path, or a Hub id while the Hub is unreachable.
     """
     path = Path(name_or_path).expanduser()
@@ -52,6 +53,9 @@ def load_model(
         model, tokenizer = load_quantized(path, device=device, attn_implementation=attn_implementation)
         ensure_pad_token(tokenizer)
         return model, tokenizer
+    if empty and (loaded := load_empty(name_or_path, dtype=dtype, device=device,
+                                       attn_implementation=attn_implementation)) is not None:
+        return loaded
     return load_pretrained(name_or_path, dtype=dtype, device=device, attn_implementation=attn_implementation)
 
 

@@ -114,3 +114,59 @@ def test_minilm_hub_id_resolves_to_the_packaged_copy():
     assert local_copy(MINILM) == str(gt.get_model_path()) == local_copy("all-MiniLM-L6-v2")
     assert local_copy("gpt2") == "gpt2"
     assert RunContext(run_dir="/tmp/x").model_path(MINILM) == str(gt.get_model_path())
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "t5"])
+def test_an_empty_model_has_no_weights_yet_but_its_real_buffers_and_where_to_fill_them(models, tmp_path, arch):
+    from lmcycle.models.load import load_empty
+
+    model, tokenizer = models[arch]
+    path = _save(model, tokenizer, tmp_path / arch)
+    empty, empty_tok = load_empty(path, dtype=torch.bfloat16, device="cpu")
+    assert type(empty) is type(model) and not empty.training
+    assert all(p.is_meta and p.dtype == torch.bfloat16 for p in empty.parameters())
+    assert [(n, p.shape) for n, p in empty.named_parameters()] == [(n, p.shape) for n, p in model.named_parameters()]
+    # Buffers that are no weights (llama's rotary tables) are computed, equal to the real model's.
+    real = dict(model.named_buffers())
+    for name, buffer in empty.named_buffers():
+        assert not buffer.is_meta and torch.equal(buffer, real[name]), name
+    assert empty.empty_weights.source == path and empty.empty_weights.device == torch.device("cpu")
+    assert empty_tok("The quick brown").input_ids == tokenizer("The quick brown").input_ids
+
+
+def test_without_safetensors_an_empty_load_falls_back_on_the_whole_model(models, tmp_path):
+    from lmcycle.models.load import load_empty
+
+    model, tokenizer = models["llama"]
+    path = _save(model, tokenizer, tmp_path / "m")
+    (path / "model.safetensors").rename(path / "weights.bin")  # weights in a file the reader cannot slice
+    assert load_empty(path) is None
+    (path / "weights.bin").rename(path / "model.safetensors")
+    loaded, _ = load_model(path, empty=True)
+    assert getattr(loaded, "empty_weights", None) is not None
+    whole = load_model(path)[0]  # without empty: whole, as always
+    assert not any(p.is_meta for p in whole.parameters())
+    # Keys that are not the parameter names (an older layout from_pretrained converts): whole too.
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(path / "model.safetensors")
+    save_file({k.replace("model.", "transformer.", 1): v for k, v in weights.items()}, path / "model.safetensors",
+              metadata={"format": "pt"})
+    assert load_empty(path) is None
+
+
+def test_lora_on_an_empty_base_draws_the_same_real_adapters_as_on_a_loaded_one(models, tmp_path):
+    from lmcycle.adapt.lora import LoraConfig, add_lora
+    from lmcycle.models.load import load_empty
+
+    model, tokenizer = models["llama"]
+    path = _save(model, tokenizer, tmp_path / "m")
+    adapters = []
+    for loaded in (load_pretrained(path)[0], load_empty(path)[0]):
+        torch.manual_seed(0)
+        add_lora(loaded, LoraConfig(r=4, alpha=8))
+        adapters.append({n: p for n, p in loaded.named_parameters() if p.requires_grad})
+    whole, empty = adapters
+    assert whole.keys() == empty.keys() and whole
+    for name, p in empty.items():
+        assert not p.is_meta and p.device == torch.device("cpu") and torch.equal(p, whole[name]), name

@@ -4,6 +4,7 @@ training runs of lmcycle's own loop."""
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import subprocess
@@ -26,6 +27,7 @@ from lmcycle.cli import main
 from lmcycle.errors import LmcycleError
 from lmcycle.train.loop import lm_loss_sum
 from lmcycle.train.memory_plan import (
+    QUANT_BYTES,
     activation_bytes,
     chinchilla,
     config_for_params,
@@ -146,7 +148,24 @@ def test_weight_bytes_per_precision():
     assert weight_bytes(params, "fp32") == 4 * n
     assert weight_bytes(params, "bf16") == 2 * n
     assert weight_bytes(params, "int8") == pytest.approx(1.0 * q + 2 * (n - q))
-    assert weight_bytes(params, "nf4") == pytest.approx(0.516 * q + 2 * (n - q))
+    assert weight_bytes(params, "nf4") == pytest.approx(0.5625 * q + 2 * (n - q))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "t5"])
+def test_nf4_bytes_are_what_lmcycle_qlora_stores(arch):
+    """nf4 is 4 bits + one fp32 absmax per 64 weights (lmcycle's QuantLinear, no double quantization): the
+    planner's weight bytes are the bytes of a really quantized bf16 model, the quantized layers' scales included."""
+    from lmcycle.adapt.qlora import quantize_model
+
+    assert QUANT_BYTES["nf4"] == 0.5 + 4 / 64
+    model = real_model(arch).to(torch.bfloat16)
+    params = params_by_kind(meta_model(model.config))
+    report = quantize_model(model, bits=4)
+    assert report["bytes_after"] == QUANT_BYTES["nf4"] * params["block_linear_weights"]  # 64 | every layer here
+    held = sum(p.numel() * p.element_size() for p in model.parameters())
+    held += sum(b.numel() * b.element_size() for name, b in model.named_buffers()
+                if name.endswith(("qweight", "scale_bits")))
+    assert held == pytest.approx(weight_bytes(params, "nf4"), rel=1e-9)
 
 
 def test_full_fine_tuning_bytes_per_param():
@@ -255,16 +274,55 @@ def _rows(plan):
     return {r.method: r for r in plan.rows}
 
 
-def test_ddp_per_rank_is_the_single_process_figure_plus_buckets():
+@pytest.mark.parametrize("n", [2, 8])
+def test_ddp_per_rank_is_the_single_process_figure_no_bucket_copy(n):
+    """lmcycle's DDP uses gradient_as_bucket_view=True: the gradients are the buckets, so a rank holds exactly
+    what one process does (its parts sum to the same total), with nothing in 'distributed'."""
     config = config_for_size("llama", "1m")
     one = _rows(make_plan(config, seq_len=64, batch=2))
-    ddp = _rows(make_plan(config, seq_len=64, batch=2, strategy="ddp", world_size=8))
+    ddp = _rows(make_plan(config, seq_len=64, batch=2, strategy="ddp", world_size=n))
+    assert ddp.keys() == one.keys()
     for method, r in one.items():
         d = ddp[method]
         assert r.distributed == 0  # one process: no DDP wrapper
         assert (d.weights, d.grads, d.optimizer, d.activations) == (r.weights, r.grads, r.optimizer, r.activations)
-        assert d.distributed == r.grads  # the buckets: one more copy of the trainable grads
-        assert d.total == pytest.approx(r.total + r.grads)
+        assert d.distributed == 0, method  # the gradients are views into the buckets: no second copy
+        assert d.total == r.total == d.weights + d.grads + d.optimizer + d.activations
+    plan = make_plan(config, seq_len=64, batch=2, strategy="ddp", world_size=n)
+    assert "gradient_as_bucket_view=True" in plan.settings["per_rank"] and "no second copy" in plan.settings["per_rank"]
+
+
+def _trainable_llama():
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**LLAMA))
+    add_lora(model, LoraConfig(r=4))
+    return model, [p for p in model.parameters() if p.requires_grad]
+
+
+def test_lmcycle_ddp_engine_holds_no_gradient_copy_beside_its_buckets(tmp_path):
+    """The planner's premise, checked on lmcycle's DdpEngine (one gloo rank): after a backward, the gradients of
+    the trained parameters are views into a few shared flat buffers (DDP's buckets) whose bytes are exactly the
+    gradients' bytes, so DDP adds no copy of them."""
+    import torch.distributed as dist
+
+    from lmcycle.train.engines import DdpEngine, DistributedConfig
+
+    model, params = _trainable_llama()
+    ids = torch.randint(3, 500, (2, 16), generator=torch.Generator().manual_seed(0))
+    # a timeout: a stuck collective fails the test instead of blocking the suite
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        engine = DdpEngine(model, params, DistributedConfig())
+        loss, _ = engine.forward(lm_loss_sum, {"input_ids": ids, "labels": ids})
+        loss.backward()
+        grads = [p.grad for p in params]
+        assert all(g is not None for g in grads)
+        storages = {g.untyped_storage().data_ptr(): g.untyped_storage().nbytes() for g in grads}
+        assert len(storages) < len(grads)  # shared: views into buckets, not one tensor per parameter
+        assert sum(storages.values()) == sum(g.numel() * g.element_size() for g in grads)
+    finally:
+        dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "t5"])
@@ -275,17 +333,98 @@ def test_fsdp_shards_weights_grads_and_optimizer_plus_the_unsharded_blocks(arch)
     sizes = sorted(b["total"] for b in parts.blocks)
     root, block, two = parts.root["total"], sizes[-1], sum(sizes[-2:])  # T5: block 0 also holds the position bias
     assert root + sum(b["total"] for b in parts.blocks) == params_by_kind(meta_model(config))["total"]
+    blw = parts.root["block_linear_weights"] + sum(b["block_linear_weights"] for b in parts.blocks)
     for n in (1, 2, 8):
         fsdp = _rows(make_plan(config, seq_len=64, batch=2, strategy="fsdp", world_size=n))
         for method, r in one.items():
             f = fsdp[method]
-            assert f.weights == pytest.approx(r.weights / n) and f.optimizer == pytest.approx(r.optimizer / n)
+            q = method.removeprefix("QLoRA (").removesuffix(" base)")
+            whole = QUANT_BYTES[q] * blw if q in QUANT_BYTES else 0  # quantized weights: on every rank
+            assert f.weights == pytest.approx((r.weights - whole) / n + whole)
+            assert f.optimizer == pytest.approx(r.optimizer / n)
             assert f.grads == pytest.approx(r.grads / n)
             assert f.activations == r.activations  # the micro-batch is per rank: strategy changes nothing here
         full = fsdp["full FT (fp32)"]
         # fp32: the root's and the two largest blocks' full parameters, plus the root's and one block's grads
         assert full.distributed == pytest.approx(4 * (root + two) + 4 * (root + block))
         assert full.weights + full.distributed > one["full FT (fp32)"].weights / n
+
+
+def _sharded_store(kinds: dict[str, int], q: str) -> float:
+    """Bytes of a part's parameters over an int8/nf4 base: everything but the quantized block weights, bf16."""
+    return 2 * (kinds["total"] - kinds["block_linear_weights"]) if q in QUANT_BYTES else 2 * kinds["total"]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "t5"])
+@pytest.mark.parametrize("q", ["int8", "nf4"])
+def test_fsdp_keeps_quantized_block_weights_whole_on_every_rank(arch, q):
+    """QLoRA under fsdp: the int8/nf4 block weights are QuantLinear buffers, which fully_shard neither shards nor
+    gathers, so every rank holds them whole; only the bf16 rest and the fp32 adapters divide by N, and only
+    those are in the unsharded working set."""
+    config = config_for_size(arch, "1m")
+    parts = model_parts(meta_model(config), 8, None)
+    blw = parts.root["block_linear_weights"] + sum(b["block_linear_weights"] for b in parts.blocks)
+    assert blw > 0
+    quantized = QUANT_BYTES[q] * blw
+    one = _rows(make_plan(config, seq_len=64, batch=2))[f"QLoRA ({q} base)"]
+    sharded = one.weights - quantized  # bf16 embeddings, norms, biases, head + fp32 LoRA
+    assert sharded == pytest.approx(_sharded_store(parts.root, q) + sum(_sharded_store(b, q) for b in parts.blocks)
+                                    + 4 * one.trainable)
+    blocks = sorted(_sharded_store(b, q) + 4 * lora for b, lora in zip(parts.blocks, parts.lora_blocks, strict=True))
+    gathered = _sharded_store(parts.root, q) + 4 * parts.lora_root + sum(blocks[-2:])
+    grads = 4 * (parts.lora_root + max(parts.lora_blocks))
+    for n in (2, 8):
+        plan = make_plan(config, seq_len=64, batch=2, strategy="fsdp", world_size=n)
+        f = _rows(plan)[f"QLoRA ({q} base)"]
+        assert f.weights == pytest.approx(quantized + sharded / n)
+        assert (f.grads, f.optimizer) == pytest.approx((one.grads / n, one.optimizer / n))
+        assert f.distributed == pytest.approx(gathered + grads)  # no quantized bytes all-gathered
+        assert f.total == pytest.approx(f.weights + f.grads + f.optimizer + f.activations + f.distributed)
+        assert "fully_shard does not shard" in plan.settings["per_rank"]
+        # prompt tuning over the same quantized base: the base likewise stays whole, the soft prompt is sharded
+        pt_one = _rows(make_plan(config, seq_len=64, batch=2, precision=q))[f"prompt tuning ({q} base)"]
+        pt = _rows(make_plan(config, seq_len=64, batch=2, precision=q, strategy="fsdp", world_size=n))[
+            f"prompt tuning ({q} base)"]
+        assert pt.weights == pytest.approx(quantized + (pt_one.weights - quantized) / n)
+        prompt = 4 * pt.trainable  # the fp32 soft prompt, a root parameter, and as much again for its gradient
+        assert pt.distributed == pytest.approx(sum(sorted(_sharded_store(b, q) for b in parts.blocks)[-2:])
+                                               + _sharded_store(parts.root, q) + 2 * prompt)
+
+
+def test_lmcycle_fsdp_engine_leaves_quantized_weights_unsharded(tmp_path):
+    """The planner's premise, checked on lmcycle's FsdpEngine (one gloo rank): after fully_shard, the QLoRA base's
+    quantized weights and scales are plain tensors of their full size (buffers: FSDP2 manages parameters only),
+    while the parameters (embeddings, norms, LoRA adapters) are FSDP's sharded DTensors."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    from lmcycle.adapt.qlora import QuantLinear, quantize_model
+    from lmcycle.train.engines import DistributedConfig, FsdpEngine
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**LLAMA))
+    quantize_model(model, bits=4)
+    add_lora(model, LoraConfig(r=4))
+    params = [p for p in model.parameters() if p.requires_grad]
+    assert params and all("lora_" in n for n, p in model.named_parameters() if p.requires_grad)
+    shapes = {name: tuple(b.shape) for name, b in model.named_buffers() if name.endswith(("qweight", "scale_bits"))}
+    assert shapes
+    # a timeout: a stuck collective fails the test instead of blocking the suite
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        engine = FsdpEngine(model, params, DistributedConfig(strategy="fsdp"), bf16=False)
+        sharded = engine.compute_model
+        quant = [m for m in sharded.modules() if isinstance(m, QuantLinear)]
+        assert len(quant) == 2 * 7
+        buffers = {name: b for name, b in sharded.named_buffers() if name in shapes}
+        assert buffers.keys() == shapes.keys()
+        for name, b in buffers.items():
+            assert not isinstance(b, DTensor) and tuple(b.shape) == shapes[name], name
+        assert all(isinstance(p, DTensor) for p in sharded.parameters())
+        assert all(isinstance(p, DTensor) for p in engine.params)
+    finally:
+        dist.destroy_process_group()
 
 
 def test_fsdp_on_one_rank_is_about_the_single_process_figure():

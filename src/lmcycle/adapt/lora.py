@@ -105,8 +105,11 @@ class LoraLinear(nn.Module):
         parameter's dtype. :meth:`forward` casts the input to the adapter's dtype and the update back.
         """
         w = self.base_layer if isinstance(self.base_layer, QuantLinear) else self.base_layer.weight
-        a = nn.Linear(self.in_features, r, bias=False, device=w.device, dtype=torch.float32)
-        b = nn.Linear(r, self.out_features, bias=False, device=w.device, dtype=torch.float32)
+        # A base still on the meta device (filled later by FSDP, shard by shard) gets real adapters, drawn on the
+        # CPU as in one process; the engine moves them to its device.
+        device = torch.device("cpu") if isinstance(w, torch.Tensor) and w.is_meta else w.device
+        a = nn.Linear(self.in_features, r, bias=False, device=device, dtype=torch.float32)
+        b = nn.Linear(r, self.out_features, bias=False, device=device, dtype=torch.float32)
         nn.init.kaiming_uniform_(a.weight, a=math.sqrt(5))
         nn.init.zeros_(b.weight)
         self.lora_A[name], self.lora_B[name] = a, b

@@ -34,6 +34,7 @@ from lmcycle.models.device import resolve_device
 from lmcycle.models.load import ensure_pad_token
 
 RewardFn = Callable[[list[str], list[str]], torch.Tensor]
+Prepare = Callable[[torch.nn.Module], torch.nn.Module]  # what to do with a loaded scoring model before use
 
 
 class ModelReward(Config):
@@ -134,10 +135,14 @@ def _import_callable(spec: str) -> Callable:
 
 
 def classifier_reward(path: str, label: str, output: str = "probability", text: str = "response",
-                      max_len: int = 128, batch_size: int = 64, device: str | torch.device = "auto") -> RewardFn:
+                      max_len: int = 128, batch_size: int = 64, device: str | torch.device = "auto",
+                      prepare: Prepare | None = None) -> RewardFn:
     """The probability (or log-odds) that a sequence classifier on ``device`` (``auto``: CUDA when present) gives
-    class ``label``, per response (a float32 tensor [N] on the CPU)."""
+    class ``label``, per response (a float32 tensor [N] on the CPU). ``prepare`` is applied to the loaded model
+    (e.g. sharding it over the ranks)."""
     clf = TextClassifier.load(path, device=device)
+    if prepare is not None:
+        clf.model = prepare(clf.model)
     index = clf.label_index(label)
 
     def score(prompts: list[str], responses: list[str]) -> torch.Tensor:
@@ -151,13 +156,16 @@ def classifier_reward(path: str, label: str, output: str = "probability", text: 
 
 
 def model_reward(path: str, normalise: bool = True, text: str = "full", max_len: int = 512,
-                 batch_size: int = 32, device: str | torch.device = "auto") -> RewardFn:
+                 batch_size: int = 32, device: str | torch.device = "auto", prepare: Prepare | None = None) -> RewardFn:
     """Scores of a saved :class:`~lmcycle.align.reward.RewardModel` on ``device`` (``auto``: CUDA when present),
-    normalised by its saved mean/std: a float32 tensor [N] on the CPU."""
+    normalised by its saved mean/std: a float32 tensor [N] on the CPU. ``prepare`` is applied to the loaded
+    model (e.g. sharding it over the ranks)."""
     from transformers import AutoTokenizer
 
     device = resolve_device(device)
     model = RewardModel.load(path).to(device).eval()
+    if prepare is not None:
+        model = prepare(model)
     tokenizer = AutoTokenizer.from_pretrained(path)
     ensure_pad_token(tokenizer)
     if normalise and not model.stats:
@@ -181,13 +189,15 @@ def model_reward(path: str, normalise: bool = True, text: str = "full", max_len:
 
 
 def build_reward(spec: ModelReward | ClassifierReward | PythonReward, resolve: Callable[[str], str] = str,
-                 device: str | torch.device = "auto") -> RewardFn:
+                 device: str | torch.device = "auto", prepare: Prepare | None = None) -> RewardFn:
     """The :data:`RewardFn` a spec describes; ``resolve`` maps a stage name to its folder (``ctx.model_path``);
-    a reward model or classifier runs on ``device`` (``auto``: CUDA when present, else CPU)."""
+    a reward model or classifier runs on ``device`` (``auto``: CUDA when present, else CPU), after ``prepare``
+    (applied to the loaded model, e.g. sharding it over the ranks)."""
     if isinstance(spec, PythonReward):
         return python_reward(spec.function)
     if isinstance(spec, ClassifierReward):
         return classifier_reward(resolve(spec.path), spec.label, spec.output, spec.text, spec.max_len,
-                                 spec.batch_size, device)
-    return model_reward(resolve(spec.path), spec.normalise, spec.text, spec.max_len, spec.batch_size, device)
+                                 spec.batch_size, device, prepare)
+    return model_reward(resolve(spec.path), spec.normalise, spec.text, spec.max_len, spec.batch_size, device,
+                        prepare)
 

@@ -25,7 +25,8 @@ def add_parser(sub) -> None:
                     help="as a stage's model_dtype: sets the weights to fp32/bf16; bfloat16 full FT is pure bf16 "
                          "(no fp32 master copy); contradicting --precision is an error")
     pl.add_argument("--strategy", choices=("ddp", "fsdp"), default="ddp",
-                    help="ddp: full replicas + gradient buckets; fsdp: FSDP2 per block, sharded over the ranks")
+                    help="ddp: full replicas (the grads are views into DDP's buckets); fsdp: FSDP2 per block, "
+                         "sharded over the ranks (int8/nf4 block weights stay whole)")
     pl.add_argument("--world-size", type=int, default=1, help="ranks (processes); the figures are per rank")
     pl.add_argument("--lora-r", type=int, default=8)
     pl.add_argument("--lora-targets", help="comma-separated module names or regex suffixes (default: q/v)")

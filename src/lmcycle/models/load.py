@@ -18,6 +18,7 @@ import functools
 import inspect
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -68,6 +69,84 @@ def load_pretrained(
     model.to(target)
     model.eval()
     return model, tokenizer
+
+
+@dataclass(frozen=True)
+class EmptyWeights:
+    """Where the weights of a model built on the meta device are, and where they belong: a sharding engine fills
+    each rank's shards from ``source`` (:class:`lmcycle.train.engines.FsdpEngine`)."""
+
+    source: Path  # a directory of safetensors files whose keys are the model's parameter names
+    device: torch.device
+
+
+def load_empty(
+    name_or_path: str | os.PathLike, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "auto",
+    attn_implementation: str = "sdpa",
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase] | None:
+    """Like :func:`load_pretrained`, but the parameters stay on the meta device (no memory, no values) and
+    ``model.empty_weights`` (:class:`EmptyWeights`) says where to fill them from; buffers are real, on ``device``.
+
+    For FSDP on big models: no rank ever holds the whole model; each reads only its own shards of the
+    safetensors files once the model is sharded. None when the weights are not in safetensors files whose keys
+    are the model's parameter names (then load the model whole).
+    """
+    target = resolve_device(device)
+    check_attn_implementation(attn_implementation, target)
+    source = _resolve_source(str(name_or_path))
+    weights = _safetensors_dir(source)
+    if weights is None:
+        return None
+    try:
+        config = AutoConfig.from_pretrained(source)
+        model_cls = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        with torch.device("meta"):
+            model = model_cls.from_config(config, dtype=dtype,
+                                          attn_implementation=hf_attn_implementation(attn_implementation))
+    except (OSError, ValueError) as e:
+        raise _load_error(str(name_or_path), source, e) from None
+    if not {n for n, _ in model.named_parameters()} <= _safetensors_keys(weights):
+        return None  # a checkpoint whose names need converting (older layouts): from_pretrained knows how
+    for module in model.modules():
+        for name, buffer in module._buffers.items():
+            if buffer is not None and buffer.is_meta:
+                module._buffers[name] = torch.empty_like(buffer, device=target)
+    # Computes the buffers that are no weights (rotary tables) from the config; on meta parameters a no-op.
+    model.initialize_weights()
+    stored = {n for n, _ in model.named_buffers()} & _safetensors_keys(weights)
+    if stored:
+        from safetensors.torch import load_file
+
+        for file in sorted(weights.glob("*.safetensors")):
+            for name, value in load_file(file).items():
+                if name in stored:
+                    model.get_buffer(name).copy_(value)
+    model.config._name_or_path = str(name_or_path)
+    model.empty_weights = EmptyWeights(weights, target)
+    ensure_pad_token(tokenizer)
+    model.eval()
+    return model, tokenizer
+
+
+def _safetensors_dir(source: str) -> Path | None:
+    """The local directory of ``source``'s safetensors files (a Hub id's are downloaded), or None."""
+    local = Path(source)
+    if not local.is_dir():
+        from huggingface_hub import snapshot_download
+
+        local = Path(snapshot_download(source, allow_patterns=["*.safetensors", "*.json"]))
+    return local if any(local.glob("*.safetensors")) else None
+
+
+def _safetensors_keys(weights: Path) -> set[str]:
+    from safetensors import safe_open
+
+    keys: set[str] = set()
+    for file in weights.glob("*.safetensors"):
+        with safe_open(str(file), framework="pt") as f:
+            keys.update(f.keys())
+    return keys
 
 
 # The dtypes a stage's ``model_dtype`` may name; the aliases are what torchtune and ``lmcycle plan`` write.

@@ -26,7 +26,7 @@ from lmcycle.errors import LmcycleError
 from lmcycle.models.load import DTYPE_ALIASES, dtype_problem, torch_dtype
 from lmcycle.stages.context import RunContext
 from lmcycle.train.checkpoint import save_model_dir
-from lmcycle.train.distributed import barrier, is_main
+from lmcycle.train.distributed import barrier, is_distributed, is_main
 from lmcycle.train.loop import TrainConfig, TrainResult
 
 
@@ -119,13 +119,21 @@ class TrainingStage:
         self.ctx.log(self.name, **metrics)
 
 
-def start_training_stage(cfg: StageConfig, ctx: RunContext) -> TrainingStage:
+def start_training_stage(cfg: StageConfig, ctx: RunContext, shardable: bool = False) -> TrainingStage:
     """Load the stage's model (``cfg.model``: an earlier stage, a path or a hub id) in its ``model_dtype`` and
-    resolve its seed."""
+    resolve its seed.
+
+    ``shardable``: the stage reads no weight before :func:`~lmcycle.train.loop.train` (adding LoRA is fine), so
+    under torchrun with FSDP the model is built on the meta device and each rank reads only its own shards
+    (:func:`lmcycle.models.load.load_empty`): no rank ever holds the whole model.
+    """
     name = cfg.stage_name
     dtype = model_dtype(cfg, ctx)
+    empty = shardable and is_distributed() and cfg.train.distributed.strategy == "fsdp"
     model, tokenizer = load_model(ctx.model_path(cfg.model), device=ctx.device, dtype=dtype,
-                                  attn_implementation=ctx.attn_implementation)
+                                  attn_implementation=ctx.attn_implementation, empty=empty)
+    if getattr(model, "empty_weights", None) is not None:
+        ctx.log(name, event="model_load", weights="sharded", source=str(model.empty_weights.source))
     return TrainingStage(name=name, out_dir=ctx.stage_dir(name), model=model, tokenizer=tokenizer,
                          train=cfg.train.model_copy(update={"seed": ctx.seed_for(cfg.train.seed)}), ctx=ctx,
                          dtype=dtype)

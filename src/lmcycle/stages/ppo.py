@@ -27,6 +27,7 @@ weights, same seed).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from collections.abc import Callable, Iterator
 from typing import Literal
@@ -62,13 +63,22 @@ from lmcycle.config import DatasetName, ModelRef
 from lmcycle.data.batching import pad_id_of
 from lmcycle.data.templates import get_template
 from lmcycle.errors import LmcycleError
+from lmcycle.models.device import resolve_device
 from lmcycle.models.generate import DecodingConfig
 from lmcycle.report.markdown import figure, filename, fraction, is_number, md, plain, save_png
 from lmcycle.report.rundir import Run
 from lmcycle.stages.common import ModelStage, TrainingStage, finish_training_stage, start_training_stage
 from lmcycle.stages.context import RunContext
 from lmcycle.stages.peft import LoraPeft, add_peft_for_training, finish_peft_stage
-from lmcycle.train.distributed import all_gather_object, is_main, launch_world_size, rank, world_size
+from lmcycle.train.distributed import (
+    all_gather_object,
+    is_distributed,
+    is_main,
+    launch_world_size,
+    rank,
+    world_size,
+)
+from lmcycle.train.engines import held_params, shard_frozen
 from lmcycle.train.loop import StopTraining, TrainConfig, micro_batch_indices, train
 
 Batch = dict[str, torch.Tensor]
@@ -290,19 +300,26 @@ def run_ppo(cfg: PpoStage, ctx: RunContext) -> dict[str, str]:
     tcfg = TrainConfig(**stage.train.model_dump(exclude={"max_steps", "save_every"}),
                        max_steps=cfg.rollouts * steps, save_every=cfg.save_every_rollouts * steps)
     prompts = load_prompts(cfg, ctx)
-    reward_fn = build_reward(cfg.reward, ctx.model_path, ctx.device)
-    judge_fn = build_reward(cfg.judge, ctx.model_path, ctx.device) if cfg.judge is not None else None
+    # distributed.frozen_models: the models that only score are whole on every rank, or sharded over the ranks.
+    frozen = tcfg.distributed
+    shard = functools.partial(shard_frozen, cfg=frozen, device=resolve_device(ctx.device))
+    reward_fn = build_reward(cfg.reward, ctx.model_path, ctx.device, prepare=shard)
+    judge_fn = build_reward(cfg.judge, ctx.model_path, ctx.device, prepare=shard) if cfg.judge is not None else None
 
     ref_model = None
     if cfg.peft is not None:
         add_peft_for_training(stage, cfg.peft)
     else:
         ref_model, _ = load_model(ctx.model_path(cfg.model), device=ctx.device, dtype=stage.dtype,
-                                  attn_implementation=ctx.attn_implementation)
+                                  attn_implementation=ctx.attn_implementation,
+                                  empty=frozen.frozen_models == "shard" and is_distributed())
+        ref_model = shard(ref_model)
     agent = PolicyWithValue(stage.model, cfg.ppo.beta).to(stage.model.device)
     ref = reference_scorer(agent, ref_model, cfg.generation.temperature)
     stage.log(event="ppo_setup", prompts=len(prompts), rollouts=cfg.rollouts, steps_per_rollout=steps,
               reference="adapter disabled" if ref_model is None else "frozen copy",
+              frozen_models=frozen.frozen_models if is_distributed() else "one process",
+              reference_params_on_rank0=held_params(ref_model) if ref_model is not None else None,
               reward=describe_reward(cfg.reward), judge=describe_reward(cfg.judge) if cfg.judge else None)
 
     run = PpoRun(cfg, stage, agent, prompts, reward_fn, judge_fn, ref)

@@ -58,7 +58,7 @@ class PretrainStage(ModelStage):
 
 def run_pretrain(cfg: PretrainStage, ctx: RunContext) -> dict[str, str]:
     """Train the model on the stage's text; save it to ``<stage>/model``; return ``{"model": dir}``."""
-    stage = start_training_stage(cfg, ctx)
+    stage = start_training_stage(cfg, ctx, shardable=True)
     model, tokenizer, tcfg, seed = stage.model, stage.tokenizer, stage.train, stage.seed
     seq2seq = is_seq2seq(model)
     window = context_window(model, tokenizer)

@@ -52,21 +52,32 @@ from lmcycle.models.device import (
 from lmcycle.stages import STAGES
 from lmcycle.stages.context import RunContext, load_datasets
 from lmcycle.stages.report import write_run_report
-from lmcycle.train.distributed import barrier, is_main, world_size
-from lmcycle.train.engines import DistributedConfig
+from lmcycle.train.distributed import barrier, is_main, launch_world_size, world_size
+from lmcycle.train.engines import DistributedConfig, check_launch
 from lmcycle.train.loop import TrainConfig
 
 
-def train_configs(cfg: Config) -> list[TrainConfig]:
-    """The training loops a stage config holds: its ``train``, and one a section of it holds (prune's
-    ``heal.train``)."""
+def train_configs(cfg: Config, path: tuple = ()) -> list[tuple[TrainConfig, tuple]]:
+    """The training loops a stage config holds, each with its path under ``path``: its ``train``, and one a
+    section of it holds (prune's ``heal.train``)."""
     found = []
-    for value in (getattr(cfg, name) for name in type(cfg).model_fields):
+    for name in type(cfg).model_fields:
+        value = getattr(cfg, name)
         if isinstance(value, TrainConfig):
-            found.append(value)
+            found.append((value, (*path, name)))
         elif isinstance(value, Config):
-            found += [v for v in (getattr(value, n) for n in type(value).model_fields) if isinstance(v, TrainConfig)]
+            found += train_configs(value, (*path, name))
     return found
+
+
+def check_distributed(cfg: DistributedConfig, device: str, file: str | os.PathLike, lines: Lines,
+                      path: tuple) -> None:
+    """The engine's settings suit this launch (its ranks, the recipe's device): found when the recipe loads."""
+    try:
+        check_launch(cfg, resolve_device(device), launch_world_size())
+    except LmcycleError as e:
+        key = (*path, e.field.removeprefix("distributed."))
+        raise LmcycleError(e.message, file=file, line=line_for(key, lines), field=".".join(map(str, key))) from None
 
 
 class Recipe(Config):
@@ -125,9 +136,11 @@ class Recipe(Config):
                 raise LmcycleError(f"two stages are named '{name}'; give one a distinct 'name'", file=file,
                                    line=line, field=f"stages.{i}.name")
             seen.add(name)
-            for train in train_configs(cfg):
+            for train, path in train_configs(cfg, ("stages", i)):
                 if "distributed" not in train.model_fields_set:
                     train.distributed = self.distributed.model_copy()
+                    path = ()  # the recipe's own section
+                check_distributed(train.distributed, self.device, file, lines or {}, (*path, "distributed"))
             out.append(cfg)
         self.check_references(out, file, lines or {})
         self.check_model_dtypes(out, file, lines or {})

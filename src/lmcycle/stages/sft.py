@@ -25,7 +25,13 @@ from lmcycle.report.markdown import duration, is_number, md, number, row
 from lmcycle.report.rundir import Run
 from lmcycle.stages.common import ModelStage, finish_training_stage, start_training_stage
 from lmcycle.stages.context import RunContext
-from lmcycle.stages.peft import PeftConfig, PromptTuningPeft, add_peft_for_training, finish_peft_stage
+from lmcycle.stages.peft import (
+    LoraPeft,
+    PeftConfig,
+    PromptTuningPeft,
+    add_peft_for_training,
+    finish_peft_stage,
+)
 from lmcycle.train.checkpoint import saved_param_count
 from lmcycle.train.loop import (
     TrainConfig,
@@ -66,7 +72,9 @@ def run_sft(cfg: SftStage, ctx: RunContext) -> dict[str, str]:
 
     With LoRA, also save the adapter to ``<stage>/adapter`` and return ``{"model": merged dir, "adapter": dir}``.
     """
-    stage = start_training_stage(cfg, ctx)
+    # Nothing reads a weight before train() but prompt tuning (its tokens start as vocabulary embeddings) and
+    # QLoRA (it quantizes the loaded weights).
+    stage = start_training_stage(cfg, ctx, shardable=cfg.peft is None or isinstance(cfg.peft, LoraPeft))
     model, tokenizer, tcfg, seed = stage.model, stage.tokenizer, stage.train, stage.seed
     seq2seq = is_seq2seq(model)
     max_len = min(cfg.max_len, context_window(model, tokenizer))

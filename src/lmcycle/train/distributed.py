@@ -40,7 +40,8 @@ def world_size() -> int:
 
 
 def is_main() -> bool:
-    """Only the main process (rank 0) writes checkpoints, models and logs."""
+    """Only the main process (rank 0) writes models, reports and logs (every rank writes its own part of a
+    checkpoint: :mod:`lmcycle.train.checkpoint`)."""
     return rank() == 0
 
 
@@ -99,4 +100,5 @@ def broadcast_params_(model: nn.Module) -> None:
         return
     with torch.no_grad():
         for t in [*model.parameters(), *model.buffers()]:
-            dist.broadcast(t.data, src=0)
+            if not t.is_meta:  # an empty weight is read from its checkpoint by every rank alike
+                dist.broadcast(t.data, src=0)

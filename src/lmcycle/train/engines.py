@@ -29,11 +29,14 @@ as if there had been no FSDP. Buffers (rotary tables, PPO's β) are shared, neve
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
+from pathlib import Path
 from typing import Literal
 
 import torch
+import torch.distributed.checkpoint as dcp
 from pydantic import Field
 from torch import nn
 
@@ -56,6 +59,11 @@ class DistributedConfig(Config):
                           "nodes) and shard within each group")
     find_unused_parameters: bool = Field(False, description="ddp: allow trainable parameters that get no "
                                          "gradient in a step (costs a graph traversal per step)")
+    frozen_models: Literal["replicate", "shard"] = Field("replicate", description="models that only run forward "
+                                                         "(PPO's full fine-tuning reference, its reward model): "
+                                                         "a whole copy per rank, or FSDP2-sharded over the "
+                                                         "ranks (1/N of the memory, an all-gather per block "
+                                                         "per forward), with either strategy")
 
 
 class Apply(nn.Module):
@@ -77,6 +85,7 @@ class LocalEngine:
     def __init__(self, model: nn.Module, params: list[nn.Parameter]):
         self.model = self.state_model = self.compute_model = model
         self.params = params
+        self.device = next(model.parameters()).device  # where batches go
 
     def forward(self, loss_fn: Callable, batch) -> tuple[torch.Tensor, int]:
         return loss_fn(self.model, batch)
@@ -112,7 +121,7 @@ class DdpEngine(LocalEngine):
             wrapper, device_ids=[device] if device.type == "cuda" else None, gradient_as_bucket_view=True,
             find_unused_parameters=cfg.find_unused_parameters,
             # Buffers change only in ways every rank repeats (PPO's β); a broadcast per forward would be waste.
-            broadcast_buffers=False)
+            forward_sync_buffers=False)
 
     def forward(self, loss_fn: Callable, batch) -> tuple[torch.Tensor, int]:
         return self.ddp(loss_fn, batch)
@@ -125,29 +134,18 @@ class FsdpEngine(LocalEngine):
     """FSDP2 ``fully_shard`` per transformer block and on the root of a shadow of the model (module docstring)."""
 
     def __init__(self, model: nn.Module, params: list[nn.Parameter], cfg: DistributedConfig, bf16: bool):
-        from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
         self.model = model
         self.grad_divisor = world_size()  # the reduce-scatter averages over every data-parallel rank
-        device = next(model.parameters()).device
-        if cfg.cpu_offload and device.type != "cuda":
-            raise LmcycleError("distributed.cpu_offload moves FSDP's shards from GPU to CPU memory; this run is "
-                               f"on {device.type}: remove it", field="distributed.cpu_offload")
-        world = world_size()
-        if world % cfg.replicas:
-            raise LmcycleError(f"distributed.replicas ({cfg.replicas}) does not divide the {world} ranks",
-                               field="distributed.replicas")
-        shape = (world,) if cfg.replicas == 1 else (cfg.replicas, world // cfg.replicas)
-        names = ("shard",) if cfg.replicas == 1 else ("replicate", "shard")
-        mesh = init_device_mesh(device.type, shape, mesh_dim_names=names)
+        empty = getattr(model, "empty_weights", None)  # a model built on the meta device (load_empty)
+        self.device = device = empty.device if empty is not None else next(model.parameters()).device
+        check_launch(cfg, device, world_size())
+        fsdp_blocks(model)
+        mesh = fsdp_mesh(device, cfg.replicas)
 
         shadow = _shadow(Apply(model))
-        blocks = transformer_blocks(shadow)
-        if not blocks:
-            raise LmcycleError(f"distributed.strategy fsdp shards a model block by block, and "
-                               f"{type(model).__name__} has no repeated blocks (no nn.ModuleList of one "
-                               "class): use strategy ddp", field="distributed.strategy")
+        blocks = fsdp_blocks(shadow)
         options = {"mesh": mesh, "reshard_after_forward": cfg.reshard_after_forward}
         if cfg.cpu_offload:
             options["offload_policy"] = CPUOffloadPolicy()
@@ -161,11 +159,15 @@ class FsdpEngine(LocalEngine):
             options["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
                                                         cast_forward_inputs=False)
         self.fsdp = fully_shard(shadow, **options)
+        if empty is not None:
+            fill_shards(shadow, device, empty.source, prefix="model.")
+            del model.empty_weights  # filled: a later engine on this model must not read the checkpoint again
         self.state_model = self.compute_model = shadow.model
         # named_parameters() lists a tied weight once, under the same name in the model and its shadow.
         trained = {id(p) for p in params}
         sharded = dict(shadow.model.named_parameters())
         self.params = [sharded[n] for n, p in model.named_parameters() if id(p) in trained]
+        _off_meta(model, device)
         self._release()
 
     def forward(self, loss_fn: Callable, batch) -> tuple[torch.Tensor, int]:
@@ -192,12 +194,35 @@ class FsdpEngine(LocalEngine):
         sharded = dict(self.compute_model.named_parameters())
         with torch.no_grad():
             for name, p in self.model.named_parameters():
-                p.data = sharded[name].full_tensor().detach().to(p.device)
+                p.data = sharded[name].full_tensor().detach().to(self.device)
 
     def _release(self) -> None:
         """Empty the trainer's copy of the weights: the shards hold them now."""
         for _, p in self.model.named_parameters():
             p.data = torch.empty(0, dtype=p.dtype, device=p.device)
+
+
+def check_launch(cfg: DistributedConfig, device: torch.device, world: int) -> None:
+    """Raise :class:`LmcycleError` naming the field for settings a launch of ``world`` ranks on ``device`` cannot
+    run (checked when the recipe loads, and again when the engine starts)."""
+    if cfg.strategy != "fsdp" or world < 2:
+        return
+    if cfg.cpu_offload and device.type != "cuda":
+        raise LmcycleError("distributed.cpu_offload moves FSDP's shards from GPU to CPU memory; this run is "
+                           f"on {device.type}: remove it", field="distributed.cpu_offload")
+    if world % cfg.replicas:
+        raise LmcycleError(f"distributed.replicas ({cfg.replicas}) does not divide the {world} ranks of this "
+                           "launch", field="distributed.replicas")
+
+
+def fsdp_blocks(model: nn.Module) -> list[nn.Module]:
+    """The transformer blocks FSDP shards one by one; :class:`LmcycleError` for a model that has none."""
+    blocks = transformer_blocks(model)
+    if not blocks:
+        raise LmcycleError(f"distributed.strategy fsdp shards a model block by block, and "
+                           f"{type(model).__name__} has no repeated blocks (no nn.ModuleList of one "
+                           "class): use strategy ddp", field="distributed.strategy")
+    return blocks
 
 
 def build_engine(model: nn.Module, params: list[nn.Parameter], cfg: DistributedConfig,
@@ -208,6 +233,86 @@ def build_engine(model: nn.Module, params: list[nn.Parameter], cfg: DistributedC
     if cfg.strategy == "fsdp":
         return FsdpEngine(model, params, cfg, bf16)
     return DdpEngine(model, params, cfg)
+
+
+def fsdp_mesh(device: torch.device, replicas: int = 1):
+    """The device mesh of every rank: 1-D (shard over all), or 2-D for HSDP (``replicas`` groups that each shard)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    world = world_size()
+    if replicas == 1:
+        return init_device_mesh(device.type, (world,), mesh_dim_names=("shard",))
+    return init_device_mesh(device.type, (replicas, world // replicas), mesh_dim_names=("replicate", "shard"))
+
+
+def shard_frozen(model: nn.Module, cfg: DistributedConfig, device: torch.device) -> nn.Module:
+    """``model`` (one that only runs forward: a PPO reference, a reward model), FSDP2-sharded over the ranks when
+    ``cfg.frozen_models`` is ``shard`` and this is a torchrun launch; else as it is.
+
+    Sharded, each rank keeps 1/N of its weights and each forward all-gathers one block at a time, so every rank
+    must run each forward together (PPO scores every rollout on every rank). A model built on the meta device
+    (:func:`lmcycle.models.load.load_empty`) is then filled shard by shard: no rank ever holds it whole.
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    if cfg.frozen_models != "shard" or not is_distributed():
+        return model
+    mesh = fsdp_mesh(device, cfg.replicas)
+    model.requires_grad_(False)
+    for block in fsdp_blocks(model):
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    empty = getattr(model, "empty_weights", None)
+    if empty is not None:
+        fill_shards(model, device, empty.source)
+        del model.empty_weights
+    return model
+
+
+def held_params(model: nn.Module) -> int:
+    """How many of ``model``'s parameters this rank holds: all of them, or its shards' share (FSDP)."""
+    from torch.distributed.tensor import DTensor
+
+    return sum((p.to_local() if isinstance(p, DTensor) else p).numel() for p in model.parameters())
+
+
+def fill_shards(root: nn.Module, device: torch.device, source: Path, prefix: str = "") -> None:
+    """Give the sharded parameters of ``root`` (an FSDP2 root) still on the meta device their values: each rank
+    reads only its own slices of the safetensors files in ``source`` (DCP's ``HuggingFaceStorageReader``), so
+    no rank ever holds a whole weight it does not keep. Parameters made for training (LoRA's) and buffers keep
+    their values. A parameter named ``prefix + key`` is read from the checkpoint's ``key``.
+
+    A wrapper's ``base_layer`` holds the wrapped module's weights (the LoRA convention of PEFT and lmcycle), so
+    ``q_proj.base_layer.weight`` is read from the checkpoint's ``q_proj.weight``.
+    """
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+
+    params = dict(root.named_parameters())
+    empty = {n for n, p in params.items() if p.is_meta}
+    kept = {n: p.detach().clone() for n, p in params.items() if n not in empty}
+    buffers = [(m, n, b) for m in root.modules() for n, b in m._buffers.items() if b is not None]
+    root.to_empty(device=device)  # FSDP re-registers every shard on its new storage
+    for module, name, buffer in buffers:
+        module._buffers[name] = buffer  # the model's own buffers again, not empty copies
+    params = dict(root.named_parameters())
+    with torch.no_grad():
+        for name, value in kept.items():
+            params[name].copy_(value)
+    wanted = {re.sub(r"\.base_layer(?=\.)", "", n.removeprefix(prefix)): params[n] for n in empty}
+    dcp.load(wanted, storage_reader=HuggingFaceStorageReader(str(source)))
+
+
+def _off_meta(model: nn.Module, device: torch.device) -> None:
+    """Replace the model's meta-device parameters by empty ones on ``device`` (same names, tied ones still tied),
+    which gathered weights can then fill (a meta tensor's data cannot be swapped for a real one)."""
+    real: dict[int, nn.Parameter] = {}
+    for module in model.modules():
+        for name, p in module._parameters.items():
+            if p is not None and p.is_meta:
+                if id(p) not in real:
+                    real[id(p)] = nn.Parameter(torch.empty(0, dtype=p.dtype, device=device),
+                                               requires_grad=p.requires_grad)
+                module._parameters[name] = real[id(p)]
 
 
 def _shadow(module: nn.Module) -> nn.Module:

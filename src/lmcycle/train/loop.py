@@ -112,16 +112,21 @@ class TrainConfig(Config):
             raise ValueError(f"warmup_steps ({warmup}) is more than max_steps ({max_steps})")
         return warmup
 
+    @field_validator("global_batch_size")
+    @classmethod
+    def _divisible_over_the_ranks(cls, global_batch: int | None, info: ValidationInfo) -> int | None:
+        batch_size, world = info.data.get("batch_size"), launch_world_size()
+        if global_batch is not None and batch_size is not None and global_batch % (batch_size * world):
+            raise ValueError(f"global_batch_size {global_batch} is not a multiple of batch_size {batch_size} x "
+                             f"{world} rank(s) = {batch_size * world}")
+        return global_batch
+
     @model_validator(mode="after")
     def _accumulate_to_global_batch(self) -> TrainConfig:
         if self.global_batch_size is None:
             return self
         world = launch_world_size()
-        per_pass = self.batch_size * world
-        if self.global_batch_size % per_pass:
-            raise ValueError(f"global_batch_size {self.global_batch_size} is not a multiple of batch_size "
-                             f"{self.batch_size} x {world} rank(s) = {per_pass}")
-        accum = self.global_batch_size // per_pass
+        accum = self.global_batch_size // (self.batch_size * world)
         if "grad_accum" in self.model_fields_set and self.grad_accum != accum:
             raise ValueError(f"grad_accum {self.grad_accum} contradicts global_batch_size {self.global_batch_size}"
                              f" (= batch_size {self.batch_size} x {world} rank(s) x {accum}): set only one")
@@ -287,6 +292,8 @@ def resume(out_dir: str | Path, model: nn.Module, optimizer: torch.optim.Optimiz
     try:
         state = load_checkpoint(path, model, optimizer)
     except (CheckpointException, RuntimeError, ValueError, KeyError, OSError) as e:
+        if isinstance(e, CheckpointException) and e.failures:  # its own message only lists the ranks
+            e = next(iter(e.failures.values()))[0]
         first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise LmcycleError(f"cannot resume from this checkpoint ({first_line}); it was written for another "
                            "model or settings: delete it or train into another run directory", file=path) from None
@@ -350,7 +357,7 @@ def compute_gradients(engine: LocalEngine, micro_batches: list[Batch], loss_fn: 
     equals the gradient of the token-mean loss of the concatenated batch. Returns ``(mean loss per token, total
     tokens)`` over all ranks.
     """
-    device = next(engine.model.parameters()).device
+    device = engine.device
     # Summed on the model's device: a .cpu() per micro-batch would wait for every CUDA step to finish.
     loss_total = torch.zeros((), dtype=torch.float64, device=device)
     tokens = 0

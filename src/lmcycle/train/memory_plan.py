@@ -6,9 +6,10 @@ fitted to a parameter count.
 
 Memory per method = weights + gradients + optimizer states + activations, where
 
-- weights: fp32 4 B/param, bf16 2 B; int8 1 B and nf4 0.516 B (4 bits + double-quantized block scales, as in
-  QLoRA) for the Linear weights inside the transformer blocks, the rest (embeddings, norms, biases, an untied
-  LM head) in bf16, as bitsandbytes leaves them;
+- weights: fp32 4 B/param, bf16 2 B; int8 1 B and nf4 0.5625 B (4 bits + one fp32 absmax per block of 64
+  weights, no double quantization, as :mod:`lmcycle.adapt.qlora` stores them) for the Linear weights inside the
+  transformer blocks, the rest (embeddings, norms, biases, an untied LM head) in bf16, unquantized as
+  ``quantize_model`` leaves them;
 - gradients: one per trainable parameter in the training dtype; AdamW: two fp32 states per trainable parameter
   (plus an fp32 master copy of the weights when training in bf16 mixed precision);
 - activations: the tensors autograd saves for the backward pass, counted per module for the way lmcycle runs
@@ -24,15 +25,18 @@ Memory per method = weights + gradients + optimizer states + activations, where
 Per rank, with ``--world-size`` N processes (each with its own micro-batch, so activations are per rank and the
 same under either strategy):
 
-- ``ddp``: every rank holds the full weights, gradients and AdamW state, plus DDP's gradient buckets, about one
-  more copy of the trainable gradients (torch's default ``gradient_as_bucket_view=False``; lmcycle's flat
-  all-reduce buffer is the same size). One process runs without any wrapper, so no buckets.
+- ``ddp``: every rank holds the full weights, gradients and AdamW state, and nothing more: lmcycle's DDP engine
+  passes ``gradient_as_bucket_view=True``, so the gradients are views into DDP's all-reduce buckets, not a second
+  copy beside them (``distributed`` is 0). One process runs without any wrapper.
 - ``fsdp`` (FSDP2 ``fully_shard`` per transformer block, then the root, ``reshard_after_forward=True``): weights,
   gradients and optimizer state divided by N, plus the unsharded working set: the two largest blocks' full
   parameters (the one computing and the one prefetched), the root's (embeddings, final norm, LM head: the root is
   not resharded after forward, its parameters are needed first in backward), and the unsharded gradients of the
   root and of one block before their reduce-scatter. FSDP2 all-gathers into buffers of its own even on one rank,
-  so the working set is counted there too.
+  so the working set is counted there too. ``fully_shard`` shards parameters only: the int8/nf4 block weights of
+  QLoRA (and of an int8/nf4 base under prompt tuning) are buffers of :class:`lmcycle.adapt.qlora.QuantLinear`,
+  so every rank holds them whole (in ``weights``, not divided by N, and never all-gathered); only the bf16/fp32
+  parameters (embeddings, norms, biases, LoRA adapters, the soft prompt) are sharded and gathered.
 
 ``model_dtype`` (the recipe stage's field) is the dtype the weights are held in: ``bfloat16`` holds a frozen base
 in bf16 with the trainable LoRA / prompt parameters and their AdamW state in fp32, and trains a full fine-tuning
@@ -64,7 +68,10 @@ PRECISIONS = ("fp32", "bf16", "int8", "nf4")
 STRATEGIES = ("ddp", "fsdp")
 # The stage field's spellings (stages/common.py's aliases) and the weight precision each one means.
 MODEL_DTYPES = {"float32": "fp32", "fp32": "fp32", "bfloat16": "bf16", "bf16": "bf16"}
-QUANT_BYTES = {"int8": 1.0, "nf4": 0.516}  # nf4: 4 bits + 8-bit scale per 64 + fp32 scale per 256 blocks
+# Bytes per quantized weight as lmcycle.adapt.qlora stores it. nf4: 4 bits (0.5 B) + one fp32 absmax per block of
+# 64 weights (4/64 = 0.0625 B) = 0.5625 B: QLoRA's double quantization (8-bit block scales plus an fp32 scale per
+# 256 blocks, 0.516 B) is not implemented there. int8: 1 B (+ one fp32 scale per output row, 4/in B: left out).
+QUANT_BYTES = {"int8": 1.0, "nf4": 0.5 + 4 / 64}
 TOKENS_PER_PARAM = 20
 GB = 1e9
 
@@ -453,7 +460,7 @@ class MethodMemory:
     activations: float
     trainable: int
     note: str = ""
-    distributed: float = 0.0  # DDP's gradient buckets, or FSDP's unsharded parameters and gradients
+    distributed: float = 0.0  # FSDP's unsharded parameters and gradients (DDP: 0, its buckets are the grads)
 
     @property
     def total(self) -> float:
@@ -510,22 +517,28 @@ def model_parts(model: nn.Module, lora_r: int, lora_targets: list[str] | None) -
 
 
 def per_rank(row: MethodMemory, parts: Parts, strategy: str, world_size: int, *, store, trainable_root: int,
-             trainable_blocks: list[int], grad_bytes: float) -> MethodMemory:
+             trainable_blocks: list[int], grad_bytes: float, replicated: float = 0.0) -> MethodMemory:
     """``row`` (one process) as one rank of ``world_size`` sees it under ``strategy``.
 
-    ``store(kinds)``: bytes of the weights of a part (a :func:`params_by_kind` dict) as this method holds them;
-    ``trainable_root`` / ``trainable_blocks``: trainable parameters of the root and of each block, whose
-    gradients (``grad_bytes`` each) FSDP holds unsharded until their reduce-scatter.
+    ``store(kinds, i)``: bytes of the parameters of a part (a :func:`params_by_kind` dict; ``i`` the block, None
+    the root) that FSDP shards and all-gathers, as this method holds them; ``replicated``: bytes of
+    ``row.weights`` that are not parameters, which every rank holds whole and FSDP never gathers (the int8/nf4
+    block weights: :func:`quantized_bytes`), left out of ``store``; ``trainable_root`` / ``trainable_blocks``:
+    trainable parameters of the root and of each block, whose gradients (``grad_bytes`` each) FSDP holds
+    unsharded until their reduce-scatter.
+
+    ``ddp``: the single-process figures; lmcycle's DDP passes ``gradient_as_bucket_view=True``, so the
+    gradients are views into the all-reduce buckets and ``distributed`` is 0 (one process: no wrapper at all).
     """
     n = world_size
     if strategy == "ddp":
-        buckets = row.grads if n > 1 else 0.0  # one process: no DDP wrapper, no buckets
         return MethodMemory(row.method, row.weights, row.grads, row.optimizer, row.activations, row.trainable,
-                            row.note, buckets)
+                            row.note, 0.0)
     biggest = sorted(range(len(parts.blocks)), key=lambda i: store(parts.blocks[i], i), reverse=True)
     unsharded = store(parts.root, None) + sum(store(parts.blocks[i], i) for i in biggest[:2])
     grads = grad_bytes * (trainable_root + max(trainable_blocks, default=0))
-    return MethodMemory(row.method, row.weights / n, row.grads / n, row.optimizer / n, row.activations,
+    weights = (row.weights - replicated) / n + replicated
+    return MethodMemory(row.method, weights, row.grads / n, row.optimizer / n, row.activations,
                         row.trainable, row.note, unsharded + grads)
 
 
@@ -537,6 +550,18 @@ def weight_bytes(params: dict[str, int], precision: str) -> float:
         return 2.0 * params["total"]
     q = params["block_linear_weights"]
     return QUANT_BYTES[precision] * q + 2.0 * (params["total"] - q)
+
+
+def quantized_bytes(params: dict[str, int], precision: str) -> float:
+    """The part of :func:`weight_bytes` that is int8/nf4 block Linear weights (0 for fp32 and bf16): buffers of
+    :class:`lmcycle.adapt.qlora.QuantLinear`, not parameters, so FSDP2's ``fully_shard`` does not shard them."""
+    return QUANT_BYTES[precision] * params["block_linear_weights"] if precision in QUANT_BYTES else 0.0
+
+
+def sharded_bytes(params: dict[str, int], precision: str) -> float:
+    """The part of :func:`weight_bytes` that is parameters (what FSDP shards and all-gathers): all of it for fp32
+    and bf16; for int8/nf4 the bf16 rest (embeddings, norms, biases, an untied LM head)."""
+    return weight_bytes(params, precision) - quantized_bytes(params, precision)
 
 
 def chinchilla(n_params: float, tokens_per_s: float | None = None, flops_per_s: float | None = None,
@@ -633,8 +658,9 @@ def make_plan(config: PretrainedConfig, *, seq_len: int = 512, batch: int = 8, p
                          trainable_blocks=[b["total"] for b in parts.blocks], grad_bytes=full_grad))
 
     def lora_store(q: str):
-        # the base in ``q`` plus the fp32 adapters of that part (i: the block, None: the root)
-        return lambda kinds, i: weight_bytes(kinds, q) + 4 * (parts.lora_root if i is None else parts.lora_blocks[i])
+        # the base's parameters in ``q`` (not its quantized weights) plus the fp32 adapters of that part (i: the
+        # block, None: the root)
+        return lambda kinds, i: sharded_bytes(kinds, q) + 4 * (parts.lora_root if i is None else parts.lora_blocks[i])
 
     lora_act = activation_bytes(sh, seq_len, batch, roles, act_bytes=ab, input_grad=False, checkpointing=ckpt)
     lora_extra = seq_len * batch * lora_r * ab * lora_layers_held(model, lora_targets, ckpt)
@@ -644,7 +670,8 @@ def make_plan(config: PretrainedConfig, *, seq_len: int = 512, batch: int = 8, p
     rows.append(per_rank(MethodMemory(label, base + 4 * n_lora, 4 * n_lora, 8 * n_lora,
                                       lora_act["layers"] + lora_act["logits"] + lora_extra, n_lora,
                                       lora_note + ("; bf16 compute" if ab == 2 else "")),
-                         parts, strategy, world_size, store=lora_store(precision), **lora_kw))
+                         parts, strategy, world_size, store=lora_store(precision),
+                         replicated=quantized_bytes(params, precision), **lora_kw))
     for q in ("int8", "nf4"):
         if q == precision:
             continue
@@ -652,7 +679,8 @@ def make_plan(config: PretrainedConfig, *, seq_len: int = 512, batch: int = 8, p
         row = MethodMemory(f"QLoRA ({q} base)", weight_bytes(params, q) + 4 * n_lora, 4 * n_lora, 8 * n_lora,
                            lora_act["layers"] + lora_act["logits"] + lora_extra, n_lora,
                            lora_note + ("; bf16 compute" if ab == 2 else "; fp32 compute"))
-        rows.append(per_rank(row, parts, strategy, world_size, store=lora_store(q), **lora_kw))
+        rows.append(per_rank(row, parts, strategy, world_size, store=lora_store(q),
+                             replicated=quantized_bytes(params, q), **lora_kw))
     n_prompt = virtual_tokens * sh.hidden
     pt_act = activation_bytes(sh, seq_len + virtual_tokens, batch, set(), act_bytes=ab, input_grad=True,
                               checkpointing=ckpt)
@@ -661,18 +689,22 @@ def make_plan(config: PretrainedConfig, *, seq_len: int = 512, batch: int = 8, p
                        f"{virtual_tokens} virtual tokens (sequence {seq_len + virtual_tokens})")
     # the soft prompt is a parameter of the root (the wrapper around the model), outside every block
     rows.append(per_rank(row, parts, strategy, world_size,
-                         store=lambda kinds, i: weight_bytes(kinds, precision) + (4 * n_prompt if i is None else 0),
-                         trainable_root=n_prompt, trainable_blocks=[], grad_bytes=4))
+                         store=lambda kinds, i: sharded_bytes(kinds, precision) + (4 * n_prompt if i is None else 0),
+                         trainable_root=n_prompt, trainable_blocks=[], grad_bytes=4,
+                         replicated=quantized_bytes(params, precision)))
     compute = chinchilla(p, tokens_per_s, flops_per_s)
     if strategy == "ddp":
         dist_note = ("one process: no wrapper, nothing extra" if world_size == 1 else
-                     "DDP's gradient buckets: about one more copy of the trainable grads (gradient_as_bucket_view"
-                     "=False, torch's default), in 'distributed'")
+                     "DDP with gradient_as_bucket_view=True (lmcycle's engine): the grads are views into the "
+                     "all-reduce buckets, no second copy, so 'distributed' is 0")
     else:
         dist_note = (f"FSDP2 fully_shard per block + root, reshard_after_forward=True: weights, grads and optimizer "
                      f"/ {world_size}; 'distributed' is the unsharded working set: the root's parameters "
                      "(embeddings, final norm, LM head) and the 2 largest blocks' (current + prefetched), plus "
-                     "the unsharded grads of the root and one block before their reduce-scatter")
+                     "the unsharded grads of the root and one block before their reduce-scatter; int8/nf4 block "
+                     "weights are QuantLinear buffers, which fully_shard does not shard: every rank holds them "
+                     "whole (in 'weights'), only the bf16/fp32 parameters (embeddings, norms, biases, LoRA, the "
+                     "soft prompt) are sharded")
     settings = {
         "arch": sh.arch, "seq_len": seq_len, "batch": batch, "precision": precision,
         "model_dtype": {"fp32": "float32", "bf16": "bfloat16"}.get(precision) if model_dtype else None,
