@@ -106,7 +106,8 @@ def load_empty(
                                           attn_implementation=hf_attn_implementation(attn_implementation))
     except (OSError, ValueError) as e:
         raise _load_error(str(name_or_path), source, e) from None
-    if not {n for n, _ in model.named_parameters()} <= _safetensors_keys(weights):
+    keys = _safetensors_keys(weights)
+    if not {n for n, _ in model.named_parameters()} <= keys.keys():
         return None  # a checkpoint whose names need converting (older layouts): from_pretrained knows how
     for module in model.modules():
         for name, buffer in module._buffers.items():
@@ -114,14 +115,12 @@ def load_empty(
                 module._buffers[name] = torch.empty_like(buffer, device=target)
     # Computes the buffers that are no weights (rotary tables) from the config; on meta parameters a no-op.
     model.initialize_weights()
-    stored = {n for n, _ in model.named_buffers()} & _safetensors_keys(weights)
-    if stored:
-        from safetensors.torch import load_file
+    from safetensors import safe_open
 
-        for file in sorted(weights.glob("*.safetensors")):
-            for name, value in load_file(file).items():
-                if name in stored:
-                    model.get_buffer(name).copy_(value)
+    for name, _ in model.named_buffers():
+        if name in keys:  # a saved buffer: read that tensor alone, not its whole file
+            with safe_open(str(keys[name]), framework="pt") as f:
+                model.get_buffer(name).copy_(f.get_tensor(name))
     model.config._name_or_path = str(name_or_path)
     model.empty_weights = EmptyWeights(weights, target)
     ensure_pad_token(tokenizer)
@@ -139,13 +138,14 @@ def _safetensors_dir(source: str) -> Path | None:
     return local if any(local.glob("*.safetensors")) else None
 
 
-def _safetensors_keys(weights: Path) -> set[str]:
+def _safetensors_keys(weights: Path) -> dict[str, Path]:
+    """Every tensor name in the safetensors files of ``weights``, with its file (headers only: nothing is read)."""
     from safetensors import safe_open
 
-    keys: set[str] = set()
+    keys: dict[str, Path] = {}
     for file in weights.glob("*.safetensors"):
         with safe_open(str(file), framework="pt") as f:
-            keys.update(f.keys())
+            keys.update(dict.fromkeys(f.keys(), file))
     return keys
 
 
