@@ -21,7 +21,7 @@ from layers import LIBRARIES, imports  # noqa: E402
 
 # Top to bottom. Each layer: (name, the folders or root modules in it, what it holds).
 LAYERS = [
-    ("cli", ["cli"], "lmcycle run | <stage> | report | adapters | plan | serve | rag | agent | pal | harness"),
+    ("cli", ["cli"], "lmcycle run | <stage> | report | adapters | plan | serve | rag | agent | pal | harness | label"),
     ("stages", ["stages"], "registry · recipe.py · context.py · common.py · peft.py · one file per stage kind:\n"
                            "<Kind>Stage, run_<kind>, section()"),
     ("report", ["report"], "page.py: the page, its sections handed in; markdown.py, rundir.py"),

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 # Technique libraries: they may import each other and the ground floor, never the layers above them.
-LIBRARIES = ("data", "models", "train", "adapt", "align", "optimize", "evals", "apps", "serve")
+LIBRARIES = ("data", "models", "train", "adapt", "align", "optimize", "evals", "apps", "serve", "feedback")
 UPPER = ("stages", "report", "cli")
 # Old flat modules of the upper layers, before issue 15 moved them into stages/, report/ and cli/.
 OLD_UPPER = ("recipe", "runs", "report", "report_alignment", "report_optimize", "report_apps", "cli")

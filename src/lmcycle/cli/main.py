@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from lmcycle.cli import adapters, apps, plan, serve
+from lmcycle.cli import adapters, apps, label, plan, serve
 from lmcycle.errors import LmcycleError
 from lmcycle.stages import COMMANDS
 from lmcycle.terminal import printable
@@ -41,6 +41,7 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_parser(sub)
     serve.add_parser(sub)
     apps.add_parsers(sub)
+    label.add_parser(sub)
     return p
 
 
@@ -99,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     if stray:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     if extra:
-        if args.command in ("report", "adapters", "serve", *apps.COMMANDS):
+        if args.command in ("report", "adapters", "serve", "label", *apps.COMMANDS):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         getattr(args, "overrides" if args.command == "run" else "fields").extend(extra)
     try:
@@ -116,6 +117,8 @@ def _dispatch(args) -> int:
     if args.command == "plan":
         _quiet_transformers()
         return plan.run(args)
+    if args.command == "label":
+        return label.run(args)  # before the torch imports below: the label database needs none
     from lmcycle.stages.recipe import Recipe, load_recipe, run_recipe  # lazy: torch (the stages' configs)
     from lmcycle.train.distributed import init_distributed, is_main  # lazy: torch
 

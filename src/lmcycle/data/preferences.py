@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from lmcycle.data.examples import Example
-from lmcycle.data.records import SourceRecord, read_records, text_field
+from lmcycle.data.records import SourceRecord, id_field, read_records, text_field
 from lmcycle.errors import LmcycleError
 
 logger = logging.getLogger(__name__)
@@ -200,11 +200,7 @@ def load_rankings(path: str | Path) -> list[Ranking]:
 
 def _to_ranking(rec: SourceRecord) -> Ranking:
     d = rec.data
-    prompt_id = d.get("prompt_id")
-    if isinstance(prompt_id, int) and not isinstance(prompt_id, bool):
-        prompt_id = str(prompt_id)
-    if not isinstance(prompt_id, str) or not prompt_id.strip():
-        raise _err(rec, "prompt_id", "missing field" if "prompt_id" not in d else "expected a non-empty string id")
+    prompt_id = id_field(rec, "prompt_id")
     prompt = text_field(rec, "prompt")
     completions = d.get("completions")
     if not isinstance(completions, list) or len(completions) < 2:

@@ -76,6 +76,19 @@ def text_field(rec: SourceRecord, name: str) -> str:
     return check_text(rec.data[name], rec, name)
 
 
+def id_field(rec: SourceRecord, name: str) -> str:
+    """The id in field ``name`` of ``rec``: a non-empty string, or an integer taken as its string; otherwise an
+    error naming file, line and field."""
+    value = rec.data.get(name)
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, str) or not value.strip():
+        raise LmcycleError(f"{rec.where()}" + ("missing field" if name not in rec.data else
+                                                "expected a non-empty string id"),
+                           file=rec.file, line=rec.line, field=name)
+    return value
+
+
 def check_text(value: Any, rec: SourceRecord, name: str) -> str:
     if not isinstance(value, str):
         raise LmcycleError(f"{rec.where()}expected a string, got {type(value).__name__}",
