@@ -26,7 +26,7 @@ EXTRAS = {extra: {canonicalize_name(Requirement(r).name) for r in reqs}
           for extra, reqs in PYPROJECT["optional-dependencies"].items()}
 # Modules that exist to serve an extra and are imported only by the command that needs it (with a clear
 # "pip install 'lmcycle[serve]'" error when it is missing).
-EXTRA_ENTRY_MODULES = {"serve/app.py": "serve"}
+EXTRA_ENTRY_MODULES = {"serve/app.py": "serve", "feedback/web.py": "label", "feedback/guards.py": "label"}
 
 
 def _third_party_imports(tree: ast.AST) -> list[tuple[str, int, bool]]:

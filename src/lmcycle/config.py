@@ -32,14 +32,15 @@ class Config(BaseModel):
 @dataclass(frozen=True)
 class Refers:
     """Marks a string field whose value names another part of the recipe, so that the recipe can check it
-    before anything runs: ``"dataset"`` (a key of the recipe's ``data`` section) or ``"model"`` (``latest``, an
-    earlier stage, a path or a Hub id)."""
+    before anything runs: ``"dataset"`` (a key of the recipe's ``data`` section), ``"model"`` (``latest``, an
+    earlier stage, a path or a Hub id) or ``"stage"`` (an earlier stage)."""
 
     to: str
 
 
 DatasetName = Annotated[str, Refers("dataset")]
 ModelRef = Annotated[str, Refers("model")]
+StageName = Annotated[str, Refers("stage")]  # an earlier stage of the recipe, whose artifacts this one reads
 
 
 def references(cfg: BaseModel, path: tuple = ()) -> Iterator[tuple[str, tuple, str]]:

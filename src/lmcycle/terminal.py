@@ -21,3 +21,10 @@ def printable(text: str, *, layout: bool = True) -> str:
     """``text`` with every terminal control character written as ``\\uXXXX``: all but newline and tab, or with
     ``layout=False`` (a file name, a key: one line of a listing) those two as well."""
     return (_UNSAFE if layout else _UNSAFE_IN_A_LINE).sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+
+
+def columns(rows: list[tuple[str, ...]]) -> list[str]:
+    """Rows of cells (the header first) as left-aligned text columns two spaces apart, without trailing blanks.
+    The cells are printed as given: pass untrusted ones through :func:`printable` first."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]

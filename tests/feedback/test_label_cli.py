@@ -12,6 +12,7 @@ import pytest
 from lmcycle.cli.main import main
 from lmcycle.data.preferences import load_rankings
 from lmcycle.feedback.labels import Label
+from lmcycle.feedback.schema import CURRENT_VERSION
 from lmcycle.feedback.store import LabelStore
 
 
@@ -26,7 +27,7 @@ def test_an_admin_session_from_init_to_export(db_url, tmp_path, capsys, item_row
     guide.write_text("# Rank the summaries\n\nBest first; ties allowed.\n", encoding="utf-8")
     code, out, _ = _run(capsys, "init", "--db", db_url, "--overlap", "2", "--rating", "toxicity:0:1",
                         "--guidelines", str(guide))
-    assert code == 0 and "schema version 2 (created)" in out and "rating toxicity 0-1" in out
+    assert code == 0 and f"schema version {CURRENT_VERSION} (created)" in out and "rating toxicity 0-1" in out
     code, out, _ = _run(capsys, "init", "--db", db_url)
     assert code == 0 and "(created)" not in out and "exists; its settings are kept" in out
     pw = tmp_path / "pw"

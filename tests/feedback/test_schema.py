@@ -44,10 +44,11 @@ def test_a_version_1_database_upgrades_and_keeps_its_labels(db_url, hasher):
     assert migrate(db, target=1) == (0, 1)
     _fill_version_1(db, hasher.hash("ann-password"))
     db.close()
-    with pytest.raises(LmcycleError, match="schema version 1, older than 2: upgrade it with `lmcycle label init"):
+    with pytest.raises(LmcycleError,
+                       match=f"schema version 1, older than {CURRENT_VERSION}: upgrade it with `lmcycle label init"):
         LabelStore.open(db_url)
     with LabelStore.init(db_url, hasher=hasher) as store:
-        assert _version(store.db) == CURRENT_VERSION == 2
+        assert _version(store.db) == CURRENT_VERSION
         (old,) = store.labels_of("ann")
         assert (old.ranking, old.comment, old.ratings, old.seconds) == ([["b"], ["a"]], "old", {}, 15.0)
         assert store.project().rating_scale is None
@@ -71,13 +72,14 @@ def test_init_again_changes_nothing(db_url):
 
 
 def test_a_failing_migration_is_rolled_back_whole(db_url, monkeypatch):
-    broken = (3, "a table, then a syntax error", ["CREATE TABLE extra (x INTEGER)", "CREATE TABLE broken (("])
+    broken = (CURRENT_VERSION + 1, "a table, then a syntax error",
+              ["CREATE TABLE extra (x INTEGER)", "CREATE TABLE broken (("])
     monkeypatch.setattr(schema, "MIGRATIONS", [*schema.MIGRATIONS, broken])
     db = Database(db_url, create=True)
     try:
         with pytest.raises(Exception, match="syntax error"):
-            migrate(db, target=3)
-        assert _version(db) == 2
+            migrate(db, target=CURRENT_VERSION + 1)
+        assert _version(db) == CURRENT_VERSION
         with db.transaction() as tx:
             assert not tx.has_table("extra")  # the first statement of the failed migration went with it
             assert tx.has_table("ratings")

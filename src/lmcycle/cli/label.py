@@ -1,5 +1,5 @@
-"""``lmcycle label init|add-user|import|guidelines|export|stats``: the admin side of a labeling project
-(lmcycle.feedback). ``--db`` is a SQLite file or a ``postgresql://`` URL.
+"""``lmcycle label init|add-user|import|guidelines|export|stats|serve``: the admin side of a labeling project
+(lmcycle.feedback), and ``serve``, the labeling app. ``--db`` is a SQLite file or a ``postgresql://`` URL.
 
 Secrets stay off the command line, where ``ps`` and the shell history would show them: ``add-user`` asks for
 the password twice on the terminal, or reads the first line of ``--password-file`` (``-``: standard input);
@@ -14,13 +14,14 @@ import sys
 from pathlib import Path
 
 from lmcycle.errors import LmcycleError
+from lmcycle.feedback.agreement import agreement_plot, agreement_report, render_agreement
 from lmcycle.feedback.db import Database
-from lmcycle.feedback.export import write_export
+from lmcycle.feedback.export import rankings_from_snapshot, write_export
 from lmcycle.feedback.labels import RatingScale
 from lmcycle.feedback.schema import migrate
 from lmcycle.feedback.stats import project_stats
 from lmcycle.feedback.store import LabelStore, NotFound
-from lmcycle.terminal import printable
+from lmcycle.terminal import columns, printable
 
 DB_HELP = "SQLite file, or postgresql://USER@HOST[:PORT]/DB (password from PGPASSWORD or ~/.pgpass)"
 
@@ -52,7 +53,7 @@ def add_parser(sub) -> None:
 
     im = act.add_parser("import", help="add a completions file's items to a project (all or nothing)")
     im.add_argument("file", help="JSON Lines: prompt_id, prompt, completions [{id, text, model, decoding}], "
-                                 "optional gold, overlap, meta")
+                                 "optional gold, overlap, meta; or a completions stage's folder (RUN_DIR/STAGE)")
     im.add_argument("--db", required=True, help=DB_HELP)
     im.add_argument("--project", default="default")
 
@@ -61,17 +62,28 @@ def add_parser(sub) -> None:
     gl.add_argument("--db", required=True, help=DB_HELP)
     gl.add_argument("--project", default="default")
 
-    ex = act.add_parser("export", help="write the labels as rankings (data: {format: rankings}) or plain JSON Lines")
+    ex = act.add_parser("export", help="write the labels as rankings (data: {format: rankings}), plain JSON Lines "
+                        "or a Hugging Face dataset folder (hf: the rankings rows, datasets.load_from_disk)")
     ex.add_argument("--db", required=True, help=DB_HELP)
-    ex.add_argument("--out", required=True)
-    ex.add_argument("--format", choices=("rankings", "jsonl"), default="rankings")
+    ex.add_argument("--out", required=True, help="a file (rankings, jsonl) or a folder (hf)")
+    ex.add_argument("--format", choices=("rankings", "jsonl", "hf"), default="rankings")
     ex.add_argument("--project", default="default")
 
-    st = act.add_parser("stats", help="done / left per labeler and overall, gold accuracy, too-fast submissions")
+    st = act.add_parser("stats", help="done / left per labeler and overall, gold accuracy, too-fast submissions, "
+                        "agreement between labelers (Krippendorff's alpha, tau-b, outliers)")
     st.add_argument("--db", required=True, help=DB_HELP)
     st.add_argument("--project", default="default")
     st.add_argument("--too-fast-s", type=float, help="the threshold in seconds (default: the project's)")
-    st.add_argument("--json", action="store_true", help="print one JSON object")
+    st.add_argument("--json", action="store_true", help="print one JSON object (agreement under 'agreement')")
+    st.add_argument("--plot", metavar="FILE.png", help="also draw the agreement (tau-b heatmap, per-labeler bars)")
+
+    sv = act.add_parser("serve", help="run the labeling app (web pages and JSON API) with uvicorn")
+    sv.add_argument("--db", required=True, help=DB_HELP)
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--project", default="default")
+    sv.add_argument("--secure-cookies", action="store_true",
+                    help="mark the cookies Secure: set it when the app is reached over HTTPS (a TLS proxy)")
 
 
 def run(args) -> int:
@@ -83,7 +95,7 @@ def run(args) -> int:
             user = store.add_user(args.name, args.role, _password(args.password_file))
             print(f"user '{user.name}' ({user.role}) added")
         elif args.action == "import":
-            n = store.import_file(args.file, args.project)
+            n = store.import_file(_completions_file(args.file), args.project)
             print(f"imported {n} item(s) into project '{args.project}'")
         elif args.action == "guidelines":
             version = store.set_guidelines(_read_text(args.file), args.project)
@@ -92,9 +104,53 @@ def run(args) -> int:
             n = write_export(store.snapshot(args.project), args.out, args.format)
             print(f"wrote {n} label(s) to {printable(str(args.out))} ({args.format})")
         elif args.action == "stats":
-            stats = project_stats(store.snapshot(args.project), args.too_fast_s)
-            print(json.dumps(stats, indent=2, ensure_ascii=False) if args.json else render_stats(stats))
+            _stats(store, args)
+        elif args.action == "serve":
+            return _serve(store, args)
     return 0
+
+
+def _stats(store: LabelStore, args) -> None:
+    if args.plot is not None and not args.plot.lower().endswith(".png"):
+        raise LmcycleError(f"the plot is a PNG file: give a name ending in .png, got '{printable(args.plot)}'",
+                           file="command line", field="--plot")
+    snap = store.snapshot(args.project)  # one read: the agreement is over the labels the stats count
+    stats = project_stats(snap, args.too_fast_s)
+    stats["agreement"] = agreement_report(*rankings_from_snapshot(snap))
+    if args.plot is not None:
+        agreement_plot(stats["agreement"], args.plot)
+    if args.json:
+        print(json.dumps(stats, indent=2, ensure_ascii=False))
+    else:
+        print(render_stats(stats) + "\n\n" + render_agreement(stats["agreement"]))
+    if args.plot is not None and not args.json:
+        print(f"agreement plot: {printable(args.plot)}")
+
+
+def _serve(store: LabelStore, args) -> int:
+    try:
+        import uvicorn
+
+        from lmcycle.feedback.web import create_app  # lazy: FastAPI and Jinja2 load only to serve
+    except ImportError as e:
+        raise LmcycleError(f"the labeling app needs {e.name}: pip install 'lmcycle[label]'") from None
+
+    app = create_app(store, project=args.project, secure_cookies=args.secure_cookies)
+    print(f"labeling app for project '{args.project}' on http://{args.host}:{args.port}/", flush=True)
+    # h11 bounds the request head it buffers (httptools, uvicorn's default when installed, does not)
+    uvicorn.run(app, host=args.host, port=args.port, http="h11", log_level="info")
+    return 0
+
+
+def _completions_file(path: str) -> Path:
+    """The completions file itself, or the ``completions.jsonl`` of a completions stage's folder."""
+    p = Path(path)
+    if not p.is_dir():
+        return p  # read_completions names a missing file
+    if not (p / "completions.jsonl").is_file():
+        raise LmcycleError("a folder without completions.jsonl: give a completions file or a completions stage's "
+                           "folder (RUN_DIR/STAGE)", file=p)
+    return p / "completions.jsonl"
 
 
 def _init(args) -> int:
@@ -166,6 +222,5 @@ def render_stats(stats: dict) -> str:
         special = ", ".join(f"{k} {v}" for k, v in sorted(r["special"].items())) or "-"
         rows.append((printable(r["labeler"]), str(r["done"]), str(r["left"]), acc, str(r["gold_labels"]),
                      str(r["too_fast"]), med, special))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
-    lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
+    lines += columns(rows)
     return "\n".join(lines)

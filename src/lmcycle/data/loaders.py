@@ -1,5 +1,6 @@
 """Datasets from files (JSON Lines, CSV, Parquet), Hugging Face ``datasets``, the named datasets (DialogSum,
-GSM8K, the Davidson tweets, XQuAD-en) or the built-in task.
+GSM8K, the Davidson tweets, XQuAD-en), a label database (``label_db``: :mod:`lmcycle.feedback`) or the built-in
+task.
 
 :class:`DatasetConfig` is the recipe's ``data.<name>`` section; :func:`load_examples` turns it into
 :class:`~lmcycle.data.examples.Example` objects. Every problem in the data is one
@@ -21,14 +22,17 @@ from lmcycle.data.dialogsum import load_dialogsum
 from lmcycle.data.dynahate import load_dynahate
 from lmcycle.data.examples import Example
 from lmcycle.data.gsm8k import load_gsm8k
-from lmcycle.data.preferences import load_preference_examples
+from lmcycle.data.preferences import Ranking, load_preference_examples, ranking_examples
 from lmcycle.data.records import SourceRecord, check_text, read_records, text_field
 from lmcycle.data.synthetic import synthetic_dialogues, synthetic_preferences
 from lmcycle.data.xquad import load_xquad
 from lmcycle.errors import LmcycleError
+from lmcycle.feedback.db import is_postgres, redact
+from lmcycle.feedback.export import rankings_from_snapshot
+from lmcycle.feedback.store import DEFAULT_PROJECT, LabelStore
 
 Format = Literal["jsonl", "csv", "parquet", "hf", "dialogsum", "gsm8k", "davidson", "dynahate", "xquad",
-                 "hh_rlhf", "rankings", "synthetic", "synthetic_preferences"]
+                 "hh_rlhf", "rankings", "label_db", "synthetic", "synthetic_preferences"]
 
 
 class DatasetConfig(Config):
@@ -42,7 +46,9 @@ class DatasetConfig(Config):
     seed can move a test example into training). ``keep_calculator`` only applies to ``gsm8k``: keep the
     ``<<expr=value>>`` annotations in the training target. ``hh_rlhf`` and ``rankings`` are preference pairs
     (a file, or a folder with one ``.jsonl[.gz]``), split ``train``/``test``/``all`` by prompt with 15% of the
-    prompts in test (:func:`lmcycle.data.preferences.load_preference_examples`).
+    prompts in test (:func:`lmcycle.data.preferences.load_preference_examples`). ``label_db`` reads the live
+    labels of ``project`` (default ``default``) straight from a label database (``path``: a SQLite file or a
+    ``postgresql://`` URL) and gives exactly the examples ``rankings`` gives on that project's export.
     """
 
     format: Format
@@ -58,13 +64,23 @@ class DatasetConfig(Config):
     keep_calculator: bool = False
     prompt_words: int | None = Field(default=None, ge=1, description="keep only the first N words of each "
                                      "input: continuation prompts, as RealToxicityPrompts cuts texts")
+    project: str | None = Field(default=None, description="label_db: the labeling project (default: default)")
+    stage: str | None = Field(default=None, description="label_db: an earlier stage of the run whose label "
+                              "database (its 'labels' artifact) this reads, instead of a path; loaded when a "
+                              "stage first uses it")
 
     @model_validator(mode="after")
     def _path_given(self) -> DatasetConfig:
-        if not self.format.startswith("synthetic") and not self.path:
+        if self.stage is not None and self.format != "label_db":
+            raise ValueError("'stage' only applies to format 'label_db'")
+        if self.stage is not None and self.path:
+            raise ValueError("give 'path' or 'stage', not both")
+        if not self.format.startswith("synthetic") and not self.path and self.stage is None:
             raise ValueError(f"'path' is required for format '{self.format}'")
         if self.keep_calculator and self.format != "gsm8k":
             raise ValueError("'keep_calculator' only applies to format 'gsm8k'")
+        if self.project is not None and self.format != "label_db":
+            raise ValueError("'project' only applies to format 'label_db'")
         return self
 
 
@@ -73,7 +89,7 @@ def load_examples(cfg: DatasetConfig, base_dir: Path = Path(".")) -> list[Exampl
     ``prompt_words``, each input cut to its first words."""
     examples = _load_examples(cfg, base_dir)
     if not examples:
-        where = _resolve(cfg.path, base_dir) if cfg.path else None
+        where = redact(str(_source(cfg, base_dir))) if cfg.path else None
         raise LmcycleError(f"no examples in split '{cfg.split}'", file=where, field="split")
     if cfg.prompt_words:
         examples = [replace(ex, input=" ".join(ex.input.split()[: cfg.prompt_words])) for ex in examples]
@@ -85,6 +101,8 @@ def _load_examples(cfg: DatasetConfig, base_dir: Path) -> list[Example]:
         make = synthetic_preferences if cfg.format == "synthetic_preferences" else synthetic_dialogues
         examples = make(min(cfg.n, cfg.limit or cfg.n), cfg.seed)
         return _with_task(examples, cfg.task)
+    if cfg.format == "label_db":
+        return _with_task(load_label_db(cfg, base_dir)[: cfg.limit], cfg.task)
     path = _resolve(cfg.path, base_dir)
     if cfg.format in NAMED_LOADERS:
         return _with_task(_load_named(cfg, path)[: cfg.limit], cfg.task)
@@ -109,6 +127,39 @@ def _load_named(cfg: DatasetConfig, path: Path) -> list[Example]:
     if cfg.format in ("hh_rlhf", "rankings"):
         return load_preference_examples(path, cfg.format, cfg.split)
     return load_xquad(path, cfg.split)
+
+
+def load_label_db(cfg: DatasetConfig, base_dir: Path) -> list[Example]:
+    """The ``label_db`` examples: :func:`label_db_rankings` made into examples by the very function the
+    ``rankings`` format uses (:func:`ranking_examples`)."""
+    rankings, where = label_db_rankings(cfg, base_dir)
+    return ranking_examples(rankings, cfg.split, where)
+
+
+def label_db_rankings(cfg: DatasetConfig, base_dir: Path) -> tuple[list[Ranking], str]:
+    """``(rankings, where)``: the live labels of a ``label_db`` dataset's project as rankings
+    (:func:`lmcycle.feedback.export.rankings_from_snapshot`, the rows ``lmcycle label export`` writes), and the
+    database and project as errors name them. A missing database file is an error on ``path``, an unknown
+    project one on ``project`` (fields of the dataset's config), a project without labels one on the database."""
+    source = str(_source(cfg, base_dir))
+    if not is_postgres(source) and not Path(source).is_file():
+        raise LmcycleError(f"no label database at {source} (create one with `lmcycle label init --db ...`)",
+                           field="path")
+    project = cfg.project or DEFAULT_PROJECT
+    with LabelStore.open(source) as store:
+        rankings, _ = rankings_from_snapshot(store.snapshot(project))
+    where = f"{redact(source)} (project {project})"
+    if not rankings:
+        raise LmcycleError(f"project '{project}' has no labels yet", file=where, field="project")
+    return rankings, where
+
+
+def _source(cfg: DatasetConfig, base_dir: Path) -> str | Path:
+    """Where the dataset is read from: a Postgres URL as written, else the path resolved against ``base_dir``."""
+    if cfg.format == "label_db" and is_postgres(cfg.path or ""):
+        return cfg.path
+    path = cfg.path or ""
+    return _resolve(path.removeprefix("sqlite:///") if cfg.format == "label_db" else path, base_dir)
 
 
 def _to_example(rec: SourceRecord, cfg: DatasetConfig) -> Example:

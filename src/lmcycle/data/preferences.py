@@ -21,7 +21,9 @@ The texts of that dataset are offensive: never print them in tests or logs.
 In a recipe, formats ``hh_rlhf`` and ``rankings`` (:func:`load_preference_examples`) load pairs as
 :class:`~lmcycle.data.examples.Example` objects (``meta["rejected"]``; :func:`pairs_from_examples` turns them back),
 split ``train``/``test``/``all`` by prompt with a fixed seed (15% of the prompts are test); pairs with an empty
-reply are left out there, with a logged count.
+reply are left out there, with a logged count. A pair made from a ranking keeps it (``PreferencePair.ranking``,
+``meta["ranking"]``), so :func:`rankings_from_examples` gives the listwise and tie-aware reward losses the whole
+rankings, ties included, split as the pairs are.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import logging
 import math
 import random
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +57,7 @@ class Ranking:
     ranks: list[int | None]
     labeler: str = ""
     special: str | None = None
+    ratings: list[float | None] | None = None  # a scalar rating per completion (None = not rated), if any
 
 
 @dataclass
@@ -67,6 +70,9 @@ class PreferencePair:
     rejected: str
     labeler: str = ""
     margin: float = 1.0
+    # The ranking the pair was read from (None for pairs read as pairs): what the listwise and tie-aware reward
+    # losses train on, carried into recipe examples by examples_from_pairs. Not part of a pair's equality.
+    ranking: Ranking | None = field(default=None, compare=False, repr=False)
 
 
 def rankings_to_pairs(rankings: list[Ranking]) -> list[PreferencePair]:
@@ -90,7 +96,7 @@ def _ranking_pairs(r: Ranking) -> list[PreferencePair]:
             continue
         best, worst = (i, j) if a < b else (j, i)
         out.append(PreferencePair(r.prompt_id, r.prompt, r.completions[best], r.completions[worst],
-                                  r.labeler, float(abs(a - b))))
+                                  r.labeler, float(abs(a - b)), ranking=r))
     return out
 
 
@@ -147,28 +153,40 @@ def labeler_agreement(rankings: list[Ranking]) -> dict[str, Any]:
             "skipped_unnamed": sum(r.special is None and not r.labeler for r in rankings)}
 
 
+def rank_concordance(ranks_a: dict[str, int | None],
+                     ranks_b: dict[str, int | None]) -> tuple[int, int, float | None]:
+    """``(agreed, compared, tau_b)`` of two rankings of one prompt, completions matched by key (text).
+
+    Only completions both rank (not None) take part. ``compared`` counts the pairs both order strictly (C + D)
+    and ``agreed`` those they order the same way (C). ``tau_b`` is Kendall's tau-b over those completions, ties
+    included: ``(C - D) / sqrt(n_a * n_b)`` with ``n_a``, ``n_b`` the pairs each side orders strictly (as
+    scipy's ``kendalltau(variant="b")``); None when either side ties every pair.
+    """
+    common = [c for c in ranks_a if c in ranks_b and ranks_a[c] is not None and ranks_b[c] is not None]
+    concordant = discordant = tied_a = tied_b = 0
+    for x, y in itertools.combinations(common, 2):
+        da = _sign(ranks_a[x] - ranks_a[y])
+        db = _sign(ranks_b[x] - ranks_b[y])
+        if da and db:
+            concordant += da == db
+            discordant += da != db
+        else:
+            tied_a += da == 0 and db != 0
+            tied_b += db == 0 and da != 0
+    denom = math.sqrt((concordant + discordant + tied_a) * (concordant + discordant + tied_b))
+    return concordant, concordant + discordant, (concordant - discordant) / denom if denom else None
+
+
 def _agreement_row(a: str, b: str, ranks_a: dict, ranks_b: dict) -> dict[str, Any]:
     shared = sorted(set(ranks_a) & set(ranks_b))
     compared = agreed = 0
     taus = []
     for pid in shared:
-        common = [c for c in ranks_a[pid] if c in ranks_b[pid] and ranks_a[pid][c] is not None
-                  and ranks_b[pid][c] is not None]
-        concordant = discordant = tied_a = tied_b = 0
-        for x, y in itertools.combinations(common, 2):
-            da = _sign(ranks_a[pid][x] - ranks_a[pid][y])
-            db = _sign(ranks_b[pid][x] - ranks_b[pid][y])
-            if da and db:
-                concordant += da == db
-                discordant += da != db
-            else:
-                tied_a += da == 0 and db != 0
-                tied_b += db == 0 and da != 0
-        compared += concordant + discordant
-        agreed += concordant
-        denom = math.sqrt((concordant + discordant + tied_a) * (concordant + discordant + tied_b))
-        if denom:
-            taus.append((concordant - discordant) / denom)
+        ok, n, tau = rank_concordance(ranks_a[pid], ranks_b[pid])
+        compared += n
+        agreed += ok
+        if tau is not None:
+            taus.append(tau)
     return {"labelers": [a, b], "shared_prompts": len(shared), "compared": compared, "agreed": agreed,
             "agreement": agreed / compared if compared else None,
             "kendall_tau_b": sum(taus) / len(taus) if taus else None}
@@ -181,7 +199,8 @@ def _sign(x: int) -> int:
 def load_rankings(path: str | Path) -> list[Ranking]:
     """Rankings from a JSON Lines file (``.gz`` too), one per line with fields ``prompt_id``, ``prompt``,
     ``completions`` (list of >= 2 distinct non-empty strings), ``ranks`` (one integer >= 1 or null per
-    completion), ``labeler`` (optional string) and ``special`` (optional string or null). A ``special`` row may
+    completion), ``labeler`` (optional string), ``special`` (optional string or null) and ``ratings`` (optional:
+    null, or one finite number or null per completion; the label export writes it). A ``special`` row may
     leave ``ranks`` out or null. A prompt id must always carry the same prompt text, and a named labeler may rank
     a prompt only once. Every problem is an :class:`LmcycleError` naming file, line and field."""
     rankings: list[Ranking] = []
@@ -234,7 +253,20 @@ def _to_ranking(rec: SourceRecord) -> Ranking:
             raise _err(rec, "ranks", f"rank {i} is not an integer: {k!r:.20}")
         if k < 1:
             raise _err(rec, "ranks", f"rank {i} is {k}; ranks start at 1 (= best)")
-    return Ranking(prompt_id, prompt, list(completions), list(ranks), labeler, special)
+    return Ranking(prompt_id, prompt, list(completions), list(ranks), labeler, special, _ratings(rec, len(completions)))
+
+
+def _ratings(rec: SourceRecord, k: int) -> list[float | None] | None:
+    ratings = rec.data.get("ratings")
+    if ratings is None:
+        return None
+    if not isinstance(ratings, list) or len(ratings) != k:
+        got = f"{len(ratings)} ratings" if isinstance(ratings, list) else type(ratings).__name__
+        raise _err(rec, "ratings", f"expected null or one rating per completion ({k}), got {got}")
+    for i, v in enumerate(ratings):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v)):
+            raise _err(rec, "ratings", f"rating {i} is not a finite number or null: {v!r:.20}")
+    return [None if v is None else float(v) for v in ratings]
 
 
 def _err(rec: SourceRecord, field: str, message: str) -> LmcycleError:
@@ -318,14 +350,29 @@ def load_preference_examples(path: str | Path, format: str, split: str) -> list[
     (:func:`preference_split`). Pairs with an empty reply are dropped and counted in a log warning
     (:func:`drop_empty_replies`). ``path`` is the file, or a folder holding exactly one ``*.jsonl[.gz]``."""
     file = _preference_file(Path(path))
-    pairs = load_hh_rlhf(file) if format == "hh_rlhf" else rankings_to_pairs(load_rankings(file))
+    if format == "rankings":
+        return ranking_examples(load_rankings(file), split, file)
+    return pair_examples(load_hh_rlhf(file), split, file)
+
+
+def ranking_examples(rankings: list[Ranking], split: str, source: str | Path) -> list[Example]:
+    """Recipe examples of rankings wherever they were read (a ``rankings`` file, a label database): their
+    pairs (:func:`rankings_to_pairs`) as :func:`pair_examples` makes them. One function for every source, so
+    that a label database and its exported file give the same examples."""
+    return pair_examples(rankings_to_pairs(rankings), split, source)
+
+
+def pair_examples(pairs: list[PreferencePair], split: str, source: str | Path) -> list[Example]:
+    """The ``split`` of ``pairs`` (:func:`preference_split`) as recipe examples, pairs with an empty reply
+    dropped and counted in a log warning (:func:`drop_empty_replies`); no pair at all is an error. ``source``
+    (a file, or a label database's name) is what the error and the warning name."""
     if not pairs:
         raise LmcycleError("no preference pair can be formed: every ranking ties or leaves out its completions, "
-                           "or is special", file=file, field="ranks")
+                           "or is special", file=source, field="ranks")
     kept, dropped = drop_empty_replies(preference_split(pairs, split))
     if dropped:
-        logger.warning("%s (%s split): left out %d preference pair(s) with an empty reply", file.name, split,
-                       dropped)
+        name = source.name if isinstance(source, Path) else source
+        logger.warning("%s (%s split): left out %d preference pair(s) with an empty reply", name, split, dropped)
     return examples_from_pairs(kept)
 
 
@@ -342,9 +389,22 @@ def _preference_file(path: Path) -> Path:
 
 def examples_from_pairs(pairs: list[PreferencePair]) -> list[Example]:
     """Each pair as ``Example(input=prompt, targets=[chosen], task="preference", id=prompt_id,
-    meta={"rejected", "margin", "labeler"})``; the inverse of :func:`pairs_from_examples`."""
-    return [Example(input=p.prompt, targets=[p.chosen], task="preference", id=p.prompt_id,
-                    meta={"rejected": p.rejected, "margin": p.margin, "labeler": p.labeler}) for p in pairs]
+    meta={"rejected", "margin", "labeler"})``; the inverse of :func:`pairs_from_examples`.
+
+    A pair read from a ranking also carries it: ``meta["ranking"] = {"index", "completions", "ranks", "ratings"}`` (one
+    dict shared by that ranking's pairs; ``index`` numbers the distinct rankings in order of first appearance,
+    so two unnamed labelers' rankings of one prompt stay apart). :func:`rankings_from_examples` reads it back.
+    """
+    index: dict[int, dict[str, Any]] = {}
+    out = []
+    for p in pairs:
+        meta: dict[str, Any] = {"rejected": p.rejected, "margin": p.margin, "labeler": p.labeler}
+        if p.ranking is not None:
+            r = p.ranking
+            meta["ranking"] = index.setdefault(id(r), {"index": len(index), "completions": list(r.completions),
+                                                        "ranks": list(r.ranks), "ratings": r.ratings})
+        out.append(Example(input=p.prompt, targets=[p.chosen], task="preference", id=p.prompt_id, meta=meta))
+    return out
 
 
 def pairs_from_examples(examples: list[Example], dataset: str = "") -> list[PreferencePair]:
@@ -364,3 +424,28 @@ def pairs_from_examples(examples: list[Example], dataset: str = "") -> list[Pref
         pairs.append(PreferencePair(ex.id, ex.input, ex.target, rejected, str(ex.meta.get("labeler") or ""),
                                     float(margin if margin is not None else 1.0)))
     return pairs
+
+
+def rankings_from_examples(examples: list[Example], dataset: str = "") -> list[Ranking]:
+    """The rankings behind a recipe dataset's pairs (``meta["ranking"]``, see :func:`examples_from_pairs`), each
+    once, in order of first appearance, as ``Ranking(ex.id, ex.input, completions, ranks, labeler, ratings=...)``.
+
+    They follow the dataset's split and ``limit`` (a ranking is here when at least one of its pairs is). A
+    ranking whose completions all tie makes no pair, so no example holds it. A dataset of pairs read as pairs
+    (``hh_rlhf``, ``synthetic_preferences``) has no rankings: :class:`LmcycleError` naming ``dataset``."""
+    if not examples:
+        raise LmcycleError(f"dataset '{dataset}' has no examples", field="data")
+    found: dict[tuple, Ranking] = {}
+    for ex in examples:
+        r = ex.meta.get("ranking")
+        if not (isinstance(r, dict) and isinstance(r.get("completions"), list) and isinstance(r.get("ranks"), list)
+                and len(r["completions"]) == len(r["ranks"])):
+            raise LmcycleError(f"dataset '{dataset}' holds no rankings: example '{ex.id}' is a pair without the "
+                               "ranking it came from (load rankings with format rankings or label_db)",
+                               field="data")
+        labeler = str(ex.meta.get("labeler") or "")
+        key = (ex.id, labeler, r.get("index"))
+        if key not in found:
+            found[key] = Ranking(ex.id, ex.input, list(r["completions"]), list(r["ranks"]), labeler,
+                                 ratings=r.get("ratings"))
+    return list(found.values())

@@ -9,6 +9,10 @@
   submissions, undo.
 - :mod:`~lmcycle.feedback.export`: the ``rankings`` format lmcycle trains on, or plain JSON Lines.
 - :mod:`~lmcycle.feedback.stats`: done / left, gold accuracy, too-fast submissions.
+- :mod:`~lmcycle.feedback.agreement`: labeler agreement (tau-b, Krippendorff's alpha), Borda consensus,
+  outliers, weights for the reward model's loss.
+- :mod:`~lmcycle.feedback.web`: the labeling app (pages for labelers and the admin, a JSON API).
+- :mod:`~lmcycle.feedback.simulate`: simulated labelers (noisy oracles) that label through that API.
 
 A technique library: it imports nothing from the recipe layer (stages, report, cli); ``lmcycle label`` is
 ``cli/label.py``.

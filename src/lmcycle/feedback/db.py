@@ -139,7 +139,7 @@ class Database:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
         self._lock = threading.Lock()
-        self._connections: list[Any] = []
+        self._connections: list[tuple[threading.Thread, Any]] = []  # (the thread it belongs to, connection)
         self._connection()  # fail here, at open, on a wrong URL or a file that is not a database
 
     def _connect(self) -> Any:
@@ -174,7 +174,13 @@ class Database:
         if conn is None:
             conn = self._local.conn = self._connect()
             with self._lock:
-                self._connections.append(conn)
+                # a web server's worker threads come and go (AnyIO ends one after 10 s idle): close what the
+                # ended ones left, or each new thread would hold one more connection until close()
+                ended = [c for t, c in self._connections if not t.is_alive()]
+                self._connections = [(t, c) for t, c in self._connections if t.is_alive()]
+                self._connections.append((threading.current_thread(), conn))
+            for old in ended:
+                old.close()
         return conn
 
     @contextlib.contextmanager
@@ -208,6 +214,6 @@ class Database:
         """Close every thread's connection (call once no thread uses the database any more)."""
         with self._lock:
             connections, self._connections = self._connections, []
-        for conn in connections:
+        for _, conn in connections:
             conn.close()
         self._local = threading.local()

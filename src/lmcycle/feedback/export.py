@@ -10,6 +10,9 @@ item's file order, ``ranks``: the dense rank of each, 1 = best, ties equal; ``la
 
 ``jsonl``: one line per live label with the stored record as it is (the ranking as groups of completion ids)
 and the item it labels (prompt, completions with their models and decoding settings, the gold ranking).
+
+``hf``: the ``rankings`` rows as a Hugging Face dataset folder (``datasets.Dataset.from_list(rows)
+.save_to_disk``; read it back with ``datasets.load_from_disk``), written beside and renamed into place.
 """
 
 from __future__ import annotations
@@ -19,12 +22,13 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from lmcycle.atomic import atomic_write_text
+from lmcycle.atomic import atomic_dir, atomic_write_text
+from lmcycle.data.preferences import Ranking
 from lmcycle.errors import LmcycleError
 from lmcycle.feedback.labels import ranks_of
 from lmcycle.feedback.store import Snapshot
 
-EXPORT_FORMATS = ("rankings", "jsonl")
+EXPORT_FORMATS = ("rankings", "jsonl", "hf")
 
 
 def rankings_rows(snap: Snapshot) -> list[dict[str, Any]]:
@@ -44,6 +48,21 @@ def rankings_rows(snap: Snapshot) -> list[dict[str, Any]]:
     return rows
 
 
+def rankings_from_snapshot(snap: Snapshot) -> tuple[list[Ranking], dict[str, list[int]]]:
+    """``(rankings, gold)``: the project's live labels as :class:`~lmcycle.data.preferences.Ranking` objects
+    (the ``rankings`` rows, ratings included), and each gold item's known ranking as dense ranks in the item's
+    completion order, by prompt id (the order the rankings list the completions in)."""
+    rankings = [Ranking(r["prompt_id"], r["prompt"], r["completions"],
+                        r["ranks"] if r["ranks"] is not None else [None] * len(r["completions"]),
+                        r["labeler"], r["special"], r["ratings"]) for r in rankings_rows(snap)]
+    gold = {}
+    for item in snap.items:
+        if item.gold is not None:
+            ranks = ranks_of(item.gold)
+            gold[item.prompt_id] = [ranks[c.id] for c in item.completions]
+    return rankings, gold
+
+
 def jsonl_rows(snap: Snapshot) -> list[dict[str, Any]]:
     """The project's live labels as stored, each with its item (see the module docstring)."""
     items = {item.id: item for item in snap.items}
@@ -56,8 +75,28 @@ def write_export(snap: Snapshot, out: str | Path, format: str = "rankings") -> i
     A project with no labels yet is an error rather than an empty file that the rankings loader refuses."""
     if format not in EXPORT_FORMATS:
         raise LmcycleError(f"unknown export format '{format}' (known: {', '.join(EXPORT_FORMATS)})", field="format")
-    rows = rankings_rows(snap) if format == "rankings" else jsonl_rows(snap)
+    rows = jsonl_rows(snap) if format == "jsonl" else rankings_rows(snap)
     if not rows:
         raise LmcycleError(f"project '{snap.project.name}' has no labels to export yet", field="project")
-    atomic_write_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    if format == "hf":
+        save_hf_dataset(rows, out)
+    else:
+        atomic_write_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     return len(rows)
+
+
+def save_hf_dataset(rows: list[dict[str, Any]], out: str | Path) -> None:
+    """``rows`` as a ``datasets`` folder at ``out``, written to a temporary folder beside it and renamed into
+    place (:func:`lmcycle.atomic.atomic_dir`). An ``out`` that exists must be a saved dataset (it is replaced
+    whole): any other folder is refused rather than deleted."""
+    try:
+        import datasets  # lazy: pyarrow and pandas, for this format only
+    except ImportError:
+        raise LmcycleError('the hf export needs the datasets library: pip install "lmcycle[data]"',
+                           field="format") from None
+    out = Path(out)
+    if out.exists() and not (out / "state.json").is_file():
+        raise LmcycleError("exists and is not a saved dataset (it would be replaced whole); choose another --out",
+                           file=out, field="out")
+    with atomic_dir(out) as tmp:
+        datasets.Dataset.from_list(rows).save_to_disk(str(tmp))

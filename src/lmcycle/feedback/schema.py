@@ -6,7 +6,7 @@ last version that completed (SQLite and Postgres both roll DDL back). Two proces
 queue: SQLite's write lock (``BEGIN IMMEDIATE``), a transaction-scoped advisory lock on Postgres. A migration,
 once released, never changes: a change is a new migration at the end of the list.
 
-Tables (version 2):
+Tables (version 3):
 
 - ``users(id, name UNIQUE, role admin|labeler, password_hash, created_at)``: argon2id hashes.
 - ``projects(id, name UNIQUE, overlap, too_fast_s, rating_scale, created_at)``: ``overlap`` is the default N for
@@ -24,6 +24,9 @@ Tables (version 2):
   (``not_rankable`` | ``unsafe``); at most one label per assignment with ``undone_at`` NULL. Undo sets
   ``undone_at`` instead of deleting, so a late retry of an undone submission is still recognised.
 - ``ratings(label_id, completion_id, value)`` (version 2): the project's scalar rating per completion.
+- ``sessions(token_hash, user_id, csrf_token, created_at, expires_at)`` (version 3): the labeling app's logins;
+  ``token_hash`` is the SHA-256 (hex) of the cookie's token, never the token itself, so a copy of the
+  database logs nobody in.
 """
 
 from __future__ import annotations
@@ -70,6 +73,11 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
         "ALTER TABLE projects ADD COLUMN rating_scale TEXT",
         "CREATE TABLE ratings (label_id INTEGER NOT NULL REFERENCES labels (id), completion_id TEXT NOT NULL,"
         " value DOUBLE PRECISION NOT NULL, PRIMARY KEY (label_id, completion_id))",
+    ]),
+    (3, "login sessions of the labeling app", [
+        "CREATE TABLE sessions (token_hash TEXT PRIMARY KEY, user_id INTEGER NOT NULL REFERENCES users (id),"
+        " csrf_token TEXT NOT NULL, created_at DOUBLE PRECISION NOT NULL, expires_at DOUBLE PRECISION NOT NULL)",
+        "CREATE INDEX sessions_expiry ON sessions (expires_at)",
     ]),
 ]
 CURRENT_VERSION = MIGRATIONS[-1][0]

@@ -21,14 +21,18 @@ Errors are :class:`~lmcycle.errors.LmcycleError` subclasses, so a web layer can 
 :class:`NotFound` (404), :class:`Forbidden` (403), :class:`Conflict` (409); the plain class is bad input (400).
 
 Passwords are hashed with argon2id (``argon2-cffi``'s :class:`~argon2.PasswordHasher` and its defaults), and
-rehashed on login when those defaults change.
+rehashed on login when those defaults change. Login sessions (:meth:`LabelStore.open_session`) are rows keyed by
+the SHA-256 of a random token, each with its CSRF token and expiry, so that any of a server's threads or
+processes, or a restarted server, knows them.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import re
+import secrets
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -161,6 +165,16 @@ class Snapshot:
     assignments: list[tuple[int, str]]  # (item id, labeler)
     labels: list[StoredLabel]
     users: list[User]
+
+
+@dataclass(frozen=True)
+class Session:
+    """A logged-in user of the labeling app: who, the token their state-changing requests must carry, and
+    until when (seconds since the epoch) it holds."""
+
+    user: User
+    csrf_token: str
+    expires_at: float
 
 
 _LABEL_SELECT = ("SELECT l.*, a.item_id, i.prompt_id, u.name AS labeler FROM labels l"
@@ -389,6 +403,12 @@ class LabelStore:
         was undone since). :class:`NotFound`: no such user or item; :class:`Forbidden`: the item is not assigned
         to this labeler; :class:`Conflict`: they already labelled it (undo first), or the id was used for
         another item; :class:`~lmcycle.errors.LmcycleError`: the label breaks a rule (labels.check_label)."""
+        return self.submit_or_replay(labeler, item_id, label, submission_id)[0]
+
+    def submit_or_replay(self, labeler: str, item_id: int, label: Label,
+                         submission_id: str) -> tuple[StoredLabel, bool]:
+        """:meth:`submit`, also saying whether this was a replay: ``(label, True)`` when ``submission_id`` had
+        stored it before (nothing stored now), ``(label, False)`` when it was stored now."""
         if not isinstance(submission_id, str) or not submission_id.strip() or len(submission_id) > MAX_SUBMISSION_ID:
             raise LmcycleError(f"a submission id is a non-empty string of at most {MAX_SUBMISSION_ID} characters",
                                field="submission_id")
@@ -398,7 +418,7 @@ class LabelStore:
             user = _user(tx, labeler)
             earlier = _replay(tx, submission_id, user, item_id)
             if earlier is not None:
-                return earlier
+                return earlier, True
             item = tx.one("SELECT i.id, p.rating_scale FROM items i JOIN projects p ON p.id = i.project_id"
                           " WHERE i.id = ?", (item_id,))
             if item is None:
@@ -422,12 +442,12 @@ class LabelStore:
                 # or the item already has a live label
                 earlier = _replay(tx, submission_id, user, item_id)
                 if earlier is not None:
-                    return earlier
+                    return earlier, True
                 raise Conflict(f"'{labeler}' already labelled item {item_id}: undo it first", field="item_id")
             for cid, value in label.ratings.items():
                 tx.execute("INSERT INTO ratings (label_id, completion_id, value) VALUES (?, ?, ?)",
                            (label_id, cid, value))
-            return _labels(tx, "l.id = ?", (label_id,))[0]
+            return _labels(tx, "l.id = ?", (label_id,))[0], False
 
     def undo_last(self, labeler: str, project: str = DEFAULT_PROJECT) -> StoredLabel | None:
         """Undo ``labeler``'s newest live label in the project and give its item back to them, shown anew under
@@ -466,6 +486,52 @@ class LabelStore:
             raise Forbidden(f"label {label_id} is not '{viewer}''s", field="label_id")
         return found[0]
 
+    def progress(self, labeler: str, project: str = DEFAULT_PROJECT) -> tuple[int, int]:
+        """``(done, left)`` for ``labeler`` in the project, as :func:`lmcycle.feedback.stats.project_stats`
+        counts them: live labels; items they hold open plus those they could still be given."""
+        with self.db.transaction() as tx:
+            user = _user(tx, labeler)
+            p = _project(tx, project)
+            done = tx.value("SELECT COUNT(*) AS n FROM labels l JOIN assignments a ON a.id = l.assignment_id"
+                            " JOIN items i ON i.id = a.item_id WHERE a.user_id = ? AND i.project_id = ?"
+                            " AND l.undone_at IS NULL", (user.id, p.id))
+            held = tx.value("SELECT COUNT(*) AS n FROM assignments a JOIN items i ON i.id = a.item_id"
+                            " WHERE a.user_id = ? AND i.project_id = ? AND NOT EXISTS (SELECT 1 FROM labels l"
+                            " WHERE l.assignment_id = a.id AND l.undone_at IS NULL)", (user.id, p.id))
+            free = tx.value("SELECT COUNT(*) AS n FROM items i WHERE i.project_id = ?"
+                            " AND (SELECT COUNT(*) FROM assignments a WHERE a.item_id = i.id) < i.overlap"
+                            " AND NOT EXISTS (SELECT 1 FROM assignments a WHERE a.item_id = i.id AND a.user_id = ?)",
+                            (p.id, user.id))
+        return int(done), int(held) + int(free)
+
+    # -- login sessions (the labeling app's) -----------------------------------------------------------------
+
+    def open_session(self, name: str, ttl_s: float, now: float) -> tuple[str, Session]:
+        """Log ``name`` in from ``now`` for ``ttl_s`` seconds: ``(token, session)``. The token goes in the
+        client's cookie and only its SHA-256 into the database; sessions expired by ``now`` are deleted."""
+        token, csrf = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
+        with self.db.transaction() as tx:
+            user = _user(tx, name)
+            tx.execute("DELETE FROM sessions WHERE expires_at <= ?", (now,))
+            tx.execute("INSERT INTO sessions (token_hash, user_id, csrf_token, created_at, expires_at)"
+                       " VALUES (?, ?, ?, ?, ?)", (_token_hash(token), user.id, csrf, now, now + ttl_s))
+        return token, Session(user, csrf, now + ttl_s)
+
+    def session(self, token: str, now: float) -> Session | None:
+        """The session of a cookie's ``token``, or None when it is unknown, logged out or expired by ``now``."""
+        with self.db.transaction() as tx:
+            row = tx.one("SELECT u.id, u.name, u.role, s.csrf_token, s.expires_at FROM sessions s"
+                         " JOIN users u ON u.id = s.user_id WHERE s.token_hash = ? AND s.expires_at > ?",
+                         (_token_hash(token), now))
+        if row is None:
+            return None
+        return Session(User(row["id"], row["name"], row["role"]), row["csrf_token"], row["expires_at"])
+
+    def close_session(self, token: str) -> None:
+        """Log the session of ``token`` out (nothing happens if there is none)."""
+        with self.db.transaction() as tx:
+            tx.execute("DELETE FROM sessions WHERE token_hash = ?", (_token_hash(token),))
+
     def snapshot(self, project: str = DEFAULT_PROJECT) -> Snapshot:
         """Everything export and stats need, read in one transaction so that the figures agree."""
         with self.db.transaction() as tx:
@@ -485,6 +551,10 @@ class LabelStore:
             users = [User(r["id"], r["name"], r["role"]) for r in tx.all("SELECT id, name, role FROM users"
                                                                           " ORDER BY name")]
         return Snapshot(p, items, assignments, labels, users)
+
+
+def _token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def _user(tx: Tx, name: str) -> User:

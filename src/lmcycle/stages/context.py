@@ -130,7 +130,10 @@ class RunContext:
             if name not in self.data:
                 raise LmcycleError(f"unknown dataset '{name}' (the recipe's data section has: "
                                    f"{', '.join(self.data) or 'nothing'})", file=self.recipe_file)
-            self._datasets.update(load_datasets({name: self.data[name]}, self.recipe_file))
+            cfg = self.data[name]
+            if getattr(cfg, "stage", None) is not None:  # a label database an earlier stage of this run made
+                cfg = cfg.model_copy(update={"path": self.artifact(cfg.stage, "labels"), "stage": None})
+            self._datasets.update(load_datasets({name: cfg}, self.recipe_file))
         return self._datasets[name]
 
 
@@ -148,9 +151,20 @@ def is_scorer(model_dir: str | os.PathLike) -> bool:
 
 
 def load_datasets(data: dict[str, Any], recipe_file: str | os.PathLike) -> dict[str, list]:
-    """Load (and so validate) each named dataset; relative paths resolve against the recipe's folder."""
+    """Load (and so validate) each named dataset; relative paths resolve against the recipe's folder. An error
+    that names no file is about the dataset's config (a label database that is not there, an unknown project):
+    it is told as the recipe's, on the field ``data.<name>.<field>``."""
     base = Path(recipe_file).parent
-    return {name: load_examples(cfg, base_dir=base) for name, cfg in data.items()}
+    loaded = {}
+    for name, cfg in data.items():
+        try:
+            loaded[name] = load_examples(cfg, base_dir=base)
+        except LmcycleError as e:
+            if e.file is not None:
+                raise
+            raise LmcycleError(e.message, file=recipe_file, field=f"data.{name}" + (f".{e.field}" if e.field
+                                                                                    else "")) from None
+    return loaded
 
 
 def _after(line: str, stage: str, step: int) -> bool:

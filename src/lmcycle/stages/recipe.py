@@ -143,6 +143,11 @@ class Recipe(Config):
                 check_distributed(train.distributed, self.device, file, lines or {}, (*path, "distributed"))
             out.append(cfg)
         self.check_references(out, file, lines or {})
+        for i, cfg in enumerate(out):  # what a stage needs of its datasets' formats (e.g. rankings, not pairs)
+            if hasattr(cfg, "data_problem") and (problem := cfg.data_problem(self.data)):
+                key = ("stages", i, problem[0])
+                raise LmcycleError(problem[1], file=file, line=line_for(key, lines or {}),
+                                   field=".".join(map(str, key)))
         self.check_model_dtypes(out, file, lines or {})
         return out
 
@@ -160,13 +165,19 @@ class Recipe(Config):
                 raise LmcycleError(problem, file=file, line=line_for(key, lines), field=".".join(map(str, key)))
 
     def check_references(self, stages: list[Config], file: str | os.PathLike, lines: Lines) -> None:
-        """Every dataset a stage names is in the ``data`` section, and every model it names is not a misspelt
-        or later stage: a typo found here costs nothing, found at run time it costs the stages before it."""
+        """Every dataset a stage names is in the ``data`` section (and made by an earlier stage when it is a
+        stage's labels), every stage it names is an earlier one, and every model it names is not a misspelt or
+        later stage: a typo found here costs nothing, found at run time it costs the stages before it."""
         names = [cfg.stage_name for cfg in stages]
         for i, cfg in enumerate(stages):
             for kind, path, value in references(cfg):
                 if kind == "dataset":
                     problem = _dataset_problem(value, list(self.data))
+                    if problem is None and self.data[value].stage is not None:
+                        problem = _stage_problem(self.data[value].stage, names[:i], names[i:],
+                                                 what=f"dataset '{value}' reads the labels of stage")
+                elif kind == "stage":
+                    problem = _stage_problem(value, names[:i], names[i:])
                 else:
                     problem = _model_problem(value, earlier=names[:i], later=names[i:])
                 if problem:
@@ -179,6 +190,16 @@ def _dataset_problem(name: str, datasets: list[str]) -> str | None:
         return None
     return (f"unknown dataset '{name}'{_did_you_mean(_closest(name, datasets))} (the recipe's data section has: "
             f"{', '.join(datasets) or 'nothing'})")
+
+
+def _stage_problem(ref: str, earlier: list[str], later: list[str], what: str = "stage") -> str | None:
+    if ref in earlier:
+        return None
+    if ref in later:
+        which = "this stage itself" if ref == later[0] else "a later stage"
+        return f"{what} '{ref}', which is {which}; it must be an earlier stage (earlier: {', '.join(earlier) or 'none'})"
+    return (f"{what} '{ref}', but no earlier stage has that name{_did_you_mean(_closest(ref, earlier))} "
+            f"(earlier stages: {', '.join(earlier) or 'none'})")
 
 
 def _model_problem(ref: str, earlier: list[str], later: list[str]) -> str | None:
@@ -256,7 +277,7 @@ def _absolute_path_override(item: str) -> str:
     """A path given on the command line is relative to the current directory, not to the recipe's folder."""
     key, sep, value = item.partition("=")
     if sep and key.rsplit(".", 1)[-1].endswith(("path", "_dir", "dir")) and value and not os.path.isabs(value):
-        if not value.startswith(("${", "[", "{")):
+        if not value.startswith(("${", "[", "{")) and "://" not in value:  # a URL (label_db's Postgres) stays
             return f"{key}={os.path.abspath(value)}"
     return item
 
@@ -274,7 +295,7 @@ def run_recipe(recipe: Recipe, stages: list[Config], out: str | os.PathLike | No
     """
     if not is_main():
         echo = _quiet
-    datasets = load_datasets(recipe.data, recipe_file)
+    datasets = load_datasets({k: d for k, d in recipe.data.items() if d.stage is None}, recipe_file)
 
     if world_size() > 1 and out is None:
         raise LmcycleError("under torchrun give --out, so that every process writes to the same run directory",

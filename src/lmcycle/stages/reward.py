@@ -2,28 +2,46 @@
 
 The backbone is the stage's ``model`` (an earlier stage, a path or a hub id): with ``backbone: auto`` a
 ``*ForCausalLM`` / ``*LMHeadModel`` checkpoint becomes a decoder with a scalar head, anything else a one-label
-sequence classifier (:func:`lmcycle.align.reward.load_reward_backbone`). It trains with the pairwise
-(Bradley-Terry) loss on ``data`` (:func:`lmcycle.align.reward.train_reward_model`), optionally subtracting each
-pair's margin, then scores ``eval_data``: pair accuracy, loss, mean margin and reward statistics go to
-``<stage>/eval.json``; the model, with the training pairs' reward mean/std for PPO's normalisation, to
-``<stage>/model``.
+sequence classifier (:func:`lmcycle.align.reward.load_reward_backbone`). It trains on ``data`` with ``loss``:
+
+- ``pairwise`` (the default): Bradley-Terry on the strict pairs (:func:`lmcycle.align.reward.train_reward_model`),
+  optionally subtracting each pair's margin;
+- ``listwise`` (Plackett-Luce, ties as groups), ``rao_kupper`` or ``davidson`` (tie-aware, θ / ν fixed or
+  ``learned``) on the whole rankings (:func:`lmcycle.align.reward.train_ranking_reward_model`): ``data`` must hold
+  rankings (formats ``rankings``, ``label_db``), whose examples carry them (``meta["ranking"]``,
+  :func:`lmcycle.data.preferences.rankings_from_examples`), so they follow the dataset's by-prompt split;
+  ``batch_size`` then counts rankings.
+
+``labeler_weights: agreement`` weights each pair's or ranking's loss by its labeler's agreement with the others
+(:func:`lmcycle.feedback.agreement.labeler_weights` over the training rankings). Then it scores ``eval_data``:
+pair accuracy, the pairwise loss, mean margin and reward statistics on its strict pairs for every loss (the
+numbers the report compares), plus the ranking loss and top-1 accuracy (listwise) or the tie log-likelihood (tie
+models) when ``eval_data`` holds rankings, go to ``<stage>/eval.json`` with the loss and its parameters; the
+model, with the training data's reward mean/std for PPO's normalisation, to ``<stage>/model``.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+import math
+from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, ValidationInfo, field_validator
 
 from lmcycle.align.reward import (
+    TIE_NAMES,
     encode_pairs,
+    encode_rankings,
+    held_out_ranking_metrics,
     held_out_reward_metrics,
     load_reward_backbone,
     pair_batches,
+    ranking_batches,
+    train_ranking_reward_model,
     train_reward_model,
 )
 from lmcycle.config import DatasetName, ModelRef
-from lmcycle.data.preferences import pairs_from_examples
+from lmcycle.data.preferences import Ranking, pairs_from_examples, rankings_from_examples
+from lmcycle.errors import LmcycleError
 from lmcycle.models.load import context_window
 from lmcycle.report.markdown import figure, fraction, is_number, md, save_png
 from lmcycle.report.rundir import Run
@@ -44,25 +62,92 @@ class RewardStage(ModelStage):
     eval_data: DatasetName = Field(description="held-out preference dataset: pair accuracy, loss, reward statistics")
     max_len: int = Field(512, ge=8, description="tokens of prompt + response; the prompt's start is cut first")
     margin: bool = Field(False, description="subtract each pair's margin (rank difference) inside the loss")
+    loss: Literal["pairwise", "listwise", "rao_kupper", "davidson"] = Field(
+        "pairwise", description="pairwise: Bradley-Terry on strict pairs; listwise: Plackett-Luce over each "
+        "ranking (ties as groups); rao_kupper, davidson: tie-aware pair models over each ranking's strict and tied "
+        "pairs. All but pairwise need rankings (formats rankings, label_db); train.batch_size then counts rankings")
+    rao_kupper_theta: float | Literal["learned"] = Field(
+        1.5, description="loss rao_kupper: θ > 1 (the larger, the likelier a tie between close scores), or learned "
+        "(from 1.5, as θ = exp(softplus(raw)))")
+    davidson_nu: float | Literal["learned"] = Field(
+        1.0, description="loss davidson: ν > 0 (the weight of a tie), or learned (from 1.0, as ν = exp(raw))")
+    labeler_weights: Literal["none", "agreement"] = Field(
+        "none", description="agreement: weight each ranking's (or pair's) loss by its labeler's agreement with the "
+        "others (lmcycle.feedback.agreement.labeler_weights); needs rankings")
     group_by_length: bool = Field(True, description="batch pairs of similar length together (less padding, "
                                                     "faster steps); off: plainly shuffled batches")
     train: TrainConfig
+
+    @field_validator("loss")
+    @classmethod
+    def _margin_is_pairwise(cls, loss: str, info: ValidationInfo) -> str:
+        if loss != "pairwise" and info.data.get("margin"):
+            raise ValueError(f"margin only applies to loss pairwise, not {loss} (set margin: false)")
+        return loss
+
+    @field_validator("rao_kupper_theta", "davidson_nu")
+    @classmethod
+    def _tie_parameter(cls, value: float | str, info: ValidationInfo) -> float | str:
+        loss = "rao_kupper" if info.field_name == "rao_kupper_theta" else "davidson"
+        if info.data.get("loss", loss) != loss:
+            raise ValueError(f"only applies to loss {loss}")
+        if loss == "rao_kupper" and value != "learned" and not value > 1:
+            raise ValueError(f"θ must be > 1 (at θ = 1 a tie has probability 0), got {value}")
+        if loss == "davidson" and value != "learned" and not value > 0:
+            raise ValueError(f"ν must be > 0 (at ν = 0 a tie has probability 0), got {value}")
+        return value
 
     @property
     def trains_every_parameter(self) -> bool:
         return True  # the backbone trains with the head
 
+    @property
+    def rankings_field(self) -> str | None:
+        """The setting that needs ``data`` to hold whole rankings (``loss``, ``labeler_weights``), or None."""
+        if self.loss != "pairwise":
+            return "loss"
+        return "labeler_weights" if self.labeler_weights != "none" else None
+
+    def data_problem(self, data: dict[str, Any]) -> tuple[str, str] | None:
+        """``(field, message)`` when the recipe's ``data`` section (name -> DatasetConfig) says that ``data``
+        cannot feed this stage: a listwise or tie-aware loss, or agreement weights, on a dataset of pairs read
+        as pairs. Known from the configs alone, so it can be found before anything runs; a dataset the section
+        does not describe passes (its examples are checked when the stage loads them)."""
+        field = self.rankings_field
+        found = getattr(data.get(self.data), "format", None)
+        if field is None or found is None or found in RANKING_FORMATS:
+            return None
+        setting = f"loss {self.loss}" if field == "loss" else f"labeler_weights {self.labeler_weights}"
+        return field, (f"{setting} needs whole rankings, but dataset '{self.data}' is format {found} (pairs): use "
+                       f"format {' or '.join(RANKING_FORMATS)}, or loss pairwise")
+
+
+RANKING_FORMATS = ("rankings", "label_db")  # the dataset formats whose examples carry their rankings
+
 
 def run_reward(cfg: RewardStage, ctx: RunContext) -> dict[str, str]:
     """Train the reward model; save it to ``<stage>/model`` (:meth:`~lmcycle.align.reward.RewardModel.save`,
-    with the training pairs' reward mean/std) and its held-out metrics to ``<stage>/eval.json``; return
-    ``{"model", "eval"}``."""
+    with the training data's reward mean/std) and its held-out metrics to ``<stage>/eval.json``; return
+    ``{"model", "eval"}``. A loss that needs rankings on a dataset of pairs fails before any model loads."""
     name = cfg.stage_name
+    problem = cfg.data_problem(ctx.data)
+    if problem:
+        raise LmcycleError(problem[1], file=ctx.recipe_file, field=problem[0])
     dtype = model_dtype(cfg, ctx)
     out_dir = ctx.stage_dir(name)
     tcfg = cfg.train.model_copy(update={"seed": ctx.seed_for(cfg.train.seed)})
-    pairs = pairs_from_examples(ctx.dataset(cfg.data), cfg.data)
-    eval_pairs = pairs_from_examples(ctx.dataset(cfg.eval_data), cfg.eval_data)
+    examples, eval_examples = ctx.dataset(cfg.data), ctx.dataset(cfg.eval_data)
+    pairs = pairs_from_examples(examples, cfg.data)
+    eval_pairs = pairs_from_examples(eval_examples, cfg.eval_data)
+    rankings = eval_rankings = weights = None
+    if cfg.rankings_field:
+        rankings = _rankings_of(cfg, examples, ctx)
+        eval_rankings = _held_out_rankings(eval_examples, cfg.eval_data)
+    if cfg.labeler_weights == "agreement":
+        # lazy: only this setting needs the labeling app's modules
+        from lmcycle.feedback.agreement import labeler_weights
+
+        weights = dict(labeler_weights(rankings))
     source = ctx.model_path(cfg.model)
     seed_everything(tcfg.seed)  # the fresh score head's init is part of the run
     model, tokenizer = load_reward_backbone(source, cfg.backbone, ctx.device, ctx.attn_implementation, dtype=dtype)
@@ -71,25 +156,63 @@ def run_reward(cfg: RewardStage, ctx: RunContext) -> dict[str, str]:
     def log(**metrics) -> None:
         ctx.log(name, **metrics)
 
-    log(event="data", train_pairs=len(pairs), eval_pairs=len(eval_pairs), max_len=max_len, kind=model.kind)
-    result = train_reward_model(model, tokenizer, pairs, tcfg, out_dir, log, margin=cfg.margin, max_len=max_len,
-                                eval_pairs=eval_pairs, group_by_length=cfg.group_by_length)
+    log(event="data", train_pairs=len(pairs), eval_pairs=len(eval_pairs), max_len=max_len, kind=model.kind,
+        loss=cfg.loss, **({} if rankings is None else {"train_rankings": len(rankings),
+                                                       "eval_rankings": len(eval_rankings or [])}))
+    loss_params: dict[str, Any] = {}
+    if cfg.loss == "pairwise":
+        result = train_reward_model(model, tokenizer, pairs, tcfg, out_dir, log, margin=cfg.margin, max_len=max_len,
+                                    eval_pairs=eval_pairs, group_by_length=cfg.group_by_length, weights=weights)
+    else:
+        tie = {"rao_kupper": cfg.rao_kupper_theta, "davidson": cfg.davidson_nu}.get(cfg.loss)
+        result, loss_params = train_ranking_reward_model(
+            model, tokenizer, rankings, tcfg, out_dir, log, loss=cfg.loss,
+            tie=None if tie == "learned" else tie, learn_tie=tie == "learned", max_len=max_len,
+            eval_pairs=eval_pairs, eval_rankings=eval_rankings, group_by_length=cfg.group_by_length,
+            weights=weights)
     model.eval()
     metrics = held_out_reward_metrics(model, pair_batches(encode_pairs(eval_pairs, tokenizer, max_len), tokenizer,
                                                           tcfg.batch_size), cfg.margin)
+    if cfg.loss != "pairwise" and eval_rankings:
+        value = loss_params.get(TIE_NAMES.get(cfg.loss, ""))
+        metrics.update(held_out_ranking_metrics(
+            model, ranking_batches(encode_rankings(eval_rankings, tokenizer, max_len), tokenizer, tcfg.batch_size,
+                                   cfg.loss), cfg.loss, None if value is None else math.log(value)))
     log(event="held_out", **{f"eval_{k}": v for k, v in metrics.items()})
     model_dir = out_dir / "model"
     if is_main():
         model.save(model_dir, tokenizer)
     settings = {"model": source, "backbone": model.kind, "data": cfg.data, "eval_data": cfg.eval_data,
-                "max_len": max_len, "margin": cfg.margin, "group_by_length": cfg.group_by_length,
-                "train_pairs": len(pairs), "steps": result.step,
+                "max_len": max_len, "margin": cfg.margin, "loss": cfg.loss, "loss_params": loss_params,
+                "labeler_weights": cfg.labeler_weights, "weights": weights,
+                "group_by_length": cfg.group_by_length, "train_pairs": len(pairs),
+                "train_rankings": None if rankings is None else len(rankings), "steps": result.step,
                 "normalisation": model.stats, "train": tcfg.model_dump(mode="json")}
     eval_path = write_eval(out_dir, {"kind": "reward", "metrics": metrics, "settings": settings})
     log(event="train_end", step=result.step, wall_time=round(result.wall_time, 2),
         tokens_per_s=round(result.tokens_per_s, 1), peak_rss_mb=round(result.peak_rss_mb, 1),
         rss_growth_mb=round(result.rss_growth_mb, 1))
     return {"model": str(model_dir), "eval": eval_path}
+
+
+def _rankings_of(cfg: RewardStage, examples: list, ctx: RunContext) -> list[Ranking]:
+    """The training rankings behind ``data``'s pairs; a dataset of pairs read as pairs is an error on the
+    setting that needs them (``loss`` or ``labeler_weights``)."""
+    try:
+        return rankings_from_examples(examples, cfg.data)
+    except LmcycleError as e:
+        setting = f"loss {cfg.loss}" if cfg.rankings_field == "loss" else f"labeler_weights {cfg.labeler_weights}"
+        raise LmcycleError(f"{setting} needs whole rankings: {e.message}", file=ctx.recipe_file,
+                           field=cfg.rankings_field) from None
+
+
+def _held_out_rankings(examples: list, dataset: str) -> list[Ranking] | None:
+    """The held-out rankings, or None when ``eval_data`` holds pairs only (then only the pair metrics, which every
+    loss shares, are scored)."""
+    try:
+        return rankings_from_examples(examples, dataset)
+    except LmcycleError:
+        return None
 
 
 # Reward models and DPO policies are scored on the same held-out pairs, so their tables share this intro.
@@ -100,21 +223,52 @@ PREFERENCE_INTRO = ("Held-out preference pairs (prompts never trained on). A rew
 
 def section(run: Run) -> str:
     """The reward-model table of report.md's Alignment chapter: held-out pair accuracy, loss, margin and reward
-    spread per stage."""
+    spread per stage; a Loss column when the stages trained with different losses, and the top-1 accuracy and
+    tie log-likelihood columns when a stage has them."""
     found = [(name, data) for name in run.stages_of("reward") if (data := run.eval_json(name)) is not None]
     if not found:
         return ""
-    lines = ["### Reward models", "", PREFERENCE_INTRO, "",
-             "| Stage | Backbone | Train pairs | Held-out pairs | Pair accuracy | Loss | Margin (r_c − r_r) "
-             "| Reward mean ± std |", "|---|---|---:|---:|---:|---:|---:|---:|"]
-    for name, data in found:
+    losses = [loss_label(data.get("settings") or {}) for _, data in found]
+    extra = [(key, title) for key, title in (("top1_accuracy", "Top-1"), ("tie_loglik", "Tie log-lik"))
+             if any(is_number((data.get("metrics") or {}).get(key)) for _, data in found)]
+    show_loss = len(set(losses)) > 1
+    # With a Loss column, the held-out Bradley-Terry loss (the same measure for every stage) is the "Pair loss".
+    head = ["Stage", "Backbone", *(["Loss"] if show_loss else []), "Train pairs", "Held-out pairs", "Pair accuracy",
+            "Pair loss" if show_loss else "Loss", "Margin (r_c − r_r)", "Reward mean ± std",
+            *(title for _, title in extra)]
+    align = ["---", "---", *(["---"] if show_loss else []), *["---:"] * (len(head) - 2 - show_loss)]
+    lines = ["### Reward models", "", PREFERENCE_INTRO, "", "| " + " | ".join(head) + " |",
+             "|" + "|".join(align) + "|"]
+    for (name, data), loss in zip(found, losses, strict=True):
         m, s = data.get("metrics") or {}, data.get("settings") or {}
         spread = (f"{m['reward_mean']:.3f} ± {m['reward_std']:.3f}"
                   if is_number(m.get("reward_mean")) and is_number(m.get("reward_std")) else "—")
-        lines.append(f"| {md(name)} | {md(str(s.get('backbone', '—')))} | {s.get('train_pairs', '—')} | "
-                     f"{m.get('n', '—')} | {fraction(m.get('accuracy'))} | {fraction(m.get('loss'))} | "
-                     f"{fraction(m.get('margin'))} | {spread} |")
+        cells = [md(name), md(str(s.get("backbone", "—"))), *([md(loss)] if show_loss else []),
+                 str(s.get("train_pairs", "—")), str(m.get("n", "—")), fraction(m.get("accuracy")),
+                 fraction(m.get("loss")), fraction(m.get("margin")), spread,
+                 *(fraction(m.get(key)) for key, _ in extra)]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+LOSS_NAMES = {"pairwise": "pairwise (Bradley-Terry)", "listwise": "listwise (Plackett-Luce)",
+              "rao_kupper": "Rao-Kupper", "davidson": "Davidson"}
+
+
+def loss_label(settings: dict) -> str:
+    """How the table names a stage's loss: its name, θ or ν (``learned`` when trained), margin and weighting.
+    An eval.json from before the setting existed is pairwise."""
+    loss = str(settings.get("loss") or "pairwise")
+    params = settings.get("loss_params") or {}
+    text = LOSS_NAMES.get(loss, loss)
+    for key, symbol in (("theta", "θ"), ("nu", "ν")):
+        if is_number(params.get(key)):
+            text += f" {symbol}={params[key]:.2f}" + (" learned" if params.get("learned") else "")
+    if settings.get("margin"):
+        text += " + margin"
+    if settings.get("labeler_weights") not in (None, "none"):
+        text += f", {settings['labeler_weights']}-weighted"
+    return text
 
 
 def preference_curves(run: Run) -> str:
