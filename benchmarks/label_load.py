@@ -1,17 +1,19 @@
-"""Load test of the labeling app (``lmcycle label serve``) on loopback, against SQLite and Postgres, and a check
-in the database afterwards that no label was lost or stored twice.
+"""Load test of the labeling app (``lmcycle label serve``) on loopback, against SQLite and Postgres, and a
+check in the database afterwards that no label was lost or stored twice.
 
-    python benchmarks/label_load.py                                  # 20 labelers x 50 submissions, both backends
+    python benchmarks/label_load.py                                  # 20 labelers x 50 each, both backends
     python benchmarks/label_load.py --postgres postgresql://u:pw@127.0.0.1:5432/db --json label-load.json
     python benchmarks/label_load.py --labelers 20 --submissions 10   # a quick check
     python benchmarks/label_load.py --no-postgres                    # SQLite only
+    python benchmarks/label_load.py --overlap 1                      # 1000 items, each labelled once
 
-Per backend: a fresh label database (a SQLite file in a temporary folder; a Postgres schema of its own, dropped
-afterwards; ``--postgres`` defaults to ``$LMCYCLE_TEST_POSTGRES_URL``) with ``--items`` items of ``--k``
-completions at ``--overlap`` labelers each (default k = 4, overlap 3, so labelers race for the slots of the
-same items; the items default to :func:`items_needed`, 366 for 20 x 50, with which no labeler can run out of
-items before their last submission), and ``--labelers`` accounts (argon2id at its default cost). The app runs as ``python -m lmcycle.cli label serve`` in a process of its own, so the client
-threads do not share its GIL; a Postgres password goes to it in ``PGPASSWORD``, not on its command line.
+Per backend: a fresh label database (a SQLite file in a temporary folder; a Postgres schema of its own,
+dropped afterwards; ``--postgres`` defaults to ``$LMCYCLE_TEST_POSTGRES_URL``) with ``--items`` items of
+``--k`` completions at ``--overlap`` labelers each (default k = 4, overlap 3, so labelers race for the slots
+of the same items; the items default to :func:`items_needed`, 366 for 20 x 50, with which no labeler can run
+out of items before their last submission), and ``--labelers`` accounts (argon2id at its default cost). The
+app runs as ``python -m lmcycle.cli label serve`` in a process of its own, so the client threads do not share
+its GIL; a Postgres password goes to it in ``PGPASSWORD``, not on its command line.
 
 Each labeler is a thread of this process with its own session (:class:`lmcycle.feedback.simulate.ApiClient`,
 urllib, a new connection per request). All log in first; then, timed, each loops {``GET /api/next``, ``POST
@@ -65,25 +67,26 @@ ATTEMPTS = 3  # tries per request before a labeler gives up (each failed try is 
 
 
 def item_specs(n: int, k: int) -> list[ItemSpec]:
-    """``n`` items ``load-0``.. of ``k`` distinct completions ``c0``.., a few hundred characters each (the size of
-    a short summary)."""
+    """``n`` items ``load-0``.. of ``k`` distinct completions ``c0``.., a few hundred characters each (the
+    size of a short summary)."""
     filler = "The meeting moved to Thursday because the venue was double booked; everyone agreed. " * 3
     return [ItemSpec(f"load-{i}", f"Summarize dialogue {i}: {filler}",
-                     [Completion(f"c{j}", f"Summary {j} of dialogue {i}. {filler[: 80 * (j + 1)]}", "load-sft")
-                      for j in range(k)]) for i in range(n)]
+                     [Completion(f"c{j}", f"Summary {j} of dialogue {i}. {filler[:80 * (j + 1)]}",
+                                 "load-sft") for j in range(k)]) for i in range(n)]
 
 
 def items_needed(labelers: int, submissions: int, overlap: int) -> int:
     """A number of items of ``overlap`` slots with which each of ``labelers`` stores ``submissions`` labels
-    whatever the order of requests: the smallest the argument below guarantees (a bound, not always the least).
+    whatever the order of requests: the smallest the argument below guarantees (a bound, not always the
+    least).
 
     A labeler with ``c < submissions`` labels gets nothing (204) only when every free slot is on one of the
     ``c`` items they already had, which hold at most ``(overlap - 1) * c`` of them. The others hold at most
     ``E - submissions`` assignments (``E = labelers * submissions``; nobody takes more than they label), so at
-    least ``overlap * I - E + submissions - c`` slots are free, and that exceeds ``(overlap - 1) * c`` for every
-    ``c <= submissions - 1`` once ``overlap * I > E + (overlap - 1) * submissions - overlap``. With exactly
-    ``ceil(E / overlap)`` items (334 for 20 x 50 at overlap 3) a slow labeler can be left with only items they
-    already labelled."""
+    least ``overlap * I - E + submissions - c`` slots are free, and that exceeds ``(overlap - 1) * c`` for
+    every ``c <= submissions - 1`` once ``overlap * I > E + (overlap - 1) * submissions - overlap``. With
+    exactly ``ceil(E / overlap)`` items (334 for 20 x 50 at overlap 3) a slow labeler can be left with only
+    items they already labelled."""
     total = labelers * submissions
     return (total + (overlap - 1) * submissions - overlap) // overlap + 1
 
@@ -102,8 +105,8 @@ def prepare(db_url: str, *, items: int, k: int, overlap: int, labelers: int, has
 
 
 def split_password(url: str) -> tuple[str, str | None]:
-    """``(url without its password, the password or None)``: the password then travels in ``PGPASSWORD``, which
-    ``ps`` does not show."""
+    """``(url without its password, the password or None)``: the password then travels in ``PGPASSWORD``,
+    which ``ps`` does not show."""
     m = re.match(r"^(postgres(?:ql)?://[^:/@]*):([^@]*)@", url)
     if not m:
         return url, None
@@ -117,7 +120,7 @@ def with_search_path(url: str, schema: str) -> str:
 
 @contextlib.contextmanager
 def postgres_schema(base_url: str) -> Iterator[str]:
-    """A fresh schema in the Postgres database at ``base_url``, dropped afterwards; yields a URL that uses it."""
+    """A fresh schema in the Postgres database at ``base_url``, dropped afterwards; yields a URL using it."""
     import psycopg
 
     schema = f"label_load_{uuid.uuid4().hex[:12]}"
@@ -285,7 +288,7 @@ def run_labeler(base: str, name: str, submissions: int, replays: dict[int, str],
             continue
         ids = [c["id"] for c in task["completions"]]
         rng.shuffle(ids)
-        cut = rng.randrange(1, len(ids))  # two groups: a ranking with a tie in one of them, as people give
+        cut = rng.randrange(1, len(ids))  # two groups, so ties, as people give them
         payload = {"item_id": task["item_id"], "submission_id": f"{name}-{index}-{uuid.uuid4().hex[:8]}",
                    "ranking": [ids[:cut], ids[cut:]], "comment": ""}
         kind = replays.get(index)
@@ -315,17 +318,18 @@ def percentiles(seconds: list[float]) -> dict[str, float]:
 def check_database(db_url: str, results: list[LabelerResult], expected: int) -> dict[str, Any]:
     """Read the label database after a run and compare it with what the clients were told.
 
-    ``lost``: acknowledged labels not stored (by id and submission id); ``duplicated``: label rows beyond one per
-    assignment, plus assignments beyond an item's overlap or a second one of an item to the same labeler;
-    ``unacknowledged``: stored labels no reply confirmed; ``replays_ok``: deliberate duplicates answered as they
-    must be (retry: 201 then 200; twin: one 201 and one 200) with one label id; ``ok``: every check passed."""
+    ``lost``: acknowledged labels not stored (by id and submission id); ``duplicated``: label rows beyond one
+    per assignment, plus assignments beyond an item's overlap or a second one of an item to the same labeler;
+    ``unacknowledged``: stored labels no reply confirmed; ``replays_ok``: deliberate duplicates answered as
+    they must be (retry: 201 then 200; twin: one 201 and one 200) with one label id; ``ok``: every check
+    passed."""
     with LabelStore.open(db_url) as store:
         snap = store.snapshot()
         with store.db.transaction() as tx:
             rows = tx.all("SELECT id, assignment_id, submission_id, undone_at FROM labels")
-            over = tx.value("SELECT COALESCE(SUM(n - overlap), 0) AS extra FROM (SELECT COUNT(a.id) AS n, i.overlap"
-                            " FROM items i JOIN assignments a ON a.item_id = i.id GROUP BY i.id, i.overlap) t"
-                            " WHERE n > overlap")
+            over = tx.value("SELECT COALESCE(SUM(n - overlap), 0) AS extra FROM (SELECT COUNT(a.id) AS n,"
+                            " i.overlap FROM items i JOIN assignments a ON a.item_id = i.id"
+                            " GROUP BY i.id, i.overlap) t WHERE n > overlap")
     stored = {r["id"]: r["submission_id"] for r in rows}
     acknowledged = {sid: lid for res in results for sid, lid in res.acknowledged.items()}
     lost = sum(stored.get(lid) != sid for sid, lid in acknowledged.items())
@@ -342,14 +346,16 @@ def check_database(db_url: str, results: list[LabelerResult], expected: int) -> 
                                                                                      - set(acknowledged)),
               "assignments": len(snap.assignments), "replays": len(replays), "replays_ok": replays_ok}
     report["ok"] = (report["live_labels"] == report["label_rows"] == expected and lost == 0
-                    and report["duplicated"] == 0 and report["unacknowledged"] == 0 and replays_ok == len(replays))
+                    and report["duplicated"] == 0 and report["unacknowledged"] == 0
+                    and replays_ok == len(replays))
     return report
 
 
 def run_load(db_url: str, *, labelers: int = 20, submissions: int = 50, items: int | None = None, k: int = 4,
-             overlap: int = 3, replay_fraction: float = 0.1, seed: int = 0, hasher: Any = None) -> dict[str, Any]:
-    """One backend's run: prepare ``db_url`` (which must not exist yet, or be an empty Postgres schema), serve it
-    in a process of its own, run the labelers, stop the server, check the database.
+             overlap: int = 3, replay_fraction: float = 0.1, seed: int = 0,
+             hasher: Any = None) -> dict[str, Any]:
+    """One backend's run: prepare ``db_url`` (which must not exist yet, or be an empty Postgres schema), serve
+    it in a process of its own, run the labelers, stop the server, check the database.
 
     ``items`` defaults to :func:`items_needed`. Returns
     the timings (``wall_s`` of the labeling loop, ``login_s``, ``submissions_per_s``, ``post`` and ``next``
@@ -375,12 +381,12 @@ def run_load(db_url: str, *, labelers: int = 20, submissions: int = 50, items: i
             t.join()
         wall = time.perf_counter() - t1
     ordered = [results[n] for n in names]
+    posts, nexts = [s for r in ordered for s in r.post_s], [s for r in ordered for s in r.next_s]
     errors = [e for r in ordered for e in r.errors]
     check = check_database(db_url, ordered, expected)
     return {"items": items, "k": k, "overlap": overlap, "labelers": labelers, "submissions": submissions,
             "login_s": t1 - t0, "wall_s": wall, "submissions_per_s": check["live_labels"] / wall,
-            "post": {"n": sum(len(r.post_s) for r in ordered), **percentiles([s for r in ordered for s in r.post_s])},
-            "next": {"n": sum(len(r.next_s) for r in ordered), **percentiles([s for r in ordered for s in r.next_s])},
+            "post": {"n": len(posts), **percentiles(posts)}, "next": {"n": len(nexts), **percentiles(nexts)},
             "errors": len(errors), "error_messages": errors[:10], "check": check}
 
 
@@ -408,7 +414,8 @@ def main() -> int:
     p.add_argument("--replays", type=float, default=0.1, help="fraction of submissions sent twice")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--postgres", default=os.environ.get(POSTGRES_ENV),
-                   help=f"Postgres URL (default ${POSTGRES_ENV}); the run uses a fresh schema, dropped afterwards")
+                   help=f"Postgres URL (default ${POSTGRES_ENV}); the run uses a fresh schema, dropped "
+                   "afterwards")
     p.add_argument("--no-postgres", action="store_true")
     p.add_argument("--json", help="also write the results to this JSON file")
     args = p.parse_args()
@@ -421,7 +428,8 @@ def main() -> int:
                      **run_load(str(Path(tmp) / "labels.sqlite"), **options)})
     if args.postgres and not args.no_postgres:
         with postgres_schema(args.postgres) as url:
-            rows.append({"backend": f"Postgres {_postgres_version(args.postgres)}", **run_load(url, **options)})
+            backend = f"Postgres {_postgres_version(args.postgres)}"
+            rows.append({"backend": backend, **run_load(url, **options)})
     load_end = load_average()
     r0 = rows[0]
     print(f"{r0['labelers']} labelers x {r0['submissions']} submissions ({args.replays:.0%} sent twice), "
@@ -429,13 +437,14 @@ def main() -> int:
           f"(uvicorn, one process); {cpu_name()}, {os.cpu_count()} CPUs; fastapi {version('fastapi')}, "
           f"uvicorn {version('uvicorn')}, psycopg {version('psycopg')}; 1-min load average {load_start:.2f} "
           f"at the start, {load_end:.2f} at the end")
-    print("| backend | labels | wall s | submissions/s | POST p50 / p95 / p99 ms | GET next p50 / p95 / p99 ms "
-          "| errors | lost | duplicated | replays 200 |")
+    print("| backend | labels | wall s | submissions/s | POST p50 / p95 / p99 ms "
+          "| GET next p50 / p95 / p99 ms | errors | lost | duplicated | replays 200 |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         c, po, nx = r["check"], r["post"], r["next"]
         print(f"| {r['backend']} | {c['live_labels']} / {c['expected']} | {r['wall_s']:.1f} | "
-              f"{r['submissions_per_s']:.1f} | {po['p50_ms']:.0f} / {po['p95_ms']:.0f} / {po['p99_ms']:.0f} | "
+              f"{r['submissions_per_s']:.1f} | "
+              f"{po['p50_ms']:.0f} / {po['p95_ms']:.0f} / {po['p99_ms']:.0f} | "
               f"{nx['p50_ms']:.0f} / {nx['p95_ms']:.0f} / {nx['p99_ms']:.0f} | {r['errors']} | {c['lost']} | "
               f"{c['duplicated']} | {c['replays_ok']} / {c['replays']} |")
     for r in rows:

@@ -383,13 +383,13 @@ def test_an_admin_sees_the_stats_and_downloads_the_export(store, tabs, clock, tm
     rows = [json.loads(line) for line in saved.read_text(encoding="utf-8").splitlines()]
     completions = {item.prompt_id: [c.id for c in item.completions] for item in store.snapshot().items}
     expected = []
-    for lab in made:
+    for lab in sorted(made, key=lambda lab: (items.index(lab.item_id), lab.labeler)):  # the export's order
         ids = completions[lab.prompt_id]
         ranks = None if lab.ranking is None else [next(r for r, g in enumerate(lab.ranking, 1) if cid in g)
                                                   for cid in ids]
         expected.append((lab.labeler, lab.prompt_id, ranks, lab.special))
     assert [(r["labeler"], r["prompt_id"], r["ranks"], r["special"]) for r in rows] == expected
-    assert (rows[1]["ranks"], rows[3]["ranks"], rows[4]["reason"]) == ([1, 1, 1], [1, 1, 2], "all the same")
+    assert (rows[2]["ranks"], rows[3]["ranks"], rows[4]["reason"]) == ([1, 1, 1], [1, 1, 2], "all the same")
     # what a reward-model recipe reads (data: {format: rankings}) takes the file as it came
     assert [(r.labeler, r.prompt_id, r.ranks) for r in load_rankings(saved)] == [
         (labeler, prompt_id, ranks or [None] * 3) for labeler, prompt_id, ranks, _ in expected]

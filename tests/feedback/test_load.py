@@ -51,7 +51,8 @@ def test_replay_plan_sends_a_tenth_twice_alternating_retries_and_twins():
     assert all(len(plan[n]) == 5 and all(0 <= i < 50 for i in plan[n]) for n in names)
     kinds = [k for n in names for _, k in sorted(plan[n].items())]
     assert kinds == ["retry", "twin"] * 50
-    assert plan == label_load.replay_plan(names, 50, 0.1, seed=0) != label_load.replay_plan(names, 50, 0.1, seed=1)
+    assert plan == label_load.replay_plan(names, 50, 0.1, seed=0)
+    assert plan != label_load.replay_plan(names, 50, 0.1, seed=1)
     one_each = label_load.replay_plan(names, 10, 0.1, seed=0)
     assert [k for n in names for k in one_each[n].values()] == ["retry", "twin"] * 10
 
@@ -93,7 +94,8 @@ def test_database_check_catches_lost_phantom_and_duplicated_labels(tmp_path, has
     with LabelStore.open(url) as store:  # a second label row for one assignment
         undone = store.undo_last("labeler00")
         again = store.submit("labeler00", undone.item_id, Label(ranking=[["c1"], ["c0", "c2", "c3"]]), "s2")
-    twice = label_load.check_database(url, [label_load.LabelerResult("labeler00", {**ids, "s2": again.id})], 2)
+    relabelled = label_load.LabelerResult("labeler00", {**ids, "s2": again.id})
+    twice = label_load.check_database(url, [relabelled], 2)
     assert twice["duplicated"] == 1 and twice["label_rows"] == 3 and twice["live_labels"] == 2
     assert not twice["ok"]
 

@@ -1,7 +1,9 @@
 """Labels out of the store: the ``rankings`` format that ``data: {format: rankings}`` reads, or plain JSON
 Lines with everything stored.
 
-``rankings``: one line per live (not undone) label, in submission order, with the fields
+``rankings``: one line per live (not undone) label, by item (import order) then labeler name, so that the
+same labels always give the same file and the same training order, however the labelers' submissions
+interleaved (:func:`label_order`); with the fields
 :func:`lmcycle.data.preferences.load_rankings` reads (``prompt_id``, ``prompt``, ``completions`` as texts in the
 item's file order, ``ranks``: the dense rank of each, 1 = best, ties equal; ``labeler``; ``special`` with
 ``ranks`` null) and, beside them, what that loader skips but a reader may want: ``completion_ids``, ``models``,
@@ -35,7 +37,7 @@ def rankings_rows(snap: Snapshot) -> list[dict[str, Any]]:
     """The project's live labels as ``rankings`` rows (see the module docstring)."""
     items = {item.id: item for item in snap.items}
     rows = []
-    for label in snap.labels:
+    for label in label_order(snap):
         item = items[label.item_id]
         ids = [c.id for c in item.completions]
         ranks = None if label.ranking is None else [ranks_of(label.ranking)[cid] for cid in ids]
@@ -46,6 +48,13 @@ def rankings_rows(snap: Snapshot) -> list[dict[str, Any]]:
                      "reason": label.reason, "comment": label.comment, "guideline_version": label.guideline_version,
                      "gold": item.gold is not None, "shown_at": label.shown_at, "submitted_at": label.submitted_at})
     return rows
+
+
+def label_order(snap: Snapshot) -> list:
+    """The live labels by item (import order), then labeler name: an order that does not depend on who
+    submitted first (submission order does, and a reward model trained on it would not be reproducible)."""
+    position = {item.id: i for i, item in enumerate(snap.items)}
+    return sorted(snap.labels, key=lambda label: (position[label.item_id], label.labeler))
 
 
 def rankings_from_snapshot(snap: Snapshot) -> tuple[list[Ranking], dict[str, list[int]]]:
