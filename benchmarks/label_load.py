@@ -56,6 +56,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lmcycle.feedback.db import scratch_schema
 from lmcycle.feedback.items import Completion, ItemSpec
 from lmcycle.feedback.simulate import ApiClient
 from lmcycle.feedback.store import LabelStore
@@ -111,26 +112,6 @@ def split_password(url: str) -> tuple[str, str | None]:
     if not m:
         return url, None
     return m.group(1) + "@" + url[m.end():], urllib.parse.unquote(m.group(2))
-
-
-def with_search_path(url: str, schema: str) -> str:
-    """``url`` with libpq's ``options`` setting the search path to ``schema``."""
-    return url + ("&" if "?" in url else "?") + f"options=-csearch_path%3D{schema}"
-
-
-@contextlib.contextmanager
-def postgres_schema(base_url: str) -> Iterator[str]:
-    """A fresh schema in the Postgres database at ``base_url``, dropped afterwards; yields a URL using it."""
-    import psycopg
-
-    schema = f"label_load_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(base_url, autocommit=True) as conn:
-        conn.execute(f"CREATE SCHEMA {schema}")
-    try:
-        yield with_search_path(base_url, schema)
-    finally:
-        with psycopg.connect(base_url, autocommit=True) as conn:
-            conn.execute(f"DROP SCHEMA {schema} CASCADE")
 
 
 def _free_port() -> int:
@@ -427,7 +408,7 @@ def main() -> int:
         rows.append({"backend": f"SQLite {sqlite3.sqlite_version} (WAL, synchronous=FULL)",
                      **run_load(str(Path(tmp) / "labels.sqlite"), **options)})
     if args.postgres and not args.no_postgres:
-        with postgres_schema(args.postgres) as url:
+        with scratch_schema(args.postgres, prefix="label_load") as url:
             backend = f"Postgres {_postgres_version(args.postgres)}"
             rows.append({"backend": backend, **run_load(url, **options)})
     load_end = load_average()

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import json
 import os
-import uuid
 from pathlib import Path
 
 import pytest
 
+from lmcycle.feedback.db import scratch_schema
 from lmcycle.feedback.store import LabelStore
 
 POSTGRES_ENV = "LMCYCLE_TEST_POSTGRES_URL"
@@ -57,13 +57,8 @@ def _postgres_or_skip() -> str:
     if why and required:
         pytest.fail(why + " (LMCYCLE_TEST_POSTGRES_REQUIRED=1)")
     if why:
-        pytest.skip(why)
+        pytest.skip(reason=why)
     return url
-
-
-def with_search_path(url: str, schema: str) -> str:
-    """``url`` with libpq's ``options`` setting the search path to ``schema``."""
-    return url + ("&" if "?" in url else "?") + f"options=-csearch_path%3D{schema}"
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -72,17 +67,8 @@ def db_url(request, tmp_path):
     if request.param == "sqlite":
         yield str(tmp_path / "labels.sqlite")
         return
-    import psycopg
-
-    base = _postgres_or_skip()
-    schema = f"t_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(base, autocommit=True) as conn:
-        conn.execute(f"CREATE SCHEMA {schema}")
-    try:
-        yield with_search_path(base, schema)
-    finally:
-        with psycopg.connect(base, autocommit=True) as conn:
-            conn.execute(f"DROP SCHEMA {schema} CASCADE")
+    with scratch_schema(_postgres_or_skip(), prefix="t") as url:
+        yield url
 
 
 @pytest.fixture

@@ -46,7 +46,7 @@ WATCH_CSP = ("window.__violations = []; document.addEventListener('securitypolic
 def _skip_or_fail(why: str) -> None:
     if os.environ.get("LMCYCLE_TEST_BROWSER_REQUIRED") == "1":
         pytest.fail(why + " (LMCYCLE_TEST_BROWSER_REQUIRED=1)")
-    pytest.skip(why)
+    pytest.skip(reason=why)
 
 
 @pytest.fixture(scope="module")
