@@ -170,9 +170,8 @@ def _post(served, path, **kw):
     (b'{"model": "base", "prompt": ["ok", "\\udc00"]}', 400, "prompt.1"),
     (b'{"model": "base", "prompt": "x", "stop": ["\\ud800"]}', 400, "stop.0"),
     (b'{"model": "b\\ud800", "prompt": "x"}', 400, "model"),
-    ({"model": "base", "prompt": "x", "logprobs": 1}, 400, "logprobs"),
-    ({"model": "base", "prompt": "x", "logprobs": 0}, 400, "logprobs"),  # 0 asks for the chosen token's
-    ({"model": "base", "prompt": "x", "echo": True}, 400, "echo"),
+    ({"model": "base", "prompt": "x", "logprobs": 6}, 400, "logprobs"),  # 0 to 5 alternatives
+    ({"model": "base", "prompt": "x", "top_logprobs": 2}, 400, "top_logprobs"),  # chat's field, not completions'
     ({"model": "base", "prompt": "x", "best_of": 3}, 400, "best_of"),
     ({"model": "base", "prompt": "x", "presence_penalty": 0.5}, 400, "presence_penalty"),
 ])
@@ -416,7 +415,10 @@ def test_harmless_values_of_unsupported_fields_pass_and_chat_refuses_the_rest(se
                                                 "frequency_penalty": 0.0, "logit_bias": {}, "user": "u1"})
     assert ok.status_code == 200 and ok.json()["choices"]
     msgs = [{"role": "user", "content": "the cat"}]
-    for extra, param in (({"logprobs": True}, "logprobs"), ({"top_logprobs": 2}, "top_logprobs"),
+    ok = _post(served, "/v1/chat/completions", json={"model": "base", "messages": msgs, "max_tokens": 2,
+                                                     "logprobs": False, "top_logprobs": 0, "echo": False})
+    assert ok.status_code == 200 and ok.json()["choices"][0]["logprobs"] is None
+    for extra, param in (({"echo": True}, "echo"), ({"logit_bias": {"5": 1}}, "logit_bias"),
                          ({"response_format": {"type": "json_object"}}, "response_format")):
         r = _post(served, "/v1/chat/completions", json={"model": "base", "messages": msgs, **extra})
         assert r.status_code == 400 and r.json()["error"]["param"] == param

@@ -11,6 +11,9 @@ Two backbones are supported, both behind :class:`RewardModel`:
   mask, never from ``eos``/``pad`` ids, which are often the same token). Position ids are derived from the mask,
   so left and right padding give the same score.
 
+A pair's target may be soft (the probability that ``chosen`` is better, e.g. an AI judge's): the pairwise loss
+is then the cross-entropy to it (:func:`soft_bradley_terry_losses`); a target of 1 is plain Bradley-Terry.
+
 A pair batch (:func:`collate_pairs`) stacks the ``B`` chosen rows over the ``B`` rejected rows, so one forward
 pass scores both. After training, :func:`reward_stats` (mean, std of the rewards) is kept on the model and saved
 with it, so PPO can :func:`normalise` scores.
@@ -174,6 +177,22 @@ def pair_losses(r_chosen: torch.Tensor, r_rejected: torch.Tensor,
     return -F.logsigmoid(diff)  # logsigmoid stays finite where log(sigmoid(x)) underflows to -inf
 
 
+def soft_bradley_terry_losses(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, target: torch.Tensor,
+                              margin: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-pair Bradley-Terry loss with a soft target [B]: the cross-entropy between the target probability
+    ``t`` that ``chosen`` is better and the model's ``σ(d)``, ``-(t·log σ(d) + (1 - t)·log σ(-d))`` with
+    ``d = r_chosen - r_rejected`` (minus ``margin`` [B] when given). All inputs are [B].
+
+    ``t = 1`` is exactly :func:`pair_losses`; ``t = 0.5`` (a judge that cannot tell) pulls ``d`` to 0, where its
+    gradient vanishes. The minimum over ``d`` is at ``σ(d) = t``: a soft label is not pushed to an unbounded
+    margin, as a hard one is."""
+    diff = chosen_rewards - rejected_rewards
+    if margin is not None:
+        diff = diff - margin
+    target = target.to(diff.dtype)
+    return -(target * F.logsigmoid(diff) + (1.0 - target) * F.logsigmoid(-diff))
+
+
 def pairwise_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor,
                   margin: torch.Tensor | None = None) -> torch.Tensor:
     """Mean over pairs of :func:`pair_losses`: a scalar."""
@@ -269,13 +288,13 @@ def encode_pairs(pairs: list[PreferencePair], tokenizer, max_len: int) -> list[d
 
     Long texts are truncated from the left (the tokenizer's special tokens are kept): the end of the response
     is what the score is read at and what differs between the two, so the prompt's start goes first.
-    Returns ``[{"chosen": ids, "rejected": ids, "margin": float}, ...]``.
+    Returns ``[{"chosen": ids, "rejected": ids, "margin": float, "target": float}, ...]``.
     """
     if not pairs:
         raise LmcycleError("there are no preference pairs to encode", field="pairs")
     chosen = encode_texts([p.prompt + p.chosen for p in pairs], tokenizer, max_len)
     rejected = encode_texts([p.prompt + p.rejected for p in pairs], tokenizer, max_len)
-    return [{"chosen": c, "rejected": r, "margin": float(p.margin)}
+    return [{"chosen": c, "rejected": r, "margin": float(p.margin), "target": float(p.target)}
             for c, r, p in zip(chosen, rejected, pairs, strict=True)]
 
 
@@ -295,11 +314,13 @@ def encode_texts(texts: list[str], tokenizer, max_len: int) -> list[list[int]]:
 
 def collate_pairs(encoded: list[dict], tokenizer) -> Batch:
     """A pair batch: ``input_ids``/``attention_mask`` [2B, T] (B chosen rows, then their B rejected rows),
-    padded on ``tokenizer.padding_side`` (:func:`~lmcycle.data.batching.pad_id_of`), and ``margin`` [B]."""
+    padded on ``tokenizer.padding_side`` (:func:`~lmcycle.data.batching.pad_id_of`), ``margin`` [B] and
+    ``target`` [B] (the probability that chosen is better; 1.0 where an encoded pair has none)."""
     rows = [e["chosen"] for e in encoded] + [e["rejected"] for e in encoded]
     ids, mask = pad_rows(rows, pad_id_of(tokenizer), left=tokenizer.padding_side == "left")
     batch = {"input_ids": ids, "attention_mask": mask,
-             "margin": torch.tensor([e["margin"] for e in encoded], dtype=torch.float32)}
+             "margin": torch.tensor([e["margin"] for e in encoded], dtype=torch.float32),
+             "target": torch.tensor([e.get("target", 1.0) for e in encoded], dtype=torch.float32)}
     if encoded and all("weight" in e for e in encoded):  # labeler-weighted training (see unit_weights)
         batch["weight"] = torch.tensor([e["weight"] for e in encoded], dtype=torch.float32)
     return batch
@@ -322,13 +343,17 @@ def score_pairs(model: RewardModel, batch: Batch) -> tuple[torch.Tensor, torch.T
 
 def pair_loss_fn(use_margin: bool) -> Callable[[nn.Module, Batch], tuple[torch.Tensor, int]]:
     """A ``loss_fn`` for :func:`lmcycle.train.loop.train`: ``(summed pair loss, number of pairs)``; the loop
-    divides by the pair count, so the gradient is that of the mean pair loss. A batch with a ``weight`` [B]
-    (:func:`unit_weights`) sums the weighted pair losses instead."""
+    divides by the pair count, so the gradient is that of the mean pair loss. Each pair's loss is
+    :func:`soft_bradley_terry_losses` with the batch's ``target`` [B] (1.0, the plain Bradley-Terry loss, where
+    the batch has none). A batch with a ``weight`` [B] (:func:`unit_weights`) sums the weighted pair losses
+    instead."""
 
     def loss_fn(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, int]:
         r_chosen, r_rejected = score_pairs(model, batch)
         margin = batch["margin"] if use_margin else None
-        losses = pair_losses(r_chosen, r_rejected, margin)
+        target = batch.get("target")
+        losses = pair_losses(r_chosen, r_rejected, margin) if target is None else \
+            soft_bradley_terry_losses(r_chosen, r_rejected, target, margin)
         if "weight" in batch:
             losses = losses * batch["weight"]
         return losses.sum(), int(r_chosen.size(0))
@@ -346,7 +371,8 @@ def train_reward_model(model: RewardModel, tokenizer, pairs: list[PreferencePair
                        out_dir: str | Path, log: Callable[..., None], margin: bool = False, max_len: int = 512,
                        eval_pairs: list[PreferencePair] | None = None, group_by_length: bool = True,
                        weights: dict[str, float] | None = None) -> TrainResult:
-    """Train ``model`` in place on ``pairs`` with the pairwise loss (``margin``: subtract each pair's margin).
+    """Train ``model`` in place on ``pairs`` with the pairwise loss (``margin``: subtract each pair's margin),
+    soft where a pair's ``target`` is below 1 (:func:`soft_bradley_terry_losses`).
 
     Checkpoints go under ``out_dir`` (resumable). ``eval_pairs`` give ``eval_loss``/``eval_accuracy``. At the end
     ``model.stats`` is set to :func:`reward_stats` over the training pairs, so :meth:`RewardModel.save` keeps it.

@@ -26,6 +26,10 @@ from lmcycle.models.load import context_window, ensure_pad_token, is_seq2seq
 from lmcycle.train.loop import sequence_logps
 
 
+class NoLogprobs(LmcycleError):
+    """The backend gives no log-probs: a caller scoring by likelihood may parse generated answers instead."""
+
+
 @runtime_checkable
 class LLM(Protocol):
     """What every application needs from a language model."""
@@ -68,7 +72,7 @@ class LocalLLM:
     @torch.no_grad()
     def continuation_logprobs(self, prompt: str, continuations: list[str]) -> list[float]:
         """Summed log-probability of each continuation after ``prompt`` (for likelihood-scored multiple choice;
-        only an in-process model gives these)."""
+        :meth:`OpenAILLM.continuation_logprobs` asks a server for the same)."""
         ensure_pad_token(self.tokenizer)
         seq2seq = is_seq2seq(self.model)
         prompt_ids = self.tokenizer(prompt)["input_ids"]
@@ -133,6 +137,55 @@ class OpenAILLM:
                 texts = list(pool.map(one, prompts))
         # A server may not honour stop strings exactly (some keep the stop string): cut as generate does.
         return [cut_at_stop(t, cfg.stop) for t in texts]
+
+    def continuation_logprobs(self, prompt: str, continuations: list[str]) -> list[float]:
+        """Summed log-probability of each continuation after ``prompt``, as :meth:`LocalLLM.continuation_logprobs`
+        gives, from one completions request that only scores: ``echo``, ``logprobs=0``, ``max_tokens=0``, the
+        prompts ``prompt + c`` (``max_tokens=1`` where a server refuses 0). A continuation's tokens are those whose ``text_offset`` lies in
+        ``[len(prompt), len(prompt + c))`` (the server tokenizes the joined text; a token spanning the boundary
+        counts with the prompt). Raises :class:`NoLogprobs` (field ``backend``) when the server gives no
+        log-probs, so that callers can fall back to parsing an answer; any other refusal is an
+        :class:`LmcycleError`.
+        """
+        if not continuations:
+            return []
+        import openai
+
+        texts = [prompt + c for c in continuations]
+        response = None
+        for max_tokens in (0, 1):  # some servers refuse 0; a generated token lies past the text, uncounted
+            try:
+                response = self.client.completions.create(model=self.name, prompt=texts, max_tokens=max_tokens,
+                                                          echo=True, logprobs=0, temperature=0.0)
+                break
+            except openai.BadRequestError as e:
+                message = str(e.message)
+                if max_tokens == 0 and "max_tokens" in message:
+                    continue
+                if any(word in message for word in ("logprobs", "echo")):  # servers without log-probs
+                    raise NoLogprobs(f"the endpoint gives no log-probs for scoring continuations: {message}",
+                                     field="backend") from None
+                raise LmcycleError(f"the endpoint refused to score continuations: {message}",
+                                   field="backend") from None
+        choices = sorted(response.choices, key=lambda ch: ch.index)
+        if len(choices) != len(texts):
+            raise LmcycleError(f"the endpoint answered {len(choices)} choices for {len(texts)} prompts",
+                               field="backend")
+        out = []
+        for text, choice in zip(texts, choices, strict=True):
+            lp = choice.logprobs
+            if lp is None or not lp.token_logprobs or lp.text_offset is None:
+                raise NoLogprobs("the endpoint gives no log-probs (echo with logprobs): score by parsing "
+                                 "answers instead", field="backend")
+            total = 0.0
+            for offset, value in zip(lp.text_offset, lp.token_logprobs, strict=True):
+                if len(prompt) <= offset < len(text):
+                    if value is None:
+                        raise LmcycleError("the endpoint gave a continuation token without a log-prob",
+                                           field="backend")
+                    total += value
+            out.append(total)
+        return out
 
     def count_tokens(self, text: str) -> int:
         if self.tokenizer is not None:

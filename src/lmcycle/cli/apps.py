@@ -1,5 +1,5 @@
 """The applications' commands: ``lmcycle rag ingest|query|delete``, ``lmcycle agent``, ``lmcycle pal`` and
-``lmcycle harness gsm8k|truthfulqa``, each with any backend (``--backend local:PATH`` or
+``lmcycle harness gsm8k|truthfulqa|hhh``, each with any backend (``--backend local:PATH`` or
 ``--backend openai:BASE_URL#MODEL``)."""
 
 from __future__ import annotations
@@ -60,10 +60,11 @@ def add_parsers(sub) -> None:
     pal.add_argument("--timeout", type=float, default=5.0, help="sandbox wall-clock seconds")
     _backend_options(pal)
 
-    hr = sub.add_parser("harness", help="score a backend on GSM8K or TruthfulQA")
-    hr.add_argument("benchmark", choices=["gsm8k", "truthfulqa"])
-    hr.add_argument("--data", required=True, help="GSM8K jsonl (or folder) / TruthfulQA mc_task.json (or folder)")
-    hr.add_argument("--method", default="cot", help="gsm8k: direct|cot|self_consistency|pal; truthfulqa: "
+    hr = sub.add_parser("harness", help="score a backend on GSM8K, TruthfulQA or the CAI paper's 438 HHH questions")
+    hr.add_argument("benchmark", choices=["gsm8k", "truthfulqa", "hhh"])
+    hr.add_argument("--data", required=True, help="GSM8K jsonl (or folder) / TruthfulQA mc_task.json (or folder) / "
+                    "438HHHEvaluations.jsonl (or the constitutional_ai folder)")
+    hr.add_argument("--method", default="cot", help="gsm8k: direct|cot|self_consistency|pal; truthfulqa, hhh: "
                                                     "letter|likelihood")
     hr.add_argument("--limit", type=int, help="the first N questions")
     hr.add_argument("--n", type=int, default=5, help="self-consistency samples")
@@ -192,7 +193,7 @@ def _harness(args) -> int:
     llm, cfg = _backend(args), _decoding(args)
     if args.method == "self_consistency":  # sampled paths, as in Wang et al. (T = 0.7)
         cfg = cfg.model_copy(update={"do_sample": True, "temperature": 0.7})
-    if args.benchmark == "truthfulqa":  # a letter is all a reply needs
+    if args.benchmark in ("truthfulqa", "hhh"):  # a letter is all a reply needs
         cfg = cfg.model_copy(update={"max_new_tokens": 4})
     result = run_benchmark(llm, args.benchmark, args.data, args.method, cfg, limit=args.limit, n=args.n)
     metric = next(iter(result))

@@ -24,6 +24,7 @@ from lmcycle.data.examples import Example
 from lmcycle.data.gsm8k import load_gsm8k
 from lmcycle.data.preferences import Ranking, load_preference_examples, ranking_examples
 from lmcycle.data.records import SourceRecord, check_text, read_records, text_field
+from lmcycle.data.red_team import load_cai_prompts, load_hh_red_team
 from lmcycle.data.synthetic import synthetic_dialogues, synthetic_preferences
 from lmcycle.data.xquad import load_xquad
 from lmcycle.errors import LmcycleError
@@ -32,7 +33,11 @@ from lmcycle.feedback.export import rankings_from_snapshot
 from lmcycle.feedback.store import DEFAULT_PROJECT, LabelStore
 
 Format = Literal["jsonl", "csv", "parquet", "hf", "dialogsum", "gsm8k", "davidson", "dynahate", "xquad",
-                 "hh_rlhf", "rankings", "label_db", "synthetic", "synthetic_preferences"]
+                 "hh_rlhf", "pairs", "rankings", "label_db", "cai_prompts", "hh_red_team", "synthetic",
+                 "synthetic_preferences"]
+# format -> the artifact of an earlier stage it reads: a label database, soft-labelled pairs (ai_feedback), a
+# dataset file (critique_revise's revisions)
+STAGE_FORMATS = {"label_db": "labels", "pairs": "pairs", "jsonl": "data"}
 
 
 class DatasetConfig(Config):
@@ -46,7 +51,12 @@ class DatasetConfig(Config):
     seed can move a test example into training). ``keep_calculator`` only applies to ``gsm8k``: keep the
     ``<<expr=value>>`` annotations in the training target. ``hh_rlhf`` and ``rankings`` are preference pairs
     (a file, or a folder with one ``.jsonl[.gz]``), split ``train``/``test``/``all`` by prompt with 15% of the
-    prompts in test (:func:`lmcycle.data.preferences.load_preference_examples`). ``label_db`` reads the live
+    prompts in test (:func:`lmcycle.data.preferences.load_preference_examples`). ``pairs`` are rows
+    ``{"prompt", "chosen", "rejected"}`` with an optional soft ``target`` (:func:`lmcycle.data.preferences.load_pairs`):
+    a file, split so too, or a folder of ``<split>.jsonl[.gz]`` files; or, with ``stage``, the ``pairs`` artifact
+    (a JSON Lines file) of an earlier stage of the run, such as AI feedback. ``cai_prompts`` are the Constitutional AI paper's 66 red-team prompts (its
+    ``constitutional_ai`` folder), ``hh_red_team`` the distinct opening human turns of an HH-RLHF file, split
+    by turn (:mod:`lmcycle.data.red_team`). ``label_db`` reads the live
     labels of ``project`` (default ``default``) straight from a label database (``path``: a SQLite file or a
     ``postgresql://`` URL) and gives exactly the examples ``rankings`` gives on that project's export.
     """
@@ -66,13 +76,14 @@ class DatasetConfig(Config):
                                      "input: continuation prompts, as RealToxicityPrompts cuts texts")
     project: str | None = Field(default=None, description="label_db: the labeling project (default: default)")
     stage: str | None = Field(default=None, description="label_db: an earlier stage of the run whose label "
-                              "database (its 'labels' artifact) this reads, instead of a path; loaded when a "
-                              "stage first uses it")
+                              "database (its 'labels' artifact) this reads, instead of a path; pairs: an earlier "
+                              "stage whose 'pairs' artifact (a JSON Lines file) this reads; loaded when a stage "
+                              "first uses it")
 
     @model_validator(mode="after")
     def _path_given(self) -> DatasetConfig:
-        if self.stage is not None and self.format != "label_db":
-            raise ValueError("'stage' only applies to format 'label_db'")
+        if self.stage is not None and self.format not in STAGE_FORMATS:
+            raise ValueError(f"'stage' only applies to format {' or '.join(map(repr, STAGE_FORMATS))}")
         if self.stage is not None and self.path:
             raise ValueError("give 'path' or 'stage', not both")
         if not self.format.startswith("synthetic") and not self.path and self.stage is None:
@@ -112,7 +123,8 @@ def _load_examples(cfg: DatasetConfig, base_dir: Path) -> list[Example]:
     return [_to_example(rec, cfg) for rec in records]
 
 
-NAMED_LOADERS = ("dialogsum", "gsm8k", "davidson", "dynahate", "xquad", "hh_rlhf", "rankings")
+NAMED_LOADERS = ("dialogsum", "gsm8k", "davidson", "dynahate", "xquad", "hh_rlhf", "pairs", "rankings",
+                 "cai_prompts", "hh_red_team")
 
 
 def _load_named(cfg: DatasetConfig, path: Path) -> list[Example]:
@@ -124,8 +136,12 @@ def _load_named(cfg: DatasetConfig, path: Path) -> list[Example]:
         return load_davidson(path, cfg.split)
     if cfg.format == "dynahate":
         return load_dynahate(path, cfg.split)
-    if cfg.format in ("hh_rlhf", "rankings"):
+    if cfg.format in ("hh_rlhf", "pairs", "rankings"):
         return load_preference_examples(path, cfg.format, cfg.split)
+    if cfg.format == "cai_prompts":
+        return load_cai_prompts(path)
+    if cfg.format == "hh_red_team":
+        return load_hh_red_team(path, cfg.split)
     return load_xquad(path, cfg.split)
 
 

@@ -15,10 +15,11 @@ Rules (the same everywhere in this module):
 - **Grouping.** Pairs of one ``prompt_id`` are consecutive, prompts in order of first appearance, so
   :func:`split_by_prompt` (and any batcher) can keep a prompt's pairs together.
 
+:func:`load_pairs` reads plain pair rows (``{"prompt", "chosen", "rejected"}``, optionally a soft ``target``).
 :func:`load_hh_rlhf` reads Anthropic HH-RLHF rows (``{"chosen": transcript, "rejected": transcript}``) as pairs.
 The texts of that dataset are offensive: never print them in tests or logs.
 
-In a recipe, formats ``hh_rlhf`` and ``rankings`` (:func:`load_preference_examples`) load pairs as
+In a recipe, formats ``hh_rlhf``, ``pairs`` and ``rankings`` (:func:`load_preference_examples`) load pairs as
 :class:`~lmcycle.data.examples.Example` objects (``meta["rejected"]``; :func:`pairs_from_examples` turns them back),
 split ``train``/``test``/``all`` by prompt with a fixed seed (15% of the prompts are test); pairs with an empty
 reply are left out there, with a logged count. A pair made from a ranking keeps it (``PreferencePair.ranking``,
@@ -62,7 +63,9 @@ class Ranking:
 
 @dataclass
 class PreferencePair:
-    """``chosen`` was preferred over ``rejected`` for ``prompt``; ``margin`` is the rank difference (>= 1)."""
+    """``chosen`` was preferred over ``rejected`` for ``prompt``; ``margin`` is the rank difference (>= 1);
+    ``target`` the probability that ``chosen`` is the better one (0.5..1: 1.0 a hard label, below it a soft
+    preference such as an AI judge's, trained with :func:`lmcycle.align.reward.soft_bradley_terry_losses`)."""
 
     prompt_id: str
     prompt: str
@@ -70,6 +73,7 @@ class PreferencePair:
     rejected: str
     labeler: str = ""
     margin: float = 1.0
+    target: float = 1.0
     # The ranking the pair was read from (None for pairs read as pairs): what the listwise and tie-aware reward
     # losses train on, carried into recipe examples by examples_from_pairs. Not part of a pair's equality.
     ranking: Ranking | None = field(default=None, compare=False, repr=False)
@@ -310,6 +314,47 @@ def _shared_prompt_end(chosen: str, rejected: str) -> int:
     return end + len(ASSISTANT_TAG) if end >= 0 else -1
 
 
+def load_pairs(path: str | Path, split: str = "train") -> list[PreferencePair]:
+    """Pairs from a JSON Lines file (``.gz`` too; a folder: its ``<split>.jsonl[.gz]``), one per line: ``prompt``, ``chosen``, ``rejected`` (non-empty
+    strings), optional ``target`` (the probability that ``chosen`` is better: a finite number in [0, 1], default
+    1.0; null means the default), optional ``prompt_id`` (default ``pairs-`` plus a hash of the prompt, so rows
+    of one prompt stay together) and optional ``labeler`` (a string or null).
+
+    A row with ``target < 0.5`` is kept with its replies swapped and ``1 - target``, so every pair's ``target``
+    is in 0.5..1 (the same preference, said the other way round). A prompt id must always carry the same prompt
+    text. Every problem is an :class:`LmcycleError` naming file, line and field."""
+    pairs = []
+    prompts: dict[str, str] = {}
+    for rec in read_records(path, "jsonl", split):
+        prompt, chosen, rejected = text_field(rec, "prompt"), text_field(rec, "chosen"), text_field(rec, "rejected")
+        if "prompt_id" in rec.data and rec.data["prompt_id"] is not None:
+            prompt_id = id_field(rec, "prompt_id")
+        else:
+            prompt_id = "pairs-" + hashlib.sha1(prompt.encode()).hexdigest()[:16]
+        if prompts.setdefault(prompt_id, prompt) != prompt:
+            raise _err(rec, "prompt_id", f"prompt id '{prompt_id}' already used with a different prompt")
+        labeler = rec.data.get("labeler") or ""
+        if not isinstance(labeler, str):
+            raise _err(rec, "labeler", f"expected a string, got {type(labeler).__name__}")
+        target = _target(rec)
+        if target < 0.5:
+            chosen, rejected, target = rejected, chosen, 1.0 - target
+        pairs.append(PreferencePair(prompt_id, prompt, chosen, rejected, labeler, target=target))
+    return pairs
+
+
+def _target(rec: SourceRecord) -> float:
+    value = rec.data.get("target")
+    if value is None:
+        return 1.0
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise _err(rec, "target", f"expected a number in [0, 1] (the probability that chosen is better), got "
+                   f"{value!r:.20}")
+    if not 0.0 <= value <= 1.0:
+        raise _err(rec, "target", f"target {value} is outside [0, 1] (the probability that chosen is better)")
+    return float(value)
+
+
 # -- preference pairs as recipe datasets ---------------------------------------------------------------------------
 #
 # A recipe dataset is a list of Examples. A pair is ``Example(input=prompt, targets=[chosen], id=prompt_id,
@@ -345,11 +390,18 @@ def drop_empty_replies(pairs: list[PreferencePair]) -> tuple[list[PreferencePair
 
 
 def load_preference_examples(path: str | Path, format: str, split: str) -> list[Example]:
-    """Recipe examples of a preference file: ``format`` ``hh_rlhf`` (:func:`load_hh_rlhf`) or ``rankings``
-    (:func:`load_rankings` then :func:`rankings_to_pairs`); ``split`` ``train``/``test``/``all``
-    (:func:`preference_split`). Pairs with an empty reply are dropped and counted in a log warning
-    (:func:`drop_empty_replies`). ``path`` is the file, or a folder holding exactly one ``*.jsonl[.gz]``."""
-    file = _preference_file(Path(path))
+    """Recipe examples of a preference file: ``format`` ``hh_rlhf`` (:func:`load_hh_rlhf`), ``pairs``
+    (:func:`load_pairs`) or ``rankings`` (:func:`load_rankings` then :func:`rankings_to_pairs`); ``split``
+    ``train``/``test``/``all`` (:func:`preference_split`). Pairs with an empty reply are dropped and counted in a
+    log warning (:func:`drop_empty_replies`). ``path`` is the file, or a folder: for ``hh_rlhf`` and ``rankings``
+    one holding exactly one ``*.jsonl[.gz]``; for ``pairs`` one holding ``<split>.jsonl[.gz]``, which is that
+    split already and is taken whole (no prompt of it is moved to another split)."""
+    path = Path(path)
+    if format == "pairs":
+        if path.is_dir():
+            return pair_examples(load_pairs(path, split), "all", path)
+        return pair_examples(load_pairs(path), split, path)
+    file = _preference_file(path)
     if format == "rankings":
         return ranking_examples(load_rankings(file), split, file)
     return pair_examples(load_hh_rlhf(file), split, file)
@@ -389,7 +441,9 @@ def _preference_file(path: Path) -> Path:
 
 def examples_from_pairs(pairs: list[PreferencePair]) -> list[Example]:
     """Each pair as ``Example(input=prompt, targets=[chosen], task="preference", id=prompt_id,
-    meta={"rejected", "margin", "labeler"})``; the inverse of :func:`pairs_from_examples`.
+    meta={"rejected", "margin", "labeler"})``, plus ``meta["target"]`` for a soft pair (``target`` < 1; a hard
+    pair leaves it out, so its examples are what they were before soft targets); the inverse of
+    :func:`pairs_from_examples`.
 
     A pair read from a ranking also carries it: ``meta["ranking"] = {"index", "completions", "ranks", "ratings"}`` (one
     dict shared by that ranking's pairs; ``index`` numbers the distinct rankings in order of first appearance,
@@ -399,6 +453,8 @@ def examples_from_pairs(pairs: list[PreferencePair]) -> list[Example]:
     out = []
     for p in pairs:
         meta: dict[str, Any] = {"rejected": p.rejected, "margin": p.margin, "labeler": p.labeler}
+        if p.target != 1.0:
+            meta["target"] = p.target
         if p.ranking is not None:
             r = p.ranking
             meta["ranking"] = index.setdefault(id(r), {"index": len(index), "completions": list(r.completions),
@@ -411,7 +467,8 @@ def pairs_from_examples(examples: list[Example], dataset: str = "") -> list[Pref
     """The preference pairs of a recipe dataset (see :func:`examples_from_pairs`).
 
     A dataset whose examples have no ``meta["rejected"]`` is not preference data: :class:`LmcycleError` naming
-    ``dataset`` (use format ``hh_rlhf`` or ``rankings``)."""
+    ``dataset`` (use format ``hh_rlhf``, ``pairs`` or ``rankings``). ``meta["target"]`` (default 1.0) must be a
+    number in [0.5, 1]."""
     if not examples:
         raise LmcycleError(f"dataset '{dataset}' has no examples", field="data")
     pairs = []
@@ -419,10 +476,15 @@ def pairs_from_examples(examples: list[Example], dataset: str = "") -> list[Pref
         rejected = ex.meta.get("rejected")
         if not isinstance(rejected, str):
             raise LmcycleError(f"dataset '{dataset}' is not preference data: example '{ex.id}' has no rejected "
-                               "reply (load chosen/rejected pairs with format hh_rlhf or rankings)", field="data")
+                               "reply (load chosen/rejected pairs with format hh_rlhf, pairs or rankings)",
+                               field="data")
         margin = ex.meta.get("margin", 1.0)
+        target = ex.meta.get("target", 1.0)
+        if isinstance(target, bool) or not isinstance(target, int | float) or not 0.5 <= target <= 1.0:
+            raise LmcycleError(f"dataset '{dataset}': example '{ex.id}' has target {target!r:.20}; a pair's target "
+                               "is the probability that its chosen reply is better, in [0.5, 1]", field="target")
         pairs.append(PreferencePair(ex.id, ex.input, ex.target, rejected, str(ex.meta.get("labeler") or ""),
-                                    float(margin if margin is not None else 1.0)))
+                                    float(margin if margin is not None else 1.0), float(target)))
     return pairs
 
 

@@ -11,6 +11,15 @@ Semantics shared with ``generate``: ``temperature`` 0 is greedy, otherwise sampl
 OpenAI's completions API. Chat prompts use the tokenizer's chat template, or when it has none the fallback
 ``"<role>: <content>\\n"`` per message followed by ``"assistant:"``.
 
+Log-probs (completions' ``logprobs`` 0-5 and ``echo``, OpenAI's legacy ``{"tokens", "token_logprobs",
+"top_logprobs", "text_offset"}``; chat's ``logprobs``/``top_logprobs`` 0-20, ``{"content": [{"token", "logprob",
+"bytes", "top_logprobs"}]}``) are the log-softmax of the model's raw logits (temperature 1, no top-k/top-p:
+vLLM's default "raw logprobs"), whatever the request samples with; see :mod:`lmcycle.serve.engine`. A
+completion's ``top_logprobs`` hold the ``logprobs`` best tokens and the chosen one (as vLLM does); its
+``text_offset`` index the choice's ``text`` (with ``echo`` the prompt, whose first token's log-prob is None).
+``max_tokens: 0`` with ``echo`` only scores the prompt (likelihood evaluation, as lm-eval-harness asks).
+Streaming refuses ``logprobs`` and ``echo`` (400).
+
 Streaming sends each token's text as soon as the worker decodes it, holding back a tail that could be the
 start of a stop string (or an incomplete UTF-8 character), so the chunks join to exactly the non-streamed
 text. A streaming client that disconnects cancels its request: the worker drops its rows at the next step.
@@ -176,7 +185,8 @@ def create_app(model_dir: str, adapters: dict[str, str] | None = None, api_key: 
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
-        return await _serve(engine, body, body.prompt, body.max_tokens or 16, "text_completion", request,
+        max_tokens = 16 if body.max_tokens is None else body.max_tokens
+        return await _serve(engine, body, body.prompt, max_tokens, "text_completion", request,
                             request_timeout_s, max_request_tokens)
 
     @app.post("/v1/chat/completions")
@@ -220,7 +230,7 @@ def _job(engine: Engine, body, prompt: str, max_tokens: int | None, default_cap:
         start = engine.tokenizer.bos_token_id
         ids = [start if start is not None else engine.tokenizer.eos_token_id]
     room = engine.window - len(ids)
-    if room < 1:
+    if room < (0 if max_tokens == 0 else 1):
         raise ApiError(400, f"the prompt has {len(ids)} tokens; the model's context window is {engine.window}",
                        param="messages" if isinstance(body, ChatRequest) else "prompt",
                        code="context_length_exceeded")
@@ -232,8 +242,35 @@ def _job(engine: Engine, body, prompt: str, max_tokens: int | None, default_cap:
                        code="context_length_exceeded")
     sample = body.temperature >= MIN_TEMPERATURE
     cfg = DecodingConfig(do_sample=sample, temperature=body.temperature if sample else 1.0, top_p=body.top_p,
-                         top_k=body.top_k, max_new_tokens=max_tokens, stop=body.stop_list(), seed=body.seed or 0)
-    return Job(ids=ids, n=body.n, adapter=adapter, cfg=cfg)
+                         top_k=body.top_k, max_new_tokens=max(max_tokens, 1), stop=body.stop_list(),
+                         seed=body.seed or 0)
+    top, echo = _logprobs_asked(body)
+    return Job(ids=ids, n=body.n, adapter=adapter, cfg=cfg, logprobs=top, echo=echo, generate=max_tokens > 0)
+
+
+def _logprobs_asked(body) -> tuple[int | None, bool]:
+    """(top alternatives per token, or None for no log-probs; whether the prompt's tokens are scored too)."""
+    if isinstance(body, ChatRequest):
+        return (body.top_logprobs or 0) if body.logprobs else None, False
+    return body.logprobs, body.echo and body.logprobs is not None
+
+
+def _check_logprobs(engine: Engine, body, max_tokens: int | None) -> None:
+    """400 for log-prob settings the server cannot serve (streamed, chat's top_logprobs without logprobs ...)."""
+    top, _ = _logprobs_asked(body)
+    echo = isinstance(body, CompletionRequest) and body.echo
+    if body.stream and (top is not None or echo):
+        name = "logprobs" if top is not None else "echo"
+        raise ApiError(400, f"{name} is not supported with stream: true; ask without streaming", param=name,
+                       code="unsupported_parameter")
+    if isinstance(body, ChatRequest) and body.top_logprobs and not body.logprobs:
+        raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+    if max_tokens == 0 and not echo:
+        raise ApiError(400, "max_tokens 0 generates nothing: allowed only with echo (to score the prompt)",
+                       param="max_tokens")
+    if echo and top is not None and engine.seq2seq:
+        raise ApiError(400, "echo with logprobs needs a decoder-only model: an encoder-decoder does not predict "
+                       "its prompt", param="echo", code="unsupported_parameter")
 
 
 def _check_size(engine: Engine, prompts: int, n: int, max_tokens: int | None, max_request_tokens: int) -> None:
@@ -258,6 +295,7 @@ async def _serve(engine: Engine, body, prompt: str | list[str], max_tokens: int 
     name = unsupported(body)
     if name is not None:
         raise ApiError(400, f"{name}: not supported by this server", param=name, code="unsupported_parameter")
+    _check_logprobs(engine, body, max_tokens)
     _check_size(engine, len(prompts), body.n, max_tokens, max_request_tokens)
     cap = max_request_tokens // (len(prompts) * body.n)  # what a chat without max_tokens may decode
     jobs = [_job(engine, body, p, max_tokens, cap) for p in prompts]
@@ -282,15 +320,66 @@ async def _serve(engine: Engine, body, prompt: str | list[str], max_tokens: int 
     finally:  # a no-op for finished jobs; frees the worker from the rest on a timeout, a 429 or a client gone
         for j in jobs:
             j.cancelled.set()
-    choices = [c for r in results for c in r]
-    usage = _usage(jobs, choices)
+    choices = [(p, j, c) for p, j, r in zip(prompts, jobs, results, strict=True) for c in r]
+    usage = _usage(jobs, [c for _, _, c in choices])
     if kind == "text_completion":
-        out = [{"index": i, "text": c.text, "logprobs": None, "finish_reason": c.finish_reason}
-               for i, c in enumerate(choices)]
+        echo = body.echo
+        out = [{"index": i, "text": p + c.text if echo else c.text,
+                "logprobs": _completion_logprobs(engine, j, c, p if echo else ""), "finish_reason": c.finish_reason}
+               for i, (p, j, c) in enumerate(choices)]
     else:
-        out = [{"index": i, "message": {"role": "assistant", "content": c.text}, "logprobs": None,
-                "finish_reason": c.finish_reason} for i, c in enumerate(choices)]
+        out = [{"index": i, "message": {"role": "assistant", "content": c.text},
+                "logprobs": _chat_logprobs(engine, j, c), "finish_reason": c.finish_reason}
+               for i, (_, j, c) in enumerate(choices)]
     return {"id": rid, "object": kind, "created": created, "model": body.model, "choices": out, "usage": usage}
+
+
+def _scored_texts(engine: Engine, job: Job, choice) -> tuple[list[str], list[list[str]]]:
+    """The text of each scored token and of each of its alternatives."""
+    s = choice.scores
+    before = [] if s.prompt_tokens else job.ids  # without echo the completion follows the prompt's tokens
+    return engine.token_texts(s.ids, [[t for t, _ in top] for top in s.top], before=before)
+
+
+def _completion_logprobs(engine: Engine, job: Job, choice, echoed: str) -> dict | None:
+    """OpenAI's legacy completion log-probs; ``text_offset`` index the choice's text, which starts with
+    ``echoed`` (the prompt with echo, else "")."""
+    s = choice.scores
+    if s is None:
+        return None
+    texts, alternatives = _scored_texts(engine, job, choice)
+    offsets, at = [], 0
+    for i, text in enumerate(texts):
+        if i == s.prompt_tokens:  # the completion starts right after the prompt text as sent
+            at = len(echoed)
+        offsets.append(min(at, len(echoed)) if i < s.prompt_tokens else at)
+        at += len(text)
+    tops: list[dict | None] = []
+    for i, (text, lp) in enumerate(zip(texts, s.logprobs, strict=True)):
+        if lp is None:
+            tops.append(None)
+            continue
+        top: dict[str, float] = {}
+        for alt, (_, alt_lp) in zip(alternatives[i], s.top[i], strict=True):
+            top.setdefault(alt, alt_lp)  # two ids with one text: the likelier one
+        top.setdefault(text, lp)
+        tops.append(top)
+    return {"tokens": texts, "token_logprobs": s.logprobs, "top_logprobs": tops, "text_offset": offsets}
+
+
+def _chat_logprobs(engine: Engine, job: Job, choice) -> dict | None:
+    """OpenAI's chat log-probs: ``{"content": [{"token", "logprob", "bytes", "top_logprobs": [...]}]}``."""
+    s = choice.scores
+    if s is None:
+        return None
+    texts, alternatives = _scored_texts(engine, job, choice)
+
+    def entry(text: str, lp: float) -> dict:
+        return {"token": text, "logprob": lp, "bytes": list(text.encode("utf-8"))}
+
+    content = [entry(text, lp) | {"top_logprobs": [entry(a, alp) for a, (_, alp) in zip(alts, top, strict=True)]}
+               for text, lp, alts, top in zip(texts, s.logprobs, alternatives, s.top, strict=True)]
+    return {"content": content, "refusal": None}
 
 
 def _usage(jobs: list[Job], choices: list) -> dict:

@@ -12,6 +12,10 @@ running once for the whole batch.
 
 Choice ``j`` of a request samples from ``prompt_generator(seed, j)``, exactly like prompt ``j`` of
 ``generate([prompt] * n, cfg)``: the output does not depend on which other requests share the batch.
+
+Log-probs (``Job.logprobs``) come from one more forward pass over each finished row (prompt + completion,
+under the row's adapter), after its decode: the log-softmax of the model's raw logits (temperature 1, no
+top-k/top-p), as vLLM's default "raw logprobs", not of the distribution the token was sampled from.
 """
 
 from __future__ import annotations
@@ -28,18 +32,19 @@ import torch
 
 from lmcycle.adapt.lora import load_lora, per_row_adapters, set_active_adapter
 from lmcycle.artifacts import load_model
-from lmcycle.data.batching import pad_id_of
+from lmcycle.data.batching import pad_id_of, pad_rows
 from lmcycle.errors import LmcycleError
 from lmcycle.models.generate import (
     DecodingConfig,
     Ending,
     cut_at_stop,
     decode_batch,
+    decoder_start_id,
     eos_ids,
     prompt_generator,
     stop_window,
 )
-from lmcycle.models.load import context_window
+from lmcycle.models.load import context_window, is_seq2seq
 
 
 class QueueFull(Exception):
@@ -53,6 +58,10 @@ class Job:
     ``on_token(choice_index, token_id)`` is called from the worker thread for every new token (EOS excluded).
     Setting ``cancelled`` stops the request's decoding; its future then holds the choices so far (those that
     never reached a batch are empty, ``length``).
+
+    ``logprobs`` (None: none) asks each choice for its tokens' log-probs with that many top alternatives each,
+    ``echo`` for the prompt's tokens' too (decoder-only models); ``generate=False`` decodes nothing (only
+    scores the prompt: OpenAI's ``max_tokens: 0`` with ``echo``).
     """
 
     ids: list[int]
@@ -61,6 +70,9 @@ class Job:
     cfg: DecodingConfig
     on_token: Callable[[int, int], None] | None = None
     first_index: int = 0  # choice j samples like prompt first_index + j of generate (a list of prompts)
+    logprobs: int | None = None
+    echo: bool = False
+    generate: bool = True
     future: Future = field(default_factory=Future)
     cancelled: threading.Event = field(default_factory=threading.Event)
     # The worker's progress: choices handed to a batch so far, and the finished ones by index.
@@ -82,10 +94,23 @@ class Piece:
 
 
 @dataclass
+class TokenScores:
+    """Log-probs of a choice's tokens: the prompt's (with ``echo``; the first one has None, nothing predicts it)
+    then the completion's. ``top[i]``: the ``logprobs`` best (token id, log-prob) at token i's position, best
+    first (empty for the first prompt token)."""
+
+    ids: list[int]
+    logprobs: list[float | None]
+    top: list[list[tuple[int, float]]]
+    prompt_tokens: int  # how many of ``ids`` are the prompt's (0 without echo)
+
+
+@dataclass
 class Choice:
     text: str
     ids: list[int]
     finish_reason: str  # "stop" (EOS or a stop string) | "length"
+    scores: TokenScores | None = None
 
 
 class Engine:
@@ -111,6 +136,7 @@ class Engine:
         self._row_adapters = per_row_adapters
         self.model.eval()
         self.window = context_window(self.model, self.tokenizer)
+        self.seq2seq = is_seq2seq(self.model)
         self.eos = eos_ids(self.model, self.tokenizer)
         self.pad_id = pad_id_of(self.tokenizer)
         self.max_batch, self.batch_wait_s, self.max_queue = max_batch, batch_wait_s, max_queue
@@ -223,7 +249,7 @@ class Engine:
     def _run(self, pieces: list[Piece]) -> None:
         groups: dict[str, list[Piece]] = defaultdict(list)
         for piece in pieces:
-            settings = piece.job.cfg.model_dump(exclude={"seed", "batch_size"})
+            settings = piece.job.cfg.model_dump(exclude={"seed", "batch_size"}) | {"generate": piece.job.generate}
             groups[repr(sorted(settings.items()))].append(piece)
         for group in groups.values():
             try:
@@ -267,12 +293,87 @@ class Engine:
                 job.on_token(j, token)
 
         adapters = [job.adapter for job, _ in owners]
-        with self._row_adapters(self.model, adapters) if self.adapters else nullcontext():
-            new, ends = decode_batch(self.model, rows, generators, cfg, self.pad_id, self.eos, self.decode,
-                                     stop_window(cfg.stop), on_token=on_token, cancelled=cancelled)
+        if group[0].job.generate:
+            with self._row_adapters(self.model, adapters) if self.adapters else nullcontext():
+                new, ends = decode_batch(self.model, rows, generators, cfg, self.pad_id, self.eos, self.decode,
+                                         stop_window(cfg.stop), on_token=on_token, cancelled=cancelled)
+        else:
+            new, ends = [[] for _ in rows], ["length"] * len(rows)
         self.batches_run += 1
-        return [(owner, self._choice(ids, end, cfg.stop)) for owner, ids, end in zip(owners, new, ends, strict=True)]
+        choices = [self._choice(ids, end, cfg.stop) for ids, end in zip(new, ends, strict=True)]
+        scored = [i for i, (job, _) in enumerate(owners) if job.logprobs is not None and not job.cancelled.is_set()]
+        if scored:
+            with self._row_adapters(self.model, [adapters[i] for i in scored]) if self.adapters else nullcontext():
+                scores = self._score([rows[i] for i in scored], [new[i] for i in scored],
+                                     [owners[i][0].logprobs for i in scored], [owners[i][0].echo for i in scored])
+            for i, score in zip(scored, scores, strict=True):
+                choices[i].scores = score
+        return list(zip(owners, choices, strict=True))
 
     def _choice(self, ids: list[int], end: Ending, stop: list[str]) -> Choice:
         text = cut_at_stop(self.decode(ids), stop)
         return Choice(text=text, ids=ids, finish_reason="length" if end == "length" else "stop")
+
+    def _score(self, prompts: list[list[int]], completions: list[list[int]], tops: list[int],
+               echoes: list[bool]) -> list[TokenScores]:
+        """Teacher-forced log-probs of each row's completion (and prompt, where ``echoes``), one forward pass for
+        the batch: ``logits`` [B, T, V] -> log-softmax over V at each scored position (raw logits, temperature 1).
+        """
+        if self.seq2seq:  # the decoder predicts completion token t from [start] + completion[:t]
+            enc, enc_mask = (t.to(self.model.device) for t in pad_rows(prompts, self.pad_id))
+            start = decoder_start_id(self.model, self.pad_id)
+            dec, _ = pad_rows([[start, *c[:-1]] for c in completions], self.pad_id)
+            logits = self.model(input_ids=enc, attention_mask=enc_mask,
+                                decoder_input_ids=dec.to(self.model.device)).logits
+            spans = [(c, 0, 0) for c in completions]  # (scored ids, first logit row, prompt tokens)
+        else:  # position p's logits predict token p + 1 of prompt + completion
+            seqs = [p + c for p, c in zip(prompts, completions, strict=True)]
+            ids, mask = (t.to(self.model.device) for t in pad_rows(seqs, self.pad_id))
+            logits = self.model(input_ids=ids, attention_mask=mask).logits
+            spans = [(s if echo else c, 0 if echo else len(p) - 1, len(p) if echo else 0)
+                     for s, p, c, echo in zip(seqs, prompts, completions, echoes, strict=True)]
+        out = []
+        for row, ((targets, first, prompt_tokens), top, echo) in enumerate(zip(spans, tops, echoes, strict=True)):
+            lead = 1 if echo and not self.seq2seq else 0  # the first prompt token: nothing predicts it
+            n = len(targets) - lead
+            logprobs: list[float | None] = [None] * lead
+            alternatives: list[list[tuple[int, float]]] = [[] for _ in range(lead)]
+            if n > 0:
+                logp = logits[row, first:first + n].float().log_softmax(dim=-1)  # [n, V]
+                target = torch.tensor(targets[lead:], device=logp.device)
+                logprobs += logp.gather(1, target[:, None])[:, 0].tolist()
+                if top:
+                    values, indices = logp.topk(min(top, logp.size(-1)), dim=-1)
+                    alternatives += [list(zip(i, v, strict=True)) for i, v in zip(indices.tolist(), values.tolist(),
+                                                                                   strict=True)]
+                else:
+                    alternatives += [[] for _ in range(n)]
+            out.append(TokenScores(ids=list(targets), logprobs=logprobs, top=alternatives,
+                                   prompt_tokens=prompt_tokens))
+        return out
+
+    def token_texts(self, ids: list[int], alternatives: list[list[int]] | None = None, before: list[int] = (),
+                    context: int = 6) -> tuple[list[str], list[list[str]]]:
+        """The text each of ``ids`` adds after the tokens before it (its piece of ``decode(before + ids)``), and
+        the text each alternative ``alternatives[i][k]`` would add in its place.
+
+        Decoded with up to ``context`` tokens before it (from ``before`` too), since a token's text may depend on
+        its neighbours (a SentencePiece word start is a space except at the start of the text); a special token
+        adds "". A token that ends inside a UTF-8 character shows U+FFFD.
+        """
+        def piece(head_ids: list[int], token: int) -> str:
+            head = self.tokenizer.decode(head_ids, skip_special_tokens=True)
+            full = self.tokenizer.decode([*head_ids, token], skip_special_tokens=True)
+            if full.startswith(head):
+                return full[len(head):]
+            return self.tokenizer.decode([token], skip_special_tokens=True)
+
+        every = [*before, *ids]
+        with self._tokenizer_lock:
+            texts, alts = [], []
+            for i, token in enumerate(ids):
+                at = len(before) + i
+                head_ids = every[max(0, at - context):at]
+                texts.append(piece(head_ids, token))
+                alts.append([piece(head_ids, a) for a in (alternatives[i] if alternatives else [])])
+        return texts, alts

@@ -1,8 +1,9 @@
 """OpenAI wire format: the request bodies the server accepts and the error object it answers with.
 
 Requests allow extra fields (clients send ``user``, ``metadata`` ...) and ignore them, except OpenAI's fields
-for features the server lacks (``logprobs``, ``echo``, ``best_of`` ...): those are refused (:func:`unsupported`)
-unless they carry the value that asks for nothing. Fields we honour are type-checked so a wrong type is a 400
+for features the server lacks (``best_of``, ``logit_bias``, chat's ``echo`` ...): those are refused
+(:func:`unsupported`) unless they carry the value that asks for nothing. Log-probs are served: completions'
+``logprobs`` (0-5 alternatives) and ``echo``, chat's ``logprobs`` and ``top_logprobs`` (0-20). Fields we honour are type-checked so a wrong type is a 400
 with an OpenAI-style error.
 """
 
@@ -53,9 +54,17 @@ class _Request(BaseModel):
 
 
 class CompletionRequest(_Request):
-    """``POST /v1/completions``: a prompt string or a list of them (token-id prompts are not supported)."""
+    """``POST /v1/completions``: a prompt string or a list of them (token-id prompts are not supported).
 
+    ``logprobs``: the log-probs of the choice's tokens with that many top alternatives each (0 to 5; None: none);
+    ``echo``: the prompt comes first in the choice's text (and its tokens in the log-probs); ``max_tokens`` 0
+    only scores the prompt (allowed with ``echo``).
+    """
+
+    max_tokens: int | None = Field(default=None, ge=0)
     prompt: Text | list[Text] = Field(min_length=1)
+    logprobs: int | None = Field(default=None, ge=0, le=5, strict=True)
+    echo: bool = Field(default=False, strict=True)
 
 
 class ChatMessage(BaseModel):
@@ -66,16 +75,22 @@ class ChatMessage(BaseModel):
 
 
 class ChatRequest(_Request):
-    """``POST /v1/chat/completions``; ``max_completion_tokens`` is the newer name of ``max_tokens``."""
+    """``POST /v1/chat/completions``; ``max_completion_tokens`` is the newer name of ``max_tokens``.
+
+    ``logprobs``: each completion token's log-prob, with the ``top_logprobs`` (0 to 20) best alternatives.
+    """
 
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool | None = Field(default=None, strict=True)
+    top_logprobs: int | None = Field(default=None, ge=0, le=20, strict=True)
 
 
 # OpenAI's fields for features this server does not have, with the values that ask for nothing (some clients
-# always send them). Types matter: completions' ``logprobs: 0`` asks for the sampled token's logprob.
+# always send them). Only undeclared fields are looked at: ``top_logprobs`` is refused on completions (it is
+# chat's), ``echo`` on chat (it is completions').
 _NOT_IMPLEMENTED: dict[str, tuple] = {
-    "logprobs": (False,), "top_logprobs": (0,), "echo": (False,), "suffix": ("",), "logit_bias": ({},),
+    "top_logprobs": (0,), "echo": (False,), "suffix": ("",), "logit_bias": ({},),
     "presence_penalty": (0, 0.0), "frequency_penalty": (0, 0.0), "tools": ([],), "functions": ([],),
     "response_format": ({"type": "text"},),
 }

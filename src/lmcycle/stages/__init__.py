@@ -1,6 +1,6 @@
 """The stage registry: every kind of recipe stage, listed once.
 
-A kind ``k`` lives in ``lmcycle.stages.k`` and that module has three names: ``<K>Stage`` (its typed config),
+A kind ``k`` lives in ``lmcycle.stages.k`` and that module has three names: ``<K>Stage`` (its typed config; ``critique_revise``: ``CritiqueReviseStage``),
 ``run_<k>(cfg, ctx) -> artifacts`` and ``section(run) -> str`` (its part of report.md, ``""`` when the run has
 no such stage). The recipe runner, the single-stage commands of the CLI and the report page all read this
 table, so a new kind is one line here (and one in ``PAGE_ORDER`` for its section) and one file beside it.
@@ -33,7 +33,7 @@ class Kind:
 
     @property
     def config_class(self):
-        return getattr(self.module(), f"{self.name.capitalize()}Stage")
+        return getattr(self.module(), "".join(part.capitalize() for part in self.name.split("_")) + "Stage")
 
     @property
     def runner(self):
@@ -49,11 +49,13 @@ KINDS: tuple[Kind, ...] = (
     Kind("build", "build"),
     Kind("pretrain", "pretrain", data_parallel=True),
     Kind("sft", "sft", data_parallel=True),
+    Kind("critique_revise"),
     Kind("generate", "generate"),
     Kind("completions", "completions"),
     Kind("labelers"),
     Kind("explore", "explore"),
     Kind("eval", "eval"),
+    Kind("ai_feedback"),
     Kind("reward", "rm", data_parallel=True),
     Kind("dpo", "dpo", data_parallel=True),
     Kind("classifier", "classifier", data_parallel=True),
@@ -78,6 +80,7 @@ PAGE_ORDER: tuple[str | tuple[str, ...], ...] = (
     "eval",
     "sft",
     ("Human feedback", "completions", "labelers"),
+    ("Constitutional AI", "critique_revise", "ai_feedback", "ai_feedback.versus_rlhf"),
     ("Alignment", "classifier", "reward", "dpo", "reward.preference_curves"),
     "ppo",
     "winrate",

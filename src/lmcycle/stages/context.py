@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from lmcycle.atomic import atomic_write_text
-from lmcycle.data.loaders import load_examples
+from lmcycle.data.loaders import STAGE_FORMATS, load_examples
 from lmcycle.errors import LmcycleError
+from lmcycle.feedback.db import is_postgres
 from lmcycle.models.device import resolve_device
 from lmcycle.models.load import local_copy
 from lmcycle.train.distributed import is_main
@@ -131,8 +132,11 @@ class RunContext:
                 raise LmcycleError(f"unknown dataset '{name}' (the recipe's data section has: "
                                    f"{', '.join(self.data) or 'nothing'})", file=self.recipe_file)
             cfg = self.data[name]
-            if getattr(cfg, "stage", None) is not None:  # a label database an earlier stage of this run made
-                cfg = cfg.model_copy(update={"path": self.artifact(cfg.stage, "labels"), "stage": None})
+            if getattr(cfg, "stage", None) is not None:  # a label database, pairs or a file an earlier stage made
+                path = self.artifact(cfg.stage, STAGE_FORMATS[cfg.format])
+                # absolute: a run directory given relative to the working directory is not the recipe's
+                path = path if is_postgres(path) else os.path.abspath(path)
+                cfg = cfg.model_copy(update={"path": path, "stage": None})
             self._datasets.update(load_datasets({name: cfg}, self.recipe_file))
         return self._datasets[name]
 

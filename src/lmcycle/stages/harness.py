@@ -1,9 +1,10 @@
 """HarnessStage: a benchmark harness as a recipe stage, so that its score lands in the run's report.
 
-GSM8K (direct, cot, self_consistency, pal) or TruthfulQA MC1 (letter, likelihood) accuracy
-(:mod:`lmcycle.apps.harness`) of a model of the run (``model``: latest, a stage name, a path or hub id) or of any
-served model (``backend``). Writes ``<stage>/eval.json`` (``metrics`` and ``settings``) and
-``<stage>/records.jsonl`` (per question: prediction, gold, correct, and the completion or program).
+GSM8K (direct, cot, self_consistency, pal), TruthfulQA MC1 (letter, likelihood) or Constitutional AI HHH
+(likelihood, letter; with the share of picks of option (A)) accuracy (:mod:`lmcycle.apps.harness`) of a model
+of the run (``model``: latest, a stage name, a path or hub id) or of any served model (``backend``).
+Writes ``<stage>/eval.json`` (``metrics`` and ``settings``) and ``<stage>/records.jsonl`` (per question:
+prediction, gold, correct, and the completion, program or log-probabilities).
 """
 
 from __future__ import annotations
@@ -28,9 +29,11 @@ class HarnessStage(ModelStage):
     """A benchmark harness over a model of the run or any OpenAI-compatible server."""
 
     type: Literal["harness"] = "harness"
-    benchmark: Literal["gsm8k", "truthfulqa"]
-    path: str = Field(description="GSM8K folder / test jsonl, or TruthfulQA folder / mc_task.json")
-    method: str = Field("cot", description="gsm8k: direct|cot|self_consistency|pal; truthfulqa: letter|likelihood")
+    benchmark: Literal["gsm8k", "truthfulqa", "hhh"]
+    path: str = Field(description="GSM8K folder / test jsonl, TruthfulQA folder / mc_task.json, or HHH "
+                                  "438HHHEvaluations.jsonl (or its folder)")
+    method: str = Field("cot", description="gsm8k: direct|cot|self_consistency|pal; truthfulqa: letter|likelihood; "
+                                           "hhh: likelihood|letter")
     model: ModelRef | None = Field(None, description="latest, a stage name, a path or a hub id")
     backend: str | None = Field(None, description="openai:BASE_URL#MODEL instead of an in-process model")
     limit: int | None = Field(None, ge=1)
@@ -50,7 +53,8 @@ def run_harness(cfg: HarnessStage, ctx: RunContext) -> dict[str, str]:
     atomic_write_text(out / "records.jsonl",
                       "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in result["records"]))
     settings = result["settings"] | {"benchmark": cfg.benchmark, "data": data, "model": llm.name}
-    eval_path = write_eval(out, {"metrics": {metric: result[metric], "n": result["n"]}, "settings": settings})
+    metrics = {metric: result[metric], "n": result["n"]} | {k: result[k] for k in ("picked_a",) if k in result}
+    eval_path = write_eval(out, {"metrics": metrics, "settings": settings})
     ctx.log(name, **{metric: result[metric], "n": result["n"]})
     return {"eval": eval_path, "records": str(out / "records.jsonl")}
 
@@ -65,12 +69,14 @@ def section(run: Run) -> str:
              "| Stage | Benchmark | Method | Model | n | Accuracy | Settings |", "|---|---|---|---|---:|---:|---|"]
     for stage, data in found:
         m, s = data.get("metrics") or {}, data.get("settings") or {}
-        metric = next((k for k in ("gsm8k_accuracy", "truthfulqa_mc1") if k in m), None)
+        metric = next((k for k in ("gsm8k_accuracy", "truthfulqa_mc1", "hhh_accuracy") if k in m), None)
         accuracy = f"{m[metric]:.1f}%" if metric else "—"
         if s.get("chance_accuracy") is not None:
             accuracy += f" (chance {s['chance_accuracy']:.1f}%)"
         details = "; ".join(f"{k}: {s[k]}" for k in ("decoding", "shots", "self_consistency_n", "extraction",
-                                                         "option_order") if s.get(k) is not None)
+                                                         "option_order", "unparsed", "ties") if s.get(k) is not None)
+        if s.get("picked_a") is not None:  # position bias, next to how often (A) is the right pick
+            details += f"; picked (A): {100 * s['picked_a']:.1f}% (gold (A): {100 * s.get('gold_a', 0):.1f}%)"
         lines.append(f"| {md(stage)} | {md(str(s.get('benchmark')))} | {md(str(s.get('method') or s.get('mode')))} "
                      f"| `{md(str(s.get('model')))}` | {m.get('n', '—')} | {accuracy} | {md(details)} |")
     return "\n".join(lines) + "\n"

@@ -40,7 +40,7 @@ from lmcycle.config import (
     references,
     validate,
 )
-from lmcycle.data.loaders import DatasetConfig
+from lmcycle.data.loaders import STAGE_FORMATS, DatasetConfig
 from lmcycle.errors import LmcycleError
 from lmcycle.models.device import (
     ATTENTION,
@@ -175,7 +175,8 @@ class Recipe(Config):
                     problem = _dataset_problem(value, list(self.data))
                     if problem is None and self.data[value].stage is not None:
                         problem = _stage_problem(self.data[value].stage, names[:i], names[i:],
-                                                 what=f"dataset '{value}' reads the labels of stage")
+                                                 what=f"dataset '{value}' reads the "
+                                                 f"{STAGE_FORMATS.get(self.data[value].format, 'labels')} of stage")
                 elif kind == "stage":
                     problem = _stage_problem(value, names[:i], names[i:])
                 else:

@@ -5,12 +5,16 @@ The backbone is the stage's ``model`` (an earlier stage, a path or a hub id): wi
 sequence classifier (:func:`lmcycle.align.reward.load_reward_backbone`). It trains on ``data`` with ``loss``:
 
 - ``pairwise`` (the default): Bradley-Terry on the strict pairs (:func:`lmcycle.align.reward.train_reward_model`),
-  optionally subtracting each pair's margin;
+  optionally subtracting each pair's margin; a pair with a soft target (format ``pairs``, e.g. AI feedback) trains
+  on the cross-entropy to it (:func:`lmcycle.align.reward.soft_bradley_terry_losses`);
 - ``listwise`` (Plackett-Luce, ties as groups), ``rao_kupper`` or ``davidson`` (tie-aware, θ / ν fixed or
   ``learned``) on the whole rankings (:func:`lmcycle.align.reward.train_ranking_reward_model`): ``data`` must hold
   rankings (formats ``rankings``, ``label_db``), whose examples carry them (``meta["ranking"]``,
   :func:`lmcycle.data.preferences.rankings_from_examples`), so they follow the dataset's by-prompt split;
   ``batch_size`` then counts rankings.
+
+``data`` is one dataset or a list of them, concatenated in order (e.g. an AI judge's soft pairs and human
+``hh_rlhf`` pairs); the eval.json settings count the soft pairs (target < 1) and give the mean target.
 
 ``labeler_weights: agreement`` weights each pair's or ranking's loss by its labeler's agreement with the others
 (:func:`lmcycle.feedback.agreement.labeler_weights` over the training rankings). Then it scores ``eval_data``:
@@ -40,7 +44,7 @@ from lmcycle.align.reward import (
     train_reward_model,
 )
 from lmcycle.config import DatasetName, ModelRef
-from lmcycle.data.preferences import Ranking, pairs_from_examples, rankings_from_examples
+from lmcycle.data.preferences import PreferencePair, Ranking, pairs_from_examples, rankings_from_examples
 from lmcycle.errors import LmcycleError
 from lmcycle.models.load import context_window
 from lmcycle.report.markdown import figure, fraction, is_number, md, save_png
@@ -58,7 +62,9 @@ class RewardStage(ModelStage):
     model: ModelRef | None = Field(None, description="backbone: an earlier stage, a path or a hub id")
     backbone: Literal["auto", "classifier", "causal_lm"] = Field(
         "auto", description="auto: causal_lm for a *ForCausalLM / *LMHeadModel checkpoint, else classifier")
-    data: DatasetName = Field(description="preference dataset (format hh_rlhf or rankings)")
+    data: DatasetName | list[DatasetName] = Field(
+        description="preference dataset (format hh_rlhf, pairs, rankings or label_db), or a list of them, "
+        "concatenated in order (e.g. AI-feedback soft pairs plus human pairs)")
     eval_data: DatasetName = Field(description="held-out preference dataset: pair accuracy, loss, reward statistics")
     max_len: int = Field(512, ge=8, description="tokens of prompt + response; the prompt's start is cut first")
     margin: bool = Field(False, description="subtract each pair's margin (rank difference) inside the loss")
@@ -77,6 +83,20 @@ class RewardStage(ModelStage):
     group_by_length: bool = Field(True, description="batch pairs of similar length together (less padding, "
                                                     "faster steps); off: plainly shuffled batches")
     train: TrainConfig
+
+    @field_validator("data")
+    @classmethod
+    def _some_data(cls, data: str | list[str]) -> str | list[str]:
+        if isinstance(data, list) and not data:
+            raise ValueError("give at least one dataset")
+        if isinstance(data, list) and len(set(data)) < len(data):
+            raise ValueError("a dataset is listed twice (its pairs would count double)")
+        return data
+
+    @property
+    def data_names(self) -> list[str]:
+        """The training datasets' names, in order (``data`` as a list)."""
+        return [self.data] if isinstance(self.data, str) else list(self.data)
 
     @field_validator("loss")
     @classmethod
@@ -114,12 +134,16 @@ class RewardStage(ModelStage):
         as pairs. Known from the configs alone, so it can be found before anything runs; a dataset the section
         does not describe passes (its examples are checked when the stage loads them)."""
         field = self.rankings_field
-        found = getattr(data.get(self.data), "format", None)
-        if field is None or found is None or found in RANKING_FORMATS:
+        if field is None:
             return None
-        setting = f"loss {self.loss}" if field == "loss" else f"labeler_weights {self.labeler_weights}"
-        return field, (f"{setting} needs whole rankings, but dataset '{self.data}' is format {found} (pairs): use "
-                       f"format {' or '.join(RANKING_FORMATS)}, or loss pairwise")
+        for name in self.data_names:
+            found = getattr(data.get(name), "format", None)
+            if found is None or found in RANKING_FORMATS:
+                continue
+            setting = f"loss {self.loss}" if field == "loss" else f"labeler_weights {self.labeler_weights}"
+            return field, (f"{setting} needs whole rankings, but dataset '{name}' is format {found} (pairs): use "
+                           f"format {' or '.join(RANKING_FORMATS)}, or loss pairwise")
+        return None
 
 
 RANKING_FORMATS = ("rankings", "label_db")  # the dataset formats whose examples carry their rankings
@@ -136,12 +160,14 @@ def run_reward(cfg: RewardStage, ctx: RunContext) -> dict[str, str]:
     dtype = model_dtype(cfg, ctx)
     out_dir = ctx.stage_dir(name)
     tcfg = cfg.train.model_copy(update={"seed": ctx.seed_for(cfg.train.seed)})
-    examples, eval_examples = ctx.dataset(cfg.data), ctx.dataset(cfg.eval_data)
-    pairs = pairs_from_examples(examples, cfg.data)
+    by_name = {n: ctx.dataset(n) for n in cfg.data_names}
+    eval_examples = ctx.dataset(cfg.eval_data)
+    pairs = [p for n, examples in by_name.items() for p in pairs_from_examples(examples, n)]
     eval_pairs = pairs_from_examples(eval_examples, cfg.eval_data)
     rankings = eval_rankings = weights = None
     if cfg.rankings_field:
-        rankings = _rankings_of(cfg, examples, ctx)
+        # per dataset: ranking indices are numbered within each dataset's examples
+        rankings = [r for n, examples in by_name.items() for r in _rankings_of(cfg, n, examples, ctx)]
         eval_rankings = _held_out_rankings(eval_examples, cfg.eval_data)
     if cfg.labeler_weights == "agreement":
         # lazy: only this setting needs the labeling app's modules
@@ -186,6 +212,7 @@ def run_reward(cfg: RewardStage, ctx: RunContext) -> dict[str, str]:
                 "max_len": max_len, "margin": cfg.margin, "loss": cfg.loss, "loss_params": loss_params,
                 "labeler_weights": cfg.labeler_weights, "weights": weights,
                 "group_by_length": cfg.group_by_length, "train_pairs": len(pairs),
+                **target_summary(pairs),
                 "train_rankings": None if rankings is None else len(rankings), "steps": result.step,
                 "normalisation": model.stats, "train": tcfg.model_dump(mode="json")}
     eval_path = write_eval(out_dir, {"kind": "reward", "metrics": metrics, "settings": settings})
@@ -195,11 +222,18 @@ def run_reward(cfg: RewardStage, ctx: RunContext) -> dict[str, str]:
     return {"model": str(model_dir), "eval": eval_path}
 
 
-def _rankings_of(cfg: RewardStage, examples: list, ctx: RunContext) -> list[Ranking]:
-    """The training rankings behind ``data``'s pairs; a dataset of pairs read as pairs is an error on the
+def target_summary(pairs: list[PreferencePair]) -> dict[str, Any]:
+    """What eval.json's settings say of the training targets: ``soft_target_pairs`` (how many pairs have a target
+    below 1) and ``mean_target`` (over every pair; 1.0 for hard labels only)."""
+    return {"soft_target_pairs": sum(p.target < 1.0 for p in pairs),
+            "mean_target": sum(p.target for p in pairs) / len(pairs) if pairs else None}
+
+
+def _rankings_of(cfg: RewardStage, dataset: str, examples: list, ctx: RunContext) -> list[Ranking]:
+    """The training rankings behind ``dataset``'s pairs; a dataset of pairs read as pairs is an error on the
     setting that needs them (``loss`` or ``labeler_weights``)."""
     try:
-        return rankings_from_examples(examples, cfg.data)
+        return rankings_from_examples(examples, dataset)
     except LmcycleError as e:
         setting = f"loss {cfg.loss}" if cfg.rankings_field == "loss" else f"labeler_weights {cfg.labeler_weights}"
         raise LmcycleError(f"{setting} needs whole rankings: {e.message}", file=ctx.recipe_file,
